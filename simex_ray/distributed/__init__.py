@@ -1,0 +1,1 @@
+"""Thin Ray adapters (Train, Tune) around the Ray-free core."""

@@ -1,0 +1,35 @@
+"""Start or join Ray once; shut down only what we started."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = False):
+    """Use the running Ray, join ``address``, or start an embedded local Ray.
+
+    An embedded instance is shut down on exit; a joined or pre-existing one
+    is left running.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    # Quiet the progress bars and metrics Ray would print over our own progress.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+    if address:
+        ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
+    else:
+        log.info("starting an embedded local Ray (no --address given)")
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=log_to_driver, logging_level=logging.WARNING)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

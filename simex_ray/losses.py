@@ -1,0 +1,35 @@
+"""Per-sample reconstruction error delta(x, x_hat): MSE or iSSIM = 1 - SSIM."""
+
+from __future__ import annotations
+
+import torch
+from pytorch_msssim import ssim
+
+LOSSES = ("mse", "issim")
+
+
+def check_loss(name: str) -> str:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss '{name}'; known: {', '.join(LOSSES)}")
+    return name
+
+
+def per_sample_delta(x: torch.Tensor, x_hat: torch.Tensor, loss: str = "mse") -> torch.Tensor:
+    """delta for each sample: (N, 1, 28, 28) x 2 -> (N,).
+
+    MSE is the mean squared pixel error; iSSIM is 1 - SSIM with an 11x11
+    Gaussian window (pytorch-msssim defaults) and data range 1.
+    """
+    if x.shape != x_hat.shape:
+        raise ValueError(f"shape mismatch: {tuple(x.shape)} vs {tuple(x_hat.shape)}")
+    if loss == "mse":
+        return (x - x_hat).pow(2).flatten(1).mean(dim=1)
+    if loss == "issim":
+        return 1.0 - ssim(x, x_hat, data_range=1.0, size_average=False)
+    check_loss(loss)
+    raise AssertionError("unreachable")
+
+
+def delta(x: torch.Tensor, x_hat: torch.Tensor, loss: str = "mse") -> torch.Tensor:
+    """Mean per-sample delta over the batch (a scalar, differentiable)."""
+    return per_sample_delta(x, x_hat, loss).mean()

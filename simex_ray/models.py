@@ -1,0 +1,108 @@
+"""Autoencoder architectures, by name.
+
+Every architecture maps float images ``(N, 1, 28, 28)`` in ``[0, 1]`` to a
+reconstruction of the same shape and exposes the two named stages
+``encode`` (image -> bottleneck code) and ``decode`` (code -> image).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+IMAGE_SHAPE = (1, 28, 28)
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_autoencoder(name: str):
+    """Class decorator adding an architecture to the registry under ``name``."""
+
+    def add(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"autoencoder '{name}' registered twice")
+        _REGISTRY[name] = cls
+        cls.architecture = name
+        return cls
+
+    return add
+
+
+def architectures() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_autoencoder(name: str = "lenet", **kwargs) -> nn.Module:
+    """Build an architecture by registry name; an unknown name lists the valid ones."""
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown architecture '{name}'; known: {', '.join(architectures())}"
+        ) from None
+    return cls(**kwargs)
+
+
+@register_autoencoder("lenet")
+class LeNetAutoencoder(nn.Module):
+    """Symmetric autoencoder whose encoder is LeNet-5 (the paper's choice).
+
+    conv5x5x6 -> pool -> conv5x5x16 -> pool -> FC120 -> FC84, decoder mirrored
+    with upsampling and transposed convolutions; sigmoid output in [0, 1].
+    """
+
+    def __init__(self, code_size: int = 84):
+        super().__init__()
+        self.code_size = code_size
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),  # (N, 6, 14, 14)
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),  # (N, 16, 5, 5)
+        )
+        self.bottleneck = nn.Sequential(
+            nn.Flatten(), nn.Linear(16 * 5 * 5, 120), nn.ReLU(), nn.Linear(120, code_size)
+        )
+        self.expand = nn.Sequential(
+            nn.ReLU(), nn.Linear(code_size, 120), nn.ReLU(), nn.Linear(120, 16 * 5 * 5), nn.ReLU()
+        )
+        self.reconstruct = nn.Sequential(
+            nn.Upsample(scale_factor=2), nn.ConvTranspose2d(16, 6, 5), nn.ReLU(),  # (N, 6, 14, 14)
+            nn.Upsample(scale_factor=2), nn.ConvTranspose2d(6, 1, 5, padding=2),  # (N, 1, 28, 28)
+            nn.Sigmoid(),
+        )
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, 28, 28) -> (N, code_size)."""
+        return self.bottleneck(self.features(x))
+
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        """(N, code_size) -> (N, 1, 28, 28)."""
+        return self.reconstruct(self.expand(code).view(-1, 16, 5, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+@register_autoencoder("mlp")
+class MLPAutoencoder(nn.Module):
+    """Fully connected 784-256-64-256-784 autoencoder: a cheap, shape-agnostic control."""
+
+    def __init__(self, code_size: int = 64, hidden: int = 256):
+        super().__init__()
+        self.code_size = code_size
+        self.encoder = nn.Sequential(
+            nn.Flatten(), nn.Linear(28 * 28, hidden), nn.ReLU(), nn.Linear(hidden, code_size)
+        )
+        self.decoder = nn.Sequential(
+            nn.ReLU(), nn.Linear(code_size, hidden), nn.ReLU(), nn.Linear(hidden, 28 * 28), nn.Sigmoid()
+        )
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        return self.decoder(code).view(-1, *IMAGE_SHAPE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))

@@ -1,0 +1,162 @@
+"""Turn reference specs into fleet members and their data (Ray-free).
+
+Shared by the local trainer, the Ray Train adapter, and the experiments so
+the same flags always give the same members, data and manifest records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import data
+from .fleet import Member, mean_l2_norm
+from .training import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MemberPlan:
+    """One member to train: its manifest record and its reference data."""
+
+    member: Member
+    x_train: np.ndarray  # (N, 1, 28, 28) float32
+    x_test: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return self.member.name
+
+    @property
+    def run_key(self) -> str:
+        """Identity of a training run; epochs excluded so more epochs resume."""
+        cfg = {k: v for k, v in self.member.config.items() if k != "epochs"}
+        blob = json.dumps({"config": cfg, "fingerprint": self.member.fingerprint}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def _record(name: str, spec: str, class_: str | None, train: data.Dataset, test: data.Dataset,
+            config: TrainConfig) -> MemberPlan:
+    member = Member(
+        name=name, spec=spec, class_=class_, config=config.to_dict(),
+        fingerprint=data.fingerprint(train), n_train=len(train), n_test=len(test),
+        metrics={"ref_mean_l2": mean_l2_norm(train.x)},
+    )
+    return MemberPlan(member, train.x, test.x)
+
+
+def plan_fleet(refs: list[str], config: TrainConfig, *, samples: int | None = None,
+               per_class: bool = False, seed: int = 0, data_dir=None) -> list[MemberPlan]:
+    """Load every reference and split it 5:1; one plan per member.
+
+    With ``per_class`` each labelled reference yields one member per class,
+    named ``SPEC#CLASS``; ``samples`` is then drawn per class.
+    """
+    for spec in refs:  # fail on grammar before any slow loading
+        data.parse_spec(spec)
+    plans: list[MemberPlan] = []
+    for spec in refs:
+        if not per_class:
+            train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir)
+            plans.append(_record(train.spec, spec, None, train, test, config))
+            continue
+        full = data.load(spec, seed=seed, data_dir=data_dir)
+        if full.y is None:
+            raise data.SpecError(f"--per-class needs labels, but '{spec}' has none")
+        for label, cls in enumerate(data.classes_of(full)):
+            mask = full.y == label
+            if not mask.any():
+                continue
+            name = data.with_class(spec, cls)
+            part = data.Dataset(x=full.x[mask], y=full.y[mask], spec=name, classes=full.classes)
+            if samples is not None:
+                part = data.balanced_sample(part, samples, seed=seed)
+            train, test = data.train_test_split(part, seed=seed)
+            plans.append(_record(name, spec, cls, train, test, config))
+    names = [p.name for p in plans]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise data.SpecError(f"reference(s) given twice: {', '.join(dupes)}")
+    return plans
+
+
+def is_trained(existing: Member | None, plan: MemberPlan) -> bool:
+    """True when ``existing`` already holds this plan's finished training."""
+    return (existing is not None and existing.sha256 != ""
+            and existing.fingerprint == plan.member.fingerprint
+            and existing.config == plan.member.config)
+
+
+class FleetWriter:
+    """Adds finished members to a fleet directory, rewriting the manifest each time.
+
+    Members already in the manifest are kept (in their order), so training a
+    fleet in several runs, or resuming one, never loses finished work.
+    """
+
+    def __init__(self, out, extra: dict | None = None):
+        import threading
+        from pathlib import Path
+
+        from .fleet import FleetError, read_manifest
+
+        self.out = Path(out)
+        self.extra = extra or {}
+        self._lock = threading.Lock()
+        self.members: dict[str, Member] = {}
+        if (self.out / "manifest.json").exists():
+            try:
+                manifest = read_manifest(self.out)
+                self.members = {m["name"]: Member.from_json(m) for m in manifest["members"]}
+            except FleetError as e:
+                log.warning("%s; members will be retrained", e)
+
+    def pending(self, plans: list[MemberPlan]) -> list[MemberPlan]:
+        from .fleet import sha256_file
+
+        todo = []
+        for plan in plans:
+            old = self.members.get(plan.name)
+            weights_ok = (old is not None and (self.out / old.weights).is_file()
+                          and sha256_file(self.out / old.weights) == old.sha256) if old and old.weights else False
+            if is_trained(old, plan) and weights_ok:
+                log.info("%s: already trained, skipping", plan.name)
+            else:
+                todo.append(plan)
+        return todo
+
+    def add(self, plan: MemberPlan, state_dict, history: list[dict]) -> Member:
+        from .fleet import save_weights, write_manifest
+
+        member = plan.member
+        last = history[-1] if history else {}
+        member.metrics.update({k: float(last[k]) for k in ("train_delta", "test_delta", "elapsed_s") if k in last})
+        member.metrics["epochs_trained"] = float(last.get("epoch", 0))
+        member.history = history
+        save_weights(self.out, member, state_dict)
+        with self._lock:
+            self.members[member.name] = member
+            write_manifest(self.out, self.members.values(), **self.extra)
+        return member
+
+
+def train_fleet_local(plans: list[MemberPlan], out, *, on_epoch=None, extra: dict | None = None):
+    """Train every pending member in this process, one after another (no Ray).
+
+    ``on_epoch(member_name, metrics)`` is called after each epoch.
+    Returns the FleetWriter holding the manifest records.
+    """
+    from .training import train_member
+
+    writer = FleetWriter(out, extra)
+    for plan in writer.pending(plans):
+        config = TrainConfig.from_dict(plan.member.config)
+        callback = (lambda e, m, s, n=plan.name: on_epoch(n, m)) if on_epoch else None
+        model, history = train_member(plan.x_train, plan.x_test, config, on_epoch=callback)
+        writer.add(plan, model.state_dict(), history)
+    return writer

@@ -1,0 +1,162 @@
+"""Ray-free training of one autoencoder (one fleet member).
+
+``train_member`` is the worker function; a driver (plain Python, or the Ray
+Train adapter in ``simex_ray.distributed``) passes callbacks to checkpoint and
+report. Shuffling is seeded per epoch so a run resumed from an epoch
+checkpoint follows exactly the same path as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .losses import check_loss, per_sample_delta
+from .models import architectures, create_autoencoder
+
+log = logging.getLogger(__name__)
+
+# name -> (constructor, default learning rate)
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], float]] = {
+    "adam": (torch.optim.Adam, 1e-3),
+    "adamw": (torch.optim.AdamW, 1e-3),
+    "rmsprop": (torch.optim.RMSprop, 1e-2),
+    "sgd": (torch.optim.SGD, 1e-3),
+    "adagrad": (torch.optim.Adagrad, 1e-2),
+    "adadelta": (torch.optim.Adadelta, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines one member's training; saved in the manifest."""
+
+    architecture: str = "lenet"
+    loss: str = "mse"
+    epochs: int = 10
+    batch_size: int = 16
+    optimizer: str = "adam"
+    lr: float | None = None  # None: the optimizer's default
+    seed: int = 0
+
+    def __post_init__(self):
+        check_loss(self.loss)
+        if self.architecture not in architectures():
+            raise ValueError(
+                f"unknown architecture '{self.architecture}'; known: {', '.join(architectures())}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer '{self.optimizer}'; known: {', '.join(OPTIMIZERS)}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"learning rate must be > 0, got {self.lr}")
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else OPTIMIZERS[self.optimizer][1]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["lr"] = self.resolved_lr
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def make_optimizer(name: str, params, lr: float | None = None) -> torch.optim.Optimizer:
+    try:
+        ctor, default_lr = OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer '{name}'; known: {', '.join(OPTIMIZERS)}") from None
+    return ctor(params, lr=default_lr if lr is None else lr)
+
+
+def as_tensor(x: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x, dtype=np.float32) if not torch.is_tensor(x) else x).to(device)
+
+
+def train_one_epoch(model, x: torch.Tensor, optimizer, loss: str, batch_size: int,
+                    generator: torch.Generator) -> float:
+    """One pass over ``x`` (N, 1, 28, 28) in a seeded random order; returns mean delta."""
+    model.train()
+    order = torch.randperm(len(x), generator=generator)
+    total = 0.0
+    for start in range(0, len(x), batch_size):
+        batch = x[order[start:start + batch_size]]
+        optimizer.zero_grad(set_to_none=True)
+        d = per_sample_delta(batch, model(batch), loss)
+        d.mean().backward()
+        optimizer.step()
+        total += float(d.detach().sum())
+    return total / len(x)
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, loss: str, batch_size: int = 512) -> float:
+    """Mean delta of ``x`` (N, 1, 28, 28) through ``model``."""
+    model.eval()
+    total = 0.0
+    for start in range(0, len(x), batch_size):
+        batch = x[start:start + batch_size]
+        total += float(per_sample_delta(batch, model(batch), loss).sum())
+    return total / len(x)
+
+
+EpochCallback = Callable[[int, dict[str, float], dict[str, Any]], None]
+
+
+def initial_state(config: TrainConfig, device="cpu") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(config.seed)
+    model = create_autoencoder(config.architecture).to(device)
+    return model, make_optimizer(config.optimizer, model.parameters(), config.resolved_lr)
+
+
+def train_member(x_train, x_test, config: TrainConfig, *, resume: dict[str, Any] | None = None,
+                 on_epoch: EpochCallback | None = None, device="cpu") -> tuple[torch.nn.Module, list[dict]]:
+    """Train one autoencoder; returns (model, per-epoch history).
+
+    ``resume`` is a state previously handed to ``on_epoch`` (model, optimizer,
+    epoch, history); training continues after that epoch. ``on_epoch(epoch,
+    metrics, state)`` is called after every epoch (1-based) so a caller can
+    checkpoint ``state`` and report ``metrics``.
+    """
+    x_train, x_test = as_tensor(x_train, device), as_tensor(x_test, device)
+    if len(x_train) == 0:
+        raise ValueError("no training samples")
+    model, optimizer = initial_state(config, device)
+    history: list[dict] = []
+    start = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        start, history = int(resume["epoch"]), list(resume["history"])
+        log.info("resuming after epoch %d of %d", start, config.epochs)
+    t0 = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
+    for epoch in range(start + 1, config.epochs + 1):
+        g = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        train_delta = train_one_epoch(model, x_train, optimizer, config.loss, config.batch_size, g)
+        metrics = {
+            "epoch": epoch,
+            "train_delta": train_delta,
+            "test_delta": evaluate(model, x_test, config.loss) if len(x_test) else float("nan"),
+            "elapsed_s": time.perf_counter() - t0,
+        }
+        history.append(metrics)
+        log.debug("epoch %d/%d %s", epoch, config.epochs, metrics)
+        if on_epoch is not None:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "epoch": epoch, "history": history}
+            on_epoch(epoch, metrics, state)
+    return model, history
