@@ -50,10 +50,36 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="cache directory for downloaded datasets (default $SIMEX_DATA or ~/.cache/simex)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Training and cluster flags, shared by `simex train` and the jobs."""
     from .losses import LOSSES
     from .models import architectures
     from .training import OPTIMIZERS
+
+    p.add_argument("--loss", choices=LOSSES, default="mse", help="reconstruction error delta (default mse)")
+    p.add_argument("--epochs", type=_positive_int, default=10, help="training epochs (default 10)")
+    p.add_argument("--per-class", action="store_true", help="one member per class of each reference")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam", help="(default adam)")
+    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: the optimizer's)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="(default 16)")
+    p.add_argument("--architecture", choices=architectures(), default="lenet", help="(default lenet)")
+    _add_data_args(p)
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (e.g. auto, ray://host:10001); default: embedded local Ray")
+    p.add_argument("--storage", default=None, help="checkpoint storage path or URI (default OUT/checkpoints)")
+    p.add_argument("--runs", type=_positive_int, default=None,
+                   help="concurrent Ray Train runs; members are dealt among them (default: cluster CPUs / "
+                        "--cpus-per-worker)")
+    p.add_argument("--cpus-per-worker", type=_positive_float, default=1.0, help="CPUs per Train worker (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs (fractions allowed) per Train worker (default 0)")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a failed Train worker (default 2)")
+    p.add_argument("--no-ray", action="store_true", help="train in this process, one member after another")
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .losses import LOSSES
 
     parser = argparse.ArgumentParser(
         prog="simex", description="SimEx: which known dataset does unknown data resemble? "
@@ -67,21 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Re-running the same command resumes.")
     t.add_argument("--refs", required=True, help="comma-separated reference specs; " + SPEC_HELP)
     t.add_argument("--out", required=True, help="fleet directory (created; re-use to resume)")
-    t.add_argument("--loss", choices=LOSSES, default="mse", help="reconstruction error delta (default mse)")
-    t.add_argument("--epochs", type=_positive_int, default=10, help="training epochs (default 10)")
-    t.add_argument("--per-class", action="store_true", help="one member per class of each reference")
-    t.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam", help="(default adam)")
-    t.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: the optimizer's)")
-    t.add_argument("--batch-size", type=_positive_int, default=16, help="(default 16)")
-    t.add_argument("--architecture", choices=architectures(), default="lenet", help="(default lenet)")
-    _add_data_args(t)
-    t.add_argument("--address", default=None,
-                   help="Ray cluster address (e.g. auto, ray://host:10001); default: embedded local Ray")
-    t.add_argument("--storage", default=None, help="checkpoint storage path or URI (default OUT/checkpoints)")
-    t.add_argument("--cpus-per-member", type=_positive_float, default=0.5, help="(default 0.5)")
-    t.add_argument("--gpus-per-member", type=float, default=0.0, help="fraction of a GPU per member (default 0)")
-    t.add_argument("--max-failures", type=int, default=2, help="retries per member on worker failure (default 2)")
-    t.add_argument("--no-ray", action="store_true", help="train in this process, one member after another")
+    add_train_args(t)
 
     s = sub.add_parser("score", help="rank the fleet's references by delta of unknown data",
                        description="Delta(X|Y) of unknown data X against every member Y; smaller = more similar.")
@@ -93,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--loss", choices=LOSSES, default=None, help="override the fleet's delta")
     s.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     _add_data_args(s)
+
+    m = sub.add_parser("matrix", help="delta of several unknown datasets against every member (+ heatmap)",
+                       description="Rows: unknown datasets (held-out test split by default); "
+                                   "columns: the fleet's references. Writes JSON, Parquet and a PNG heatmap.")
+    m.add_argument("--fleet", required=True, help="fleet directory written by `simex train`")
+    m.add_argument("--data", default=None, help="comma-separated specs (default: the fleet's own references)")
+    m.add_argument("--split", choices=("all", "train", "test"), default="test",
+                   help="which part of the 5:1 split to score (default test: samples no member trained on)")
+    m.add_argument("--loss", choices=LOSSES, default=None, help="override the fleet's delta")
+    m.add_argument("--out", default=None, help="write delta_matrix.{json,parquet,png} here")
+    m.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    _add_data_args(m)
     return parser
 
 
@@ -103,31 +127,31 @@ def _progress_printer(t0: float):
     return show
 
 
-def cmd_train(args) -> int:
-    from .data import split_specs
-    from .plan import plan_fleet, train_fleet_local
+def _train_config(args):
     from .training import TrainConfig
 
-    config = TrainConfig(architecture=args.architecture, loss=args.loss, epochs=args.epochs,
-                         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, seed=args.seed)
-    refs = split_specs(args.refs)
-    t0 = time.perf_counter()
-    plans = plan_fleet(refs, config, samples=args.samples, per_class=args.per_class,
-                       seed=args.seed, data_dir=args.data_dir)
-    log.info("%d member(s) planned in %.1fs", len(plans), time.perf_counter() - t0)
-    extra = {"refs": refs, "samples": args.samples, "per_class": args.per_class, "seed": args.seed}
-    show = _progress_printer(t0)
-    if args.no_ray:
-        writer = train_fleet_local(plans, args.out, on_epoch=lambda n, m: show(n, {**m, "epochs": config.epochs}),
-                                   extra=extra)
-    else:
-        from .distributed.runtime import ray_session
-        from .distributed.train import Resources, train_fleet
+    return TrainConfig(architecture=args.architecture, loss=args.loss, epochs=args.epochs,
+                       batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, seed=args.seed)
 
-        res = Resources(args.cpus_per_member, args.gpus_per_member, args.max_failures)
-        with ray_session(args.address, log_to_driver=args.debug):
-            writer = train_fleet(plans, args.out, resources=res, storage=args.storage,
-                                 on_progress=show, extra=extra)
+
+def _resources(args):
+    from .distributed.train import Resources
+
+    return Resources(cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                     runs=args.runs, max_failures=args.max_failures)
+
+
+def cmd_train(args) -> int:
+    from .data import split_specs
+    from .distributed.train import build_fleet
+
+    t0 = time.perf_counter()
+    plans, writer = build_fleet(
+        split_specs(args.refs), args.out, _train_config(args), samples=args.samples,
+        per_class=args.per_class, seed=args.seed, data_dir=args.data_dir, address=args.address,
+        resources=_resources(args),
+        storage=args.storage, on_progress=_progress_printer(t0), use_ray=not args.no_ray,
+        log_to_driver=args.debug)
     print(f"fleet {args.out}: {len(writer.members)} member(s) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     for name in (p.name for p in plans):
         m = writer.members[name]
@@ -168,7 +192,34 @@ def cmd_score(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "score": cmd_score}
+def cmd_matrix(args) -> int:
+    from .data import split_specs
+    from .experiments.matrix import delta_matrix, format_matrix, write_matrix
+    from .fleet import Fleet, read_manifest
+
+    fleet = Fleet.load(args.fleet)
+    if args.data:
+        unknown = split_specs(args.data)
+    else:  # the fleet's own references, with the samples/seed it was trained with
+        manifest = read_manifest(args.fleet)
+        unknown = manifest.get("refs") or sorted({m.spec for m in fleet.members.values()})
+        if args.samples is None:
+            args.samples = manifest.get("samples")
+    result = delta_matrix(fleet, unknown, samples=args.samples, seed=args.seed, split=args.split,
+                          loss=args.loss, data_dir=args.data_dir)
+    result["fleet"] = str(args.fleet)
+    if args.out:
+        paths = write_matrix(result, args.out)
+        print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"Δ(X | Y), loss {result['loss']}, {result['split']} split ('*' = most similar reference)")
+        print(format_matrix(result))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "score": cmd_score, "matrix": cmd_matrix}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,28 +227,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    return run_cli(lambda: COMMANDS[args.command](args), f"simex {args.command}", debug=args.debug)
+
+
+def run_cli(fn, prog: str, *, debug: bool = False) -> int:
+    """Run ``fn``; turn every failure into one line on stderr and an exit status."""
     from .data import DataUnavailable, SpecError
     from .fleet import FleetError
 
     try:
-        return COMMANDS[args.command](args)
+        return fn()
     except (SpecError, UsageError, ValueError, KeyError) as e:
-        if args.debug:
+        if debug:
             raise
-        print(f"simex {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except (DataUnavailable, FleetError) as e:
-        if args.debug:
+        if debug:
             raise
-        print(f"simex {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"simex {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        print(f"{prog}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - never show a raw traceback to a user
-        if args.debug:
+        if debug:
             raise
-        print(f"simex {args.command}: error: {type(e).__name__}: {_one_line(e)} (re-run with --debug for details)",
+        print(f"{prog}: error: {type(e).__name__}: {_one_line(e)} (re-run with --debug for details)",
               file=sys.stderr)
         return 1
 

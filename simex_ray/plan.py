@@ -68,12 +68,10 @@ def plan_fleet(refs: list[str], config: TrainConfig, *, samples: int | None = No
         full = data.load(spec, seed=seed, data_dir=data_dir)
         if full.y is None:
             raise data.SpecError(f"--per-class needs labels, but '{spec}' has none")
-        for label, cls in enumerate(data.classes_of(full)):
-            mask = full.y == label
-            if not mask.any():
-                continue
+        labels = np.unique(full.y)
+        for label, cls in zip(labels.tolist(), data.classes_of(full)):  # both in label order
             name = data.with_class(spec, cls)
-            part = data.Dataset(x=full.x[mask], y=full.y[mask], spec=name, classes=full.classes)
+            part = full.subset(np.nonzero(full.y == label)[0], spec=name)
             if samples is not None:
                 part = data.balanced_sample(part, samples, seed=seed)
             train, test = data.train_test_split(part, seed=seed)
@@ -99,7 +97,7 @@ class FleetWriter:
     fleet in several runs, or resuming one, never loses finished work.
     """
 
-    def __init__(self, out, extra: dict | None = None):
+    def __init__(self, out, extra: dict | None = None, order: list[str] | None = None):
         import threading
         from pathlib import Path
 
@@ -107,6 +105,7 @@ class FleetWriter:
 
         self.out = Path(out)
         self.extra = extra or {}
+        self.order = list(order or [])
         self._lock = threading.Lock()
         self.members: dict[str, Member] = {}
         if (self.out / "manifest.json").exists():
@@ -130,6 +129,10 @@ class FleetWriter:
                 todo.append(plan)
         return todo
 
+    def has(self, plan: MemberPlan) -> bool:
+        """True once this run wrote ``plan``'s member (same data and config)."""
+        return is_trained(self.members.get(plan.name), plan)
+
     def add(self, plan: MemberPlan, state_dict, history: list[dict]) -> Member:
         from .fleet import save_weights, write_manifest
 
@@ -141,7 +144,10 @@ class FleetWriter:
         save_weights(self.out, member, state_dict)
         with self._lock:
             self.members[member.name] = member
-            write_manifest(self.out, self.members.values(), **self.extra)
+            # Manifest order: as the references were given, then any older members.
+            rank = {n: i for i, n in enumerate(self.order)}
+            ordered = sorted(self.members.values(), key=lambda m: rank.get(m.name, len(rank)))
+            write_manifest(self.out, ordered, **self.extra)
         return member
 
 
@@ -153,7 +159,7 @@ def train_fleet_local(plans: list[MemberPlan], out, *, on_epoch=None, extra: dic
     """
     from .training import train_member
 
-    writer = FleetWriter(out, extra)
+    writer = FleetWriter(out, extra, order=[p.name for p in plans])
     for plan in writer.pending(plans):
         config = TrainConfig.from_dict(plan.member.config)
         callback = (lambda e, m, s, n=plan.name: on_epoch(n, m)) if on_epoch else None

@@ -21,8 +21,10 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, log_
     if ray.is_initialized():
         yield ray
         return
-    # Quiet the progress bars and metrics Ray would print over our own progress.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+    # Fleet members are many small actors on few cores: let them start together
+    # (and keep the raylet from warning that they do).
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "16")
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_QuietTokenNotice())
     if address:
         ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
     else:
@@ -33,3 +35,10 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, log_
         yield ray
     finally:
         ray.shutdown()
+
+
+class _QuietTokenNotice(logging.Filter):
+    """Token auth is right for clusters; its notice only clutters a local CLI run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled" not in record.getMessage()

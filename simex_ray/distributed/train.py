@@ -9,6 +9,7 @@ ones continue from their last epoch checkpoint (same run name + storage).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -27,82 +28,144 @@ from ..training import TrainConfig, train_member
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
+CURRENT = "current.pt"  # the member in training: model, optimizer, epoch, history
+DONE = "done"  # finished members: done/<slug>.pt with model + history
 
 
 @dataclass(frozen=True)
 class Resources:
-    cpus_per_member: float = 0.5
-    gpus_per_member: float = 0.0
+    """How members map onto Ray Train runs.
+
+    Each Train run has one worker that trains its share of the members one
+    after another; ``runs`` of them go concurrently (default: as many as the
+    cluster's CPUs allow at ``cpus_per_worker`` each). Packing matters: every
+    Train run costs ~15 CPU-seconds of actor start-up, more than a small
+    autoencoder's whole training.
+    """
+
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    runs: int | None = None  # None: auto
     max_failures: int = 2
+
+    def concurrent_runs(self, n_members: int) -> int:
+        if self.runs:
+            return max(1, min(self.runs, n_members))
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        slots = int(cpus // self.cpus_per_worker) if self.cpus_per_worker else n_members
+        if self.gpus_per_worker:
+            slots = min(slots, int(ray.cluster_resources().get("GPU", 0) // self.gpus_per_worker))
+        return max(1, min(n_members, slots))
 
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
-    """Latest metrics per member, written by workers, polled by the driver."""
+    """Workers post epoch metrics and finished members; the driver drains it."""
 
     def __init__(self):
         self.latest: dict[str, dict] = {}
+        self.finished: list[tuple[str, dict]] = []
 
     def update(self, member: str, metrics: dict) -> None:
         self.latest[member] = metrics
 
-    def snapshot(self) -> dict[str, dict]:
-        return dict(self.latest)
+    def finish(self, member: str, state: dict) -> None:
+        self.finished.append((member, state))
+
+    def drain(self) -> tuple[dict[str, dict], list[tuple[str, dict]]]:
+        finished, self.finished = self.finished, []
+        return dict(self.latest), finished
+
+
+def _save_checkpoint(done: dict[str, dict], current: dict | None, metrics: dict) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / DONE).mkdir()
+        for name, state in done.items():
+            torch.save(state, Path(d) / DONE / f"{slug(name)}.pt")
+        if current is not None:
+            torch.save(current, Path(d) / CURRENT)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _load_checkpoint(checkpoint) -> tuple[dict[str, dict], dict | None]:
+    done, current = {}, None
+    with checkpoint.as_directory() as d:
+        for f in sorted((Path(d) / DONE).glob("*.pt")):
+            state = torch.load(f, map_location="cpu", weights_only=True)
+            done[state["member"]] = state
+        if (Path(d) / CURRENT).exists():
+            current = torch.load(Path(d) / CURRENT, map_location="cpu", weights_only=True)
+    return done, current
 
 
 def _worker_loop(cfg: dict) -> None:
-    """Ray Train worker: train one member, checkpointing every epoch."""
+    """Ray Train worker: train this run's members in turn, checkpointing every epoch.
+
+    A restart (worker crash, or the same command run again) restores the
+    finished members and continues the current one from its last epoch.
+    """
     import ray.train
     import ray.train.torch
 
-    config = TrainConfig.from_dict(cfg["config"])
     torch.set_num_threads(max(1, int(cfg["threads"])))
     device = ray.train.torch.get_device()
-    x_train, x_test = ray.get(cfg["x_train"]), ray.get(cfg["x_test"])
-    resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     board, fault = cfg["board"], cfg.get("fault")
+    done: dict[str, dict] = {}
+    current = None
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        done, current = _load_checkpoint(checkpoint)
+    for job in cfg["members"]:
+        name, config = job["name"], TrainConfig.from_dict(job["config"])
+        if name in done:
+            board.finish.remote(name, done[name])
+            continue
+        resume = current if current is not None and current["member"] == name else None
 
-    def on_epoch(epoch: int, metrics: dict, state: dict) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / STATE_FILE)
-            ray.train.report({**metrics, "member": cfg["member"]},
-                             checkpoint=ray.train.Checkpoint.from_directory(d))
-        board.update.remote(cfg["member"], {**metrics, "epochs": config.epochs})
-        # Fault injection for tests: hard-kill the worker once, after a checkpoint.
-        if fault and epoch == fault["epoch"] and not os.path.exists(fault["marker"]):
-            Path(fault["marker"]).touch()
-            os._exit(1)
+        def on_epoch(epoch: int, metrics: dict, state: dict) -> None:
+            _save_checkpoint(done, {**state, "member": name}, {**metrics, "member": name})
+            board.update.remote(name, {**metrics, "epochs": config.epochs})
+            # Fault injection for tests: hard-kill the worker once, after a checkpoint.
+            if fault and fault["member"] == name and epoch == fault["epoch"] and not os.path.exists(fault["marker"]):
+                Path(fault["marker"]).touch()
+                os._exit(1)
 
-    if resume is not None and resume["epoch"] >= config.epochs:
-        ray.train.report({**resume["history"][-1], "member": cfg["member"]})
-        return
-    train_member(x_train, x_test, config, resume=resume, on_epoch=on_epoch, device=device)
+        if resume is not None and resume["epoch"] >= config.epochs:
+            model_state, history = resume["model"], resume["history"]
+        else:
+            x_train, x_test = ray.get(job["x_train"]), ray.get(job["x_test"])
+            model, history = train_member(x_train, x_test, config, resume=resume, on_epoch=on_epoch,
+                                          device=device)
+            model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        done[name] = {"member": name, "model": model_state, "history": history}
+        board.finish.remote(name, done[name])
+    _save_checkpoint(done, None, {"members_done": len(done)})
 
 
-def _fit_member(plan: MemberPlan, storage: Path, res: Resources, board, fault: dict | None):
+def _fit_run(index: int, key: str, plans: list[MemberPlan], storage: Path, res: Resources, board,
+             fault: dict | None) -> dict[str, dict]:
+    """One Ray Train run over ``plans``; returns {member: final state} from its checkpoint.
+
+    ``key`` names the run: the same group of members gets the same run (and so
+    resumes from its checkpoints) however many of them finished before.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    config = TrainConfig.from_dict(plan.member.config)
-    worker_resources = {"CPU": res.cpus_per_member}
-    if res.gpus_per_member:
-        worker_resources["GPU"] = res.gpus_per_member
+    worker_resources = {"CPU": res.cpus_per_worker}
+    if res.gpus_per_worker:
+        worker_resources["GPU"] = res.gpus_per_worker
+    members = [{"name": p.name, "config": p.member.config,
+                "x_train": ray.put(p.x_train), "x_test": ray.put(p.x_test)} for p in plans]
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={
-            "config": config.to_dict(), "member": plan.name, "board": board, "fault": fault,
-            "x_train": ray.put(plan.x_train), "x_test": ray.put(plan.x_test),
-            "threads": max(1, round(res.cpus_per_member)),
-        },
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=res.gpus_per_member > 0,
+        train_loop_config={"members": members, "board": board, "fault": fault,
+                           "threads": max(1, round(res.cpus_per_worker))},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=res.gpus_per_worker > 0,
                                      resources_per_worker=worker_resources),
         run_config=RunConfig(
-            name=f"{slug(plan.name)}-{plan.run_key}",
+            name=f"run{index}-{key}",
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=res.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -110,20 +173,24 @@ def _fit_member(plan: MemberPlan, storage: Path, res: Resources, board, fault: d
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"member {plan.name}: training finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-    return state
+        raise RuntimeError(f"Train run {index} finished without a checkpoint")
+    done, _ = _load_checkpoint(result.checkpoint)
+    return done
 
 
 ProgressFn = Callable[[str, dict], None]
 
 
+def shard(plans: list[MemberPlan], runs: int) -> list[list[MemberPlan]]:
+    """Deal members round-robin into ``runs`` groups (stable for the same plan list)."""
+    return [g for g in (plans[i::runs] for i in range(runs)) if g]
+
+
 def train_fleet(plans: list[MemberPlan], out, *, resources: Resources = Resources(),
                 storage: str | None = None, on_progress: ProgressFn | None = None,
                 extra: dict | None = None, fault: dict | None = None,
-                poll_s: float = 1.0) -> FleetWriter:
-    """Train all pending members concurrently on the current Ray cluster.
+                poll_s: float = 0.5) -> FleetWriter:
+    """Train all pending members on the current Ray cluster, ``resources.runs`` Train runs at a time.
 
     Weights and the manifest land in ``out`` as each member finishes;
     checkpoints go to ``storage`` (default ``out/checkpoints``).
@@ -131,42 +198,64 @@ def train_fleet(plans: list[MemberPlan], out, *, resources: Resources = Resource
     member reports a new epoch.
     """
     out = Path(out).resolve()
-    storage_path = Path(storage).resolve() if storage else out / "checkpoints"
-    storage_path.mkdir(parents=True, exist_ok=True)
-    writer = FleetWriter(out, extra)
+    storage_path = Path(storage).resolve() if storage and "://" not in storage else None
+    storage_uri = storage if storage and "://" in storage else None
+    if storage_path is None and storage_uri is None:
+        storage_path = out / "checkpoints"
+    if storage_path is not None:
+        storage_path.mkdir(parents=True, exist_ok=True)
+    writer = FleetWriter(out, extra, order=[p.name for p in plans])
     todo = writer.pending(plans)
     if not todo:
         return writer
+    by_name = {p.name: p for p in todo}
+    # Groups come from the whole plan, so a re-run maps members to the same runs.
+    groups = []
+    for whole in shard(plans, resources.concurrent_runs(len(plans))):
+        key = hashlib.sha256("|".join(f"{p.name}={p.run_key}" for p in whole).encode()).hexdigest()[:12]
+        if left := [p for p in whole if p.name in by_name]:
+            groups.append((key, left))
+    log.info("training %d member(s) in %d concurrent Ray Train run(s)", len(todo), len(groups))
     board = ProgressBoard.remote()
     seen: dict[str, int] = {}
     errors: dict[str, BaseException] = {}
-    with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="simex-fit") as pool:
-        futures = {pool.submit(_fit_member, p, storage_path, resources, board, fault): p for p in todo}
+
+    def drain() -> None:
+        latest, finished = ray.get(board.drain.remote())
+        if on_progress is not None:
+            for name, metrics in latest.items():
+                if seen.get(name) != metrics["epoch"]:
+                    seen[name] = metrics["epoch"]
+                    on_progress(name, metrics)
+        for name, state in finished:
+            if name in by_name and not writer.has(by_name[name]):
+                writer.add(by_name[name], state["model"], state["history"])
+                log.info("%s: done, weights written", name)
+
+    with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="simex-fit") as pool:
+        futures = {pool.submit(_fit_run, i, key, g, storage_path or storage_uri, resources, board, fault): g
+                   for i, (key, g) in enumerate(groups)}
         pending = set(futures)
         while pending:
-            done = {f for f in pending if f.done()}
-            for f in done:
-                plan = futures[f]
+            time.sleep(poll_s)
+            drain()
+            for f in [f for f in pending if f.done()]:
+                pending.discard(f)
                 try:
-                    state = f.result()
-                    writer.add(plan, state["model"], state["history"])
-                    log.info("%s: done, weights written", plan.name)
-                except BaseException as e:  # keep the others running; report at the end
-                    errors[plan.name] = e
-                    log.error("%s: failed: %s", plan.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
-            pending -= done
-            if on_progress is not None:
-                for name, metrics in ray.get(board.snapshot.remote()).items():
-                    if seen.get(name) != metrics["epoch"]:
-                        seen[name] = metrics["epoch"]
-                        on_progress(name, metrics)
-            if pending:
-                time.sleep(poll_s)
+                    for name, state in f.result().items():
+                        if name in by_name and not writer.has(by_name[name]):
+                            writer.add(by_name[name], state["model"], state["history"])
+                except BaseException as e:  # keep the other runs going; report at the end
+                    for p in futures[f]:
+                        if not writer.has(p):
+                            errors[p.name] = e
+                    log.error("Train run failed: %s", _first_line(e))
+    drain()
     ray.kill(board)
     if errors:
         names = ", ".join(errors)
         raise TrainingError(f"{len(errors)} member(s) failed: {names}; re-run the same command to resume "
-                            f"(first error: {_first_line(next(iter(errors.values())))})")
+                            f"(error: {_first_line(next(iter(errors.values())))})")
     return writer
 
 
@@ -177,3 +266,22 @@ class TrainingError(RuntimeError):
 def _first_line(e: BaseException) -> str:
     lines = [l for l in str(e).splitlines() if l.strip()]
     return lines[-1] if lines else type(e).__name__
+
+
+def build_fleet(refs: list[str], out, config: TrainConfig, *, samples: int | None = None,
+                per_class: bool = False, seed: int = 0, data_dir=None, address: str | None = None,
+                resources: Resources = Resources(), storage: str | None = None,
+                on_progress: ProgressFn | None = None, use_ray: bool = True,
+                log_to_driver: bool = False) -> tuple[list[MemberPlan], FleetWriter]:
+    """Specs -> trained fleet directory: the one path the CLI and the jobs share."""
+    from ..plan import plan_fleet, train_fleet_local
+    from .runtime import ray_session
+
+    plans = plan_fleet(refs, config, samples=samples, per_class=per_class, seed=seed, data_dir=data_dir)
+    extra = {"refs": refs, "samples": samples, "per_class": per_class, "seed": seed}
+    if not use_ray:
+        progress = (lambda n, m: on_progress(n, {**m, "epochs": config.epochs})) if on_progress else None
+        return plans, train_fleet_local(plans, out, on_epoch=progress, extra=extra)
+    with ray_session(address, log_to_driver=log_to_driver):
+        return plans, train_fleet(plans, out, resources=resources, storage=storage,
+                                  on_progress=on_progress, extra=extra)

@@ -1,0 +1,1 @@
+"""Paper protocols as functions: (specs, config) -> result dict, written as JSON/Parquet/PNG."""

@@ -1,0 +1,96 @@
+"""Delta matrix: every unknown dataset against every fleet member.
+
+Rows are unknown datasets (their held-out test split by default, the same
+5:1 split ``simex train`` uses), columns are reference autoencoders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import data
+from ..fleet import Fleet
+
+log = logging.getLogger(__name__)
+
+
+def delta_matrix(fleet: Fleet, unknown: list[str], *, samples: int | None = None, seed: int = 0,
+                 split: str = "test", loss: str | None = None, data_dir=None,
+                 on_row: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
+    """Delta(X_i | Y_j) for each unknown spec i and member j."""
+    if split not in ("test", "train", "all"):
+        raise ValueError(f"unknown split '{split}'; known: test, train, all")
+    for spec in unknown:
+        data.parse_spec(spec)
+    members = fleet.names
+    delta, normalized, rankings, sizes = [], [], {}, {}
+    for spec in unknown:
+        if split == "all":
+            ds = data.load(spec, seed=seed, data_dir=data_dir)
+            if samples:
+                ds = data.balanced_sample(ds, samples, seed=seed)
+        else:
+            train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir)
+            ds = test if split == "test" else train
+        result = fleet.score(ds.x, loss=loss)
+        delta.append([result.delta[m] for m in members])
+        normalized.append([result.delta_normalized[m] for m in members])
+        rankings[spec], sizes[spec] = result.ranking, result.n
+        if on_row is not None:
+            on_row(spec, result.to_json())
+    matched = [spec for spec in unknown if spec in members]
+    return {
+        "unknown": unknown,
+        "references": members,
+        "loss": loss or fleet.loss,
+        "split": split,
+        "seed": seed,
+        "n": sizes,
+        "delta": delta,
+        "delta_normalized": normalized,
+        "ranking": rankings,
+        "most_similar": {spec: rankings[spec][0] for spec in unknown},
+        # For unknowns that are also references: does each rank itself first?
+        "self_top1": {spec: rankings[spec][0] == spec for spec in matched},
+    }
+
+
+def write_matrix(result: dict[str, Any], out_dir, name: str = "delta_matrix") -> dict[str, Path]:
+    """Write ``name``.json, ``name``.parquet (long table) and ``name``.png (heatmap)."""
+    import pandas as pd
+
+    from ..plots import heatmap
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{name}.json", "parquet": out / f"{name}.parquet", "png": out / f"{name}.png"}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    rows = [
+        {"unknown": u, "reference": r, "delta": result["delta"][i][j],
+         "delta_normalized": result["delta_normalized"][i][j]}
+        for i, u in enumerate(result["unknown"]) for j, r in enumerate(result["references"])
+    ]
+    pd.DataFrame(rows).to_parquet(paths["parquet"], index=False)
+    heatmap(result["delta"], result["unknown"], result["references"], paths["png"],
+            title=f"Δ(X | Y), {result['loss']} ({result['split']} split; box = most similar)",
+            xlabel="reference autoencoder Y", ylabel="unknown data X")
+    return paths
+
+
+def format_matrix(result: dict[str, Any]) -> str:
+    """The matrix as a fixed-width text table; '*' marks each row's minimum."""
+    refs = result["references"]
+    corner = "unknown X / reference Y"
+    w0 = max(len(u) for u in result["unknown"] + [corner])
+    w = max(10, *(len(r) for r in refs))
+    lines = [f"{corner:<{w0}}  " + "  ".join(f"{r:>{w}}" for r in refs)]
+    for u, row in zip(result["unknown"], result["delta"]):
+        best = int(np.argmin(row))
+        cells = [f"{v:.5f}{'*' if j == best else ' '}" for j, v in enumerate(row)]
+        lines.append(f"{u:<{w0}}  " + "  ".join(f"{c:>{w}}" for c in cells))
+    return "\n".join(lines)
