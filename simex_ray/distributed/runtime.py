@@ -29,7 +29,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, log_
         ray.init(address=address, log_to_driver=log_to_driver, logging_level=logging.WARNING)
     else:
         log.info("starting an embedded local Ray (no --address given)")
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  log_to_driver=log_to_driver, logging_level=logging.WARNING)
     try:
         yield ray

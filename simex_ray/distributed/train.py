@@ -118,27 +118,33 @@ def _worker_loop(cfg: dict) -> None:
         done, current = _load_checkpoint(checkpoint)
     for job in cfg["members"]:
         name, config = job["name"], TrainConfig.from_dict(job["config"])
-        if name in done:
-            board.finish.remote(name, done[name])
+        # A member finished in an earlier attempt is kept; one finished with fewer
+        # epochs than now asked for continues from where it stopped.
+        resume = done.pop(name, None)
+        if resume is None and current is not None and current["member"] == name:
+            resume = current
+        if resume is not None and resume["epoch"] > config.epochs:
+            resume = None  # trained longer than now asked: start over rather than pretend
+        if resume is not None and resume["epoch"] == config.epochs:
+            done[name] = resume
+            board.finish.remote(name, resume)
             continue
-        resume = current if current is not None and current["member"] == name else None
+
+        last: dict = {}
 
         def on_epoch(epoch: int, metrics: dict, state: dict) -> None:
-            _save_checkpoint(done, {**state, "member": name}, {**metrics, "member": name})
+            last.update(state, member=name)
+            _save_checkpoint(done, last, {**metrics, "member": name})
             board.update.remote(name, {**metrics, "epochs": config.epochs})
             # Fault injection for tests: hard-kill the worker once, after a checkpoint.
             if fault and fault["member"] == name and epoch == fault["epoch"] and not os.path.exists(fault["marker"]):
                 Path(fault["marker"]).touch()
                 os._exit(1)
 
-        if resume is not None and resume["epoch"] >= config.epochs:
-            model_state, history = resume["model"], resume["history"]
-        else:
-            x_train, x_test = ray.get(job["x_train"]), ray.get(job["x_test"])
-            model, history = train_member(x_train, x_test, config, resume=resume, on_epoch=on_epoch,
-                                          device=device)
-            model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        done[name] = {"member": name, "model": model_state, "history": history}
+        x_train, x_test = ray.get(job["x_train"]), ray.get(job["x_test"])
+        train_member(x_train, x_test, config, resume=resume, on_epoch=on_epoch, device=device)
+        # The last epoch's state (model, optimizer, epoch, history) is the finished member.
+        done[name] = {**last, "model": {k: v.detach().cpu() for k, v in last["model"].items()}}
         board.finish.remote(name, done[name])
     _save_checkpoint(done, None, {"members_done": len(done)})
 

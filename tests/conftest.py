@@ -1,0 +1,82 @@
+"""Shared fixtures: a tiny fleet trained in-process, and one real local Ray cluster per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+# Keep torch from oversubscribing the 2-core CI machine when Ray workers run too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The test cluster uses token auth like a real one; Ray reads this when imported.
+os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_fleet(tmp_path_factory):
+    """digits vs bgrand:digits, 300 samples each, 2 epochs, trained without Ray (a few seconds)."""
+    from simex_ray.plan import plan_fleet, train_fleet_local
+    from simex_ray.training import TrainConfig
+
+    out = tmp_path_factory.mktemp("fleet")
+    plans = plan_fleet(["digits", "bgrand:digits"], TrainConfig(epochs=2), samples=300, seed=0)
+    train_fleet_local(plans, out, extra={"refs": ["digits", "bgrand:digits"], "samples": 300, "seed": 0})
+    return out
+
+
+class Cluster:
+    def __init__(self, gcs: str, dashboard: str, env: dict[str, str]):
+        self.address, self.dashboard_url, self.env = gcs, dashboard, env
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real `ray start --head` cluster with token auth, joined by this process.
+
+    Started with --block so terminating that one process stops exactly this
+    cluster (never a developer's own Ray), on free ports, in its own temp dir.
+    Shared by every Ray-marked test (Train, Jobs, Serve) in the session.
+    """
+    import ray
+
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_worker_maximum_startup_concurrency": "16"}
+    gcs_port, dash_port = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="simex-ray-")
+    cmd = ["ray", "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=2",
+           f"--port={gcs_port}", f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1",
+           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--temp-dir={temp}"]
+    log = open(os.path.join(temp, "head.log"), "w")
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{gcs_port}"
+    try:
+        deadline = time.time() + 180
+        # Join only once the head says it is up: a half-failed ray.init poisons this process.
+        while "Ray runtime started" not in open(log.name).read():
+            if head.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"ray head did not start: {open(log.name).read()[-2000:]}")
+            time.sleep(1)
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        yield Cluster(address, f"http://127.0.0.1:{dash_port}", env)
+    finally:
+        ray.shutdown()
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+    log.close()
+    shutil.rmtree(temp, ignore_errors=True)

@@ -1,0 +1,96 @@
+"""The `simex` command line as a user runs it: real processes, real files, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from simex_ray import data
+
+
+def simex(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "simex_ray.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"simex {' '.join(map(str, args))} failed:\n{proc.stderr}")
+    return proc
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith("INFO")]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("mnst", "did you mean 'mnist'"),
+    ("foo:digits", "valid:"),
+    ("npz:", "npz:PATH"),
+    ("rotated:", "rotated:SPEC"),
+    ("npz:/no/such/file.npz", "does not exist"),
+    ("digits#42", "available: 0, 1"),
+])
+def test_bad_specs_give_one_line_errors(tiny_fleet, spec, needle):
+    assert_one_line_error(simex("score", "--fleet", tiny_fleet, "--data", spec, check=False), needle)
+
+
+def test_bad_train_specs_fail_before_any_training(tmp_path):
+    proc = simex("train", "--refs", "digits,mnst", "--out", tmp_path / "f", "--no-ray", check=False)
+    assert_one_line_error(proc, "mnst")
+    assert not (tmp_path / "f" / "manifest.json").exists()
+
+
+def test_corrupted_weight_file_is_a_one_line_error(tiny_fleet, tmp_path):
+    fleet = shutil.copytree(tiny_fleet, tmp_path / "f")
+    weights = next((fleet / "weights").glob("digits-*.pt"))
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
+    assert_one_line_error(simex("score", "--fleet", fleet, "--data", "digits", check=False),
+                          weights.name, "corrupted")
+
+
+def test_missing_fleet_and_bad_numbers(tmp_path):
+    assert_one_line_error(simex("score", "--fleet", tmp_path / "nope", "--data", "digits", check=False),
+                          "does not exist")
+    proc = simex("train", "--refs", "digits", "--out", tmp_path / "f", "--epochs", "0", check=False)
+    assert proc.returncode == 2 and "positive integer" in proc.stderr
+
+
+def _write_npz(path, spec, seed):
+    ds = data.load(spec, seed=seed)
+    np.savez_compressed(path, x=(ds.x[:, 0] * 255).round().astype(np.uint8), y=ds.y)
+    return f"npz:{path}"
+
+
+def test_train_and_score_npz_files_the_project_never_saw(tmp_path):
+    """Unseen files: plain digits and a noise-background copy, uint8 (N, 28, 28)."""
+    plain = _write_npz(tmp_path / "plain.npz", "digits", 7)
+    noisy = _write_npz(tmp_path / "noisy.npz", "bgrand:digits", 7)
+    fleet = tmp_path / "fleet"
+    simex("train", "--refs", f"{plain},{noisy}", "--out", fleet, "--epochs", "2", "--samples", "300", "--no-ray")
+    for spec in (plain, noisy):
+        proc = simex("score", "--fleet", fleet, "--data", spec, "--split", "test", "--samples", "300", "--json")
+        out = json.loads(proc.stdout)  # exactly one JSON object on stdout
+        assert set(out) >= {"fleet", "data", "n", "loss", "delta", "ranking", "delta_normalized"}
+        assert out["ranking"][0] == spec and out["n"] == 50 and out["loss"] == "mse"
+    table = simex("score", "--fleet", fleet, "--data", plain).stdout
+    assert "most similar: " + plain in table
+
+    proc = simex("matrix", "--fleet", fleet, "--out", tmp_path / "m", "--json")
+    result = json.loads(proc.stdout)
+    assert result["self_top1"] == {plain: True, noisy: True}
+    for ext in ("json", "parquet", "png"):
+        assert (tmp_path / "m" / f"delta_matrix.{ext}").stat().st_size > 0
+
+
+def test_help_lists_every_verb():
+    out = simex("--help").stdout
+    for verb in ("train", "score", "matrix"):
+        assert verb in out

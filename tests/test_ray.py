@@ -1,0 +1,104 @@
+"""Fleet training on a real local Ray: the CLI end to end, retries, resume, the main job."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from simex_ray import data
+from simex_ray.fleet import Fleet, read_manifest
+from simex_ray.plan import plan_fleet, train_fleet_local
+from simex_ray.training import TrainConfig
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args):
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_cli_train_on_embedded_ray_then_score(tmp_path):
+    """The issue's check: no --address, so `simex train` starts and stops its own Ray."""
+    fleet = tmp_path / "F"
+    proc = run("-m", "simex_ray.cli", "train", "--refs", "digits,rotated:digits,bgimage:digits",
+               "--epochs", "2", "--samples", "600", "--out", fleet)
+    assert "epoch   2/2" in proc.stderr  # progress was shown while it ran
+    manifest = read_manifest(fleet)
+    assert [m["name"] for m in manifest["members"]] == ["digits", "rotated:digits", "bgimage:digits"]
+    out = json.loads(run("-m", "simex_ray.cli", "score", "--fleet", fleet, "--data", "rotated:digits",
+                         "--json").stdout)
+    assert out["ranking"][0] == "rotated:digits"
+
+
+def _plans(epochs, refs=("digits", "bgrand:digits"), samples=240):
+    return plan_fleet(list(refs), TrainConfig(epochs=epochs), samples=samples, seed=1)
+
+
+def test_crashed_worker_is_retried_and_matches_uninterrupted_training(ray_cluster, tmp_path):
+    from simex_ray.distributed.train import Resources, train_fleet
+
+    marker = tmp_path / "crashed-once"
+    seen = []
+    writer = train_fleet(_plans(2), tmp_path / "F", resources=Resources(cpus_per_worker=0.5, max_failures=2),
+                         fault={"member": "digits", "epoch": 1, "marker": str(marker)},
+                         on_progress=lambda name, m: seen.append((name, m["epoch"])))
+    assert marker.exists()  # the worker really died once
+    assert {n for n, _ in seen} == {"digits", "bgrand:digits"}
+    digits = writer.members["digits"]
+    assert [h["epoch"] for h in digits.history] == [1, 2]
+    reference = train_fleet_local(_plans(2), tmp_path / "local").members["digits"]
+    for ours, theirs in zip(digits.history, reference.history):
+        assert ours["train_delta"] == pytest.approx(theirs["train_delta"], rel=1e-4)
+
+
+def test_failed_run_resumes_from_its_checkpoint(ray_cluster, tmp_path):
+    from simex_ray.distributed.train import Resources, TrainingError, train_fleet
+
+    out, marker = tmp_path / "F", tmp_path / "crash"
+    plans = _plans(3, refs=("digits",))
+    with pytest.raises(TrainingError, match="re-run the same command to resume"):
+        train_fleet(plans, out, resources=Resources(cpus_per_worker=0.5, max_failures=0),
+                    fault={"member": "digits", "epoch": 2, "marker": str(marker)})
+    assert not (out / "manifest.json").exists() or not read_manifest(out)["members"]
+    epochs_run = []
+    writer = train_fleet(_plans(3, refs=("digits",)), out, resources=Resources(cpus_per_worker=0.5),
+                         on_progress=lambda n, m: epochs_run.append(m["epoch"]))
+    # Epoch 1 (and epoch 2, if the controller recorded its checkpoint before the
+    # crash) comes from the checkpoint; training only continues from there.
+    assert epochs_run in ([2, 3], [3])
+    assert [h["epoch"] for h in writer.members["digits"].history] == [1, 2, 3]
+    # More epochs later: continues the same run instead of starting over.
+    epochs_run.clear()
+    writer = train_fleet(_plans(4, refs=("digits",)), out, resources=Resources(cpus_per_worker=0.5),
+                         on_progress=lambda n, m: epochs_run.append(m["epoch"]))
+    assert epochs_run == [4]
+    assert len(writer.members["digits"].history) == 4
+    # Nothing left to do: no Train run at all.
+    before = (out / "manifest.json").read_bytes()
+    train_fleet(_plans(4, refs=("digits",)), out)
+    assert (out / "manifest.json").read_bytes() == before
+
+
+def test_main_job_runs_on_the_session_ray(ray_cluster, tmp_path):
+    spec = importlib.util.spec_from_file_location("main_job", ROOT / "jobs" / "main.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    rc = job.main(["--refs", "digits,bgrand:digits", "--samples", "240", "--epochs", "2",
+                   "--out", str(tmp_path), "--cpus-per-worker", "0.5"])
+    assert rc == 0
+    result = json.loads((tmp_path / "delta_matrix.json").read_text())
+    assert result["self_top1"] == {"digits": True, "bgrand:digits": True}
+    assert (tmp_path / "delta_matrix.png").stat().st_size > 1000
+    fleet = Fleet.load(tmp_path / "fleet")
+    _, test = data.prepare("digits", samples=240, seed=0)
+    assert fleet.score(test.x).delta["digits"] == pytest.approx(result["delta"][0][0])
+    assert isinstance(torch.__version__, str)
