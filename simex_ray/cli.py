@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default=None, help="write delta_matrix.{json,parquet,png} here")
     m.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     _add_data_args(m)
+
+    from .serving.cli import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
@@ -219,7 +223,19 @@ def cmd_matrix(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "score": cmd_score, "matrix": cmd_matrix}
+def cmd_serve(args) -> int:
+    from .serving.cli import cmd_serve as run
+
+    return run(args)
+
+
+def cmd_query(args) -> int:
+    from .serving.cli import cmd_query as run
+
+    return run(args)
+
+
+COMMANDS = {"train": cmd_train, "score": cmd_score, "matrix": cmd_matrix, "serve": cmd_serve, "query": cmd_query}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,7 +258,7 @@ def run_cli(fn, prog: str, *, debug: bool = False) -> int:
             raise
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except (DataUnavailable, FleetError) as e:
+    except (DataUnavailable, FleetError, ConnectionError, ProcessLookupError) as e:
         if debug:
             raise
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)

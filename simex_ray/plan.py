@@ -114,6 +114,8 @@ class FleetWriter:
                 self.members = {m["name"]: Member.from_json(m) for m in manifest["members"]}
             except FleetError as e:
                 log.warning("%s; members will be retrained", e)
+        # Manifest order: members already in the fleet, then new ones as given.
+        self.order = list(self.members) + [n for n in self.order if n not in self.members]
 
     def pending(self, plans: list[MemberPlan]) -> list[MemberPlan]:
         from .fleet import sha256_file
@@ -144,7 +146,6 @@ class FleetWriter:
         save_weights(self.out, member, state_dict)
         with self._lock:
             self.members[member.name] = member
-            # Manifest order: as the references were given, then any older members.
             rank = {n: i for i, n in enumerate(self.order)}
             ordered = sorted(self.members.values(), key=lambda m: rank.get(m.name, len(rank)))
             write_manifest(self.out, ordered, **self.extra)

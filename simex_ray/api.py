@@ -1,0 +1,123 @@
+"""The scoring HTTP API's request rules, free of Ray and of any web framework.
+
+Every rule a request can break maps to one :class:`ApiError` with a 4xx
+status and a one-line message, so the service never answers 500 for bad input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .data import SpecError, to_unit_images
+
+JSON = "application/json"
+NPY = "application/x-npy"
+
+
+class ApiError(Exception):
+    """A client mistake: HTTP ``status`` and a one-line ``message``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": self.message, "status": self.status}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images: int = 4096  # images per request
+    max_body_bytes: int = 64 * 1024 * 1024  # a JSON batch of 4096 images is ~25 MB
+
+
+def key_digest(key: str) -> str:
+    """What the service stores instead of the key (it shows up in Serve's config)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_api_key(expected_digest: str | None, provided: str | None) -> None:
+    if expected_digest and not hmac.compare_digest(expected_digest, key_digest(provided or "")):
+        raise ApiError(401, "missing or wrong API key; send it in the X-API-Key header")
+
+
+def check_body_size(length: int | None, limits: Limits) -> None:
+    if length is not None and length > limits.max_body_bytes:
+        raise ApiError(413, f"request body of {length} bytes is over the limit of {limits.max_body_bytes}; "
+                            f"send fewer images per request")
+
+
+def parse_score_request(body: bytes, content_type: str | None, limits: Limits = Limits()
+                        ) -> tuple[np.ndarray, list[str] | None]:
+    """Body -> (images float32 (N, 1, 28, 28) in [0, 1], requested members or None)."""
+    check_body_size(len(body), limits)
+    kind = (content_type or "").split(";")[0].strip().lower()
+    members = None
+    if kind == NPY:
+        try:
+            raw = np.load(io.BytesIO(body), allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the client's
+            raise ApiError(400, f"body is not a valid .npy array ({type(e).__name__}); "
+                                f"write it with numpy.save") from None
+    elif kind == JSON:
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"malformed JSON: {e}") from None
+        if not isinstance(payload, dict) or "images" not in payload:
+            raise ApiError(422, 'JSON body must be an object with an "images" field')
+        members = payload.get("members")
+        if members is not None and (not isinstance(members, list) or not all(isinstance(m, str) for m in members)):
+            raise ApiError(422, '"members" must be a list of member names')
+        raw = payload["images"]
+        if not isinstance(raw, list):
+            raise ApiError(422, '"images" must be a nested list of shape (N,28,28) or (N,1,28,28)')
+        try:
+            raw = np.array(raw)
+        except ValueError:
+            raise ApiError(422, '"images" is ragged; every image must be 28x28') from None
+    else:
+        raise ApiError(415, f"unsupported content type '{kind or 'none'}'; use {JSON} or {NPY}")
+    return validate_images(raw, limits), members
+
+
+def validate_images(raw: np.ndarray, limits: Limits = Limits()) -> np.ndarray:
+    """Strict shape (N,28,28) or (N,1,28,28), numeric, finite, in range -> float32 (N, 1, 28, 28)."""
+    if raw.dtype == object or raw.dtype.kind not in "uif":
+        raise ApiError(422, f"images must be numbers (uint8 0..255 or float in [0,1]), got dtype {raw.dtype}")
+    shape = tuple(raw.shape)
+    if raw.size == 0:
+        raise ApiError(422, "empty batch: send at least one image")
+    if not (len(shape) == 3 and shape[1:] == (28, 28)) and not (len(shape) == 4 and shape[1:] == (1, 28, 28)):
+        raise ApiError(422, f"images must have shape (N,28,28) or (N,1,28,28), got {shape}")
+    if shape[0] == 0:
+        raise ApiError(422, "empty batch: send at least one image")
+    if shape[0] > limits.max_images:
+        raise ApiError(413, f"{shape[0]} images is over the limit of {limits.max_images} per request; split the batch")
+    try:
+        return to_unit_images(raw.reshape(-1, 28, 28))
+    except SpecError as e:
+        raise ApiError(422, str(e)) from None
+
+
+def select_members(requested: list[str] | None, available: list[str]) -> list[str]:
+    if requested is None:
+        return list(available)
+    if not requested:
+        raise ApiError(422, '"members" is empty; leave it out to use every member')
+    unknown = [m for m in requested if m not in available]
+    if unknown:
+        raise ApiError(404, f"unknown member(s) {', '.join(unknown)}; available: {', '.join(available)}")
+    return list(dict.fromkeys(requested))
+
+
+def score_response(n: int, loss: str, delta: dict[str, float], latency_ms: float) -> dict[str, Any]:
+    return {"n": n, "loss": loss, "delta": delta,
+            "ranking": sorted(delta, key=lambda m: (delta[m], m)), "latency_ms": latency_ms}

@@ -1,0 +1,149 @@
+"""Paper Fig. 5: how much faster is asking SimEx than transfer learning?
+
+For one unknown dataset X and a base reference Y:
+
+* ``simex_seconds``: wall time to push every sampled X image through ONE
+  reference autoencoder A(Y) and average δ (after one untimed warm-up pass;
+  min / median / max over ``repeats``; the value used is the median);
+* ``transfer_seconds``: for each TL-k config, the wall time a transfer of the
+  base classifier B(Y) to X needs until its minimum validation loss (frozen
+  convolutions, FC layers retrained; the early-stopping tail is not counted);
+* ``speedup`` = min over TL-k of transfer_seconds / simex_seconds.
+
+One-time costs (training A(·) and B(Y)) are reported separately: SimEx pays
+them once per reference, not per query.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..baselines import TL_CONFIGS, tl_config, train_base, transfer
+from ..losses import check_loss
+from .inter_dataset import (DEFAULT, MapFn, Progress, ProtocolConfig, _jsonable, canonical_refs, load_splits,
+                            resolve_fleet, run_units)
+
+log = logging.getLogger(__name__)
+
+
+def latency(refs: list[str], unknown: str, *, repeats: int = 5, samples: int | None = None,
+            epochs: int | None = None, seed: int = 0, data_dir=None, loss: str = "mse",
+            base: str | None = None, tl_configs: tuple[str, ...] = tuple(TL_CONFIGS),
+            protocol: ProtocolConfig = DEFAULT, map_fn: MapFn | None = None,
+            on_progress: Progress | None = None, fleet=None) -> dict[str, Any]:
+    """Time SimEx on ``unknown`` against transfer learning from ``base`` (default: the
+    first reference that is not the unknown).
+
+    ``map_fn`` runs the TL-k transfers; a parallel one must give each transfer
+    the same dedicated resources, or the measured times are inflated.
+    """
+    check_loss(loss)
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    refs = canonical_refs(refs)
+    (unknown,) = canonical_refs([unknown])
+    if base is None:
+        base = next((r for r in refs if r != unknown), refs[0])
+    else:
+        (base,) = canonical_refs([base])
+        if base not in refs:
+            raise ValueError(f"base '{base}' is not one of the references: {', '.join(refs)}")
+    configs = [tl_config(c) for c in tl_configs]
+
+    f, fleet_info = resolve_fleet(refs, fleet=fleet, loss=loss, samples=samples, epochs=epochs, seed=seed,
+                                  data_dir=data_dir, protocol=protocol, on_progress=on_progress)
+    x_split = load_splits(unknown, samples=samples, seed=seed, data_dir=data_dir, protocol=protocol)
+    b_split = load_splits(base, samples=samples, seed=seed, data_dir=data_dir, protocol=protocol)
+    x_all = np.concatenate([x_split.ae_train, x_split.ae_test])  # every sampled unknown image
+
+    f.per_sample_delta(base, x_all[:64], loss)  # warm-up: first-call allocations are not the steady cost
+    times, value = [], float("nan")
+    for k in range(repeats):
+        t0 = time.perf_counter()
+        value = float(f.per_sample_delta(base, x_all, loss).mean())
+        times.append(time.perf_counter() - t0)
+        if on_progress is not None:
+            on_progress("simex", k + 1, repeats)
+    simex = statistics.median(times)
+
+    (b,) = run_units(train_base, [dict(**b_split.clf_kwargs(), optimizer=protocol.base_optimizer,
+                                       lr=protocol.base_lr, max_epochs=protocol.clf_max_epochs,
+                                       patience=protocol.clf_patience, batch_size=protocol.clf_batch_size,
+                                       seed=seed, n_classes=protocol.n_classes)],
+                     stage="base-classifier", map_fn=map_fn, on_progress=on_progress)
+    kw = [dict(base_state=b["state"], **x_split.clf_kwargs(), config=c, fc_init=protocol.fc_init,
+               fc_layers=protocol.fc_layers, max_epochs=protocol.clf_max_epochs, patience=protocol.clf_patience,
+               batch_size=protocol.clf_batch_size, seed=seed) for c in configs]
+    results = run_units(transfer, kw, stage="transfer", map_fn=map_fn, on_progress=on_progress)
+    transfer_seconds = {c.name: r["seconds_to_best"] for c, r in zip(configs, results)}
+    fastest = min(transfer_seconds, key=transfer_seconds.get)
+    speedup = transfer_seconds[fastest] / simex if simex > 0 else float("inf")
+    log.info("latency %s via %s: simex %.4fs, fastest transfer %s %.2fs, speedup %.0fx",
+             unknown, base, simex, fastest, transfer_seconds[fastest], speedup)
+    return {
+        "experiment": "latency",
+        "references": refs,
+        "unknown": unknown,
+        "base": base,
+        "loss": loss,
+        "samples": samples,
+        "seed": seed,
+        "repeats": repeats,
+        "n_unknown": int(len(x_all)),
+        "delta": value,
+        "simex_seconds": simex,
+        "simex_seconds_stats": {"min": min(times), "median": simex, "max": max(times), "all": times},
+        "transfer_seconds": transfer_seconds,
+        "transfer_epochs": {c.name: r["best_epoch"] for c, r in zip(configs, results)},
+        "transfer_epochs_run": {c.name: r["epochs"] for c, r in zip(configs, results)},
+        "transfer_total_seconds": {c.name: r["seconds"] for c, r in zip(configs, results)},
+        "transfer_accuracy": {c.name: r["accuracy"] for c, r in zip(configs, results)},
+        "fastest_transfer": fastest,
+        "speedup": speedup,
+        "autoencoder_train_seconds": fleet_info["train_seconds"],
+        "autoencoders_trained_here": fleet_info["trained"],
+        "classifier_train_seconds": b["seconds"],
+        "classifier_seconds_to_best": b["seconds_to_best"],
+        "base_accuracy": b["test_accuracy"],
+        "protocol": protocol.to_dict(),
+        "sizes": {"unknown": x_split.sizes(), "base": b_split.sizes()},
+    }
+
+
+def write_latency(result: dict[str, Any], out_dir) -> dict[str, Path]:
+    """Write latency.json and latency.png (log-scale seconds, like the paper's Fig. 5)."""
+    from ..plots import _pyplot
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "latency.json", "png": out / "latency.png"}
+    paths["json"].write_text(json.dumps(_jsonable(result), indent=2) + "\n")
+
+    plt = _pyplot()
+    names = ["SimEx"] + list(result["transfer_seconds"])
+    secs = [result["simex_seconds"]] + list(result["transfer_seconds"].values())
+    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(names), 4), dpi=120)
+    colors = ["tab:green"] + ["tab:blue"] * (len(names) - 1)
+    ax.bar(names, secs, color=colors)
+    if result.get("simex_seconds_stats"):
+        s = result["simex_seconds_stats"]
+        ax.errorbar([0], [s["median"]], yerr=[[s["median"] - s["min"]], [s["max"] - s["median"]]],
+                    color="black", capsize=4)
+    for k, v in enumerate(secs):
+        ax.text(k, v, f"{v:.3g}s", ha="center", va="bottom", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("seconds (log scale)")
+    ax.set_title(f"{result['unknown']} via {result['base']} (n = {result['n_unknown']}): speedup "
+                 f"{result['speedup']:.3g}x\nover the fastest transfer ({result['fastest_transfer']}, "
+                 f"time to min. val. loss)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(paths["png"])
+    plt.close(fig)
+    return paths

@@ -1,0 +1,1 @@
+"""Ray Serve adapter: per-member autoencoder deployments behind one FastAPI ingress."""

@@ -1,0 +1,255 @@
+"""`simex serve start|stop|update|config` and `simex query`."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("simex.serve")
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("serve", help="run the scoring service (Ray Serve)",
+                       description="HTTP scoring service: POST /v1/score, GET /v1/members, GET /healthz, /docs.")
+    verbs = s.add_subparsers(dest="serve_command", metavar="VERB")
+    verbs.required = True
+
+    def deployment_flags(p):
+        p.add_argument("--fleet", required=True, help="fleet directory written by `simex train`")
+        p.add_argument("--replicas", type=int, default=1, help="replicas per member (default 1)")
+        p.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                       help="autoscale each member between MIN and MAX replicas instead of --replicas")
+        p.add_argument("--cpus-per-replica", type=float, default=0.25, help="(default 0.25)")
+        p.add_argument("--api-key", default=os.environ.get("SIMEX_API_KEY"),
+                       help="require this key in the X-API-Key header (default $SIMEX_API_KEY; none)")
+        p.add_argument("--max-images", type=int, default=4096, help="images per request (default 4096)")
+        p.add_argument("--max-body-mb", type=float, default=64, help="request body limit in MB (default 64)")
+
+    start = verbs.add_parser("start", help="start serving a fleet",
+                             description="Without --address: starts an embedded Ray, serves in the foreground "
+                                         "until Ctrl-C or `simex serve stop`, and reloads when the fleet's "
+                                         "manifest changes. With --address: deploys to that cluster and returns.")
+    deployment_flags(start)
+    start.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    start.add_argument("--port", type=int, default=8000, help="(default 8000)")
+    start.add_argument("--address", default=None, help="Ray cluster address; default: embedded local Ray")
+    start.add_argument("--no-auth", action="store_true", help="allow a non-loopback --host without an API key")
+
+    update = verbs.add_parser("update", help="redeploy after the fleet changed (only what changed)")
+    deployment_flags(update)
+    update.add_argument("--address", default="auto", help="Ray cluster address (default auto)")
+
+    stop = verbs.add_parser("stop", help="stop the service")
+    stop.add_argument("--port", type=int, default=8000, help="port of a foreground `simex serve start` (default 8000)")
+    stop.add_argument("--address", default=None, help="remove the service from this Ray cluster instead")
+
+    config = verbs.add_parser("config", help="print a Serve config YAML for `serve run` / `serve deploy`")
+    deployment_flags(config)
+    config.add_argument("--host", default="127.0.0.1")
+    config.add_argument("--port", type=int, default=8000)
+
+    q = sub.add_parser("query", help="score a dataset spec through a running service",
+                       description="Send a dataset spec's images to POST /v1/score and print the ranking.")
+    q.add_argument("--url", required=True, help="service URL, e.g. http://127.0.0.1:8000")
+    q.add_argument("--data", required=True, help="dataset spec (as in `simex score`)")
+    q.add_argument("--samples", type=int, default=None, help="class-balanced subsample")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--data-dir", default=None)
+    q.add_argument("--members", default=None, help="comma-separated subset of members")
+    q.add_argument("--api-key", default=os.environ.get("SIMEX_API_KEY"))
+    q.add_argument("--batch", type=int, default=1024, help="images per request (default 1024)")
+    q.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+
+
+def settings_from(args):
+    from ..api import Limits
+    from .deploy import ServeSettings
+
+    autoscaling = None
+    if args.autoscale:
+        try:
+            lo, hi = (int(v) for v in args.autoscale.split(":"))
+        except ValueError:
+            raise ValueError(f"--autoscale expects MIN:MAX, got '{args.autoscale}'") from None
+        if not 0 <= lo <= hi or hi < 1:
+            raise ValueError(f"--autoscale needs 0 <= MIN <= MAX and MAX >= 1, got {lo}:{hi}")
+        autoscaling = {"min_replicas": lo, "max_replicas": hi, "target_ongoing_requests": 4}
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    return ServeSettings(replicas=args.replicas, autoscaling=autoscaling, cpus_per_replica=args.cpus_per_replica,
+                         api_key=args.api_key or None,
+                         limits=Limits(max_images=args.max_images, max_body_bytes=int(args.max_body_mb * 2**20)))
+
+
+def _pidfile(port: int) -> Path:
+    from ..data import data_dir
+
+    return data_dir() / f"serve-{port}.pid"
+
+
+def _manifest_stamp(fleet) -> tuple:
+    p = Path(fleet) / "manifest.json"
+    return (p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else ()
+
+
+def cmd_serve(args) -> int:
+    if args.serve_command == "config":
+        import yaml
+
+        from .deploy import serve_config
+
+        print(yaml.safe_dump(serve_config(args.fleet, settings_from(args), args.host, args.port), sort_keys=False))
+        return 0
+    if args.serve_command == "stop":
+        return _stop(args)
+    from ..distributed.runtime import ray_session
+    from ..fleet import Fleet
+
+    settings = settings_from(args)
+    Fleet.load(args.fleet)  # fail fast, before Ray starts, on a bad fleet
+    if args.serve_command == "update":
+        from .deploy import deploy
+
+        with ray_session(args.address):
+            print(json.dumps(deploy(args.fleet, settings)))
+        return 0
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    if not loopback and not settings.api_key and not args.no_auth:
+        raise ValueError(f"--host {args.host} exposes the service beyond this machine; set --api-key "
+                         f"(or $SIMEX_API_KEY), or pass --no-auth deliberately")
+    return _start(args, settings)
+
+
+def _start(args, settings) -> int:
+    from ray import serve
+
+    from ..distributed.runtime import ray_session
+    from .deploy import deploy, undeploy
+
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    t0 = time.perf_counter()
+    with ray_session(args.address):
+        serve.start(http_options={"host": args.host, "port": args.port})
+        print(f"deploying {args.fleet} ...", file=sys.stderr, flush=True)
+        deploy(args.fleet, settings)
+        print(f"serving {args.fleet} at {url} ({time.perf_counter() - t0:.0f}s); API docs at {url}/docs",
+              file=sys.stderr, flush=True)
+        if args.address:
+            return 0
+        pidfile = _pidfile(args.port)
+        pidfile.parent.mkdir(parents=True, exist_ok=True)
+        pidfile.write_text(str(os.getpid()))
+        stopping = []
+        signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+        stamp = _manifest_stamp(args.fleet)
+        print("press Ctrl-C or run `simex serve stop` to stop; the fleet is reloaded when it changes",
+              file=sys.stderr, flush=True)
+        try:
+            while not stopping:
+                time.sleep(1)
+                if (now := _manifest_stamp(args.fleet)) != stamp:
+                    stamp = now
+                    try:
+                        changes = deploy(args.fleet, settings)
+                        print(f"fleet changed: {json.dumps(changes)}", file=sys.stderr, flush=True)
+                    except Exception as e:  # noqa: BLE001 - keep serving the old fleet
+                        print(f"fleet changed but cannot be served ({e}); still serving the previous one",
+                              file=sys.stderr, flush=True)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            print("stopping ...", file=sys.stderr, flush=True)
+            undeploy()
+            serve.shutdown()
+            pidfile.unlink(missing_ok=True)
+    return 0
+
+
+def _stop(args) -> int:
+    if args.address:
+        from ray import serve
+
+        from ..distributed.runtime import ray_session
+        from .deploy import undeploy
+
+        with ray_session(args.address):
+            removed = undeploy()
+        print(f"removed {len(removed)} application(s)", file=sys.stderr)
+        return 0
+    pidfile = _pidfile(args.port)
+    if not pidfile.exists():
+        raise ProcessLookupError(f"no `simex serve start` is running on port {args.port} (no {pidfile}); "
+                                 f"for a cluster deployment pass --address")
+    pid = int(pidfile.read_text())
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pidfile.unlink(missing_ok=True)
+        raise ProcessLookupError(f"the service on port {args.port} (pid {pid}) is not running; removed stale {pidfile}") \
+            from None
+    for _ in range(120):
+        if not pidfile.exists():
+            break
+        time.sleep(0.5)
+    print(f"stopped the service on port {args.port}", file=sys.stderr)
+    return 0
+
+
+def cmd_query(args) -> int:
+    import numpy as np
+    import requests
+
+    from .. import data
+
+    ds = data.load(args.data, seed=args.seed, data_dir=args.data_dir)
+    if args.samples:
+        ds = data.balanced_sample(ds, args.samples, seed=args.seed)
+    headers = {"content-type": "application/x-npy"}
+    if args.api_key:
+        headers["x-api-key"] = args.api_key
+    members = [m.strip() for m in args.members.split(",")] if args.members else None
+    url = args.url.rstrip("/") + "/v1/score"
+    sums: dict[str, float] = {}
+    loss, t0 = "", time.perf_counter()
+    for start in range(0, len(ds), args.batch):
+        part = ds.x[start:start + args.batch]
+        if members:
+            body = json.dumps({"images": part[:, 0].tolist(), "members": members}).encode()
+            h = {**headers, "content-type": "application/json"}
+        else:
+            buf = io.BytesIO()
+            np.save(buf, part)
+            body, h = buf.getvalue(), headers
+        try:
+            r = requests.post(url, data=body, headers=h, timeout=300)
+        except requests.RequestException as e:
+            raise ConnectionError(f"cannot reach {url} ({type(e).__name__}); is `simex serve start` running?") \
+                from None
+        if r.status_code != 200:
+            try:
+                message = r.json().get("error", r.text)
+            except ValueError:
+                message = r.text[:200]
+            raise ConnectionError(f"{url} answered {r.status_code}: {message}")
+        out = r.json()
+        loss = out["loss"]
+        for name, d in out["delta"].items():  # mean over the whole dataset, batch-size weighted
+            sums[name] = sums.get(name, 0.0) + d * len(part)
+    delta = {name: s / len(ds) for name, s in sums.items()}
+    ranking = sorted(delta, key=lambda m: (delta[m], m))
+    if args.json:
+        print(json.dumps({"url": args.url, "data": args.data, "n": len(ds), "loss": loss, "delta": delta,
+                          "ranking": ranking, "seconds": time.perf_counter() - t0}))
+        return 0
+    print(f"Δ({args.data} | Y) over {len(ds)} samples via {args.url}, loss {loss}")
+    for rank, name in enumerate(ranking, 1):
+        print(f"{rank:>4}  {name:<32} {delta[name]:.5f}")
+    print(f"most similar: {ranking[0]}")
+    return 0

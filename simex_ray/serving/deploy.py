@@ -1,0 +1,105 @@
+"""Deploy, update and remove the scoring service on the current Ray cluster (driver side)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from ..api import Limits, key_digest
+from ..fleet import Fleet, read_manifest, slug
+from .app import INGRESS_APP, ingress_app, member_app
+
+log = logging.getLogger(__name__)
+
+MEMBER_PREFIX = "simex-m-"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    replicas: int = 1  # per member
+    autoscaling: dict | None = None  # Serve autoscaling_config per member, instead of replicas
+    cpus_per_replica: float = 0.25
+    ingress_replicas: int = 1
+    api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+
+def member_app_name(name: str, sha256: str) -> str:
+    """The weights' hash is in the name: changed weights = a new application, never a restart in place."""
+    return f"{MEMBER_PREFIX}{slug(name)}-{sha256[:8]}"
+
+
+def _member_args(fleet: Path, m: dict, s: ServeSettings) -> dict[str, Any]:
+    args = {"fleet": str(fleet), "member": m["name"], "sha256": m["sha256"], "num_cpus": s.cpus_per_replica}
+    if s.autoscaling:
+        args["autoscaling_config"] = s.autoscaling
+    else:
+        args["num_replicas"] = s.replicas
+    return args
+
+
+def _ingress_args(fleet: Path, members: list[dict], s: ServeSettings) -> dict[str, Any]:
+    return {
+        "fleet": str(fleet),
+        "members": {m["name"]: {"app": member_app_name(m["name"], m["sha256"]), "sha256": m["sha256"]}
+                    for m in members},
+        "api_key_sha256": key_digest(s.api_key) if s.api_key else None,
+        "max_images": s.limits.max_images,
+        "max_body_bytes": s.limits.max_body_bytes,
+        "num_replicas": s.ingress_replicas,
+    }
+
+
+def deploy(fleet_dir, settings: ServeSettings = ServeSettings()) -> dict[str, list[str]]:
+    """Make the running service match the fleet: returns which member apps were added/kept/removed.
+
+    Order keeps requests flowing: new member apps first, then the ingress is
+    pointed at the new set (a user_config change: no restart), then apps of
+    removed or replaced members are deleted (Serve lets in-flight requests finish).
+    """
+    from ray.serve import RunTarget
+
+    fleet = Path(fleet_dir).resolve()
+    Fleet.load(fleet)  # every weight file present and intact, or a clear error now
+    members = read_manifest(fleet)["members"]
+    wanted = {member_app_name(m["name"], m["sha256"]): m for m in members}
+    running = set(serve.status().applications)
+    existing = {a for a in running if a.startswith(MEMBER_PREFIX)}
+    new = [a for a in wanted if a not in existing]
+    if new:
+        log.info("deploying %d member app(s): %s", len(new), ", ".join(new))
+        serve.run_many([RunTarget(member_app(_member_args(fleet, wanted[a], settings)), name=a, route_prefix=None)
+                        for a in new])
+    serve.run(ingress_app(_ingress_args(fleet, members, settings)), name=INGRESS_APP, route_prefix="/")
+    removed = sorted(existing - set(wanted))
+    for app in removed:
+        log.info("removing member app %s", app)
+        serve.delete(app)
+    return {"added": new, "kept": sorted(existing & set(wanted)), "removed": removed}
+
+
+def undeploy() -> list[str]:
+    """Delete the ingress and every member app (other Serve apps are left alone)."""
+    apps = [a for a in serve.status().applications if a == INGRESS_APP or a.startswith(MEMBER_PREFIX)]
+    if INGRESS_APP in apps:  # stop taking requests first
+        serve.delete(INGRESS_APP)
+    for app in apps:
+        if app != INGRESS_APP:
+            serve.delete(app)
+    return apps
+
+
+def serve_config(fleet_dir, settings: ServeSettings = ServeSettings(), host="127.0.0.1", port=8000) -> dict:
+    """A Serve config (for `serve run` / `serve deploy`) equivalent to :func:`deploy`."""
+    fleet = Path(fleet_dir).resolve()
+    members = read_manifest(fleet)["members"]
+    apps = [{"name": INGRESS_APP, "route_prefix": "/", "import_path": "simex_ray.serving.app:ingress_app",
+             "args": _ingress_args(fleet, members, settings)}]
+    apps += [{"name": member_app_name(m["name"], m["sha256"]), "route_prefix": None,
+              "import_path": "simex_ray.serving.app:member_app", "args": _member_args(fleet, m, settings)}
+             for m in members]
+    return {"proxy_location": "HeadOnly", "http_options": {"host": host, "port": port}, "applications": apps}

@@ -1,0 +1,136 @@
+"""Paper protocol I and the latency experiment on tiny digits-family data (no Ray)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from simex_ray.experiments.inter_dataset import (DEFAULT, PAPER, ProtocolConfig, inter_dataset, rho_per_base,
+                                                 rho_per_unknown, spearman, write_inter_dataset)
+from simex_ray.experiments.latency import latency, write_latency
+
+REFS = ["digits", "bgrand:digits", "rotated:digits"]
+TINY = ProtocolConfig(ae_epochs=1, clf_max_epochs=2, clf_patience=1, tl_configs=("TL-1", "TL-2"),
+                      n_pairs=64, embedding_samples=100)
+
+
+@pytest.fixture(scope="module")
+def result():
+    calls = []
+    units = []
+
+    def map_fn(fn, kwargs_list):  # stands in for a Ray adapter: sees every unit
+        units.append((fn.__name__, len(kwargs_list)))
+        return [fn(**kw) for kw in kwargs_list]
+
+    r = inter_dataset(REFS, samples=150, protocol=TINY, map_fn=map_fn,
+                      on_progress=lambda stage, done, total: calls.append((stage, done, total)))
+    return r, calls, units
+
+
+def test_spearman_sign_convention_on_a_hand_made_matrix():
+    refs = ["a", "b", "c", "d"]
+    acc = np.array([[0.9, 0.8, 0.6, 0.4],
+                    [0.7, 0.9, 0.5, 0.3],
+                    [0.5, 0.6, 0.9, 0.2],
+                    [0.3, 0.4, 0.7, 0.9]])
+    agreeing = 1 - acc  # smaller distance exactly where accuracy is higher
+    assert rho_per_base(agreeing, acc, refs) == pytest.approx({r: 1.0 for r in refs})
+    assert rho_per_base(acc, acc, refs) == pytest.approx({r: -1.0 for r in refs})
+    # The diagonal (X == Y) is excluded: spoiling it changes nothing.
+    spoiled = agreeing.copy()
+    np.fill_diagonal(spoiled, 99.0)
+    assert rho_per_base(spoiled, acc, refs) == pytest.approx({r: 1.0 for r in refs})
+    assert rho_per_unknown(agreeing, acc, refs) == pytest.approx({r: 1.0 for r in refs})
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_protocol_validates_and_round_trips():
+    assert DEFAULT == PAPER and PAPER.ae_optimizer == "rmsprop" and PAPER.ae_lr == 2e-4 and PAPER.ae_epochs == 30
+    assert PAPER.fc_init == "reinit" and PAPER.tl_configs == ("TL-1", "TL-2", "TL-3", "TL-4", "TL-5")
+    assert ProtocolConfig.from_dict(json.loads(json.dumps(TINY.to_dict()))) == TINY
+    with pytest.raises(ValueError, match="known: TL-1"):
+        ProtocolConfig(tl_configs=("TL-7",))
+    with pytest.raises(ValueError, match="known: reinit, base"):
+        ProtocolConfig(fc_init="random")
+    with pytest.raises(ValueError, match="known: none, self, l2"):
+        ProtocolConfig(delta_normalization="max")
+
+
+def test_inter_dataset_returns_every_field_in_range(result):
+    r, _, _ = result
+    n = len(REFS)
+    assert r["references"] == REFS and r["loss"] == "mse"
+    for key in ("delta", "delta_normalized", "transfer_accuracy", "transfer_accuracy_normalized",
+                "transfer_efficiency"):
+        assert np.asarray(r[key]).shape == (n, n), key
+    delta = np.asarray(r["delta"])
+    assert (delta > 0).all() and (delta < 1).all()
+    assert (np.argmin(delta, axis=1) == np.arange(n)).all()  # each dataset is most similar to itself
+    acc = np.asarray(r["transfer_accuracy"])
+    assert ((acc >= 0) & (acc <= 1)).all()
+    np.testing.assert_allclose(np.diag(r["transfer_efficiency"]), 1.0)
+    assert set(r["transfer_accuracy_per_config"]) == {"TL-1", "TL-2"}
+    np.testing.assert_allclose(np.mean([r["transfer_accuracy_per_config"][c] for c in ("TL-1", "TL-2")], axis=0), acc)
+    for fields in [r] + list(r["baselines"].values()):
+        for key in ("rho_per_base", "rho_per_base_normalized"):
+            assert set(fields[key]) == set(REFS)
+            assert all(math.isnan(v) or -1 <= v <= 1 for v in fields[key].values())
+        for key in ("rho_mean", "rho_mean_normalized"):
+            assert math.isnan(fields[key]) or -1 <= fields[key] <= 1
+    assert set(r["baselines"]) == {"sample-mse", "sample-issim", "embeddings"}
+    for b in r["baselines"].values():
+        assert np.asarray(b["matrix"]).shape == (n, n) and (np.asarray(b["matrix"]) >= 0).all()
+    assert r["protocol"]["tl_configs"] == ("TL-1", "TL-2") and r["classifier_seeds"] == [0]
+    assert r["sizes"]["digits"]["ae_train"] + r["sizes"]["digits"]["ae_test"] == 150
+    assert r["timings"]["total_s"] > 0 and 0 <= min(r["base_accuracy"].values())
+
+
+def test_inter_dataset_runs_units_through_map_fn_and_reports_progress(result):
+    _, calls, units = result
+    n = len(REFS)
+    assert units == [("train_base", n), ("transfer", n * n * 2)]
+    stages = {c[0] for c in calls}
+    assert {"autoencoders", "delta", "base-classifiers", "transfer"} <= stages
+    assert ("transfer", n * n * 2, n * n * 2) in calls
+
+
+def test_write_inter_dataset_writes_the_files(result, tmp_path):
+    r, _, _ = result
+    paths = write_inter_dataset(r, tmp_path)
+    for p in paths.values():
+        assert p.is_file() and p.stat().st_size > 0
+    loaded = json.loads(paths["json"].read_text())
+    assert loaded["references"] == REFS and loaded["delta"] == r["delta"]
+    table = pd.read_parquet(paths["parquet"])
+    assert len(table) == len(REFS) ** 2
+    assert {"unknown", "base", "delta", "transfer_accuracy", "transfer_efficiency", "sample-mse"} <= set(table.columns)
+
+
+def test_inter_dataset_reuses_a_trained_fleet(tiny_fleet):
+    refs = ["digits", "bgrand:digits"]
+    proto = dataclasses.replace(TINY, tl_configs=("TL-1",), baselines=("sample-mse",))
+    r = inter_dataset(refs, samples=300, protocol=proto, fleet=tiny_fleet)
+    assert r["fleet"]["trained"] is False
+    assert np.asarray(r["delta"]).shape == (2, 2) and set(r["baselines"]) == {"sample-mse"}
+
+
+def test_latency_timings_and_speedup(tmp_path):
+    r = latency(["digits", "bgrand:digits"], "rotated:digits", repeats=3, samples=120, protocol=TINY,
+                tl_configs=("TL-1", "TL-5"))
+    assert r["base"] == "digits" and r["n_unknown"] == 120
+    s = r["simex_seconds_stats"]
+    assert 0 < s["min"] <= s["median"] <= s["max"] and r["simex_seconds"] == s["median"]
+    assert set(r["transfer_seconds"]) == {"TL-1", "TL-5"} and min(r["transfer_seconds"].values()) > 0
+    assert r["speedup"] == pytest.approx(min(r["transfer_seconds"].values()) / r["simex_seconds"])
+    assert r["autoencoder_train_seconds"] > 0 and r["classifier_train_seconds"] > 0
+    assert all(1 <= e <= 2 for e in r["transfer_epochs"].values())
+    paths = write_latency(r, tmp_path)
+    assert json.loads(paths["json"].read_text())["speedup"] == pytest.approx(r["speedup"])
+    assert paths["png"].stat().st_size > 0

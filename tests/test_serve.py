@@ -1,0 +1,252 @@
+"""The scoring service on a real local Ray Serve, through real HTTP requests."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from simex_ray import data
+from simex_ray.api import Limits
+from simex_ray.fleet import Fleet, read_manifest, write_manifest, Member
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, tiny_fleet, tmp_path_factory):
+    from ray import serve
+
+    from simex_ray.serving.deploy import ServeSettings, deploy, undeploy
+    from tests.conftest import free_port
+
+    fleet = shutil.copytree(tiny_fleet, tmp_path_factory.mktemp("served") / "fleet")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = ServeSettings(replicas=2, cpus_per_replica=0.1, limits=Limits(max_images=512, max_body_bytes=4 << 20))
+    deploy(fleet, settings)
+
+    class Service:
+        url = f"http://127.0.0.1:{port}"
+
+        def redeploy(self, **changes):
+            from dataclasses import replace
+
+            return deploy(fleet, replace(settings, **changes))
+
+    Service.fleet = fleet
+    yield Service()
+    undeploy()
+    serve.shutdown()
+
+
+def post_json(service, payload, **kw):
+    return requests.post(service.url + "/v1/score", json=payload, timeout=60, **kw)
+
+
+def post_npy(service, array, **kw):
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return requests.post(service.url + "/v1/score", data=buf.getvalue(), timeout=60,
+                         headers={"content-type": "application/x-npy", **kw.pop("headers", {})}, **kw)
+
+
+def held_out():
+    return data.prepare("digits", samples=300, seed=0)[1].x  # (50, 1, 28, 28), unseen in training
+
+
+def test_health_members_and_docs(service):
+    assert requests.get(service.url + "/healthz", timeout=30).json()["status"] == "ok"
+    members = requests.get(service.url + "/v1/members", timeout=30).json()
+    assert [m["name"] for m in members["members"]] == ["digits", "bgrand:digits"]
+    assert members["members"][0]["architecture"] == "lenet" and members["loss"] == "mse"
+    spec = requests.get(service.url + "/openapi.json", timeout=30).json()
+    assert "/v1/score" in spec["paths"] and "application/x-npy" in json.dumps(spec["paths"]["/v1/score"])
+    assert requests.get(service.url + "/docs", timeout=30).status_code == 200
+
+
+def test_http_scores_equal_simex_score(service):
+    x = held_out()
+    cli = subprocess.run([sys.executable, "-m", "simex_ray.cli", "score", "--fleet", str(service.fleet),
+                          "--data", "digits", "--split", "test", "--samples", "300", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    expected = json.loads(cli.stdout)
+    cases = [(post_json(service, {"images": x[:, 0].tolist()}), 1e-6),  # floats, (N,28,28)
+             (post_npy(service, x), 1e-6),  # (N,1,28,28) float32
+             (post_npy(service, np.round(x * 255).astype(np.uint8)[:, 0]), 1e-3)]  # uint8: rounding
+    for r, tolerance in cases:
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["n"] == 50 and out["loss"] == "mse" and out["latency_ms"] > 0
+        assert out["ranking"] == expected["ranking"] == ["digits", "bgrand:digits"]
+        for name, d in expected["delta"].items():
+            assert out["delta"][name] == pytest.approx(d, rel=tolerance)
+    only = post_json(service, {"images": x[:, 0].tolist(), "members": ["digits"]}).json()
+    assert list(only["delta"]) == ["digits"]
+
+
+def _nan_body():
+    x = held_out()[:2].astype(np.float64)
+    x[0, 0, 0, 0] = np.nan
+    return x
+
+
+BAD = [
+    ("wrong shape", lambda s: post_json(s, {"images": np.zeros((2, 32, 32)).tolist()}), 422, "shape"),
+    ("flat vectors", lambda s: post_npy(s, np.zeros((2, 784), np.float32)), 422, "shape"),
+    ("strings", lambda s: post_json(s, {"images": [[["a"] * 28] * 28]}), 422, "numbers"),
+    ("NaN", lambda s: post_npy(s, _nan_body()), 422, "NaN"),
+    ("inf in JSON", lambda s: requests.post(s.url + "/v1/score", data='{"images": [[[Infinity]]]}',
+                                            headers={"content-type": "application/json"}, timeout=30), 422, ""),
+    ("float out of range", lambda s: post_json(s, {"images": (np.ones((1, 28, 28)) * 1.5).tolist()}), 422, "[0,1]"),
+    ("int out of range", lambda s: post_json(s, {"images": (np.ones((1, 28, 28), int) * 300).tolist()}), 422, "0..255"),
+    ("empty batch", lambda s: post_json(s, {"images": []}), 422, "empty"),
+    ("too many images", lambda s: post_npy(s, np.zeros((513, 28, 28), np.uint8)), 413, "limit"),
+    ("body too large", lambda s: post_npy(s, np.zeros((700, 28, 28), np.float64)), 413, "limit"),
+    ("unknown member", lambda s: post_json(s, {"images": np.zeros((1, 28, 28)).tolist(), "members": ["mnst"]}),
+     404, "available"),
+    ("members not a list", lambda s: post_json(s, {"images": np.zeros((1, 28, 28)).tolist(), "members": "x"}),
+     422, "members"),
+    ("no images field", lambda s: post_json(s, {"pictures": []}), 422, "images"),
+    ("ragged images", lambda s: post_json(s, {"images": [[[0.0] * 28] * 28, [[0.0] * 27] * 28]}), 422, ""),
+    ("malformed JSON", lambda s: requests.post(s.url + "/v1/score", data=b"{images:", timeout=30,
+                                               headers={"content-type": "application/json"}), 400, "malformed"),
+    ("malformed npy", lambda s: requests.post(s.url + "/v1/score", data=b"\x93NUMPYxx", timeout=30,
+                                              headers={"content-type": "application/x-npy"}), 400, "npy"),
+    ("wrong content type", lambda s: requests.post(s.url + "/v1/score", data=b"1,2,3", timeout=30,
+                                                   headers={"content-type": "text/csv"}), 415, "content type"),
+    ("pickled npy", lambda s: post_npy(s, np.array([{"a": 1}], dtype=object)), 400, "npy"),
+]
+
+
+@pytest.mark.parametrize("name, send, status, needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_4xx_json_error(service, name, send, status, needle):
+    r = send(service)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert needle in body["error"] and "\n" not in body["error"]
+
+
+def test_service_still_healthy_after_bad_input(service):
+    assert post_npy(service, held_out()).status_code == 200
+
+
+def test_api_key(service):
+    service.redeploy(api_key="s3cret")
+    try:
+        x = held_out()[:3]
+        assert post_npy(service, x).status_code == 401
+        assert post_npy(service, x, headers={"x-api-key": "wrong"}).status_code == 401
+        assert post_npy(service, x, headers={"x-api-key": "s3cret"}).status_code == 200
+        assert requests.get(service.url + "/v1/members", timeout=30).status_code == 401
+    finally:
+        service.redeploy()
+    assert post_npy(service, held_out()[:3]).status_code == 200
+
+
+def _hammer(service, stop: threading.Event, codes: list):
+    x = held_out()[:8]
+    while not stop.is_set():
+        try:
+            codes.append(post_npy(service, x).status_code)
+        except requests.RequestException as e:
+            codes.append(type(e).__name__)
+
+
+def test_concurrent_requests_agree(service):
+    x = held_out()
+    expected = Fleet.load(service.fleet).score(x).delta
+    results = []
+
+    def client():
+        for _ in range(3):
+            results.append(post_npy(service, x))
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 36 and all(r.status_code == 200 for r in results)
+    for r in results:
+        for name, d in expected.items():
+            assert r.json()["delta"][name] == pytest.approx(d, rel=1e-5)
+
+
+def test_replica_kill_keeps_the_service_answering(service):
+    import ray
+    from ray import serve
+
+    app = read_manifest(service.fleet)["members"][0]
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if "SERVE_REPLICA" in a["name"] and "simex-m-digits" in a["name"]]
+    assert len(replicas) == 2, replicas
+    stop, codes = threading.Event(), []
+    t = threading.Thread(target=_hammer, args=(service, stop, codes))
+    t.start()
+    time.sleep(1)
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    time.sleep(8)
+    stop.set()
+    t.join()
+    assert codes and all(c == 200 for c in codes), codes
+    assert app["name"] == "digits" and serve.status().applications["simex"].status == "RUNNING"
+
+
+def test_member_update_redeploys_only_what_changed(service):
+    from ray import serve
+
+    from simex_ray.plan import plan_fleet, train_fleet_local
+    from simex_ray.training import TrainConfig
+
+    before = {a: s.last_deployed_time_s for a, s in serve.status().applications.items()}
+    stop, codes = threading.Event(), []
+    t = threading.Thread(target=_hammer, args=(service, stop, codes))
+    t.start()
+    try:
+        train_fleet_local(plan_fleet(["rotated:digits"], TrainConfig(epochs=1), samples=120), service.fleet)
+        added = service.redeploy()
+        assert len(added["added"]) == 1 and "rotated_digits" in added["added"][0]
+        assert len(added["kept"]) == 2
+        names = [m["name"] for m in requests.get(service.url + "/v1/members", timeout=30).json()["members"]]
+        assert names == ["digits", "bgrand:digits", "rotated:digits"]
+        assert set(post_npy(service, held_out()).json()["delta"]) == set(names)
+        after = serve.status().applications
+        for app in added["kept"]:
+            assert after[app].last_deployed_time_s == before[app]  # untouched
+
+        manifest = read_manifest(service.fleet)
+        kept = [Member.from_json(m) for m in manifest["members"] if m["name"] != "rotated:digits"]
+        write_manifest(service.fleet, kept)
+        removed = service.redeploy()
+        assert removed["removed"] == added["added"] and removed["added"] == []
+    finally:
+        stop.set()
+        t.join()
+    assert codes and all(c == 200 for c in codes), codes  # requests kept succeeding throughout
+    names = [m["name"] for m in requests.get(service.url + "/v1/members", timeout=30).json()["members"]]
+    assert names == ["digits", "bgrand:digits"]
+
+
+def test_query_client(service):
+    proc = subprocess.run([sys.executable, "-m", "simex_ray.cli", "query", "--url", service.url,
+                           "--data", "bgrand:digits", "--samples", "120", "--batch", "50", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    ds = data.balanced_sample(data.load("bgrand:digits"), 120, seed=0)
+    expected = Fleet.load(service.fleet).score(ds.x)
+    assert out["ranking"] == expected.ranking and out["n"] == 120
+    for name, d in expected.delta.items():
+        assert out["delta"][name] == pytest.approx(d, rel=1e-5)
+    bad = subprocess.run([sys.executable, "-m", "simex_ray.cli", "query", "--url", "http://127.0.0.1:9",
+                          "--data", "digits", "--samples", "10"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "cannot reach" in bad.stderr
