@@ -250,3 +250,17 @@ def test_query_client(service):
     bad = subprocess.run([sys.executable, "-m", "simex_ray.cli", "query", "--url", "http://127.0.0.1:9",
                           "--data", "digits", "--samples", "10"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "cannot reach" in bad.stderr
+
+
+def test_load_script_reports_side_by_side(service):
+    proc = subprocess.run([sys.executable, "serve/load.py", "--url", service.url, "--fleet", str(service.fleet),
+                           "--clients", "1,4", "--requests", "12", "--seconds", "10"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(l.startswith("in-process Fleet.score") for l in lines)
+    http = [l for l in lines if l.startswith("HTTP, ")]
+    assert len(http) == 2 and all(int(l.split()[3]) == 12 and int(l.split()[4]) == 0 for l in http)
+    refused = subprocess.run([sys.executable, "serve/load.py", "--url", "http://10.1.2.3:8000", "--fleet", "x"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "loopback" in refused.stderr
