@@ -118,9 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     _add_data_args(m)
 
+    from .experiments.cli import add_parsers as add_experiments
     from .serving.cli import add_parsers
 
     add_parsers(sub)
+    add_experiments(sub, None)
     return parser
 
 
@@ -235,7 +237,13 @@ def cmd_query(args) -> int:
     return run(args)
 
 
-COMMANDS = {"train": cmd_train, "score": cmd_score, "matrix": cmd_matrix, "serve": cmd_serve, "query": cmd_query}
+def cmd_experiment(args) -> int:
+    from .experiments.cli import cmd_experiment as run
+
+    return run(args)
+
+
+COMMANDS = {"experiment": cmd_experiment, "train": cmd_train, "score": cmd_score, "matrix": cmd_matrix, "serve": cmd_serve, "query": cmd_query}
 
 
 def main(argv: list[str] | None = None) -> int:

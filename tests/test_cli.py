@@ -94,3 +94,25 @@ def test_help_lists_every_verb():
     out = simex("--help").stdout
     for verb in ("train", "score", "matrix"):
         assert verb in out
+
+
+def test_experiment_inter_dataset_and_latency_verbs(tmp_path):
+    protocol = tmp_path / "tiny.json"
+    protocol.write_text(json.dumps({"ae_epochs": 1, "tl_configs": ["TL-1"], "clf_max_epochs": 2,
+                                    "clf_patience": 1, "n_pairs": 32, "embedding_samples": 60}))
+    refs = "digits,rotated:digits,bgrand:digits"
+    proc = simex("experiment", "inter-dataset", "--refs", refs, "--samples", "120", "--protocol", protocol,
+                 "--out", tmp_path / "i", "--no-ray")
+    summary = json.loads(proc.stdout)
+    assert summary["references"] == refs.split(",") and -1 <= summary["rho_mean"] <= 1
+    result = json.loads((tmp_path / "i" / "inter_dataset.json").read_text())
+    assert len(result["delta"]) == 3 and len(result["transfer_accuracy"][0]) == 3
+    assert set(result["baselines"]) == {"sample-mse", "sample-issim", "embeddings"}
+    proc = simex("experiment", "latency", "--refs", refs, "--unknown", "rotated:digits", "--samples", "120",
+                 "--repeats", "2", "--protocol", protocol, "--out", tmp_path / "l", "--no-ray")
+    summary = json.loads(proc.stdout)
+    assert summary["speedup"] > 0 and set(summary["transfer_seconds"]) == {"TL-1"}
+    assert (tmp_path / "l" / "latency.png").stat().st_size > 1000
+    bad = simex("experiment", "latency", "--refs", refs, "--unknown", "digits", "--protocol", "nope",
+                "--out", tmp_path / "x", "--no-ray", check=False)
+    assert_one_line_error(bad, "unknown protocol 'nope'")
