@@ -40,9 +40,14 @@ def heatmap(matrix, rows: Sequence[str], cols: Sequence[str], path, *, title: st
             j = int(np.nanargmin(m[i]))
             ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path) -> Path:
+    """Lay out, write and close ``fig``; creates the folder."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path

@@ -460,7 +460,7 @@ def _jsonable(obj):
 
 def rho_bars(result: dict[str, Any], path) -> Path:
     """Grouped bars of ρ per base (and the mean) for Δ and each baseline, vs accuracy and efficiency."""
-    from ..plots import _pyplot
+    from ..plots import _pyplot, save_figure
 
     plt = _pyplot()
     refs = result["references"]
@@ -480,12 +480,7 @@ def rho_bars(result: dict[str, Any], path) -> Path:
         ax.set_xlabel("base dataset Y (over unknown X ≠ Y)")
     axes[0].set_ylabel("ρ (+1 = smaller distance ↔ higher accuracy)")
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_inter_dataset(result: dict[str, Any], out_dir) -> dict[str, Path]:
