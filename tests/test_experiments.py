@@ -52,7 +52,8 @@ def test_spearman_sign_convention_on_a_hand_made_matrix():
 
 
 def test_protocol_validates_and_round_trips():
-    assert DEFAULT == PAPER and PAPER.ae_optimizer == "rmsprop" and PAPER.ae_lr == 2e-4 and PAPER.ae_epochs == 30
+    assert DEFAULT.seeds == (0, 1, 2) and DEFAULT.ae_lr == PAPER.ae_lr
+    assert PAPER.seeds == (0,) and PAPER.ae_optimizer == "rmsprop" and PAPER.ae_lr == 2e-4 and PAPER.ae_epochs == 30
     assert PAPER.fc_init == "reinit" and PAPER.tl_configs == ("TL-1", "TL-2", "TL-3", "TL-4", "TL-5")
     assert ProtocolConfig.from_dict(json.loads(json.dumps(TINY.to_dict()))) == TINY
     with pytest.raises(ValueError, match="known: TL-1"):

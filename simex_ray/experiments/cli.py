@@ -82,10 +82,15 @@ def cmd_experiment(args) -> int:
     else:
         from .latency import latency, write_latency
 
+        from .inter_dataset import PRESETS, TL_CONFIGS
+
+        # Fig. 5 times every TL config; a protocol file may narrow them.
+        tl = tuple(TL_CONFIGS) if args.protocol in PRESETS else protocol.tl_configs
+
         def run(map_fn):  # timed units run one at a time, in this process: same machine, no contention
             return latency(refs, args.unknown, repeats=args.repeats, samples=args.samples, epochs=args.epochs,
                            seed=args.seed, data_dir=args.data_dir, loss=args.loss, base=args.base,
-                           tl_configs=protocol.tl_configs, protocol=protocol, on_progress=show, fleet=fleet)
+                           tl_configs=tl, protocol=protocol, on_progress=show, fleet=fleet)
         write = write_latency
 
     if args.no_ray:

@@ -131,7 +131,11 @@ class ProtocolConfig:
 
 
 PAPER = ProtocolConfig()
-DEFAULT = PAPER  # the preset experiments will settle on; starts as the paper's
+# The paper's protocol with classifier noise averaged out: on the offline MNIST
+# suite (README, "What is measured so far") averaging three classifier seeds
+# was the only change that raised rho against transfer efficiency for every Δ
+# (MSE 0.24 -> 0.40, iSSIM 0.56 -> 0.76); TL-1 + TL-2 keep it to minutes on 2 cores.
+DEFAULT = dataclasses.replace(PAPER, seeds=(0, 1, 2), tl_configs=("TL-1", "TL-2"))
 PRESETS: dict[str, ProtocolConfig] = {"paper": PAPER, "default": DEFAULT}
 
 
