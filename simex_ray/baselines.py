@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from . import data
 from .losses import check_loss, per_sample_delta
-from .models import Act
+from .models import Act, lenet_features
 from .training import OPTIMIZERS as _AE_OPTIMIZERS
 from .training import as_tensor
 
@@ -86,10 +86,7 @@ class LeNet5(nn.Module):
     def __init__(self, n_classes: int = N_CLASSES):
         super().__init__()
         self.n_classes = n_classes
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 6, 5, padding=2), Act(), nn.MaxPool2d(2),  # (N, 6, 14, 14)
-            nn.Conv2d(6, 16, 5), Act(), nn.MaxPool2d(2),  # (N, 16, 5, 5)
-        )
+        self.features = lenet_features()
         self.head = nn.Sequential(
             nn.Flatten(), nn.Linear(16 * 5 * 5, 120), Act(),
             nn.Linear(120, 84), Act(), nn.Linear(84, n_classes),

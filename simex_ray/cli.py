@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 
@@ -119,28 +118,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(m)
 
     from .experiments.cli import add_parsers as add_experiments
-    from .serving.cli import add_parsers
+    from .distributed.serving.cli import add_parsers
 
     add_parsers(sub)
-    add_experiments(sub, None)
+    add_experiments(sub)
     return parser
 
 
-def _progress_printer(t0: float):
+def progress_printer(t0: float):
     def show(member: str, m: dict) -> None:
         print(f"[{time.perf_counter() - t0:6.1f}s] {member:<32} epoch {m['epoch']:>3}/{m['epochs']:<3} "
               f"train Δ {m['train_delta']:.5f}  test Δ {m['test_delta']:.5f}", file=sys.stderr, flush=True)
     return show
 
 
-def _train_config(args):
+def train_config(args):
     from .training import TrainConfig
 
     return TrainConfig(architecture=args.architecture, loss=args.loss, epochs=args.epochs,
                        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, seed=args.seed)
 
 
-def _resources(args):
+def resources_from(args):
     from .distributed.train import Resources
 
     return Resources(cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
@@ -153,10 +152,10 @@ def cmd_train(args) -> int:
 
     t0 = time.perf_counter()
     plans, writer = build_fleet(
-        split_specs(args.refs), args.out, _train_config(args), samples=args.samples,
+        split_specs(args.refs), args.out, train_config(args), samples=args.samples,
         per_class=args.per_class, seed=args.seed, data_dir=args.data_dir, address=args.address,
-        resources=_resources(args),
-        storage=args.storage, on_progress=_progress_printer(t0), use_ray=not args.no_ray,
+        resources=resources_from(args),
+        storage=args.storage, on_progress=progress_printer(t0), use_ray=not args.no_ray,
         log_to_driver=args.debug)
     print(f"fleet {args.out}: {len(writer.members)} member(s) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     for name in (p.name for p in plans):
@@ -226,13 +225,13 @@ def cmd_matrix(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serving.cli import cmd_serve as run
+    from .distributed.serving.cli import cmd_serve as run
 
     return run(args)
 
 
 def cmd_query(args) -> int:
-    from .serving.cli import cmd_query as run
+    from .distributed.serving.cli import cmd_query as run
 
     return run(args)
 

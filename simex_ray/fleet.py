@@ -13,6 +13,7 @@ weight file's sha256 and uses ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -106,8 +107,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def save_weights(fleet_dir: Path, member: Member, state_dict: dict[str, torch.Tensor]) -> Member:
     """Write one member's weights atomically; fills ``member.weights`` and ``sha256``."""
-    import io
-
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
     rel = f"weights/{slug(member.name)}.pt"

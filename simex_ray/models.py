@@ -47,6 +47,14 @@ def create_autoencoder(name: str = "lenet", **kwargs) -> nn.Module:
     return cls(**kwargs)
 
 
+def lenet_features() -> nn.Sequential:
+    """LeNet-5's convolutions: (N, 1, 28, 28) -> (N, 16, 5, 5); shared with the baseline classifier."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2), Act(), nn.MaxPool2d(2),  # (N, 6, 14, 14)
+        nn.Conv2d(6, 16, 5), Act(), nn.MaxPool2d(2),  # (N, 16, 5, 5)
+    )
+
+
 @register_autoencoder("lenet")
 class LeNetAutoencoder(nn.Module):
     """Symmetric autoencoder whose encoder is LeNet-5 (the paper's choice).
@@ -61,10 +69,7 @@ class LeNetAutoencoder(nn.Module):
     def __init__(self, code_size: int = 84):
         super().__init__()
         self.code_size = code_size
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 6, 5, padding=2), Act(), nn.MaxPool2d(2),  # (N, 6, 14, 14)
-            nn.Conv2d(6, 16, 5), Act(), nn.MaxPool2d(2),  # (N, 16, 5, 5)
-        )
+        self.features = lenet_features()
         self.bottleneck = nn.Sequential(
             nn.Flatten(), nn.Linear(16 * 5 * 5, 120), Act(), nn.Linear(120, code_size)
         )

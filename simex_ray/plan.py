@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from . import data
-from .fleet import Member, mean_l2_norm
+from .fleet import FleetError, Member, mean_l2_norm, read_manifest, save_weights, sha256_file, write_manifest
 from .training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -98,11 +100,6 @@ class FleetWriter:
     """
 
     def __init__(self, out, extra: dict | None = None, order: list[str] | None = None):
-        import threading
-        from pathlib import Path
-
-        from .fleet import FleetError, read_manifest
-
         self.out = Path(out)
         self.extra = extra or {}
         self.order = list(order or [])
@@ -118,26 +115,25 @@ class FleetWriter:
         self.order = list(self.members) + [n for n in self.order if n not in self.members]
 
     def pending(self, plans: list[MemberPlan]) -> list[MemberPlan]:
-        from .fleet import sha256_file
-
+        """The plans still to train: not in the manifest, changed, or with bad weights."""
         todo = []
         for plan in plans:
             old = self.members.get(plan.name)
-            weights_ok = (old is not None and (self.out / old.weights).is_file()
-                          and sha256_file(self.out / old.weights) == old.sha256) if old and old.weights else False
-            if is_trained(old, plan) and weights_ok:
+            if is_trained(old, plan) and self._weights_intact(old):
                 log.info("%s: already trained, skipping", plan.name)
             else:
                 todo.append(plan)
         return todo
+
+    def _weights_intact(self, member: Member) -> bool:
+        path = self.out / member.weights
+        return bool(member.weights) and path.is_file() and sha256_file(path) == member.sha256
 
     def has(self, plan: MemberPlan) -> bool:
         """True once this run wrote ``plan``'s member (same data and config)."""
         return is_trained(self.members.get(plan.name), plan)
 
     def add(self, plan: MemberPlan, state_dict, history: list[dict]) -> Member:
-        from .fleet import save_weights, write_manifest
-
         member = plan.member
         last = history[-1] if history else {}
         member.metrics.update({k: float(last[k]) for k in ("train_delta", "test_delta", "elapsed_s") if k in last})

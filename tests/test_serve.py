@@ -25,7 +25,7 @@ pytestmark = pytest.mark.ray
 def service(ray_cluster, tiny_fleet, tmp_path_factory):
     from ray import serve
 
-    from simex_ray.serving.deploy import ServeSettings, deploy, undeploy
+    from simex_ray.distributed.serving.deploy import ServeSettings, deploy, undeploy
     from tests.conftest import free_port
 
     fleet = shutil.copytree(tiny_fleet, tmp_path_factory.mktemp("served") / "fleet")

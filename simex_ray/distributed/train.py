@@ -226,6 +226,11 @@ def train_fleet(plans: list[MemberPlan], out, *, resources: Resources = Resource
     seen: dict[str, int] = {}
     errors: dict[str, BaseException] = {}
 
+    def record(name: str, state: dict) -> None:
+        if name in by_name and not writer.has(by_name[name]):
+            writer.add(by_name[name], state["model"], state["history"])
+            log.info("%s: done, weights written", name)
+
     def drain() -> None:
         latest, finished = ray.get(board.drain.remote())
         if on_progress is not None:
@@ -234,9 +239,7 @@ def train_fleet(plans: list[MemberPlan], out, *, resources: Resources = Resource
                     seen[name] = metrics["epoch"]
                     on_progress(name, metrics)
         for name, state in finished:
-            if name in by_name and not writer.has(by_name[name]):
-                writer.add(by_name[name], state["model"], state["history"])
-                log.info("%s: done, weights written", name)
+            record(name, state)
 
     with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="simex-fit") as pool:
         futures = {pool.submit(_fit_run, i, key, g, storage_path or storage_uri, resources, board, fault): g
@@ -249,8 +252,7 @@ def train_fleet(plans: list[MemberPlan], out, *, resources: Resources = Resource
                 pending.discard(f)
                 try:
                     for name, state in f.result().items():
-                        if name in by_name and not writer.has(by_name[name]):
-                            writer.add(by_name[name], state["model"], state["history"])
+                        record(name, state)
                 except BaseException as e:  # keep the other runs going; report at the end
                     for p in futures[f]:
                         if not writer.has(p):

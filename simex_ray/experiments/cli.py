@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 
-def add_parsers(sub, add_train_cluster_args) -> None:
+def add_parsers(sub) -> None:
     e = sub.add_parser("experiment", help="paper protocols (inter-dataset similarity, latency)")
     verbs = e.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     verbs.required = True

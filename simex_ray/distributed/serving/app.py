@@ -21,10 +21,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
 
-from .. import __version__
-from ..api import JSON, NPY, ApiError, Limits, check_api_key, check_body_size, parse_score_request, \
+from ... import __version__
+from ...api import JSON, NPY, ApiError, Limits, check_api_key, check_body_size, parse_score_request, \
     score_response, select_members
-from ..fleet import Fleet, FleetError, read_manifest
+from ...fleet import Fleet, FleetError, read_manifest
 
 log = logging.getLogger(__name__)
 

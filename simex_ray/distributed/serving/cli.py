@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -69,7 +68,7 @@ def add_parsers(sub) -> None:
 
 
 def settings_from(args):
-    from ..api import Limits
+    from ...api import Limits
     from .deploy import ServeSettings
 
     autoscaling = None
@@ -89,7 +88,7 @@ def settings_from(args):
 
 
 def _pidfile(port: int) -> Path:
-    from ..data import data_dir
+    from ...data import data_dir
 
     return data_dir() / f"serve-{port}.pid"
 
@@ -109,8 +108,8 @@ def cmd_serve(args) -> int:
         return 0
     if args.serve_command == "stop":
         return _stop(args)
-    from ..distributed.runtime import ray_session
-    from ..fleet import Fleet
+    from ..runtime import ray_session
+    from ...fleet import Fleet
 
     settings = settings_from(args)
     Fleet.load(args.fleet)  # fail fast, before Ray starts, on a bad fleet
@@ -130,7 +129,7 @@ def cmd_serve(args) -> int:
 def _start(args, settings) -> int:
     from ray import serve
 
-    from ..distributed.runtime import ray_session
+    from ..runtime import ray_session
     from .deploy import deploy, undeploy
 
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
@@ -174,9 +173,7 @@ def _start(args, settings) -> int:
 
 def _stop(args) -> int:
     if args.address:
-        from ray import serve
-
-        from ..distributed.runtime import ray_session
+        from ..runtime import ray_session
         from .deploy import undeploy
 
         with ray_session(args.address):
@@ -206,7 +203,7 @@ def cmd_query(args) -> int:
     import numpy as np
     import requests
 
-    from .. import data
+    from ... import data
 
     ds = data.load(args.data, seed=args.seed, data_dir=args.data_dir)
     if args.samples:

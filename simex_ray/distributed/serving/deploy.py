@@ -9,8 +9,8 @@ from typing import Any
 
 from ray import serve
 
-from ..api import Limits, key_digest
-from ..fleet import Fleet, read_manifest, slug
+from ...api import Limits, key_digest
+from ...fleet import Fleet, read_manifest, slug
 from .app import INGRESS_APP, ingress_app, member_app
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,9 @@ def serve_config(fleet_dir, settings: ServeSettings = ServeSettings(), host="127
     """A Serve config (for `serve run` / `serve deploy`) equivalent to :func:`deploy`."""
     fleet = Path(fleet_dir).resolve()
     members = read_manifest(fleet)["members"]
-    apps = [{"name": INGRESS_APP, "route_prefix": "/", "import_path": "simex_ray.serving.app:ingress_app",
+    apps = [{"name": INGRESS_APP, "route_prefix": "/", "import_path": "simex_ray.distributed.serving.app:ingress_app",
              "args": _ingress_args(fleet, members, settings)}]
     apps += [{"name": member_app_name(m["name"], m["sha256"]), "route_prefix": None,
-              "import_path": "simex_ray.serving.app:member_app", "args": _member_args(fleet, m, settings)}
+              "import_path": "simex_ray.distributed.serving.app:member_app", "args": _member_args(fleet, m, settings)}
              for m in members]
     return {"proxy_location": "HeadOnly", "http_options": {"host": host, "port": port}, "applications": apps}
