@@ -44,6 +44,7 @@ __all__ = [
     "embedding_distance",
     "evaluate_classifier",
     "first_classes",
+    "first_labels",
     "make_classifier_optimizer",
     "normalize_by_base",
     "sample_distance",
@@ -116,13 +117,31 @@ def _n_classes_of(state: dict[str, torch.Tensor]) -> int:
 # --------------------------------------------------------------------------- data
 
 
-def first_classes(ds: data.Dataset, k: int = N_CLASSES) -> data.Dataset:
-    """Keep samples with label < ``k`` (the paper uses EMNIST letters a..j this way)."""
+def first_classes(ds: data.Dataset, k: int = N_CLASSES, classes=None) -> data.Dataset:
+    """Keep the ``k`` smallest labels and relabel them 0..k-1 (the paper: EMNIST letters a..j).
+
+    Labels need not start at 0 (EMNIST letters files often use 1..26).
+    ``classes``: the label values to keep, in order (pass the train split's
+    ``first_labels`` so that test and validation splits map the same way).
+    """
     if ds.y is None:
         raise data.SpecError(f"{ds.spec}: has no labels; transfer learning needs a labelled dataset")
-    if int(ds.y.max(initial=-1)) < k:
+    keep = np.asarray(first_labels(ds, k) if classes is None else classes)
+    if np.array_equal(keep, np.arange(len(keep))) and int(ds.y.max(initial=-1)) < len(keep):
         return ds
-    return ds.subset(np.nonzero(ds.y < k)[0])
+    mask = np.isin(ds.y, keep)
+    out = ds.subset(np.nonzero(mask)[0])
+    names = None
+    if ds.classes:
+        names = tuple(ds.classes[i] if 0 <= i < len(ds.classes) else str(i) for i in keep.tolist())
+    return data.Dataset(out.x, np.searchsorted(keep, out.y).astype(np.int64), out.spec, names)
+
+
+def first_labels(ds: data.Dataset, k: int = N_CLASSES) -> np.ndarray:
+    """The ``k`` smallest distinct label values of ``ds`` (sorted)."""
+    if ds.y is None:
+        raise data.SpecError(f"{ds.spec}: has no labels; transfer learning needs a labelled dataset")
+    return np.unique(ds.y)[:k]
 
 
 # --------------------------------------------------------------------------- training

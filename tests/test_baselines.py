@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from simex_ray import data
-from simex_ray.baselines import (TL_CONFIGS, LeNet5, embedding_distance, first_classes, normalize_by_base,
+from simex_ray.baselines import (TL_CONFIGS, LeNet5, embedding_distance, first_classes, first_labels, normalize_by_base,
                                  sample_distance, tl_config, train_base, train_classifier, transfer,
                                  transfer_efficiency)
 from simex_ray.fleet import Fleet
@@ -36,12 +36,44 @@ def test_lenet5_shapes_and_stages():
     assert [f.out_features for f in model.fc_layers] == [120, 84, 10]
 
 
-def test_first_classes_keeps_labels_below_k():
-    ds = data.Dataset(np.zeros((6, 1, 28, 28), np.float32), np.array([0, 11, 3, 10, 9, 25]), "t")
-    assert first_classes(ds).y.tolist() == [0, 3, 9]
-    assert first_classes(ds, 4).y.tolist() == [0, 3]
+def test_first_classes_keeps_the_k_smallest_labels_and_relabels_them():
+    y = np.array([0, 11, 3, 10, 9, 25, 1, 2, 4, 5, 6, 7, 8])
+    ds = data.Dataset(np.arange(len(y), dtype=np.float32)[:, None, None, None] * np.ones((1, 1, 28, 28), np.float32),
+                      y, "t")
+    out = first_classes(ds)
+    assert sorted(out.y.tolist()) == list(range(10)) and 11 not in out.y and len(out) == 10
+    assert first_classes(ds, 4).y.tolist() == [0, 3, 1, 2]
     with pytest.raises(data.SpecError, match="labels"):
         first_classes(data.Dataset(ds.x, None, "t"))
+
+
+def test_first_classes_of_one_based_letters_are_a_to_j():
+    # EMNIST letters files often label a..z as 1..26: the first ten are a..j, relabelled 0..9.
+    y = np.repeat(np.arange(1, 27), 2)
+    ds = data.Dataset(np.zeros((len(y), 1, 28, 28), np.float32), y, "letters")
+    out = first_classes(ds)
+    assert sorted(set(out.y.tolist())) == list(range(10)) and len(out) == 20
+    # a split missing a class still maps like the train split when given its labels
+    part = ds.subset(np.nonzero(y != 1)[0])
+    mapped = first_classes(part, 10, first_labels(ds))
+    assert sorted(set(mapped.y.tolist())) == list(range(1, 10))
+
+
+def test_prepare_tops_up_the_test_split_from_unsampled_rows(tmp_path):
+    y = np.repeat(np.arange(10), 50)
+    x = (np.arange(len(y), dtype=np.float32) / len(y))[:, None, None, None] * np.ones((1, 1, 28, 28), np.float32)
+    train, _ = data.train_test_split(data.balanced_sample(data.Dataset(x, y, "t"), 120, seed=3), 1 / 6, seed=3)
+    f = tmp_path / "t.npz"
+    np.savez(f, x=x[:, 0], y=y)
+    tr, te = data.prepare(f"npz:{f}", samples=120, seed=3)
+    tr2, te2 = data.prepare(f"npz:{f}", samples=120, seed=3, test_samples=300)
+    _, te_all = data.prepare(f"npz:{f}", samples=120, seed=3, test_samples=10_000)
+    assert np.array_equal(tr.x, tr2.x) and np.array_equal(tr.x, train.x)  # training split unchanged
+    assert len(te) == 20 and len(te2) == 300 and np.array_equal(te2.x[:20], te.x)
+    assert np.bincount(te2.y).min() >= 29  # class-balanced top-up
+    ids = lambda d: set(np.round(d.x[:, 0, 0, 0] * len(y)).astype(int).tolist())
+    assert not ids(tr2) & ids(te2) and len(ids(te2)) == 300  # disjoint, no repeats
+    assert len(te_all) == 500 - 100  # everything outside the training split
 
 
 def test_tl_configs_are_the_papers_five():

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,3 +103,46 @@ def test_main_job_runs_on_the_session_ray(ray_cluster, tmp_path):
     _, test = data.prepare("digits", samples=240, seed=0)
     assert fleet.score(test.x).delta["digits"] == pytest.approx(result["delta"][0][0])
     assert isinstance(torch.__version__, str)
+
+
+def test_base_classifiers_on_ray_train_survive_a_crash_and_match_local(ray_cluster, tmp_path):
+    """train_map: units packed into Train runs, one worker killed after a checkpoint, same results."""
+    from simex_ray.baselines import train_base
+    from simex_ray.distributed.map import train_map
+    from simex_ray.distributed.train import Resources
+    from simex_ray.experiments.inter_dataset import PAPER, load_splits
+
+    units = [dict(**load_splits(spec, samples=150, seed=0, data_dir=None, protocol=PAPER).clf_kwargs(),
+                  max_epochs=2, patience=1, seed=seed)
+             for spec in ("digits", "rotated:digits") for seed in (0, 1)]
+    marker, seen = tmp_path / "crashed-once", []
+    map_fn = train_map(Resources(cpus_per_worker=0.5, runs=2, max_failures=2),
+                       on_unit=lambda stage, done, total: seen.append((stage, done, total)),
+                       fault={"unit": 0, "marker": str(marker)})
+    results = map_fn(train_base, units)
+    assert marker.exists()  # a worker really died once
+    assert seen[-1] == ("train_base", 4, 4)
+    for ours, kw in zip(results, units):
+        local = train_base(**kw)
+        assert ours["test_accuracy"] == pytest.approx(local["test_accuracy"])
+        assert ours["val_loss"] == pytest.approx(local["val_loss"], rel=1e-4)
+        assert set(ours["state"]) == set(local["state"])
+
+
+def test_inter_dataset_job_on_the_cluster(ray_cluster, tmp_path):
+    """The experiment's Ray path end to end: autoencoders and base classifiers on Ray Train, transfers as tasks."""
+    protocol = tmp_path / "tiny.json"
+    protocol.write_text(json.dumps({"ae_epochs": 1, "tl_configs": ["TL-1"], "clf_max_epochs": 2, "clf_patience": 1,
+                                    "n_pairs": 32, "embedding_samples": 60, "test_samples": 60}))
+    refs = "digits,rotated:digits,bgrand:digits"
+    proc = run(ROOT / "jobs" / "inter_dataset.py", "--address", ray_cluster.address, "--refs", refs,
+               "--samples", "120", "--protocol", protocol, "--cpus-per-task", "0.5", "--out", tmp_path / "out")
+    summary = json.loads(proc.stdout)
+    assert summary["references"] == refs.split(",") and -1 <= summary["rho_mean"] <= 1
+    assert "train_base" in proc.stderr and "transfer" in proc.stderr  # progress of both stages
+    result = json.loads((tmp_path / "out" / "inter_dataset.json").read_text())
+    assert result["sizes"]["digits"]["ae_test"] == 60 and result["sizes"]["digits"]["ae_train"] == 100
+    assert np.asarray(result["transfer_accuracy"]).shape == (3, 3)
+    assert (tmp_path / "out" / "fleet" / "manifest.json").is_file()
+    for png in ("delta.png", "transfer_accuracy.png", "transfer_efficiency.png", "rho.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 1000

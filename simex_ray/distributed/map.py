@@ -1,37 +1,60 @@
-"""Run independent experiment units (base classifiers, transfers) as Ray tasks."""
+"""Run independent experiment units on Ray: as tasks, or packed into Ray Train runs.
+
+* :func:`ray_map` - one Ray task per unit (transfers: many small, short units);
+* :func:`train_map` - units dealt among concurrent one-worker ``TorchTrainer``
+  runs that checkpoint after every unit, so a crashed worker resumes where it
+  stopped (base classifiers: the models later units depend on).
+
+Both return a ``map_fn(fn, kwargs_list) -> results`` (in order), the hook the
+Ray-free experiment code (``simex_ray.experiments``) takes.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import ray
+import torch
 
 log = logging.getLogger(__name__)
 
+OnUnit = Callable[[str, int, int], None]
+RESULTS = "results.pt"  # a Train run's checkpoint: {unit index: result} of its finished units
+
+
+def _object_store(kwargs_list: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same kwargs with every large array put in the object store once (shared across units)."""
+    stored: dict[int, ray.ObjectRef] = {}
+
+    def put(value):
+        if isinstance(value, np.ndarray) and value.nbytes > 4096:
+            if id(value) not in stored:
+                stored[id(value)] = ray.put(value)
+            return stored[id(value)]
+        return value
+
+    return [{k: put(v) for k, v in kw.items()} for kw in kwargs_list]
+
 
 def ray_map(cpus_per_task: float = 1.0, gpus_per_task: float = 0.0, max_retries: int = 2,
-            on_unit: Callable[[str, int, int], None] | None = None, stage: str = "units"):
-    """A ``map_fn(fn, kwargs_list) -> results`` (in order) backed by Ray tasks.
+            on_unit: OnUnit | None = None):
+    """A ``map_fn`` backed by Ray tasks; a task whose worker dies is retried.
 
-    Arrays that recur across units (the same dataset split in many transfers)
-    are put in the object store once. A task whose worker dies is retried.
-    ``on_unit(stage, done, total)`` reports progress as tasks finish.
+    ``on_unit(stage, done, total)`` reports progress as tasks finish (stage =
+    the function's name).
     """
 
     def map_fn(fn: Callable[..., Any], kwargs_list: list[dict[str, Any]]) -> list[Any]:
         remote = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=max_retries)(fn)
-        stored: dict[int, ray.ObjectRef] = {}
-
-        def put(value):
-            if isinstance(value, np.ndarray) and value.nbytes > 4096:
-                if id(value) not in stored:
-                    stored[id(value)] = ray.put(value)
-                return stored[id(value)]
-            return value
-
-        refs = [remote.remote(**{k: put(v) for k, v in kw.items()}) for kw in kwargs_list]
+        refs = [remote.remote(**kw) for kw in _object_store(kwargs_list)]
         index = {r: i for i, r in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
         pending = list(refs)
@@ -42,5 +65,131 @@ def ray_map(cpus_per_task: float = 1.0, gpus_per_task: float = 0.0, max_retries:
             if on_unit is not None:
                 on_unit(fn.__name__, len(refs) - len(pending), len(refs))
         return results
+
+    return map_fn
+
+
+# --------------------------------------------------------------------------- Ray Train
+
+
+def _save_results(done: dict[int, Any], metrics: dict) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(done, Path(d) / RESULTS)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _load_results(checkpoint) -> dict[int, Any]:
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / RESULTS, map_location="cpu", weights_only=True)
+
+
+def _units_loop(cfg: dict) -> None:
+    """Ray Train worker: run this run's units in turn, checkpointing the results after each.
+
+    A restarted worker restores the finished units from the latest checkpoint
+    and continues with the next one.
+    """
+    import ray.train
+
+    torch.set_num_threads(max(1, int(cfg["threads"])))
+    fn, board, fault = cfg["fn"], cfg["board"], cfg.get("fault")
+    done: dict[int, Any] = {}
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        done = _load_results(checkpoint)
+    for index, kw in cfg["units"]:
+        if index in done:
+            continue
+        kw = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in kw.items()}
+        done[index] = fn(**kw)
+        _save_results(done, {"unit": index, "units_done": len(done)})
+        board.update.remote(cfg["run"], {"epoch": len(done)})
+        # Fault injection for tests: hard-kill the worker once, after a checkpoint.
+        if fault and fault["unit"] == index and not os.path.exists(fault["marker"]):
+            Path(fault["marker"]).touch()
+            os._exit(1)
+    if not done:  # nothing ran (empty share): still leave a checkpoint to read
+        _save_results(done, {"units_done": 0})
+
+
+def train_map(resources=None, *, storage: str | None = None, on_unit: OnUnit | None = None,
+              fault: dict | None = None, poll_s: float = 0.5):
+    """A ``map_fn`` backed by Ray Train: units dealt among concurrent one-worker TorchTrainer runs.
+
+    ``resources`` (:class:`simex_ray.distributed.train.Resources`) sets the
+    CPUs per worker, how many runs go at once (default: what the cluster's
+    CPUs allow) and how often a crashed worker is restarted. Every run
+    checkpoints after each unit, into ``storage`` (default: a temporary
+    directory removed afterwards), so a restarted worker repeats at most the
+    unit it was in. ``fault={"unit": i, "marker": path}`` kills the worker
+    once right after unit i's checkpoint (tests).
+    """
+    from .train import ProgressBoard, Resources, TrainingError, _first_line, shard
+
+    res = resources or Resources()
+
+    def map_fn(fn: Callable[..., Any], kwargs_list: list[dict[str, Any]]) -> list[Any]:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        total = len(kwargs_list)
+        if total == 0:
+            return []
+        units = list(enumerate(_object_store(kwargs_list)))
+        groups = shard(units, res.concurrent_runs(total))
+        tag = f"{fn.__name__}-{uuid.uuid4().hex[:8]}"
+        board = ProgressBoard.remote()
+        worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}
+        own_storage = None if storage else tempfile.mkdtemp(prefix="simex-units-")
+        root = storage or own_storage
+
+        def fit(i: int, group: list) -> dict[int, Any]:
+            trainer = TorchTrainer(
+                _units_loop,
+                train_loop_config={"fn": fn, "units": group, "board": board, "run": f"run{i}", "fault": fault,
+                                   "threads": max(1, round(res.cpus_per_worker))},
+                scaling_config=ScalingConfig(num_workers=1, use_gpu=res.gpus_per_worker > 0,
+                                             resources_per_worker=worker),
+                run_config=RunConfig(name=f"{tag}-run{i}", storage_path=str(root),
+                                     failure_config=FailureConfig(max_failures=res.max_failures),
+                                     checkpoint_config=CheckpointConfig(num_to_keep=1)))
+            result = trainer.fit()
+            if result.checkpoint is None:
+                raise RuntimeError(f"Train run {i} of {fn.__name__} finished without a checkpoint")
+            return _load_results(result.checkpoint)
+
+        results: dict[int, Any] = {}
+        last = -1
+        try:
+            with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="simex-units") as pool:
+                futures = [pool.submit(fit, i, g) for i, g in enumerate(groups)]
+                while True:
+                    finished = all(f.done() for f in futures)
+                    latest, _ = ray.get(board.drain.remote())
+                    n = sum(m["epoch"] for m in latest.values())
+                    if on_unit is not None and n != last:
+                        last = n
+                        on_unit(fn.__name__, n, total)
+                    if finished:
+                        break
+                    time.sleep(poll_s)
+                errors = []
+                for f in futures:
+                    try:
+                        results.update(f.result())
+                    except BaseException as e:  # the other runs' results are still collected
+                        errors.append(e)
+        finally:
+            ray.kill(board)
+            if own_storage:
+                import shutil
+
+                shutil.rmtree(own_storage, ignore_errors=True)
+        if errors or len(results) != total:
+            missing = total - len(results)
+            raise TrainingError(f"{missing} of {total} {fn.__name__} unit(s) failed on Ray Train"
+                                + (f": {_first_line(errors[0])}" if errors else ""))
+        return [results[i] for i in range(total)]
 
     return map_fn

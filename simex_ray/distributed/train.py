@@ -187,8 +187,8 @@ def _fit_run(index: int, key: str, plans: list[MemberPlan], storage: Path, res: 
 ProgressFn = Callable[[str, dict], None]
 
 
-def shard(plans: list[MemberPlan], runs: int) -> list[list[MemberPlan]]:
-    """Deal members round-robin into ``runs`` groups (stable for the same plan list)."""
+def shard(plans: list, runs: int) -> list[list]:
+    """Deal members (or any units) round-robin into ``runs`` groups (stable for the same list)."""
     return [g for g in (plans[i::runs] for i in range(runs)) if g]
 
 

@@ -74,10 +74,10 @@ def cmd_experiment(args) -> int:
     if args.experiment == "inter-dataset":
         from .inter_dataset import inter_dataset, write_inter_dataset
 
-        def run(map_fn):
+        def run(map_fn, base_map_fn=None):
             return inter_dataset(refs, loss=args.loss, samples=args.samples, epochs=args.epochs, seed=args.seed,
-                                 data_dir=args.data_dir, protocol=protocol, map_fn=map_fn, on_progress=show,
-                                 fleet=fleet)
+                                 data_dir=args.data_dir, protocol=protocol, map_fn=map_fn,
+                                 base_map_fn=base_map_fn, on_progress=show, fleet=fleet)
         write = write_inter_dataset
     else:
         from .latency import latency, write_latency
@@ -87,7 +87,7 @@ def cmd_experiment(args) -> int:
         # Fig. 5 times every TL config; a protocol file may narrow them.
         tl = tuple(TL_CONFIGS) if args.protocol in PRESETS else protocol.tl_configs
 
-        def run(map_fn):  # timed units run one at a time, in this process: same machine, no contention
+        def run(map_fn, base_map_fn=None):  # timed units run one at a time, in this process: same machine, no contention
             return latency(refs, args.unknown, repeats=args.repeats, samples=args.samples, epochs=args.epochs,
                            seed=args.seed, data_dir=args.data_dir, loss=args.loss, base=args.base,
                            tl_configs=tl, protocol=protocol, on_progress=show, fleet=fleet)
@@ -96,7 +96,7 @@ def cmd_experiment(args) -> int:
     if args.no_ray:
         result = run(None)
     else:
-        from ..distributed.map import ray_map
+        from ..distributed.map import ray_map, train_map
         from ..distributed.train import Resources, build_fleet
 
         with ray_session(args.address):
@@ -106,7 +106,9 @@ def cmd_experiment(args) -> int:
                             samples=args.samples, seed=args.seed, data_dir=args.data_dir,
                             resources=Resources(cpus_per_worker=args.cpus_per_task),
                             on_progress=lambda n, m: show(f"AE {n}"[:18], m["epoch"], m["epochs"]))
-            result = run(ray_map(args.cpus_per_task, on_unit=show))
+            # Base classifiers on Ray Train (checkpointed per classifier), transfers as Ray tasks.
+            result = run(ray_map(args.cpus_per_task, on_unit=show),
+                         train_map(Resources(cpus_per_worker=args.cpus_per_task), on_unit=show))
     paths = write(result, out)
     print(json.dumps(_summary(result)))
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)

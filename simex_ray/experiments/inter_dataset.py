@@ -35,8 +35,8 @@ from scipy.stats import rankdata
 
 from .. import data
 from ..baselines import (FC_INITS, FC_LAYERS, N_CLASSES, TL_CONFIGS, embedding_distance, first_classes,
-                         normalize_by_base, sample_distance, tl_config, train_base, transfer,
-                         transfer_efficiency)
+                         first_labels, normalize_by_base, sample_distance, tl_config, train_base,
+                         transfer, transfer_efficiency)
 from ..fleet import Fleet
 from ..losses import check_loss
 from ..training import TrainConfig
@@ -83,6 +83,9 @@ class ProtocolConfig:
     clf_batch_size: int = 32
     val_fraction: float = 0.2
     n_classes: int = N_CLASSES
+    # evaluation: every unknown's test split (Δ, baselines, classifier accuracy)
+    # topped up to this many held-out images; None = the 5:1 split's sixth
+    test_samples: int | None = None
     # scoring and baselines
     delta_normalization: str = "none"
     n_pairs: int = 512
@@ -108,6 +111,8 @@ class ProtocolConfig:
             raise ValueError(f"unknown baseline(s) {', '.join(unknown)}; known: {', '.join(BASELINES)}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.test_samples is not None and self.test_samples < 1:
+            raise ValueError(f"test_samples must be >= 1 or None, got {self.test_samples}")
         for k in ("ae_epochs", "clf_max_epochs", "clf_patience", "clf_batch_size", "ae_batch_size",
                   "n_pairs", "embedding_samples"):
             if getattr(self, k) < 1:
@@ -183,13 +188,16 @@ class Splits:
 
 def load_splits(spec: str, *, samples: int | None, seed: int, data_dir, protocol: ProtocolConfig,
                 classifier: bool = True) -> Splits:
-    """``data.prepare`` (the same 5:1 split the fleet uses); classifiers get the first
-    ``n_classes`` classes and a stratified validation split carved from train."""
-    train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir)
+    """``data.prepare`` (the same 5:1 split the fleet uses, its test part topped up to
+    ``protocol.test_samples``); classifiers get the first ``n_classes`` classes and a
+    stratified validation split carved from train."""
+    train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir,
+                               test_samples=protocol.test_samples)
     out = Splits(train.spec, train.x, test.x)
     if classifier:
-        ctrain = first_classes(train, protocol.n_classes)
-        ctest = first_classes(test, protocol.n_classes)
+        labels = first_labels(train, protocol.n_classes)
+        ctrain = first_classes(train, protocol.n_classes, labels)
+        ctest = first_classes(test, protocol.n_classes, labels)
         fit, val = data.train_test_split(ctrain, protocol.val_fraction, seed=seed)
         out.clf = {"train": (fit.x, fit.y), "val": (val.x, val.y), "test": (ctest.x, ctest.y)}
     return out
@@ -316,13 +324,16 @@ def agreement(score, accuracy, efficiency, references: Sequence[str]) -> dict[st
 def inter_dataset(refs: list[str], *, loss: str = "mse", samples: int | None = None,
                   epochs: int | None = None, seed: int = 0, data_dir=None,
                   protocol: ProtocolConfig = DEFAULT, map_fn: MapFn | None = None,
-                  on_progress: Progress | None = None, fleet=None) -> dict[str, Any]:
+                  base_map_fn: MapFn | None = None, on_progress: Progress | None = None,
+                  fleet=None) -> dict[str, Any]:
     """Run paper protocol I on ``refs``; see the module docstring.
 
     ``samples``: class-balanced samples per dataset before the 5:1 split (None:
     all). ``epochs``: autoencoder epochs (None: ``protocol.ae_epochs``).
     ``fleet``: a trained :class:`Fleet` or fleet directory to use instead of
     training one (its members must be named like the canonical refs).
+    ``map_fn`` runs the transfer units, ``base_map_fn`` the base classifiers
+    (default: ``map_fn``); the CLI gives them Ray tasks and Ray Train runs.
     All matrices: rows = unknown X, columns = reference / base Y, both in
     ``references`` order.
     """
@@ -384,7 +395,8 @@ def inter_dataset(refs: list[str], *, loss: str = "mse", samples: int | None = N
                     max_epochs=protocol.clf_max_epochs, patience=protocol.clf_patience,
                     batch_size=protocol.clf_batch_size, seed=s, n_classes=protocol.n_classes)
                for s in clf_seeds for y in refs]
-    bases = run_units(train_base, base_kw, stage="base-classifiers", map_fn=map_fn, on_progress=on_progress)
+    bases = run_units(train_base, base_kw, stage="base-classifiers",
+                      map_fn=base_map_fn or map_fn, on_progress=on_progress)
     base_at = {(s, y): bases[k * n + j] for k, s in enumerate(clf_seeds) for j, y in enumerate(refs)}
     timings["base_classifiers_s"] = time.perf_counter() - t0
 
@@ -404,10 +416,12 @@ def inter_dataset(refs: list[str], *, loss: str = "mse", samples: int | None = N
     timings["transfer_s"] = time.perf_counter() - t0
 
     acc_cfg = {c: np.zeros((n, n)) for c in protocol.tl_configs}
+    acc_seed = {s: np.zeros((n, n)) for s in clf_seeds}  # mean over configs: the seed-to-seed noise
     sec_cfg = {c: np.zeros((n, n)) for c in protocol.tl_configs}
     ep_cfg = {c: np.zeros((n, n)) for c in protocol.tl_configs}
     for (s, cfg, i, j), r in zip(keys, transfers):
         acc_cfg[cfg][i, j] += r["accuracy"] / len(clf_seeds)
+        acc_seed[s][i, j] += r["accuracy"] / len(protocol.tl_configs)
         sec_cfg[cfg][i, j] += r["seconds_to_best"] / len(clf_seeds)
         ep_cfg[cfg][i, j] += r["best_epoch"] / len(clf_seeds)
     accuracy = np.mean([acc_cfg[c] for c in protocol.tl_configs], axis=0)
@@ -436,6 +450,7 @@ def inter_dataset(refs: list[str], *, loss: str = "mse", samples: int | None = N
         "transfer_accuracy_normalized": normalize_by_base(accuracy, base_accuracy).tolist(),
         "transfer_efficiency": efficiency.tolist(),
         "transfer_accuracy_per_config": {c: m.tolist() for c, m in acc_cfg.items()},
+        "transfer_accuracy_per_seed": {str(s): m.tolist() for s, m in acc_seed.items()},
         "transfer_seconds_to_best_per_config": {c: m.tolist() for c, m in sec_cfg.items()},
         "transfer_best_epoch_per_config": {c: m.tolist() for c, m in ep_cfg.items()},
         "base_accuracy": dict(zip(refs, base_accuracy.tolist())),
