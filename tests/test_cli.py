@@ -100,14 +100,19 @@ def test_experiment_inter_dataset_and_latency_verbs(tmp_path):
     protocol = tmp_path / "tiny.json"
     protocol.write_text(json.dumps({"ae_epochs": 1, "tl_configs": ["TL-1"], "clf_max_epochs": 2,
                                     "clf_patience": 1, "n_pairs": 32, "embedding_samples": 60}))
-    refs = "digits,rotated:digits,bgrand:digits"
-    proc = simex("experiment", "inter-dataset", "--refs", refs, "--samples", "120", "--protocol", protocol,
-                 "--out", tmp_path / "i", "--no-ray")
+    # An unseen npz file whose labels run 1..10 (as EMNIST letters files often do): its first 10 classes are used.
+    noisy = data.load("bgrand:digits")
+    np.savez(tmp_path / "held-out.npz", x=(noisy.x[:, 0] * 255).astype(np.uint8), y=noisy.y + 1)
+    refs = f"digits,rotated:digits,npz:{tmp_path / 'held-out.npz'}"
+    proc = simex("experiment", "inter-dataset", "--refs", refs, "--samples", "120", "--test-samples", "200",
+                 "--protocol", protocol, "--out", tmp_path / "i", "--no-ray")
     summary = json.loads(proc.stdout)
     assert summary["references"] == refs.split(",") and -1 <= summary["rho_mean"] <= 1
     result = json.loads((tmp_path / "i" / "inter_dataset.json").read_text())
     assert len(result["delta"]) == 3 and len(result["transfer_accuracy"][0]) == 3
     assert set(result["baselines"]) == {"sample-mse", "sample-issim", "embeddings"}
+    assert result["sizes"][refs.split(",")[2]]["clf_test"] == 200  # all ten 1-based classes kept
+    assert min(min(row) for row in result["transfer_accuracy"]) > 0.1
     proc = simex("experiment", "latency", "--refs", refs, "--unknown", "rotated:digits", "--samples", "120",
                  "--repeats", "2", "--protocol", protocol, "--out", tmp_path / "l", "--no-ray")
     summary = json.loads(proc.stdout)

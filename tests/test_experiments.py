@@ -25,10 +25,12 @@ def result():
     units = []
 
     def map_fn(fn, kwargs_list):  # stands in for a Ray adapter: sees every unit
-        units.append((fn.__name__, len(kwargs_list)))
+        units.append((fn.__name__, len(kwargs_list), {len(kw["y_train"]) for kw in kwargs_list},
+                      {len(kw["y_test"]) for kw in kwargs_list}))
         return [fn(**kw) for kw in kwargs_list]
 
-    r = inter_dataset(REFS, samples=150, protocol=TINY, map_fn=map_fn,
+    protocol = dataclasses.replace(TINY, test_samples=60, transfer_samples=40)
+    r = inter_dataset(REFS, samples=150, protocol=protocol, map_fn=map_fn,
                       on_progress=lambda stage, done, total: calls.append((stage, done, total)))
     return r, calls, units
 
@@ -52,7 +54,8 @@ def test_spearman_sign_convention_on_a_hand_made_matrix():
 
 
 def test_protocol_validates_and_round_trips():
-    assert DEFAULT.seeds == (0, 1, 2) and DEFAULT.ae_lr == PAPER.ae_lr
+    assert DEFAULT.seeds == (0, 1, 2) and DEFAULT.ae_lr == PAPER.ae_lr and DEFAULT.test_samples == 1000
+    assert PAPER.test_samples is None and PAPER.transfer_samples is None
     assert PAPER.seeds == (0,) and PAPER.ae_optimizer == "rmsprop" and PAPER.ae_lr == 2e-4 and PAPER.ae_epochs == 30
     assert PAPER.fc_init == "reinit" and PAPER.tl_configs == ("TL-1", "TL-2", "TL-3", "TL-4", "TL-5")
     assert ProtocolConfig.from_dict(json.loads(json.dumps(TINY.to_dict()))) == TINY
@@ -89,14 +92,16 @@ def test_inter_dataset_returns_every_field_in_range(result):
     for b in r["baselines"].values():
         assert np.asarray(b["matrix"]).shape == (n, n) and (np.asarray(b["matrix"]) >= 0).all()
     assert r["protocol"]["tl_configs"] == ("TL-1", "TL-2") and r["classifier_seeds"] == [0]
-    assert r["sizes"]["digits"]["ae_train"] + r["sizes"]["digits"]["ae_test"] == 150
+    assert r["sizes"]["digits"]["ae_train"] == 125 and r["sizes"]["digits"]["ae_test"] == 60
     assert r["timings"]["total_s"] > 0 and 0 <= min(r["base_accuracy"].values())
 
 
 def test_inter_dataset_runs_units_through_map_fn_and_reports_progress(result):
     _, calls, units = result
     n = len(REFS)
-    assert units == [("train_base", n), ("transfer", n * n * 2)]
+    # 150 samples: 125 train (100 fit + 25 validation), test 25 topped up to 60 from unsampled digits;
+    # transfers retrain on a 40-image subset of the fit split
+    assert units == [("train_base", n, {100}, {60}), ("transfer", n * n * 2, {40}, {60})]
     stages = {c[0] for c in calls}
     assert {"autoencoders", "delta", "base-classifiers", "transfer"} <= stages
     assert ("transfer", n * n * 2, n * n * 2) in calls

@@ -16,6 +16,7 @@ them once per reference, not per query.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import statistics
@@ -59,8 +60,10 @@ def latency(refs: list[str], unknown: str, *, repeats: int = 5, samples: int | N
 
     f, fleet_info = resolve_fleet(refs, fleet=fleet, loss=loss, samples=samples, epochs=epochs, seed=seed,
                                   data_dir=data_dir, protocol=protocol, on_progress=on_progress)
-    x_split = load_splits(unknown, samples=samples, seed=seed, data_dir=data_dir, protocol=protocol)
-    b_split = load_splits(base, samples=samples, seed=seed, data_dir=data_dir, protocol=protocol)
+    # Both sides see the same sampled images: no topped-up test split here.
+    sampled = dataclasses.replace(protocol, test_samples=None)
+    x_split = load_splits(unknown, samples=samples, seed=seed, data_dir=data_dir, protocol=sampled)
+    b_split = load_splits(base, samples=samples, seed=seed, data_dir=data_dir, protocol=sampled)
     x_all = np.concatenate([x_split.ae_train, x_split.ae_test])  # every sampled unknown image
 
     f.per_sample_delta(base, x_all[:64], loss)  # warm-up: first-call allocations are not the steady cost
