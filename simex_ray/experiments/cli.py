@@ -41,6 +41,9 @@ def add_parsers(sub) -> None:
     lt.add_argument("--repeats", type=int, default=5, help="repeated runs (default 5)")
 
 
+UNIT_STAGES = {"train_base": "base-classifiers", "transfer": "transfer"}  # progress labels of the unit functions
+
+
 def _protocol(text: str):
     from .inter_dataset import PRESETS, ProtocolConfig
 
@@ -114,8 +117,11 @@ def cmd_experiment(args) -> int:
                             resources=Resources(cpus_per_worker=args.cpus_per_task),
                             on_progress=lambda n, m: show(f"AE {n}"[:18], m["epoch"], m["epochs"]))
             # Base classifiers on Ray Train (checkpointed per classifier), transfers as Ray tasks.
-            result = run(ray_map(args.cpus_per_task, on_unit=show),
-                         train_map(Resources(cpus_per_worker=args.cpus_per_task), on_unit=show))
+            def unit(fn_name: str, done: int, total: int) -> None:
+                show(UNIT_STAGES.get(fn_name, fn_name), done, total)
+
+            result = run(ray_map(args.cpus_per_task, on_unit=unit),
+                         train_map(Resources(cpus_per_worker=args.cpus_per_task), on_unit=unit))
     paths = write(result, out)
     print(json.dumps(_summary(result)))
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
