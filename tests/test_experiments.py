@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -141,3 +142,20 @@ def test_latency_timings_and_speedup(tmp_path):
     paths = write_latency(r, tmp_path)
     assert json.loads(paths["json"].read_text())["speedup"] == pytest.approx(r["speedup"])
     assert paths["png"].stat().st_size > 0
+
+
+def test_protocol_files_change_fields_of_a_preset(tmp_path):
+    from simex_ray.experiments.cli import _protocol
+
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({"base": "default", "ae_optimizer": "adam", "ae_lr": 0.001}))
+    assert _protocol(str(f)) == dataclasses.replace(DEFAULT, ae_optimizer="adam", ae_lr=0.001)
+    f.write_text(json.dumps({"seeds": [0, 1]}))
+    assert _protocol(str(f)) == dataclasses.replace(PAPER, seeds=(0, 1))
+    assert _protocol("default") == DEFAULT
+    for text, message in [('{"ae_optimiser": "adam"}', "unknown field(s) ae_optimiser"),
+                          ('{"base": "fast"}', "unknown base 'fast'"), ("[1, 2]", "JSON object"),
+                          ("{nope", "not valid JSON"), ('{"test_samples": 0}', "test_samples must be >= 1")]:
+        f.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            _protocol(str(f))

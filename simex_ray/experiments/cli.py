@@ -52,7 +52,21 @@ def _protocol(text: str):
     path = Path(text)
     if not path.is_file():
         raise ValueError(f"unknown protocol '{text}'; presets: {', '.join(PRESETS)}, or a JSON file")
-    return ProtocolConfig.from_dict(json.loads(path.read_text()))
+    try:
+        fields = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"protocol file {text}: not valid JSON ({e})") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"protocol file {text}: need a JSON object of ProtocolConfig fields")
+    # {"base": "default", "ae_optimizer": "adam"}: a preset with some fields changed (default base: paper).
+    base = fields.pop("base", "paper")
+    if base not in PRESETS:
+        raise ValueError(f"protocol file {text}: unknown base '{base}'; presets: {', '.join(PRESETS)}")
+    names = {f for f in ProtocolConfig.__dataclass_fields__}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise ValueError(f"protocol file {text}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return ProtocolConfig.from_dict({**PRESETS[base].to_dict(), **fields})
 
 
 def _progress(t0: float):
