@@ -15,7 +15,10 @@ For references Y_1..Y_n (each also used as an unknown X):
    embedding baselines.
 
 Units 2 and 3 go through ``map_fn(fn, list_of_kwargs) -> list`` (default: one
-after another in this process) so a driver can run them in parallel.
+after another in this process) so a driver can run them in parallel; the CLI
+trains the base classifiers in Ray Train runs and transfers as Ray tasks
+(``simex_ray.distributed.map``). Every unknown is evaluated on its test split,
+topped up with held-out images to ``ProtocolConfig.test_samples``.
 """
 
 from __future__ import annotations
