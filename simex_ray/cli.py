@@ -76,7 +76,6 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ray", action="store_true", help="train in this process, one member after another")
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     from .losses import LOSSES
 

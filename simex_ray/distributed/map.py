@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
-import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -125,7 +124,7 @@ def train_map(resources=None, *, storage: str | None = None, on_unit: OnUnit | N
     unit it was in. ``fault={"unit": i, "marker": path}`` kills the worker
     once right after unit i's checkpoint (tests).
     """
-    from .train import ProgressBoard, Resources, TrainingError, _first_line, shard
+    from .train import ProgressBoard, Resources, TrainingError, _first_line, run_concurrently, shard
 
     res = resources or Resources()
 
@@ -159,33 +158,27 @@ def train_map(resources=None, *, storage: str | None = None, on_unit: OnUnit | N
                 raise RuntimeError(f"Train run {i} of {fn.__name__} finished without a checkpoint")
             return _load_results(result.checkpoint)
 
-        results: dict[int, Any] = {}
-        last = -1
+        last = [-1]
+
+        def poll() -> None:
+            latest, _ = ray.get(board.drain.remote())
+            done = sum(m["epoch"] for m in latest.values())
+            if on_unit is not None and done != last[0]:
+                last[0] = done
+                on_unit(fn.__name__, done, total)
+
         try:
-            with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="simex-units") as pool:
-                futures = [pool.submit(fit, i, g) for i, g in enumerate(groups)]
-                while True:
-                    finished = all(f.done() for f in futures)
-                    latest, _ = ray.get(board.drain.remote())
-                    n = sum(m["epoch"] for m in latest.values())
-                    if on_unit is not None and n != last:
-                        last = n
-                        on_unit(fn.__name__, n, total)
-                    if finished:
-                        break
-                    time.sleep(poll_s)
-                errors = []
-                for f in futures:
-                    try:
-                        results.update(f.result())
-                    except BaseException as e:  # the other runs' results are still collected
-                        errors.append(e)
+            outcomes = run_concurrently([lambda i=i, g=g: fit(i, g) for i, g in enumerate(groups)], poll, poll_s)
+            poll()
         finally:
             ray.kill(board)
             if own_storage:
-                import shutil
-
                 shutil.rmtree(own_storage, ignore_errors=True)
+        results: dict[int, Any] = {}
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        for o in outcomes:
+            if not isinstance(o, BaseException):
+                results.update(o)
         if errors or len(results) != total:
             missing = total - len(results)
             raise TrainingError(f"{missing} of {total} {fn.__name__} unit(s) failed on Ray Train"

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import ray
 import torch
@@ -241,23 +241,17 @@ def train_fleet(plans: list[MemberPlan], out, *, resources: Resources = Resource
         for name, state in finished:
             record(name, state)
 
-    with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="simex-fit") as pool:
-        futures = {pool.submit(_fit_run, i, key, g, storage_path or storage_uri, resources, board, fault): g
-                   for i, (key, g) in enumerate(groups)}
-        pending = set(futures)
-        while pending:
-            time.sleep(poll_s)
-            drain()
-            for f in [f for f in pending if f.done()]:
-                pending.discard(f)
-                try:
-                    for name, state in f.result().items():
-                        record(name, state)
-                except BaseException as e:  # keep the other runs going; report at the end
-                    for p in futures[f]:
-                        if not writer.has(p):
-                            errors[p.name] = e
-                    log.error("Train run failed: %s", _first_line(e))
+    fits = [lambda i=i, key=key, g=g: _fit_run(i, key, g, storage_path or storage_uri, resources, board, fault)
+            for i, (key, g) in enumerate(groups)]
+    for (_, g), outcome in zip(groups, run_concurrently(fits, drain, poll_s)):
+        if isinstance(outcome, BaseException):  # the other runs kept going; report at the end
+            for p in g:
+                if not writer.has(p):
+                    errors[p.name] = outcome
+            log.error("Train run failed: %s", _first_line(outcome))
+        else:
+            for name, state in outcome.items():
+                record(name, state)
     drain()
     ray.kill(board)
     if errors:
@@ -265,6 +259,18 @@ def train_fleet(plans: list[MemberPlan], out, *, resources: Resources = Resource
         raise TrainingError(f"{len(errors)} member(s) failed: {names}; re-run the same command to resume "
                             f"(error: {_first_line(next(iter(errors.values())))})")
     return writer
+
+
+def run_concurrently(fits: list[Callable[[], Any]], poll: Callable[[], None], poll_s: float = 0.5
+                     ) -> list[Any]:
+    """Run blocking ``fits`` (``trainer.fit`` wrappers) in threads, calling ``poll()`` every
+    ``poll_s`` while they run; each fit's result, or the exception it raised, in order."""
+    with ThreadPoolExecutor(max_workers=max(1, len(fits)), thread_name_prefix="simex-fit") as pool:
+        futures = [pool.submit(fit) for fit in fits]
+        while not all(f.done() for f in futures):
+            time.sleep(poll_s)
+            poll()
+    return [f.exception() or f.result() for f in futures]
 
 
 class TrainingError(RuntimeError):

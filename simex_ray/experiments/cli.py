@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -87,8 +88,6 @@ def cmd_experiment(args) -> int:
 
     protocol = _protocol(args.protocol)
     if args.test_samples is not None:
-        import dataclasses
-
         protocol = dataclasses.replace(protocol, test_samples=args.test_samples)
     refs = split_specs(args.refs)
     out = Path(args.out)
