@@ -43,6 +43,7 @@ __all__ = [
     "TL_CONFIGS",
     "embedding_distance",
     "evaluate_classifier",
+    "finetune",
     "first_classes",
     "first_labels",
     "make_classifier_optimizer",
@@ -379,6 +380,34 @@ def transfer(base_state: dict[str, torch.Tensor], x_train, y_train, x_val, y_val
     if return_state:
         out["state"] = state
     return out
+
+
+def finetune(base_state: dict[str, torch.Tensor] | None, x_train, y_train, x_val, y_val, x_test, y_test, *,
+             config: str | TLConfig = "TL-2", epochs: int = 5, batch_size: int = 32, seed: int = 0,
+             n_classes: int = N_CLASSES) -> dict[str, Any]:
+    """Unit of work "fine-tune the whole of B(Y) on X for a fixed budget": accuracy on X's test split.
+
+    Every layer starts from ``base_state`` except the last FC layer, which is
+    re-initialised (seeded: X's classes are not Y's), and all of them train for
+    ``epochs`` epochs (the weights of the lowest validation loss are kept).
+    ``base_state=None`` trains the same network from scratch under the same
+    budget and seed: the difference of the two accuracies is the transfer gain.
+    """
+    cfg = tl_config(config)
+    torch.manual_seed(seed)
+    model = LeNet5(n_classes if base_state is None else _n_classes_of(base_state))
+    if base_state is not None:
+        model.load_state_dict(base_state)
+        torch.manual_seed(seed)
+        model.fc_layers[-1].reset_parameters()
+    state, info = train_classifier(
+        x_train, y_train, x_val, y_val, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+        max_epochs=epochs, patience=epochs, batch_size=batch_size, seed=seed, model=model, trainable="all")
+    n = model.fc_layers[-1].out_features
+    test_loss, acc = evaluate_classifier(model, x_test, _check_labels(y_test, n, "test labels"))
+    return {"config": cfg.name, "accuracy": acc, "test_loss": test_loss, "seconds_to_best": info["seconds_to_best"],
+            "seconds": info["seconds"], "epochs": info["epochs_run"], "best_epoch": info["best_epoch"],
+            "from_scratch": base_state is None, "n_train": info["n_train"], "n_test": int(len(y_test))}
 
 
 def normalize_by_base(accuracy, base_accuracy) -> np.ndarray:

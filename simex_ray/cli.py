@@ -44,7 +44,10 @@ def _positive_float(text: str) -> float:
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=_positive_int, default=None,
                    help="draw N class-balanced samples per dataset (seeded), split 5:1 train/test")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling, splits, variants, init (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="model seed: initialisation and shuffling; also the data seed unless --data-seed (default 0)")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="data seed: sampling, splits, variant images (default: --seed)")
     p.add_argument("--data-dir", default=None,
                    help="cache directory for downloaded datasets (default $SIMEX_DATA or ~/.cache/simex)")
 
@@ -124,9 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def progress_printer(t0: float):
+def data_seed(args) -> int:
+    """--data-seed, or --seed when it was not given (one seed for both, as before the split)."""
+    return args.seed if getattr(args, "data_seed", None) is None else args.data_seed
+
+
+def progress_printer(t0: float, names=()):
+    from .names import display_names
+
+    shown = display_names(names)
+    width = max([len(v) for v in shown.values()] + [12])
+
     def show(member: str, m: dict) -> None:
-        print(f"[{time.perf_counter() - t0:6.1f}s] {member:<32} epoch {m['epoch']:>3}/{m['epochs']:<3} "
+        name = shown.get(member) or display_names([member, *shown])[member]
+        print(f"[{time.perf_counter() - t0:6.1f}s] {name:<{width}} epoch {m['epoch']:>3}/{m['epochs']:<3} "
               f"train Δ {m['train_delta']:.5f}  test Δ {m['test_delta']:.5f}", file=sys.stderr, flush=True)
     return show
 
@@ -152,14 +166,18 @@ def cmd_train(args) -> int:
     t0 = time.perf_counter()
     plans, writer = build_fleet(
         split_specs(args.refs), args.out, train_config(args), samples=args.samples,
-        per_class=args.per_class, seed=args.seed, data_dir=args.data_dir, address=args.address,
+        per_class=args.per_class, seed=data_seed(args), data_dir=args.data_dir, address=args.address,
         resources=resources_from(args),
-        storage=args.storage, on_progress=progress_printer(t0), use_ray=not args.no_ray,
+        storage=args.storage, on_progress=progress_printer(t0, split_specs(args.refs)), use_ray=not args.no_ray,
         log_to_driver=args.debug)
     print(f"fleet {args.out}: {len(writer.members)} member(s) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    from .names import display_names
+
+    shown = display_names(p.name for p in plans)
+    width = max(len(v) for v in shown.values())
     for name in (p.name for p in plans):
         m = writer.members[name]
-        print(f"  {name:<32} train Δ {m.metrics.get('train_delta', float('nan')):.5f}  "
+        print(f"  {shown[name]:<{width}} train Δ {m.metrics.get('train_delta', float('nan')):.5f}  "
               f"test Δ {m.metrics.get('test_delta', float('nan')):.5f}", file=sys.stderr)
     return 0
 
@@ -171,12 +189,13 @@ def cmd_score(args) -> int:
     names = [n.strip() for n in args.members.split(",") if n.strip()] if args.members else None
     data.parse_spec(args.data)
     fleet = Fleet.load(args.fleet, names=names)
+    seed = data_seed(args)
     if args.split == "all":
-        ds = data.load(args.data, seed=args.seed, data_dir=args.data_dir)
+        ds = data.load(args.data, seed=seed, data_dir=args.data_dir)
         if args.samples:
-            ds = data.balanced_sample(ds, args.samples, seed=args.seed)
+            ds = data.balanced_sample(ds, args.samples, seed=seed)
     else:
-        train, test = data.prepare(args.data, samples=args.samples, seed=args.seed, data_dir=args.data_dir)
+        train, test = data.prepare(args.data, samples=args.samples, seed=seed, data_dir=args.data_dir)
         ds = train if args.split == "train" else test
     t0 = time.perf_counter()
     result = fleet.score(ds.x, loss=args.loss)
@@ -185,13 +204,16 @@ def cmd_score(args) -> int:
         out = {"fleet": str(args.fleet), "data": args.data, **result.to_json(), "seconds": elapsed}
         print(json.dumps(out))
         return 0
-    width = max(len(n) for n in result.delta)
+    from .names import display_names
+
+    shown = display_names(result.delta)
+    width = max(len(n) for n in shown.values())
     best = result.delta[result.ranking[0]]
     print(f"Δ({args.data} | Y) over {result.n} samples, loss {result.loss}, fleet {args.fleet} ({elapsed:.2f}s)")
     print(f"{'rank':>4}  {'reference Y':<{width}}  {'Δ':>10}  {'Δ / |Y|':>10}")
     for rank, name in enumerate(result.ranking, 1):
         bar = "█" * max(1, min(30, round(10 * result.delta[name] / best))) if best > 0 else ""
-        print(f"{rank:>4}  {name:<{width}}  {result.delta[name]:>10.5f}  {result.delta_normalized[name]:>10.5f}  {bar}")
+        print(f"{rank:>4}  {shown[name]:<{width}}  {result.delta[name]:>10.5f}  {result.delta_normalized[name]:>10.5f}  {bar}")
     print(f"most similar: {result.ranking[0]}")
     return 0
 
@@ -209,7 +231,9 @@ def cmd_matrix(args) -> int:
         unknown = manifest.get("refs") or sorted({m.spec for m in fleet.members.values()})
         if args.samples is None:
             args.samples = manifest.get("samples")
-    result = delta_matrix(fleet, unknown, samples=args.samples, seed=args.seed, split=args.split,
+        if args.data_seed is None and manifest.get("data_seed") is not None:
+            args.data_seed = manifest["data_seed"]
+    result = delta_matrix(fleet, unknown, samples=args.samples, seed=data_seed(args), split=args.split,
                           loss=args.loss, data_dir=args.data_dir)
     result["fleet"] = str(args.fleet)
     if args.out:

@@ -52,6 +52,7 @@ class Member:
     weights: str = ""  # path relative to the fleet directory
     sha256: str = ""
     class_: str | None = None
+    data_seed: int | None = None  # drew the member's samples, split and variant images (config["seed"]: the model's)
     n_train: int = 0
     n_test: int = 0
     metrics: dict[str, float] = field(default_factory=dict)  # train_delta, test_delta, ref_mean_l2, ...

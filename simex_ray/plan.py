@@ -43,9 +43,9 @@ class MemberPlan:
 
 
 def _record(name: str, spec: str, class_: str | None, train: data.Dataset, test: data.Dataset,
-            config: TrainConfig) -> MemberPlan:
+            config: TrainConfig, data_seed: int) -> MemberPlan:
     member = Member(
-        name=name, spec=spec, class_=class_, config=config.to_dict(),
+        name=name, spec=spec, class_=class_, config=config.to_dict(), data_seed=data_seed,
         fingerprint=data.fingerprint(train), n_train=len(train), n_test=len(test),
         metrics={"ref_mean_l2": mean_l2_norm(train.x)},
     )
@@ -57,7 +57,8 @@ def plan_fleet(refs: list[str], config: TrainConfig, *, samples: int | None = No
     """Load every reference and split it 5:1; one plan per member.
 
     With ``per_class`` each labelled reference yields one member per class,
-    named ``SPEC#CLASS``; ``samples`` is then drawn per class.
+    named ``SPEC#CLASS``; ``samples`` is then drawn per class. ``seed`` is the
+    data seed (samples, splits, variants); ``config.seed`` the model seed.
     """
     for spec in refs:  # fail on grammar before any slow loading
         data.parse_spec(spec)
@@ -65,7 +66,7 @@ def plan_fleet(refs: list[str], config: TrainConfig, *, samples: int | None = No
     for spec in refs:
         if not per_class:
             train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir)
-            plans.append(_record(train.spec, spec, None, train, test, config))
+            plans.append(_record(train.spec, spec, None, train, test, config, seed))
             continue
         full = data.load(spec, seed=seed, data_dir=data_dir)
         if full.y is None:
@@ -77,7 +78,7 @@ def plan_fleet(refs: list[str], config: TrainConfig, *, samples: int | None = No
             if samples is not None:
                 part = data.balanced_sample(part, samples, seed=seed)
             train, test = data.train_test_split(part, seed=seed)
-            plans.append(_record(name, spec, cls, train, test, config))
+            plans.append(_record(name, spec, cls, train, test, config, seed))
     names = [p.name for p in plans]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -20,7 +20,14 @@ def _pyplot():
 def heatmap(matrix, rows: Sequence[str], cols: Sequence[str], path, *, title: str,
             xlabel: str, ylabel: str, cmap: str = "viridis_r", fmt: str = "{:.3g}",
             mark_row_min: bool = True) -> Path:
-    """Annotated heatmap; with ``mark_row_min`` each row's smallest cell is boxed."""
+    """Annotated heatmap; with ``mark_row_min`` each row's smallest cell is boxed.
+
+    Row and column names are shown by the display-name rule (``simex_ray.names``).
+    """
+    from .names import display_names
+
+    shown = display_names([*rows, *cols])
+    rows, cols = [shown[r] for r in rows], [shown[c] for c in cols]
     plt = _pyplot()
     m = np.asarray(matrix, dtype=float)
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 1.0 + 0.6 * len(rows)), dpi=120)

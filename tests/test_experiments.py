@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from simex_ray.experiments.inter_dataset import (DEFAULT, PAPER, ProtocolConfig, inter_dataset, rho_per_base,
-                                                 rho_per_unknown, spearman, write_inter_dataset)
+from simex_ray.experiments.inter_dataset import inter_dataset, write_inter_dataset
+from simex_ray.protocol import DEFAULT, PAPER, ProtocolConfig, load_protocol
+from simex_ray.ranking import rho_per_base, rho_per_unknown, spearman
 from simex_ray.experiments.latency import latency, write_latency
 
 REFS = ["digits", "bgrand:digits", "rotated:digits"]
@@ -36,6 +37,10 @@ def result():
     return r, calls, units
 
 
+def _same(a: float, b: float) -> None:
+    assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b), (a, b)
+
+
 def test_spearman_sign_convention_on_a_hand_made_matrix():
     refs = ["a", "b", "c", "d"]
     acc = np.array([[0.9, 0.8, 0.6, 0.4],
@@ -45,10 +50,14 @@ def test_spearman_sign_convention_on_a_hand_made_matrix():
     agreeing = 1 - acc  # smaller distance exactly where accuracy is higher
     assert rho_per_base(agreeing, acc, refs) == pytest.approx({r: 1.0 for r in refs})
     assert rho_per_base(acc, acc, refs) == pytest.approx({r: -1.0 for r in refs})
-    # The diagonal (X == Y) is excluded: spoiling it changes nothing.
+    # The strict variant excludes the diagonal (X == Y): spoiling it changes nothing there,
+    # while the paper's ρ (base included) sees the base ranked last instead of first.
     spoiled = agreeing.copy()
     np.fill_diagonal(spoiled, 99.0)
-    assert rho_per_base(spoiled, acc, refs) == pytest.approx({r: 1.0 for r in refs})
+    assert rho_per_base(spoiled, acc, refs, strict=True) == pytest.approx({r: 1.0 for r in refs})
+    paper = rho_per_base(spoiled, acc, refs)
+    assert paper["a"] == pytest.approx(-spearman([99.0, 0.3, 0.5, 0.7], [0.9, 0.7, 0.5, 0.3]))
+    assert all(v < 1.0 for v in paper.values())
     assert rho_per_unknown(agreeing, acc, refs) == pytest.approx({r: 1.0 for r in refs})
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
@@ -83,12 +92,17 @@ def test_inter_dataset_returns_every_field_in_range(result):
     np.testing.assert_allclose(np.diag(r["transfer_efficiency"]), 1.0)
     assert set(r["transfer_accuracy_per_config"]) == {"TL-1", "TL-2"}
     np.testing.assert_allclose(np.mean([r["transfer_accuracy_per_config"][c] for c in ("TL-1", "TL-2")], axis=0), acc)
-    for fields in [r] + list(r["baselines"].values()):
-        for key in ("rho_per_base", "rho_per_base_normalized"):
-            assert set(fields[key]) == set(REFS)
-            assert all(math.isnan(v) or -1 <= v <= 1 for v in fields[key].values())
-        for key in ("rho_mean", "rho_mean_normalized"):
-            assert math.isnan(fields[key]) or -1 <= fields[key] <= 1
+    # Every ρ is the signed Spearman of its column (paper: all rows; strict: X != Y), and the mean is theirs.
+    eff = np.asarray(r["transfer_efficiency"])
+    for fields, score in [(r, delta)] + [(b, np.asarray(b["matrix"])) for b in r["baselines"].values()]:
+        for j, y in enumerate(REFS):
+            others = [i for i in range(n) if i != j]
+            _same(fields["rho_per_base"][y], -spearman(score[:, j], acc[:, j]))
+            _same(fields["rho_per_base_strict"][y], -spearman(score[others, j], acc[others, j]))
+            _same(fields["rho_per_base_normalized"][y], -spearman(score[:, j], eff[:, j]))
+        for key in ("rho_mean", "rho_mean_strict", "rho_mean_normalized"):
+            per = [v for v in fields[key.replace("rho_mean", "rho_per_base")].values() if not math.isnan(v)]
+            _same(fields[key], float(np.mean(per)) if per else float("nan"))
     assert set(r["baselines"]) == {"sample-mse", "sample-issim", "embeddings"}
     for b in r["baselines"].values():
         assert np.asarray(b["matrix"]).shape == (n, n) and (np.asarray(b["matrix"]) >= 0).all()
@@ -145,17 +159,16 @@ def test_latency_timings_and_speedup(tmp_path):
 
 
 def test_protocol_files_change_fields_of_a_preset(tmp_path):
-    from simex_ray.experiments.cli import _protocol
-
+    
     f = tmp_path / "p.json"
     f.write_text(json.dumps({"base": "default", "ae_optimizer": "adam", "ae_lr": 0.001}))
-    assert _protocol(str(f)) == dataclasses.replace(DEFAULT, ae_optimizer="adam", ae_lr=0.001)
+    assert load_protocol(str(f)) == dataclasses.replace(DEFAULT, ae_optimizer="adam", ae_lr=0.001)
     f.write_text(json.dumps({"seeds": [0, 1]}))
-    assert _protocol(str(f)) == dataclasses.replace(PAPER, seeds=(0, 1))
-    assert _protocol("default") == DEFAULT
+    assert load_protocol(str(f)) == dataclasses.replace(PAPER, seeds=(0, 1))
+    assert load_protocol("default") == DEFAULT
     for text, message in [('{"ae_optimiser": "adam"}', "unknown field(s) ae_optimiser"),
                           ('{"base": "fast"}', "unknown base 'fast'"), ("[1, 2]", "JSON object"),
                           ("{nope", "not valid JSON"), ('{"test_samples": 0}', "test_samples must be >= 1")]:
         f.write_text(text)
         with pytest.raises(ValueError, match=re.escape(message)):
-            _protocol(str(f))
+            load_protocol(str(f))

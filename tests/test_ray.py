@@ -111,9 +111,9 @@ def test_base_classifiers_on_ray_train_survive_a_crash_and_match_local(ray_clust
     from simex_ray.baselines import train_base
     from simex_ray.distributed.map import train_map
     from simex_ray.distributed.train import Resources
-    from simex_ray.experiments.inter_dataset import PAPER, load_splits
+    from simex_ray.protocol import PAPER, load_splits
 
-    units = [dict(**load_splits(spec, samples=150, seed=0, data_dir=None, protocol=PAPER).clf_kwargs(),
+    units = [dict(**load_splits(spec, samples=150, data_seed=0, data_dir=None, protocol=PAPER).clf_kwargs(),
                   max_epochs=2, patience=1, seed=seed)
              for spec in ("digits", "rotated:digits") for seed in (0, 1)]
     marker, seen = tmp_path / "crashed-once", []

@@ -287,12 +287,15 @@ def build_fleet(refs: list[str], out, config: TrainConfig, *, samples: int | Non
                 resources: Resources = Resources(), storage: str | None = None,
                 on_progress: ProgressFn | None = None, use_ray: bool = True,
                 log_to_driver: bool = False) -> tuple[list[MemberPlan], FleetWriter]:
-    """Specs -> trained fleet directory: the one path the CLI and the jobs share."""
+    """Specs -> trained fleet directory: the one path the CLI and the jobs share.
+
+    ``seed`` is the data seed (samples, splits, variants); ``config.seed`` the model seed.
+    """
     from ..plan import plan_fleet, train_fleet_local
     from .runtime import ray_session
 
     plans = plan_fleet(refs, config, samples=samples, per_class=per_class, seed=seed, data_dir=data_dir)
-    extra = {"refs": refs, "samples": samples, "per_class": per_class, "seed": seed}
+    extra = {"refs": refs, "samples": samples, "per_class": per_class, "seed": config.seed, "data_seed": seed}
     if not use_ray:
         progress = (lambda n, m: on_progress(n, {**m, "epochs": config.epochs})) if on_progress else None
         return plans, train_fleet_local(plans, out, on_epoch=progress, extra=extra)

@@ -1,4 +1,4 @@
-"""`simex experiment inter-dataset|latency`: the paper's protocol I from the command line."""
+"""`simex experiment transfer|inter-dataset|latency`: the paper's protocol I from the command line."""
 
 from __future__ import annotations
 
@@ -8,112 +8,134 @@ import sys
 import time
 from pathlib import Path
 
+DEFAULT_SAMPLES = 600
+
+
+def add_common(p, *, refs_required: bool = True) -> None:
+    p.add_argument("--refs", required=refs_required, help="comma-separated dataset specs (3 or more)")
+    p.add_argument("--samples", type=int, default=None,
+                   help=f"class-balanced samples per dataset before the 5:1 split (default {DEFAULT_SAMPLES}, "
+                        "or the ground truth's; paper 6000)")
+    p.add_argument("--test-samples", type=int, default=None,
+                   help="held-out test images per dataset for Δ and accuracies (default: the protocol's; "
+                        "the 'default' preset tops the 5:1 test split up to 1000)")
+    p.add_argument("--seed", type=int, default=0, help="model seed: autoencoder and classifier initialisation (0)")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="data seed: samples, splits, variant images (default: --seed, or the ground truth's)")
+    p.add_argument("--protocol", default=None,
+                   help="preset (default, paper, last-layer, few-shot, finetune) or a JSON file of ProtocolConfig "
+                        "fields (default: 'default', or the ground truth's)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--address", default=None, help="Ray cluster address; default: embedded local Ray")
+    p.add_argument("--no-ray", action="store_true", help="run everything in this process")
+    p.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs per classifier/transfer task")
+
 
 def add_parsers(sub) -> None:
-    e = sub.add_parser("experiment", help="paper protocols (inter-dataset similarity, latency)")
+    e = sub.add_parser("experiment", help="paper protocols (transfer ground truth, inter-dataset similarity, latency)")
     verbs = e.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     verbs.required = True
 
-    def common(p):
-        p.add_argument("--refs", required=True, help="comma-separated dataset specs (3 or more)")
+    def with_fleet(p):
+        add_common(p)
         p.add_argument("--loss", choices=("mse", "issim"), default="mse")
-        p.add_argument("--samples", type=int, default=600,
-                       help="class-balanced samples per dataset before the 5:1 split (default 600; paper 6000)")
-        p.add_argument("--test-samples", type=int, default=None,
-                       help="held-out test images per dataset for Δ and accuracies (default: the protocol's; "
-                            "the 'default' preset tops the 5:1 test split up to 1000)")
         p.add_argument("--epochs", type=int, default=None, help="autoencoder epochs (default: the protocol's)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--protocol", default="default",
-                       help="preset name (default, paper) or a JSON file of ProtocolConfig fields")
         p.add_argument("--fleet", default=None, help="use this trained fleet instead of training one")
-        p.add_argument("--out", required=True, help="output directory")
-        p.add_argument("--data-dir", default=None)
-        p.add_argument("--address", default=None, help="Ray cluster address; default: embedded local Ray")
-        p.add_argument("--no-ray", action="store_true", help="run everything in this process")
-        p.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs per classifier/transfer task")
 
+    gt = verbs.add_parser("transfer", help="compute the transfer-learning ground truth once (reused by "
+                                           "inter-dataset and the Tune study)")
+    add_common(gt)
     i = verbs.add_parser("inter-dataset", help="Δ vs transfer learning: Spearman ρ per base (Table 1, Fig. 4)")
-    common(i)
+    with_fleet(i)
+    i.add_argument("--ground-truth", default=None,
+                   help="reuse this ground truth directory (from `simex experiment transfer`): no classifier trained")
     lt = verbs.add_parser("latency", help="SimEx query time vs transfer learning (Fig. 5)")
-    common(lt)
+    with_fleet(lt)
     lt.add_argument("--unknown", required=True, help="the unknown dataset spec")
     lt.add_argument("--base", default=None, help="base dataset for transfer (default: first ref != unknown)")
     lt.add_argument("--repeats", type=int, default=5, help="repeated runs (default 5)")
 
 
-UNIT_STAGES = {"train_base": "base-classifiers", "transfer": "transfer"}  # progress labels of the unit functions
+UNIT_STAGES = {"train_base": "base-classifiers", "transfer": "transfer", "finetune": "transfer"}
 
 
-def _protocol(text: str):
-    from .inter_dataset import PRESETS, ProtocolConfig
+def progress(t0: float, names=()):
+    """A ``(stage, done, total)`` printer; stage names that are specs are shown by the display rule."""
+    from ..names import display_names
 
-    if text in PRESETS:
-        return PRESETS[text]
-    path = Path(text)
-    if not path.is_file():
-        raise ValueError(f"unknown protocol '{text}'; presets: {', '.join(PRESETS)}, or a JSON file")
-    try:
-        fields = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"protocol file {text}: not valid JSON ({e})") from None
-    if not isinstance(fields, dict):
-        raise ValueError(f"protocol file {text}: need a JSON object of ProtocolConfig fields")
-    # {"base": "default", "ae_optimizer": "adam"}: a preset with some fields changed (default base: paper).
-    base = fields.pop("base", "paper")
-    if base not in PRESETS:
-        raise ValueError(f"protocol file {text}: unknown base '{base}'; presets: {', '.join(PRESETS)}")
-    names = {f for f in ProtocolConfig.__dataclass_fields__}
-    unknown = sorted(set(fields) - names)
-    if unknown:
-        raise ValueError(f"protocol file {text}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    return ProtocolConfig.from_dict({**PRESETS[base].to_dict(), **fields})
-
-
-def _progress(t0: float):
+    shown = display_names(names)
     last: dict[str, int] = {}
 
     def show(stage: str, done: int, total: int) -> None:
         if last.get(stage) == done:
             return
         last[stage] = done
-        print(f"[{time.perf_counter() - t0:6.1f}s] {stage:<18} {done:>4}/{total}", file=sys.stderr, flush=True)
+        label = " ".join(shown.get(w, w) for w in stage.split(" "))
+        print(f"[{time.perf_counter() - t0:6.1f}s] {label:<24} {done:>4}/{total}", file=sys.stderr, flush=True)
 
     return show
+
+
+def resolve_protocol(args, ground_truth=None):
+    """--protocol / --test-samples, or the ground truth's protocol when none is named."""
+    from ..protocol import DEFAULT, ProtocolConfig, load_protocol
+
+    if args.protocol is not None:
+        protocol = load_protocol(args.protocol)
+    elif ground_truth is not None:
+        protocol = ProtocolConfig.from_dict(ground_truth.protocol)
+    else:
+        protocol = DEFAULT
+    if args.test_samples is not None:
+        protocol = dataclasses.replace(protocol, test_samples=args.test_samples)
+    return protocol
 
 
 def cmd_experiment(args) -> int:
     from ..data import split_specs
     from ..distributed.runtime import ray_session
+    from ..ground_truth import GroundTruth, compute_ground_truth
+    from ..protocol import PRESETS, canonical_refs
 
-    protocol = _protocol(args.protocol)
-    if args.test_samples is not None:
-        protocol = dataclasses.replace(protocol, test_samples=args.test_samples)
-    refs = split_specs(args.refs)
+    gt = GroundTruth.load(args.ground_truth) if getattr(args, "ground_truth", None) else None
+    protocol = resolve_protocol(args, gt)
+    refs = canonical_refs(split_specs(args.refs))
+    samples = args.samples if args.samples is not None else gt.samples if gt is not None else DEFAULT_SAMPLES
+    data_seed = args.data_seed if args.data_seed is not None else gt.data_seed if gt is not None else args.seed
+    if gt is not None:  # a mismatch is a one-line error before any slow work
+        gt.check(refs=refs, samples=samples, data_seed=data_seed, protocol=protocol)
     out = Path(args.out)
-    t0 = time.perf_counter()
-    show = _progress(t0)
-    fleet = args.fleet
-    if args.experiment == "inter-dataset":
+    show = progress(time.perf_counter(), refs)
+    fleet = getattr(args, "fleet", None)
+    if args.experiment == "transfer":
+        def run(map_fn, base_map_fn=None):
+            return compute_ground_truth(refs, samples=samples, data_seed=data_seed, model_seed=args.seed,
+                                        data_dir=args.data_dir, protocol=protocol, map_fn=map_fn,
+                                        base_map_fn=base_map_fn, on_progress=show)
+
+        def write(result, out_dir):
+            return result.save(out_dir)
+    elif args.experiment == "inter-dataset":
         from .inter_dataset import inter_dataset, write_inter_dataset
 
         def run(map_fn, base_map_fn=None):
-            return inter_dataset(refs, loss=args.loss, samples=args.samples, epochs=args.epochs, seed=args.seed,
-                                 data_dir=args.data_dir, protocol=protocol, map_fn=map_fn,
-                                 base_map_fn=base_map_fn, on_progress=show, fleet=fleet)
+            return inter_dataset(refs, loss=args.loss, samples=samples, epochs=args.epochs, data_seed=data_seed,
+                                 model_seed=args.seed, data_dir=args.data_dir, protocol=protocol, map_fn=map_fn,
+                                 base_map_fn=base_map_fn, on_progress=show, fleet=fleet, ground_truth=gt,
+                                 save_ground_truth=None if gt is not None else out / "ground_truth")
         write = write_inter_dataset
     else:
+        from ..baselines import TL_CONFIGS
         from .latency import latency, write_latency
 
-        from .inter_dataset import PRESETS, TL_CONFIGS
-
         # Fig. 5 times every TL config; a protocol file may narrow them.
-        tl = tuple(TL_CONFIGS) if args.protocol in PRESETS else protocol.tl_configs
+        tl = tuple(TL_CONFIGS) if args.protocol in (None, *PRESETS) else protocol.tl_configs
 
         def run(map_fn, base_map_fn=None):  # timed units run one at a time, in this process: same machine, no contention
-            return latency(refs, args.unknown, repeats=args.repeats, samples=args.samples, epochs=args.epochs,
-                           seed=args.seed, data_dir=args.data_dir, loss=args.loss, base=args.base,
-                           tl_configs=tl, protocol=protocol, on_progress=show, fleet=fleet)
+            return latency(refs, args.unknown, repeats=args.repeats, samples=samples, epochs=args.epochs,
+                           data_seed=data_seed, model_seed=args.seed, data_dir=args.data_dir, loss=args.loss,
+                           base=args.base, tl_configs=tl, protocol=protocol, on_progress=show, fleet=fleet)
         write = write_latency
 
     if args.no_ray:
@@ -123,28 +145,45 @@ def cmd_experiment(args) -> int:
         from ..distributed.train import Resources, build_fleet
 
         with ray_session(args.address):
-            if fleet is None:  # autoencoders on Ray Train, into OUT/fleet (re-used on a re-run)
+            if fleet is None and args.experiment != "transfer":
+                # autoencoders on Ray Train, into OUT/fleet (re-used on a re-run)
                 fleet = str(out / "fleet")
                 build_fleet(refs, fleet, protocol.ae_config(args.loss, args.epochs, args.seed),
-                            samples=args.samples, seed=args.seed, data_dir=args.data_dir,
+                            samples=samples, seed=data_seed, data_dir=args.data_dir,
                             resources=Resources(cpus_per_worker=args.cpus_per_task),
-                            on_progress=lambda n, m: show(f"AE {n}"[:18], m["epoch"], m["epochs"]))
-            # Base classifiers on Ray Train (checkpointed per classifier), transfers as Ray tasks.
+                            on_progress=lambda n, m: show(f"AE {n}", m["epoch"], m["epochs"]))
+            needs_classifiers = args.experiment != "inter-dataset" or gt is None
+
             def unit(fn_name: str, done: int, total: int) -> None:
                 show(UNIT_STAGES.get(fn_name, fn_name), done, total)
 
-            result = run(ray_map(args.cpus_per_task, on_unit=unit),
-                         train_map(Resources(cpus_per_worker=args.cpus_per_task), on_unit=unit))
+            # Base classifiers on Ray Train (checkpointed per classifier), transfers as Ray tasks.
+            result = run(ray_map(args.cpus_per_task, on_unit=unit) if needs_classifiers else None,
+                         train_map(Resources(cpus_per_worker=args.cpus_per_task), on_unit=unit)
+                         if needs_classifiers else None)
     paths = write(result, out)
-    print(json.dumps(_summary(result)))
+    from ..protocol import jsonable
+
+    print(json.dumps(jsonable(summary(result))))
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     return 0
 
 
-def _summary(result: dict) -> dict:
-    keys = ("references", "loss", "rho_per_base", "rho_mean", "rho_per_base_normalized", "rho_mean_normalized",
-            "simex_seconds", "transfer_seconds", "speedup")
+def summary(result) -> dict:
+    """The headline numbers, printed as one JSON line on stdout."""
+    from ..ground_truth import GroundTruth
+
+    if isinstance(result, GroundTruth):
+        return {"references": result.references, "target": result.target_name, "snr": result.snr()["snr"],
+                "own_base_best": result.snr()["own_base_best"], "base_seconds": result.base_seconds,
+                "transfer_accuracy": result.accuracy.tolist()}
+    keys = ("references", "loss", "rho_per_base", "rho_mean", "rho_mean_strict", "rho_per_base_normalized",
+            "rho_mean_normalized", "rho_mean_strict_normalized", "rho_mean_gain", "simex_seconds",
+            "transfer_seconds", "speedup")
     out = {k: result[k] for k in keys if k in result}
+    if "ground_truth" in result:
+        out["ground_truth"] = {k: result["ground_truth"][k] for k in ("path", "reused")}
+        out["ground_truth"]["snr"] = result["ground_truth"]["snr"]["snr"]
     if "baselines" in result:
         out["baselines"] = {name: {k: v for k, v in b.items() if k.startswith("rho_mean")}
                             for name, b in result["baselines"].items()}

@@ -28,14 +28,15 @@ import numpy as np
 
 from ..baselines import TL_CONFIGS, tl_config, train_base, transfer
 from ..losses import check_loss
-from .inter_dataset import (DEFAULT, MapFn, Progress, ProtocolConfig, _jsonable, canonical_refs, load_splits,
-                            resolve_fleet, run_units)
+from ..names import display_names
+from ..protocol import DEFAULT, MapFn, Progress, ProtocolConfig, canonical_refs, jsonable, load_splits, run_units
+from .inter_dataset import resolve_fleet
 
 log = logging.getLogger(__name__)
 
 
 def latency(refs: list[str], unknown: str, *, repeats: int = 5, samples: int | None = None,
-            epochs: int | None = None, seed: int = 0, data_dir=None, loss: str = "mse",
+            epochs: int | None = None, data_seed: int = 0, model_seed: int = 0, data_dir=None, loss: str = "mse",
             base: str | None = None, tl_configs: tuple[str, ...] = tuple(TL_CONFIGS),
             protocol: ProtocolConfig = DEFAULT, map_fn: MapFn | None = None,
             on_progress: Progress | None = None, fleet=None) -> dict[str, Any]:
@@ -58,12 +59,13 @@ def latency(refs: list[str], unknown: str, *, repeats: int = 5, samples: int | N
             raise ValueError(f"base '{base}' is not one of the references: {', '.join(refs)}")
     configs = [tl_config(c) for c in tl_configs]
 
-    f, fleet_info = resolve_fleet(refs, fleet=fleet, loss=loss, samples=samples, epochs=epochs, seed=seed,
-                                  data_dir=data_dir, protocol=protocol, on_progress=on_progress)
     # Both sides see the same sampled images: no topped-up test split here.
     sampled = dataclasses.replace(protocol, test_samples=None)
-    x_split = load_splits(unknown, samples=samples, seed=seed, data_dir=data_dir, protocol=sampled)
-    b_split = load_splits(base, samples=samples, seed=seed, data_dir=data_dir, protocol=sampled)
+    x_split = load_splits(unknown, samples=samples, data_seed=data_seed, data_dir=data_dir, protocol=sampled)
+    b_split = load_splits(base, samples=samples, data_seed=data_seed, data_dir=data_dir, protocol=sampled)
+    f, fleet_info = resolve_fleet(refs, fleet=fleet, loss=loss, samples=samples, epochs=epochs,
+                                  data_seed=data_seed, model_seed=model_seed, data_dir=data_dir, protocol=protocol,
+                                  splits={base: b_split}, on_progress=on_progress)
     x_all = np.concatenate([x_split.ae_train, x_split.ae_test])  # every sampled unknown image
 
     f.per_sample_delta(base, x_all[:64], loss)  # warm-up: first-call allocations are not the steady cost
@@ -79,11 +81,11 @@ def latency(refs: list[str], unknown: str, *, repeats: int = 5, samples: int | N
     (b,) = run_units(train_base, [dict(**b_split.clf_kwargs(), optimizer=protocol.base_optimizer,
                                        lr=protocol.base_lr, max_epochs=protocol.clf_max_epochs,
                                        patience=protocol.clf_patience, batch_size=protocol.clf_batch_size,
-                                       seed=seed, n_classes=protocol.n_classes)],
+                                       seed=model_seed, n_classes=protocol.n_classes)],
                      stage="base-classifier", map_fn=map_fn, on_progress=on_progress)
     kw = [dict(base_state=b["state"], **x_split.clf_kwargs(), config=c, fc_init=protocol.fc_init,
                fc_layers=protocol.fc_layers, max_epochs=protocol.clf_max_epochs, patience=protocol.clf_patience,
-               batch_size=protocol.clf_batch_size, seed=seed) for c in configs]
+               batch_size=protocol.clf_batch_size, seed=model_seed) for c in configs]
     results = run_units(transfer, kw, stage="transfer", map_fn=map_fn, on_progress=on_progress)
     transfer_seconds = {c.name: r["seconds_to_best"] for c, r in zip(configs, results)}
     fastest = min(transfer_seconds, key=transfer_seconds.get)
@@ -97,7 +99,8 @@ def latency(refs: list[str], unknown: str, *, repeats: int = 5, samples: int | N
         "base": base,
         "loss": loss,
         "samples": samples,
-        "seed": seed,
+        "data_seed": data_seed,
+        "model_seed": model_seed,
         "repeats": repeats,
         "n_unknown": int(len(x_all)),
         "delta": value,
@@ -127,7 +130,7 @@ def write_latency(result: dict[str, Any], out_dir) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "latency.json", "png": out / "latency.png"}
-    paths["json"].write_text(json.dumps(_jsonable(result), indent=2) + "\n")
+    paths["json"].write_text(json.dumps(jsonable(result), indent=2) + "\n")
 
     plt = _pyplot()
     names = ["SimEx"] + list(result["transfer_seconds"])
@@ -143,7 +146,8 @@ def write_latency(result: dict[str, Any], out_dir) -> dict[str, Path]:
         ax.text(k, v, f"{v:.3g}s", ha="center", va="bottom", fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("seconds (log scale)")
-    ax.set_title(f"{result['unknown']} via {result['base']} (n = {result['n_unknown']}): speedup "
+    shown = display_names([result["unknown"], result["base"]])
+    ax.set_title(f"{shown[result['unknown']]} via {shown[result['base']]} (n = {result['n_unknown']}): speedup "
                  f"{result['speedup']:.3g}x\nover the fastest transfer ({result['fastest_transfer']}, "
                  f"time to min. val. loss)", fontsize=9)
     fig.tight_layout()

@@ -84,12 +84,16 @@ def write_matrix(result: dict[str, Any], out_dir, name: str = "delta_matrix") ->
 
 def format_matrix(result: dict[str, Any]) -> str:
     """The matrix as a fixed-width text table; '*' marks each row's minimum."""
-    refs = result["references"]
+    from ..names import display_names
+
+    shown = display_names([*result["unknown"], *result["references"]])
+    refs = [shown[r] for r in result["references"]]
+    unknown = [shown[u] for u in result["unknown"]]
     corner = "unknown X / reference Y"
-    w0 = max(len(u) for u in result["unknown"] + [corner])
+    w0 = max(len(u) for u in unknown + [corner])
     w = max(10, *(len(r) for r in refs))
     lines = [f"{corner:<{w0}}  " + "  ".join(f"{r:>{w}}" for r in refs)]
-    for u, row in zip(result["unknown"], result["delta"]):
+    for u, row in zip(unknown, result["delta"]):
         best = int(np.argmin(row))
         cells = [f"{v:.5f}{'*' if j == best else ' '}" for j, v in enumerate(row)]
         lines.append(f"{u:<{w0}}  " + "  ".join(f"{c:>{w}}" for c in cells))
