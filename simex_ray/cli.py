@@ -58,13 +58,16 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     from .models import architectures
     from .training import OPTIMIZERS
 
-    p.add_argument("--loss", choices=LOSSES, default="mse", help="reconstruction error delta (default mse)")
-    p.add_argument("--epochs", type=_positive_int, default=10, help="training epochs (default 10)")
+    p.add_argument("--loss", choices=LOSSES, default=None, help="reconstruction error delta (default mse)")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default 10)")
     p.add_argument("--per-class", action="store_true", help="one member per class of each reference")
-    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam", help="(default adam)")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None, help="(default adam)")
     p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: the optimizer's)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="(default 16)")
-    p.add_argument("--architecture", choices=architectures(), default="lenet", help="(default lenet)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="(default 16)")
+    p.add_argument("--architecture", choices=architectures(), default=None, help="(default lenet)")
+    p.add_argument("--from-study", default=None, metavar="STOPPING_JSON",
+                   help="take optimizer, lr, epochs, loss, batch size and architecture from the best configuration "
+                        "of `simex tune stopping` (its stopping.json or directory); flags given explicitly win")
     _add_data_args(p)
     p.add_argument("--address", default=None,
                    help="Ray cluster address (e.g. auto, ray://host:10001); default: embedded local Ray")
@@ -120,10 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(m)
 
     from .experiments.cli import add_parsers as add_experiments
+    from .experiments.stopping_cli import add_parsers as add_tune
     from .distributed.serving.cli import add_parsers
 
     add_parsers(sub)
     add_experiments(sub)
+    add_tune(sub)
     return parser
 
 
@@ -145,11 +150,35 @@ def progress_printer(t0: float, names=()):
     return show
 
 
+TRAIN_DEFAULTS = {"loss": "mse", "epochs": 10, "optimizer": "adam", "lr": None, "batch_size": 16,
+                  "architecture": "lenet"}
+
+
 def train_config(args):
+    """The TrainConfig of `simex train` and the jobs: flags, else --from-study, else the defaults."""
+    from pathlib import Path
+
     from .training import TrainConfig
 
-    return TrainConfig(architecture=args.architecture, loss=args.loss, epochs=args.epochs,
-                       batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, seed=args.seed)
+    study = {}
+    if getattr(args, "from_study", None):
+        from .experiments.stopping import recommended_training
+
+        path = Path(args.from_study)
+        path = path / "stopping.json" if path.is_dir() else path
+        if not path.is_file():
+            raise UsageError(f"--from-study: {path} is missing; run `simex tune stopping --out DIR` first")
+        try:
+            study = recommended_training(json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"--from-study: {path} is not valid JSON ({e})") from None
+        log.info("from the study: %s, %d epochs (%s)", study["config"], study["epochs"],
+                 "its earliest stable epoch" if study["stable"] else "never stable: every epoch it ran")
+    kw = {}
+    for key, default in TRAIN_DEFAULTS.items():
+        given = getattr(args, key)
+        kw[key] = given if given is not None else study.get(key) if study.get(key) is not None else default
+    return TrainConfig(seed=args.seed, **kw)
 
 
 def resources_from(args):
@@ -265,7 +294,13 @@ def cmd_experiment(args) -> int:
     return run(args)
 
 
-COMMANDS = {"experiment": cmd_experiment, "train": cmd_train, "score": cmd_score, "matrix": cmd_matrix, "serve": cmd_serve, "query": cmd_query}
+def cmd_tune(args) -> int:
+    from .experiments.stopping_cli import cmd_tune as run
+
+    return run(args)
+
+
+COMMANDS = {"tune": cmd_tune, "experiment": cmd_experiment, "train": cmd_train, "score": cmd_score, "matrix": cmd_matrix, "serve": cmd_serve, "query": cmd_query}
 
 
 def main(argv: list[str] | None = None) -> int:
