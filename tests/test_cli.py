@@ -96,6 +96,14 @@ def test_help_lists_every_verb():
         assert verb in out
 
 
+def rho_mean(result):
+    """The paper's mean ρ recomputed from the written matrices (Δ column vs accuracy column, signed)."""
+    from simex_ray.ranking import spearman
+
+    d, a = np.asarray(result["delta"]), np.asarray(result["transfer_accuracy"])
+    return float(np.nanmean([-spearman(d[:, j], a[:, j]) for j in range(len(d))]))
+
+
 def test_experiment_inter_dataset_and_latency_verbs(tmp_path):
     protocol = tmp_path / "tiny.json"
     protocol.write_text(json.dumps({"ae_epochs": 1, "tl_configs": ["TL-1"], "clf_max_epochs": 2,
@@ -107,8 +115,21 @@ def test_experiment_inter_dataset_and_latency_verbs(tmp_path):
     proc = simex("experiment", "inter-dataset", "--refs", refs, "--samples", "120", "--test-samples", "200",
                  "--protocol", protocol, "--out", tmp_path / "i", "--no-ray")
     summary = json.loads(proc.stdout)
-    assert summary["references"] == refs.split(",") and -1 <= summary["rho_mean"] <= 1
     result = json.loads((tmp_path / "i" / "inter_dataset.json").read_text())
+    assert summary["references"] == refs.split(",") and summary["rho_mean"] == pytest.approx(rho_mean(result))
+    # The ground truth it computed is reused as it is: no classifier trained, the same matrix, Δ of another loss.
+    again = simex("experiment", "inter-dataset", "--refs", refs, "--loss", "issim",
+                  "--ground-truth", tmp_path / "i" / "ground_truth", "--out", tmp_path / "i2", "--no-ray")
+    reused = json.loads((tmp_path / "i2" / "inter_dataset.json").read_text())
+    assert reused["transfer_accuracy"] == result["transfer_accuracy"] and reused["ground_truth"]["reused"]
+    assert "base-classifiers" not in again.stderr and "transfer " not in again.stderr
+    assert reused["samples"] == 120 and reused["protocol"]["test_samples"] == 200  # taken from the ground truth
+    bad = simex("experiment", "inter-dataset", "--refs", refs, "--samples", "60", "--ground-truth",
+                tmp_path / "i" / "ground_truth", "--out", tmp_path / "i3", "--no-ray", check=False)
+    assert_one_line_error(bad, "computed on --samples 120, not 60")
+    bad = simex("experiment", "inter-dataset", "--refs", refs, "--protocol", protocol, "--ground-truth",
+                tmp_path / "i" / "ground_truth", "--out", tmp_path / "i3", "--no-ray", check=False)
+    assert_one_line_error(bad, "protocol differs in test_samples (test_samples 200 here, None asked)")
     assert len(result["delta"]) == 3 and len(result["transfer_accuracy"][0]) == 3
     assert set(result["baselines"]) == {"sample-mse", "sample-issim", "embeddings"}
     assert result["sizes"][refs.split(",")[2]]["clf_test"] == 200  # all ten 1-based classes kept

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from simex_ray import data
 from simex_ray.fleet import Fleet, read_manifest
@@ -103,7 +102,6 @@ def test_main_job_runs_on_the_session_ray(ray_cluster, tmp_path):
     fleet = Fleet.load(tmp_path / "fleet")
     _, test = data.prepare("digits", samples=240, seed=0)
     assert fleet.score(test.x).delta["digits"] == pytest.approx(result["delta"][0][0])
-    assert isinstance(torch.__version__, str)
 
 
 def test_base_classifiers_on_ray_train_survive_a_crash_and_match_local(ray_cluster, tmp_path):
@@ -139,7 +137,9 @@ def test_inter_dataset_job_on_the_cluster(ray_cluster, tmp_path):
     proc = run(ROOT / "jobs" / "inter_dataset.py", "--address", ray_cluster.address, "--refs", refs,
                "--samples", "120", "--protocol", protocol, "--cpus-per-task", "0.5", "--out", tmp_path / "out")
     summary = json.loads(proc.stdout)
-    assert summary["references"] == refs.split(",") and -1 <= summary["rho_mean"] <= 1
+    result = json.loads((tmp_path / "out" / "inter_dataset.json").read_text())
+    assert summary["references"] == refs.split(",")
+    assert summary["rho_mean"] == pytest.approx(np.mean(list(result["rho_per_base"].values())))
     # progress as units finish: 3 base classifiers (Ray Train), 9 transfers (Ray tasks)
     assert re.search(r"base-classifiers\s+1/3", proc.stderr) and re.search(r"transfer\s+1/9", proc.stderr)
     result = json.loads((tmp_path / "out" / "inter_dataset.json").read_text())

@@ -198,7 +198,16 @@ def test_replica_kill_keeps_the_service_answering(service):
     stop.set()
     t.join()
     assert codes and all(c == 200 for c in codes), codes
-    assert app["name"] == "digits" and serve.status().applications["simex"].status == "RUNNING"
+    # Serve replaced the killed replica: two replicas again, the dead one not among them.
+    deadline = time.time() + 90
+    while True:
+        now = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+               if "SERVE_REPLICA" in a["name"] and f"simex-m-{app['name']}" in a["name"]]
+        if len(now) == 2 and replicas[0]["name"] not in now:
+            break
+        assert time.time() < deadline, now
+        time.sleep(1)
+    assert serve.status().applications["simex"].status == "RUNNING"
 
 
 def test_member_update_redeploys_only_what_changed(service):

@@ -294,7 +294,6 @@ def study_data(gt, refs: Sequence[str] | None = None, *, loss: str = "mse", eval
     """Load the references exactly as the ground truth did (its samples, data seed and test
     split, checked by fingerprint) and cap each evaluation split at ``eval_samples`` images
     (class-balanced, seeded; None: all)."""
-    from .. import data
     from ..protocol import load_splits
 
     refs = list(refs) if refs is not None else list(gt.references)
