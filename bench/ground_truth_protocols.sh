@@ -23,19 +23,20 @@ done
 python - "$OUT" $PRESETS <<'PY'
 import json, sys
 out, presets = sys.argv[1], sys.argv[2:]
-print(f"{'protocol':<12} {'target':<9} {'SNR':>5} {'own best':>8} {'row spread':>12}   rho paper / strict (accuracy)")
+print("rho of each distance against each ground truth, mean over bases: paper (base included) / strict (X != Y)")
+print(f"{'protocol':<11} {'target':<8} {'SNR':>5} {'own best':>8} {'row spread':>12} | {'Δ-mse':>11} {'Δ-issim':>11} "
+      f"{'sample-mse':>11} {'sample-issim':>12} {'emb (mse)':>11} {'emb (issim)':>11}")
 for p in presets:
     gt = json.load(open(f"{out}/gt-{p}/ground_truth.json"))
     s = gt["snr"]
-    rows = []
-    for loss in ("mse", "issim"):
-        r = json.load(open(f"{out}/inter-{p}-{loss}/inter_dataset.json"))
-        key = "" if s["target"] == "accuracy" else "_gain"
-        rows.append((f"Δ-{loss}", r[f"rho_mean{key}"], r[f"rho_mean_strict{key}"]))
-        for b, v in r["baselines"].items():
-            if b != "embeddings" or loss == "issim":
-                rows.append((b if b != "embeddings" else "embeddings", v[f"rho_mean{key}"], v[f"rho_mean_strict{key}"]))
+    key = "" if s["target"] == "accuracy" else "_gain"
+    r = {loss: json.load(open(f"{out}/inter-{p}-{loss}/inter_dataset.json")) for loss in ("mse", "issim")}
+    def cell(d):
+        return f"{d['rho_mean' + key]:+.2f}/{d['rho_mean_strict' + key]:+.2f}"
+    cells = [cell(r["mse"]), cell(r["issim"]), cell(r["mse"]["baselines"]["sample-mse"]),
+             cell(r["mse"]["baselines"]["sample-issim"]), cell(r["mse"]["baselines"]["embeddings"]),
+             cell(r["issim"]["baselines"]["embeddings"])]
     spread = f"{min(s['row_spread']):.3f}-{max(s['row_spread']):.3f}"
-    cells = "  ".join(f"{n} {a:+.2f}/{b:+.2f}" for n, a, b in rows)
-    print(f"{p:<12} {s['target']:<9} {s['snr']:>5.2f} {s['own_base_best']:>5}/{len(s['row_spread'])} {spread:>12}   {cells}")
+    print(f"{p:<11} {s['target']:<8} {s['snr']:>5.2f} {s['own_base_best']:>5}/{len(s['row_spread'])} {spread:>12} | "
+          + " ".join(f"{c:>11}" for c in cells[:3]) + f" {cells[3]:>12} " + " ".join(f"{c:>11}" for c in cells[4:]))
 PY

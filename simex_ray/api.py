@@ -118,6 +118,34 @@ def select_members(requested: list[str] | None, available: list[str]) -> list[st
     return list(dict.fromkeys(requested))
 
 
-def score_response(n: int, loss: str, delta: dict[str, float], latency_ms: float) -> dict[str, Any]:
-    return {"n": n, "loss": loss, "delta": delta,
-            "ranking": sorted(delta, key=lambda m: (delta[m], m)), "latency_ms": latency_ms}
+def score_response(per_sample: np.ndarray, members: list[dict[str, Any]], loss: str, latency_ms: float, *,
+                   method: str | None = None, with_samples: bool = False) -> dict[str, Any]:
+    """The response of POST /v1/score: the same fields as `simex score --json` (every Δ, ranking and the
+    composition), from the (members, N) per-sample δ and the members' manifest records; with
+    ``with_samples`` also ``per_sample``: δ per member and the nearest member of every image."""
+    from .fleet import DEFAULT_RANKING, Member, score_result
+
+    records = [Member.from_json(m) for m in members]
+    result = score_result(per_sample, records, loss, method or DEFAULT_RANKING, keep_per_sample=with_samples)
+    out = {**result.to_json(), "latency_ms": latency_ms}
+    if with_samples:
+        out["per_sample"] = {"delta": {m.name: row.tolist() for m, row in zip(records, result.per_sample)},
+                             "nearest": result.nearest,
+                             f"nearest_{result.method}": result.nearest_score.tolist()}
+    return out
+
+
+def parse_ranking(value: str | None) -> str | None:
+    from .fleet import RANKINGS
+
+    if value is None or value in RANKINGS:
+        return value
+    raise ApiError(422, f"unknown ranking '{value}'; known: {', '.join(RANKINGS)}")
+
+
+def parse_flag(value: str | None, name: str) -> bool:
+    if value is None or value.lower() in ("0", "false", "no", ""):
+        return False
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    raise ApiError(422, f"{name} must be true or false, got '{value}'")

@@ -52,6 +52,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="cache directory for downloaded datasets (default $SIMEX_DATA or ~/.cache/simex)")
 
 
+RANKING_CHOICES = ("raw", "normalized", "calibrated", "in_distribution")
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="where the autoencoders run (default cpu; auto = cuda when present)")
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """Training and cluster flags, shared by `simex train` and the jobs."""
     from .losses import LOSSES
@@ -108,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--members", default=None, help="comma-separated subset of members (default all)")
     s.add_argument("--loss", choices=LOSSES, default=None, help="override the fleet's delta")
     s.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    s.add_argument("--ranking", choices=RANKING_CHOICES, default=None,
+                   help="how `ranking` orders references (default: calibrated); every ranking is in --json")
+    s.add_argument("--per-sample", default=None, metavar="OUT.parquet",
+                   help="write one row per sample: index, label, δ per member, nearest member, its score")
+    _add_device_arg(s)
     _add_data_args(s)
 
     m = sub.add_parser("matrix", help="delta of several unknown datasets against every member (+ heatmap)",
@@ -120,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--loss", choices=LOSSES, default=None, help="override the fleet's delta")
     m.add_argument("--out", default=None, help="write delta_matrix.{json,parquet,png} here")
     m.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    _add_device_arg(m)
     _add_data_args(m)
 
     from .experiments.cli import add_parsers as add_experiments
@@ -215,9 +229,12 @@ def cmd_score(args) -> int:
     from . import data
     from .fleet import Fleet
 
+    from .fleet import DEFAULT_RANKING
+    from .scoring import resolve_device
+
     names = [n.strip() for n in args.members.split(",") if n.strip()] if args.members else None
     data.parse_spec(args.data)
-    fleet = Fleet.load(args.fleet, names=names)
+    fleet = Fleet.load(args.fleet, names=names, device=resolve_device(args.device))
     seed = data_seed(args)
     if args.split == "all":
         ds = data.load(args.data, seed=seed, data_dir=args.data_dir)
@@ -227,24 +244,46 @@ def cmd_score(args) -> int:
         train, test = data.prepare(args.data, samples=args.samples, seed=seed, data_dir=args.data_dir)
         ds = train if args.split == "train" else test
     t0 = time.perf_counter()
-    result = fleet.score(ds.x, loss=args.loss)
+    result = fleet.score(ds.x, loss=args.loss, method=args.ranking or DEFAULT_RANKING,
+                         per_sample=args.per_sample is not None)
     elapsed = time.perf_counter() - t0
+    if args.per_sample:
+        import io
+        from pathlib import Path
+
+        from .fleet import atomic_write_bytes
+
+        buf = io.BytesIO()
+        result.per_sample_table(list(result.delta), ds.y).to_parquet(buf, index=False)
+        atomic_write_bytes(Path(args.per_sample), buf.getvalue())
     if args.json:
         out = {"fleet": str(args.fleet), "data": args.data, **result.to_json(), "seconds": elapsed}
         print(json.dumps(out))
         return 0
+    print(format_score(result, f"Δ({args.data} | Y) over {result.n} samples, loss {result.loss}, "
+                               f"fleet {args.fleet} ({elapsed:.2f}s)"))
+    return 0
+
+
+def format_score(result, title: str) -> str:
+    """The score as a table: every measure, in the order of ``result.ranking``, and the composition."""
     from .names import display_names
+
+    def num(v, fmt="{:>10.5f}"):
+        return fmt.format(v) if v is not None else f"{'-':>10}"
 
     shown = display_names(result.delta)
     width = max(len(n) for n in shown.values())
-    best = result.delta[result.ranking[0]]
-    print(f"Δ({args.data} | Y) over {result.n} samples, loss {result.loss}, fleet {args.fleet} ({elapsed:.2f}s)")
-    print(f"{'rank':>4}  {'reference Y':<{width}}  {'Δ':>10}  {'Δ / |Y|':>10}")
+    lines = [title, f"{'rank':>4}  {'reference Y':<{width}}  {'Δ':>10}  {'Δ / |Y|':>10}  {'Δ / Δ(Y|Y)':>10}  "
+                    f"{'in dist.':>10}  {'nearest':>8}"]
     for rank, name in enumerate(result.ranking, 1):
-        bar = "█" * max(1, min(30, round(10 * result.delta[name] / best))) if best > 0 else ""
-        print(f"{rank:>4}  {shown[name]:<{width}}  {result.delta[name]:>10.5f}  {result.delta_normalized[name]:>10.5f}  {bar}")
-    print(f"most similar: {result.ranking[0]}")
-    return 0
+        lines.append(f"{rank:>4}  {shown[name]:<{width}}  {num(result.delta[name])}  "
+                     f"{num(result.delta_normalized[name])}  {num(result.delta_calibrated.get(name))}  "
+                     f"{num(result.in_distribution.get(name), '{:>10.1%}')}  "
+                     f"{result.composition.get(name, 0):>8.1%}")
+    lines.append(f"most similar: {result.ranking[0]} (ranking: {result.method}; 'nearest' = share of samples "
+                 f"nearest to each reference)")
+    return "\n".join(lines)
 
 
 def cmd_matrix(args) -> int:
@@ -252,7 +291,9 @@ def cmd_matrix(args) -> int:
     from .experiments.matrix import delta_matrix, format_matrix, write_matrix
     from .fleet import Fleet, read_manifest
 
-    fleet = Fleet.load(args.fleet)
+    from .scoring import resolve_device
+
+    fleet = Fleet.load(args.fleet, device=resolve_device(args.device))
     if args.data:
         unknown = split_specs(args.data)
     else:  # the fleet's own references, with the samples/seed it was trained with

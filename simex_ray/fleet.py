@@ -27,9 +27,9 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .losses import check_loss, per_sample_delta
+from .losses import check_loss
 from .models import create_autoencoder
-from .training import TrainConfig, as_tensor
+from .training import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ class Member:
     n_test: int = 0
     metrics: dict[str, float] = field(default_factory=dict)  # train_delta, test_delta, ref_mean_l2, ...
     history: list[dict] = field(default_factory=list)
+    # The member's own held-out δ distribution: {"quantiles": 101 values at 0%, 1%, ..., 100%,
+    # "mean": Δ(Y_test | A(Y)), "n": test images}; empty for fleets trained before it existed.
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     @property
     def loss(self) -> str:
@@ -128,6 +131,10 @@ def read_manifest(fleet_dir: str | os.PathLike) -> dict[str, Any]:
         raise FleetError(f"{path} is corrupted ({e}); re-run `simex train` to rewrite it") from None
     if not isinstance(manifest, dict) or "members" not in manifest:
         raise FleetError(f"{path} has no 'members'; re-run `simex train` to rewrite it")
+    version = manifest.get("format", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FleetError(f"{path} has format {version}, newer than this simex reads ({FORMAT_VERSION}); "
+                         f"upgrade simex-ray, or retrain the fleet with this version")
     return manifest
 
 
@@ -146,26 +153,142 @@ def write_manifest(fleet_dir: str | os.PathLike, members: Iterable[Member], **ex
     return path
 
 
+QUANTILES = np.linspace(0.0, 1.0, 101)
+IN_DISTRIBUTION_LEVEL = 0.95
+# How `ranking` orders references (README, "Calibrated ranking": the measured choice); every
+# ranking is in the output all the same.
+RANKINGS = ("raw", "normalized", "calibrated", "in_distribution")
+DEFAULT_RANKING = "calibrated"
+
+
+def calibration_of(per_sample: np.ndarray) -> dict[str, Any]:
+    """A member's own held-out δ distribution as a quantile sketch (101 quantiles, the mean, n)."""
+    d = np.asarray(per_sample, dtype=np.float64)
+    if not len(d):
+        return {}
+    return {"quantiles": np.quantile(d, QUANTILES).tolist(), "mean": float(d.mean()), "n": int(len(d))}
+
+
+def percentile_in(calibration: dict[str, Any], delta: np.ndarray) -> np.ndarray:
+    """Where each δ falls in the member's own held-out distribution: 0 (best) .. 1 (worst seen)."""
+    q = np.asarray(calibration["quantiles"], dtype=np.float64)
+    return np.interp(delta, q, QUANTILES, left=0.0, right=1.0)
+
+
 @dataclass
 class ScoreResult:
-    """Delta of one unknown dataset against every member; smaller = more similar."""
+    """Δ of one unknown dataset against every member, four ways; smaller Δ = more similar.
+
+    ``delta``: mean δ (raw). ``delta_normalized``: divided by the reference's
+    mean L2 sample norm (paper section 5.3). ``delta_calibrated``: divided by
+    the reference's own held-out Δ(Y_test | Y), so 1 means "as well as the
+    reference's own unseen data". ``in_distribution``: the share of samples
+    whose δ lies below the reference's own 95th percentile (larger = more
+    similar). A reference without a calibration sketch gets None for the last
+    two. ``ranking`` follows ``method`` (default :data:`DEFAULT_RANKING`).
+    ``composition``: the share of samples whose nearest member (per sample, by
+    the same method) is each reference.
+    """
 
     n: int
     loss: str
     delta: dict[str, float]
     delta_normalized: dict[str, float]
+    delta_calibrated: dict[str, float | None] = field(default_factory=dict)
+    in_distribution: dict[str, float | None] = field(default_factory=dict)
+    composition: dict[str, float] = field(default_factory=dict)
+    method: str = DEFAULT_RANKING
+    per_sample: np.ndarray | None = field(default=None, repr=False)  # (members, N) raw δ
+    nearest: list[str] | None = field(default=None, repr=False)  # per sample, by ``method``
+    nearest_score: np.ndarray | None = field(default=None, repr=False)  # its per-sample score under ``method``
+
+    def ranking_by(self, method: str) -> list[str]:
+        from .ranking import rank
+
+        if method not in RANKINGS:
+            raise ValueError(f"unknown ranking '{method}'; known: {', '.join(RANKINGS)}")
+        scores = {"raw": self.delta, "normalized": self.delta_normalized, "calibrated": self.delta_calibrated,
+                  "in_distribution": self.in_distribution}[method]
+        known = {k: v for k, v in scores.items() if v is not None}
+        missing = sorted(k for k in self.delta if k not in known)  # uncalibrated members go last
+        return rank(known, reverse=method == "in_distribution") + missing
 
     @property
     def ranking(self) -> list[str]:
-        return sorted(self.delta, key=lambda name: (self.delta[name], name))
+        return self.ranking_by(self.method)
+
+    @property
+    def ranking_raw(self) -> list[str]:
+        return self.ranking_by("raw")
 
     @property
     def ranking_normalized(self) -> list[str]:
-        return sorted(self.delta_normalized, key=lambda name: (self.delta_normalized[name], name))
+        return self.ranking_by("normalized")
 
     def to_json(self) -> dict[str, Any]:
-        return {"n": self.n, "loss": self.loss, "delta": self.delta, "ranking": self.ranking,
-                "delta_normalized": self.delta_normalized, "ranking_normalized": self.ranking_normalized}
+        return {"n": self.n, "loss": self.loss, "ranking_method": self.method, "ranking": self.ranking,
+                "delta": self.delta, "ranking_raw": self.ranking_raw,
+                "delta_normalized": self.delta_normalized, "ranking_normalized": self.ranking_normalized,
+                "delta_calibrated": self.delta_calibrated, "ranking_calibrated": self.ranking_by("calibrated"),
+                "in_distribution": self.in_distribution,
+                "ranking_in_distribution": self.ranking_by("in_distribution"),
+                "composition": self.composition}
+
+    def per_sample_table(self, names: list[str], labels=None):
+        """One row per sample: index, label, δ per member, nearest member, its calibrated score."""
+        import pandas as pd
+
+        if self.per_sample is None:
+            raise ValueError("scored without per-sample values")
+        table = {"index": np.arange(self.n)}
+        if labels is not None:
+            table["label"] = np.asarray(labels)
+        for k, name in enumerate(names):
+            table[f"delta/{name}"] = self.per_sample[k]
+        table["nearest"] = self.nearest
+        table[f"nearest_{self.method}"] = self.nearest_score
+        return pd.DataFrame(table)
+
+
+def per_sample_scores(method: str, per_sample: np.ndarray, members: list["Member"]) -> np.ndarray | None:
+    """(members, N) per-sample scores under ``method``, smaller = nearer; None when a member lacks
+    what the method needs (a calibration sketch)."""
+    d = np.asarray(per_sample, dtype=np.float64)
+    if method == "raw":
+        return d
+    if method == "normalized":
+        return d / np.array([m.metrics.get("ref_mean_l2", 1.0) for m in members])[:, None]
+    if any(not m.calibration for m in members):
+        return None
+    if method == "calibrated":
+        return d / np.array([m.calibration["mean"] for m in members])[:, None]
+    if method == "in_distribution":  # per sample: its percentile in each member's own distribution
+        return np.stack([percentile_in(m.calibration, row) for m, row in zip(members, d)])
+    raise ValueError(f"unknown ranking '{method}'; known: {', '.join(RANKINGS)}")
+
+
+def score_result(per_sample: np.ndarray, members: list["Member"], loss: str, method: str = DEFAULT_RANKING,
+                 keep_per_sample: bool = False) -> ScoreResult:
+    """Every aggregate, ranking and the composition from the (members, N) per-sample δ."""
+    names = [m.name for m in members]
+    d = np.asarray(per_sample, dtype=np.float64)
+    mean = d.mean(axis=1)
+    delta = dict(zip(names, mean.tolist()))
+    norm = {m.name: delta[m.name] / m.metrics.get("ref_mean_l2", 1.0) for m in members}
+    calibrated = {m.name: (delta[m.name] / m.calibration["mean"] if m.calibration else None) for m in members}
+    in_dist = {}
+    for m, row in zip(members, d):
+        in_dist[m.name] = (float(np.mean(row < m.calibration["quantiles"][int(IN_DISTRIBUTION_LEVEL * 100)]))
+                           if m.calibration else None)
+    used = method if per_sample_scores(method, d[:, :1], members) is not None else "raw"
+    scores = per_sample_scores(used, d, members)
+    nearest_idx = np.argmin(scores, axis=0)
+    nearest = [names[i] for i in nearest_idx]
+    composition = {name: float(np.mean(nearest_idx == k)) for k, name in enumerate(names)}
+    return ScoreResult(n=d.shape[1], loss=loss, delta=delta, delta_normalized=norm, delta_calibrated=calibrated,
+                       in_distribution=in_dist, composition=composition, method=used,
+                       per_sample=d if keep_per_sample else None, nearest=nearest if keep_per_sample else None,
+                       nearest_score=scores[nearest_idx, np.arange(d.shape[1])] if keep_per_sample else None)
 
 
 class Fleet:
@@ -187,6 +310,7 @@ class Fleet:
         """Read the manifest and every (or the named) member, verifying sha256."""
         fleet_dir = Path(fleet_dir)
         manifest = read_manifest(fleet_dir)
+        device = torch.device(device)
         members = {m["name"]: Member.from_json(m) for m in manifest["members"]}
         if not members:
             raise FleetError(f"{fleet_dir / MANIFEST} lists no members; train some with `simex train`")
@@ -208,29 +332,39 @@ class Fleet:
         losses = {m.loss for m in self.members.values()}
         return losses.pop() if len(losses) == 1 else "mixed"
 
-    @torch.no_grad()
-    def per_sample_delta(self, name: str, x, loss: str | None = None, batch_size: int = 512) -> np.ndarray:
-        """delta of each sample of ``x`` (N, 1, 28, 28) through member ``name``: (N,)."""
-        model, loss = self.models[name], loss or self.members[name].loss
-        x = as_tensor(x, self.device)
-        out = [per_sample_delta(b, model(b), loss).cpu() for b in torch.split(x, batch_size)]
-        return torch.cat(out).double().numpy() if out else np.zeros(0)
+    @property
+    def engine(self):
+        """The :class:`~simex_ray.scoring.ScoringEngine` over every member (built once)."""
+        from .scoring import ScoringEngine
+
+        if getattr(self, "_engine", None) is None:
+            self._engine = ScoringEngine(self.models, {n: m.loss for n, m in self.members.items()},
+                                         device=self.device)
+        return self._engine
+
+    def per_sample_delta(self, name: str, x, loss: str | None = None) -> np.ndarray:
+        """δ of each sample of ``x`` (N, 1, 28, 28) through member ``name``: (N,)."""
+        return self.engine.per_sample(x, [name], loss)[0]
 
     def score(self, x, *, loss: str | None = None, members: Iterable[str] | None = None,
-              batch_size: int = 512) -> ScoreResult:
-        """Delta(X | Y_k) for every member k: the mean per-sample error of ``x``."""
+              method: str = DEFAULT_RANKING, per_sample: bool = False) -> ScoreResult:
+        """Δ(X | Y_k) for every member k, every ranking and the composition (see :class:`ScoreResult`).
+
+        ``x``: (N, 1, 28, 28) floats in [0, 1], or an iterable of such blocks.
+        ``per_sample`` keeps the (members, N) δ and each sample's nearest member.
+        """
         if loss is not None:
             check_loss(loss)
+        if method not in RANKINGS:
+            raise ValueError(f"unknown ranking '{method}'; known: {', '.join(RANKINGS)}")
         names = list(members) if members is not None else self.names
         unknown = [n for n in names if n not in self.members]
         if unknown:
             raise KeyError(f"unknown member(s) {', '.join(unknown)}; fleet has: {', '.join(self.names)}")
-        if len(x) == 0:
+        d = self.engine.per_sample(x, names, loss)
+        if d.shape[1] == 0:
             raise ValueError("cannot score an empty batch")
-        delta = {n: float(self.per_sample_delta(n, x, loss, batch_size).mean()) for n in names}
-        norm = {n: delta[n] / self.members[n].metrics.get("ref_mean_l2", 1.0) for n in names}
-        used = loss or self.loss
-        return ScoreResult(n=len(x), loss=used, delta=delta, delta_normalized=norm)
+        return score_result(d, [self.members[n] for n in names], loss or self.loss, method, per_sample)
 
 
 def load_member_model(fleet_dir: Path, member: Member, device="cpu") -> torch.nn.Module:

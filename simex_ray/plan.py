@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data
-from .fleet import FleetError, Member, mean_l2_norm, read_manifest, save_weights, sha256_file, write_manifest
+from .fleet import FleetError, Member, calibration_of, mean_l2_norm, read_manifest, save_weights, sha256_file, write_manifest
 from .training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,7 @@ class FleetWriter:
         member.metrics.update({k: float(last[k]) for k in ("train_delta", "test_delta", "elapsed_s") if k in last})
         member.metrics["epochs_trained"] = float(last.get("epoch", 0))
         member.history = history
+        member.calibration = own_calibration(member, state_dict, plan.x_test)
         save_weights(self.out, member, state_dict)
         with self._lock:
             self.members[member.name] = member
@@ -147,6 +148,21 @@ class FleetWriter:
             ordered = sorted(self.members.values(), key=lambda m: rank.get(m.name, len(rank)))
             write_manifest(self.out, ordered, **self.extra)
         return member
+
+
+def own_calibration(member: Member, state_dict, x_test: np.ndarray) -> dict:
+    """The member's δ distribution on its own held-out test split (the calibration sketch)."""
+    import torch
+
+    from .models import create_autoencoder
+    from .scoring import ScoringEngine
+
+    if not len(x_test):
+        return {}
+    model = create_autoencoder(member.architecture)
+    model.load_state_dict({k: torch.as_tensor(v).cpu() for k, v in state_dict.items()})
+    d = ScoringEngine({member.name: model}, {member.name: member.loss}).per_sample(x_test)[0]
+    return calibration_of(d)
 
 
 def train_fleet_local(plans: list[MemberPlan], out, *, on_epoch=None, extra: dict | None = None):

@@ -87,10 +87,34 @@ def test_http_scores_equal_simex_score(service):
         out = r.json()
         assert out["n"] == 50 and out["loss"] == "mse" and out["latency_ms"] > 0
         assert out["ranking"] == expected["ranking"] == ["digits", "bgrand:digits"]
-        for name, d in expected["delta"].items():
-            assert out["delta"][name] == pytest.approx(d, rel=tolerance)
+        for field in ("delta", "delta_normalized", "delta_calibrated", "in_distribution", "composition"):
+            for name, d in expected[field].items():
+                assert out[field][name] == pytest.approx(d, rel=tolerance, abs=tolerance), field
+        for field in ("ranking_method", "ranking_raw", "ranking_normalized", "ranking_calibrated",
+                      "ranking_in_distribution"):
+            assert out[field] == expected[field], field
+        assert "per_sample" not in out
     only = post_json(service, {"images": x[:, 0].tolist(), "members": ["digits"]}).json()
     assert list(only["delta"]) == ["digits"]
+
+
+def test_per_sample_answers_over_http_match_the_cli_table(service, tmp_path):
+    import pandas as pd
+
+    x = held_out()
+    table = tmp_path / "per_sample.parquet"
+    subprocess.run([sys.executable, "-m", "simex_ray.cli", "score", "--fleet", str(service.fleet), "--data", "digits",
+                    "--split", "test", "--samples", "300", "--per-sample", str(table)], check=True, timeout=300,
+                   capture_output=True)
+    rows = pd.read_parquet(table)
+    r = post_npy(service, x, params={"per_sample": "true", "ranking": "raw"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["ranking_method"] == "raw" and len(out["per_sample"]["nearest"]) == 50
+    np.testing.assert_allclose(out["per_sample"]["delta"]["digits"], rows["delta/digits"], rtol=1e-5)
+    assert list(rows["index"]) == list(range(50)) and "label" in rows
+    assert post_npy(service, x, params={"ranking": "best"}).status_code == 422
+    assert post_npy(service, x, params={"per_sample": "maybe"}).status_code == 422
 
 
 def _nan_body():
@@ -273,3 +297,25 @@ def test_load_script_reports_side_by_side(service):
     refused = subprocess.run([sys.executable, "serve/load.py", "--url", "http://10.1.2.3:8000", "--fleet", "x"],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "loopback" in refused.stderr
+
+
+def test_fused_layout_answers_like_the_member_apps_in_one_hop(service):
+    from ray import serve
+
+    x = held_out()
+    before = post_npy(service, x).json()
+    changes = service.redeploy(mode="fused", replicas=1)
+    try:
+        apps = serve.status().applications
+        assert [a for a in apps if a.startswith("simex-fleet-")] and not [a for a in apps if a.startswith("simex-m-")]
+        assert changes["removed"] and len(changes["added"]) == 1
+        after = post_npy(service, x).json()
+        for field in ("delta", "delta_calibrated", "in_distribution"):
+            for name, d in before[field].items():
+                assert after[field][name] == pytest.approx(d, rel=1e-5), field
+        assert after["ranking"] == before["ranking"]
+        only = post_npy(service, x[:3], params={"per_sample": "true"}).json()
+        assert len(only["per_sample"]["delta"]["bgrand:digits"]) == 3
+    finally:
+        service.redeploy()  # back to one application per member for the other tests
+    assert not [a for a in serve.status().applications if a.startswith("simex-fleet-")]

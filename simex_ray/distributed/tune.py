@@ -10,6 +10,7 @@ not run again, unfinished ones continue from their last epoch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -150,7 +151,9 @@ def run_study(study: StudyData, configs: list[tuple[str, float]], seeds: list[in
                 stop=StableRhoStopper(rule) if rule is not None else None,
                 failure_config=FailureConfig(max_failures=max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    results = tuner.fit()
+    # Tune prints its own tables to stdout even when told to be quiet; stdout is the command's JSON line.
+    with contextlib.redirect_stdout(sys.stderr):
+        results = tuner.fit()
     rows: list[dict[str, Any]] = []
     for r in results:
         rows.extend(_reported_rows(r))

@@ -24,7 +24,7 @@ def add_common(p, *, refs_required: bool = True) -> None:
                    help="data seed: samples, splits, variant images (default: --seed, or the ground truth's)")
     p.add_argument("--protocol", default=None,
                    help="preset (default, paper, last-layer, few-shot, finetune) or a JSON file of ProtocolConfig "
-                        "fields (default: 'default', or the ground truth's)")
+                        "fields (default: the ground truth's, else 'few-shot' for transfer and 'default' otherwise)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--address", default=None, help="Ray cluster address; default: embedded local Ray")
@@ -79,12 +79,14 @@ def progress(t0: float, names=()):
 
 def resolve_protocol(args, ground_truth=None):
     """--protocol / --test-samples, or the ground truth's protocol when none is named."""
-    from ..protocol import DEFAULT, ProtocolConfig, load_protocol
+    from ..protocol import DEFAULT, PRESETS, STUDY_PROTOCOL, ProtocolConfig, load_protocol
 
     if args.protocol is not None:
         protocol = load_protocol(args.protocol)
     elif ground_truth is not None:
         protocol = ProtocolConfig.from_dict(ground_truth.protocol)
+    elif args.experiment == "transfer":  # a ground truth for the Tune study: the one with the most signal
+        protocol = PRESETS[STUDY_PROTOCOL]
     else:
         protocol = DEFAULT
     if args.test_samples is not None:

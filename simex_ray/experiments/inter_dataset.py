@@ -116,8 +116,7 @@ def delta_matrix_of(f: Fleet, refs: list[str], splits: dict[str, Splits], loss: 
     n = len(refs)
     delta = np.zeros((n, n))
     for i, x in enumerate(refs):
-        for j, y in enumerate(refs):
-            delta[i, j] = float(f.per_sample_delta(y, splits[x].ae_test, loss).mean())
+        delta[i] = f.engine.per_sample(splits[x].ae_test, refs, loss).mean(axis=1)
         if on_progress is not None:
             on_progress("delta", i + 1, n)
     return delta

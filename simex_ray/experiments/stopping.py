@@ -29,7 +29,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..losses import per_sample_delta
 from ..ranking import agreement
 from ..training import TrainConfig, as_tensor, initial_state, train_one_epoch
 
@@ -89,17 +88,14 @@ class FleetStepper:
         self.train_seconds += time.perf_counter() - t0
         return out
 
-    @torch.no_grad()
-    def delta_matrix(self, unknown: Mapping[str, np.ndarray], batch_size: int = 1024) -> np.ndarray:
-        """Δ(X_i | A(Y_j)): rows = ``unknown`` in order, columns = members in order."""
-        out = np.zeros((len(unknown), len(self.names)))
-        for j, n in enumerate(self.names):
-            model = self.models[n].eval()
-            for i, x in enumerate(unknown.values()):
-                x = as_tensor(x, self.device)
-                total = sum(float(per_sample_delta(b, model(b), self.config.loss).double().sum())
-                            for b in torch.split(x, batch_size))
-                out[i, j] = total / len(x)
+    def delta_matrix(self, unknown: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Δ(X_i | A(Y_j)): rows = ``unknown`` in order, columns = members in order (the scoring engine)."""
+        from ..scoring import ScoringEngine
+
+        engine = ScoringEngine(self.models, {n: self.config.loss for n in self.names}, device=self.device)
+        out = np.stack([engine.per_sample(x).mean(axis=1) for x in unknown.values()])
+        for m in self.models.values():
+            m.train()
         return out
 
     def state_dict(self) -> dict[str, Any]:

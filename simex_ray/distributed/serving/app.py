@@ -1,11 +1,14 @@
 """Ray Serve deployments: one application per fleet member, one ingress application.
 
-Each member is its own Serve application (``simex-m-<member>-<sha8>``) with a
-``MemberScorer`` deployment, so a fleet update deploys only new or changed
-members and deletes removed ones while the rest keep serving. The ingress
-application (``simex``) validates requests, fans a batch out to the selected
-members concurrently, gathers Δ and returns the ranking; which members exist
-is its ``user_config``, a lightweight update that restarts nothing.
+Two layouts. *members* (default): each member is its own Serve application
+(``simex-m-<member>-<sha8>``) with a ``MemberScorer`` deployment, so members
+scale independently and a fleet update deploys only new or changed members.
+*fused*: one ``FleetScorer`` application (``simex-fleet-<digest8>``) holds the
+whole fleet on the fused scoring engine, so a request is one hop. The ingress
+application (``simex``) validates requests, gets the per-sample δ (fanned out
+to the members, or from the fleet scorer), and returns every Δ, ranking and
+the composition; which scorers exist is its ``user_config``, a lightweight
+update that restarts nothing.
 """
 
 
@@ -22,8 +25,8 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from ... import __version__
-from ...api import JSON, NPY, ApiError, Limits, check_api_key, check_body_size, parse_score_request, \
-    score_response, select_members
+from ...api import JSON, NPY, ApiError, Limits, check_api_key, check_body_size, parse_flag, parse_ranking, \
+    parse_score_request, score_response, select_members
 from ...fleet import Fleet, FleetError, read_manifest
 
 log = logging.getLogger(__name__)
@@ -36,31 +39,81 @@ INGRESS_APP = "simex"
 class MemberScorer:
     """One member's autoencoder; concurrent requests are batched into one forward pass."""
 
-    def __init__(self, fleet: str, member: str, sha256: str, threads: int = 1):
+    def __init__(self, fleet: str, member: str, sha256: str, threads: int = 1, device: str = "cpu"):
         import torch
 
         torch.set_num_threads(threads)
-        self.fleet = Fleet.load(fleet, names=[member])
+        self.fleet = Fleet.load(fleet, names=[member], device=device)
         self.member = member
         if self.fleet.members[member].sha256 != sha256:
             raise FleetError(f"member '{member}' in {fleet} changed while deploying (sha256 differs); redeploy")
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def score(self, batches: list[np.ndarray]) -> list[tuple[float, int]]:
-        """Per request: (sum of per-sample delta, number of samples)."""
-        sizes = [len(b) for b in batches]
-        x = np.concatenate(batches) if len(batches) > 1 else batches[0]
-        # Off the event loop, so health checks and new requests are still accepted.
-        deltas = await asyncio.get_running_loop().run_in_executor(
-            None, self.fleet.per_sample_delta, self.member, x)
-        out, start = [], 0
-        for n in sizes:
-            out.append((float(deltas[start:start + n].sum()), n))
-            start += n
-        return out
+    async def score(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """Per request: the per-sample δ, (n,)."""
+        return await _split(batches, lambda x: self.fleet.per_sample_delta(self.member, x))
 
     def pid(self) -> int:
         return os.getpid()
+
+
+async def _split(batches: list[np.ndarray], fn) -> list[np.ndarray]:
+    """Run ``fn`` once on the concatenated requests (off the event loop, so health checks and new
+    requests are still accepted) and hand each request its own columns."""
+    sizes = [len(b) for b in batches]
+    x = np.concatenate(batches) if len(batches) > 1 else batches[0]
+    d = await asyncio.get_running_loop().run_in_executor(None, fn, x)
+    out, start = [], 0
+    for n in sizes:
+        out.append(d[..., start:start + n])
+        start += n
+    return out
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64, graceful_shutdown_timeout_s=20)
+class FleetScorer:
+    """The whole fleet in one replica on the fused scoring engine: one request, one hop."""
+
+    def __init__(self, fleet: str, digest: str, threads: int = 1, device: str = "cpu"):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.fleet = Fleet.load(fleet, device=device)
+        if fleet_digest(read_manifest(fleet)["members"]) != digest:
+            raise FleetError(f"{fleet} changed while deploying (member hashes differ); redeploy")
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def score(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """Per request: the per-sample δ of every member in manifest order, (M, n)."""
+        return await _split(batches, self.fleet.engine.per_sample)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def fleet_digest(members: list[dict]) -> str:
+    """Names and weight hashes of every member: a new digest = a new fused application."""
+    import hashlib
+
+    return hashlib.sha256("|".join(f"{m['name']}={m['sha256']}" for m in members).encode()).hexdigest()
+
+
+def fleet_app(args: dict[str, Any]):
+    """Application builder for the fused whole-fleet scorer (also the `import_path` in Serve configs).
+
+    args: fleet, digest, and optionally num_replicas / autoscaling_config, num_cpus, num_gpus, device.
+    """
+    actor: dict[str, Any] = {"num_cpus": float(args.get("num_cpus", 1))}
+    if args.get("num_gpus"):
+        actor["num_gpus"] = float(args["num_gpus"])
+    options: dict[str, Any] = {"ray_actor_options": actor}
+    if args.get("autoscaling_config"):
+        options["autoscaling_config"] = args["autoscaling_config"]
+    else:
+        options["num_replicas"] = int(args.get("num_replicas", 1))
+    threads = max(1, round(float(args.get("num_cpus", 1))))
+    return FleetScorer.options(**options).bind(str(args["fleet"]), args["digest"], threads,
+                                               args.get("device", "cpu"))
 
 
 def member_app(args: dict[str, Any]):
@@ -69,12 +122,16 @@ def member_app(args: dict[str, Any]):
     args: fleet, member, sha256, and optionally num_replicas (int), autoscaling_config
     (dict), num_cpus (per replica).
     """
-    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": float(args.get("num_cpus", 0.25))}}
+    actor: dict[str, Any] = {"num_cpus": float(args.get("num_cpus", 0.25))}
+    if args.get("num_gpus"):
+        actor["num_gpus"] = float(args["num_gpus"])
+    options: dict[str, Any] = {"ray_actor_options": actor}
     if args.get("autoscaling_config"):
         options["autoscaling_config"] = args["autoscaling_config"]
     else:
         options["num_replicas"] = int(args.get("num_replicas", 1))
-    return MemberScorer.options(**options).bind(str(args["fleet"]), args["member"], args["sha256"])
+    return MemberScorer.options(**options).bind(str(args["fleet"]), args["member"], args["sha256"], 1,
+                                                args.get("device", "cpu"))
 
 
 # ------------------------------------------------------------------ ingress
@@ -82,9 +139,23 @@ def member_app(args: dict[str, Any]):
 class ScoreResponse(BaseModel):
     n: int = Field(description="number of images scored")
     loss: str = Field(description="reconstruction error δ: mse or issim")
-    delta: dict[str, float] = Field(description="Δ(X | member) per member; smaller = more similar")
+    ranking_method: str = Field(description="how `ranking` orders members: raw, normalized, calibrated, "
+                                            "in_distribution")
     ranking: list[str] = Field(description="members, most similar first")
+    delta: dict[str, float] = Field(description="Δ(X | member) per member; smaller = more similar")
+    ranking_raw: list[str]
+    delta_normalized: dict[str, float] = Field(description="Δ / the reference's mean L2 sample norm")
+    ranking_normalized: list[str]
+    delta_calibrated: dict[str, float | None] = Field(description="Δ / Δ(Y_test | Y), the reference's own "
+                                                                  "held-out Δ (1 = like its own unseen data)")
+    ranking_calibrated: list[str]
+    in_distribution: dict[str, float | None] = Field(description="share of images whose δ is below the "
+                                                                 "reference's own 95th percentile")
+    ranking_in_distribution: list[str]
+    composition: dict[str, float] = Field(description="share of images nearest to each member")
     latency_ms: float = Field(description="time spent in the service")
+    per_sample: dict[str, Any] | None = Field(default=None, description="with ?per_sample=true: δ per member "
+                                                                        "and the nearest member, per image")
 
 
 class ErrorResponse(BaseModel):
@@ -136,15 +207,20 @@ class Ingress:
     def __init__(self):
         self.members: dict[str, dict] = {}
         self.handles: dict[str, Any] = {}
+        self.fused, self.order = None, []
         self.api_key, self.limits, self.loss, self.fleet = None, Limits(), "mse", ""
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """config: fleet, members {name: {app, sha256}}, api_key_sha256, max_images, max_body_bytes."""
+        """config: fleet, members {name: {app, sha256}}, fused (the whole-fleet app, or None),
+        api_key_sha256, max_images, max_body_bytes."""
         manifest = read_manifest(config["fleet"])
         records = {m["name"]: m for m in manifest["members"]}
         self.members = {name: {**records[name], **spec} for name, spec in config["members"].items()
                         if name in records}
-        self.handles = {name: serve.get_app_handle(spec["app"]) for name, spec in self.members.items()}
+        self.order = [m["name"] for m in manifest["members"]]  # the fused scorer's row order
+        self.fused = serve.get_app_handle(config["fused"]) if config.get("fused") else None
+        self.handles = {} if self.fused else {name: serve.get_app_handle(spec["app"])
+                                              for name, spec in self.members.items()}
         self.api_key = config.get("api_key_sha256") or None
         self.limits = Limits(int(config.get("max_images", Limits.max_images)),
                              int(config.get("max_body_bytes", Limits.max_body_bytes)))
@@ -161,28 +237,32 @@ class Ingress:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _member_delta(self, name: str, x: np.ndarray) -> float:
+    async def _call(self, handle, what: str, x: np.ndarray) -> np.ndarray:
         for attempt in range(2):  # one retry: a replica may die between routing and reply
             try:
-                total, n = await self.handles[name].score.remote(x)
-                return total / n
+                return await handle.score.remote(x)
             except Exception as e:  # noqa: BLE001 - actor death, unavailable replica
                 if attempt == 1:
-                    raise ApiError(503, f"member '{name}' is unavailable ({type(e).__name__}); retry shortly") \
-                        from None
+                    raise ApiError(503, f"{what} is unavailable ({type(e).__name__}); retry shortly") from None
                 await asyncio.sleep(0.2)
         raise AssertionError("unreachable")
 
-    @api.post("/v1/score", response_model=ScoreResponse, responses=ERRORS, openapi_extra=SCORE_BODY,
-              summary="Δ of a batch of images against every member, and the ranking")
-    async def score(self, request: Request):
+    @api.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True, responses=ERRORS,
+              openapi_extra=SCORE_BODY, summary="Δ of a batch of images against every member, and the rankings")
+    async def score(self, request: Request, per_sample: str | None = None, ranking: str | None = None):
         t0 = time.perf_counter()
         check_api_key(self.api_key, request.headers.get("x-api-key"))
+        with_samples, method = parse_flag(per_sample, "per_sample"), parse_ranking(ranking)
         x, requested = parse_score_request(await self._read_body(request),
                                            request.headers.get("content-type"), self.limits)
         names = select_members(requested, list(self.members))
-        deltas = await asyncio.gather(*(self._member_delta(n, x) for n in names))
-        return score_response(len(x), self.loss, dict(zip(names, deltas)), 1000 * (time.perf_counter() - t0))
+        if self.fused is not None:  # one hop: every member in manifest order, then the requested rows
+            d = await self._call(self.fused, "the fleet scorer", x)
+            d = d[[self.order.index(n) for n in names]]
+        else:
+            d = np.stack(await asyncio.gather(*(self._call(self.handles[n], f"member '{n}'", x) for n in names)))
+        return score_response(d, [self.members[n] for n in names], self.loss, 1000 * (time.perf_counter() - t0),
+                              method=method, with_samples=with_samples)
 
     @api.get("/v1/members", responses={401: ERRORS[401]}, summary="the fleet's members")
     async def members_info(self, request: Request):

@@ -30,6 +30,12 @@ def add_parsers(sub) -> None:
                        help="require this key in the X-API-Key header (default $SIMEX_API_KEY; none)")
         p.add_argument("--max-images", type=int, default=4096, help="images per request (default 4096)")
         p.add_argument("--max-body-mb", type=float, default=64, help="request body limit in MB (default 64)")
+        p.add_argument("--mode", choices=("members", "fused"), default="members",
+                       help="members: one application per member (scale members independently; default); "
+                            "fused: one application holding the whole fleet (one hop per request)")
+        p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                       help="where the scorers run (default cpu); cuda needs --gpus-per-replica")
+        p.add_argument("--gpus-per-replica", type=float, default=0.0, help="(default 0; fractions allowed)")
 
     start = verbs.add_parser("start", help="start serving a fleet",
                              description="Without --address: starts an embedded Ray, serves in the foreground "
@@ -82,8 +88,12 @@ def settings_from(args):
         autoscaling = {"min_replicas": lo, "max_replicas": hi, "target_ongoing_requests": 4}
     if args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if args.gpus_per_replica > 0 else "cpu"
     return ServeSettings(replicas=args.replicas, autoscaling=autoscaling, cpus_per_replica=args.cpus_per_replica,
-                         api_key=args.api_key or None,
+                         api_key=args.api_key or None, mode=args.mode, device=device,
+                         gpus_per_replica=args.gpus_per_replica,
                          limits=Limits(max_images=args.max_images, max_body_bytes=int(args.max_body_mb * 2**20)))
 
 
@@ -213,8 +223,8 @@ def cmd_query(args) -> int:
         headers["x-api-key"] = args.api_key
     members = [m.strip() for m in args.members.split(",")] if args.members else None
     url = args.url.rstrip("/") + "/v1/score"
-    sums: dict[str, float] = {}
-    loss, t0 = "", time.perf_counter()
+    sums: dict[str, dict[str, float]] = {}
+    loss, method, t0 = "", None, time.perf_counter()
     for start in range(0, len(ds), args.batch):
         part = ds.x[start:start + args.batch]
         if members:
@@ -236,17 +246,30 @@ def cmd_query(args) -> int:
                 message = r.text[:200]
             raise ConnectionError(f"{url} answered {r.status_code}: {message}")
         out = r.json()
-        loss = out["loss"]
-        for name, d in out["delta"].items():  # mean over the whole dataset, batch-size weighted
-            sums[name] = sums.get(name, 0.0) + d * len(part)
-    delta = {name: s / len(ds) for name, s in sums.items()}
-    ranking = sorted(delta, key=lambda m: (delta[m], m))
+        loss, method = out["loss"], out["ranking_method"]
+        # Every field is a mean over images: the whole dataset's is the batch-size weighted mean.
+        for field in FIELDS:
+            for name, v in out[field].items():
+                acc = sums.setdefault(field, {})
+                acc[name] = None if v is None or acc.get(name, 0.0) is None else acc.get(name, 0.0) + v * len(part)
+    result = _query_result(sums, len(ds), loss, method)
     if args.json:
-        print(json.dumps({"url": args.url, "data": args.data, "n": len(ds), "loss": loss, "delta": delta,
-                          "ranking": ranking, "seconds": time.perf_counter() - t0}))
+        print(json.dumps({"url": args.url, "data": args.data, **result.to_json(),
+                          "seconds": time.perf_counter() - t0}))
         return 0
-    print(f"Δ({args.data} | Y) over {len(ds)} samples via {args.url}, loss {loss}")
-    for rank, name in enumerate(ranking, 1):
-        print(f"{rank:>4}  {name:<32} {delta[name]:.5f}")
-    print(f"most similar: {ranking[0]}")
+    from ...cli import format_score
+
+    print(format_score(result, f"Δ({args.data} | Y) over {len(ds)} samples via {args.url}, loss {loss}"))
     return 0
+
+
+FIELDS = ("delta", "delta_normalized", "delta_calibrated", "in_distribution", "composition")
+
+
+def _query_result(sums: dict[str, dict[str, float]], n: int, loss: str, method: str):
+    from ...fleet import ScoreResult
+
+    mean = {f: {k: (None if v is None else v / n) for k, v in sums.get(f, {}).items()} for f in FIELDS}
+    return ScoreResult(n=n, loss=loss, delta=mean["delta"], delta_normalized=mean["delta_normalized"],
+                       delta_calibrated=mean["delta_calibrated"], in_distribution=mean["in_distribution"],
+                       composition=mean["composition"], method=method)

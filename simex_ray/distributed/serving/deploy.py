@@ -11,11 +11,13 @@ from ray import serve
 
 from ...api import Limits, key_digest
 from ...fleet import Fleet, read_manifest, slug
-from .app import INGRESS_APP, ingress_app, member_app
+from .app import INGRESS_APP, fleet_app, fleet_digest, ingress_app, member_app
 
 log = logging.getLogger(__name__)
 
 MEMBER_PREFIX = "simex-m-"
+FLEET_PREFIX = "simex-fleet-"
+MODES = ("members", "fused")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,15 @@ class ServeSettings:
     ingress_replicas: int = 1
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
+    mode: str = "members"  # or "fused": one application holding the whole fleet
+    device: str = "cpu"
+    gpus_per_replica: float = 0.0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown serving mode '{self.mode}'; known: {', '.join(MODES)}")
+        if self.device == "cuda" and not self.gpus_per_replica > 0:
+            raise ValueError("--device cuda needs --gpus-per-replica > 0 (fractions allowed, e.g. 0.25)")
 
 
 def member_app_name(name: str, sha256: str) -> str:
@@ -33,8 +44,14 @@ def member_app_name(name: str, sha256: str) -> str:
     return f"{MEMBER_PREFIX}{slug(name)}-{sha256[:8]}"
 
 
-def _member_args(fleet: Path, m: dict, s: ServeSettings) -> dict[str, Any]:
-    args = {"fleet": str(fleet), "member": m["name"], "sha256": m["sha256"], "num_cpus": s.cpus_per_replica}
+def fleet_app_name(members: list[dict]) -> str:
+    return f"{FLEET_PREFIX}{fleet_digest(members)[:8]}"
+
+
+def _scaling(s: ServeSettings) -> dict[str, Any]:
+    args: dict[str, Any] = {"num_cpus": s.cpus_per_replica, "device": s.device}
+    if s.gpus_per_replica:
+        args["num_gpus"] = s.gpus_per_replica
     if s.autoscaling:
         args["autoscaling_config"] = s.autoscaling
     else:
@@ -42,11 +59,27 @@ def _member_args(fleet: Path, m: dict, s: ServeSettings) -> dict[str, Any]:
     return args
 
 
+def _member_args(fleet: Path, m: dict, s: ServeSettings) -> dict[str, Any]:
+    return {"fleet": str(fleet), "member": m["name"], "sha256": m["sha256"], **_scaling(s)}
+
+
+def _fleet_args(fleet: Path, members: list[dict], s: ServeSettings) -> dict[str, Any]:
+    return {"fleet": str(fleet), "digest": fleet_digest(members), **_scaling(s)}
+
+
+def _wanted(fleet: Path, members: list[dict], s: ServeSettings) -> dict[str, Any]:
+    """{application name: its application} that serve this fleet under ``s.mode``."""
+    if s.mode == "fused":
+        return {fleet_app_name(members): fleet_app(_fleet_args(fleet, members, s))}
+    return {member_app_name(m["name"], m["sha256"]): member_app(_member_args(fleet, m, s)) for m in members}
+
+
 def _ingress_args(fleet: Path, members: list[dict], s: ServeSettings) -> dict[str, Any]:
     return {
         "fleet": str(fleet),
         "members": {m["name"]: {"app": member_app_name(m["name"], m["sha256"]), "sha256": m["sha256"]}
                     for m in members},
+        "fused": fleet_app_name(members) if s.mode == "fused" else None,
         "api_key_sha256": key_digest(s.api_key) if s.api_key else None,
         "max_images": s.limits.max_images,
         "max_body_bytes": s.limits.max_body_bytes,
@@ -55,7 +88,7 @@ def _ingress_args(fleet: Path, members: list[dict], s: ServeSettings) -> dict[st
 
 
 def deploy(fleet_dir, settings: ServeSettings = ServeSettings()) -> dict[str, list[str]]:
-    """Make the running service match the fleet: returns which member apps were added/kept/removed.
+    """Make the running service match the fleet: returns which scorer apps were added/kept/removed.
 
     Order keeps requests flowing: new member apps first, then the ingress is
     pointed at the new set (a user_config change: no restart), then apps of
@@ -66,14 +99,13 @@ def deploy(fleet_dir, settings: ServeSettings = ServeSettings()) -> dict[str, li
     fleet = Path(fleet_dir).resolve()
     Fleet.load(fleet)  # every weight file present and intact, or a clear error now
     members = read_manifest(fleet)["members"]
-    wanted = {member_app_name(m["name"], m["sha256"]): m for m in members}
+    wanted = _wanted(fleet, members, settings)
     running = set(serve.status().applications)
-    existing = {a for a in running if a.startswith(MEMBER_PREFIX)}
+    existing = {a for a in running if a.startswith((MEMBER_PREFIX, FLEET_PREFIX))}
     new = [a for a in wanted if a not in existing]
     if new:
-        log.info("deploying %d member app(s): %s", len(new), ", ".join(new))
-        serve.run_many([RunTarget(member_app(_member_args(fleet, wanted[a], settings)), name=a, route_prefix=None)
-                        for a in new])
+        log.info("deploying %d scorer app(s): %s", len(new), ", ".join(new))
+        serve.run_many([RunTarget(wanted[a], name=a, route_prefix=None) for a in new])
     serve.run(ingress_app(_ingress_args(fleet, members, settings)), name=INGRESS_APP, route_prefix="/")
     removed = sorted(existing - set(wanted))
     for app in removed:
@@ -83,8 +115,9 @@ def deploy(fleet_dir, settings: ServeSettings = ServeSettings()) -> dict[str, li
 
 
 def undeploy() -> list[str]:
-    """Delete the ingress and every member app (other Serve apps are left alone)."""
-    apps = [a for a in serve.status().applications if a == INGRESS_APP or a.startswith(MEMBER_PREFIX)]
+    """Delete the ingress and every scorer app (other Serve apps are left alone)."""
+    apps = [a for a in serve.status().applications
+            if a == INGRESS_APP or a.startswith((MEMBER_PREFIX, FLEET_PREFIX))]
     if INGRESS_APP in apps:  # stop taking requests first
         serve.delete(INGRESS_APP)
     for app in apps:
@@ -99,7 +132,12 @@ def serve_config(fleet_dir, settings: ServeSettings = ServeSettings(), host="127
     members = read_manifest(fleet)["members"]
     apps = [{"name": INGRESS_APP, "route_prefix": "/", "import_path": "simex_ray.distributed.serving.app:ingress_app",
              "args": _ingress_args(fleet, members, settings)}]
-    apps += [{"name": member_app_name(m["name"], m["sha256"]), "route_prefix": None,
-              "import_path": "simex_ray.distributed.serving.app:member_app", "args": _member_args(fleet, m, settings)}
-             for m in members]
+    if settings.mode == "fused":
+        apps.append({"name": fleet_app_name(members), "route_prefix": None,
+                     "import_path": "simex_ray.distributed.serving.app:fleet_app",
+                     "args": _fleet_args(fleet, members, settings)})
+    else:
+        apps += [{"name": member_app_name(m["name"], m["sha256"]), "route_prefix": None,
+                  "import_path": "simex_ray.distributed.serving.app:member_app",
+                  "args": _member_args(fleet, m, settings)} for m in members]
     return {"proxy_location": "HeadOnly", "http_options": {"host": host, "port": port}, "applications": apps}

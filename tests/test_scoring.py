@@ -1,0 +1,151 @@
+"""The scoring engine (fused = naive), calibrated rankings, composition, per-sample answers (no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from simex_ray import data
+from simex_ray.fleet import (QUANTILES, Fleet, FleetError, Member, calibration_of, percentile_in, read_manifest,
+                             score_result)
+from simex_ray.losses import per_sample_delta
+from simex_ray.models import create_autoencoder
+from simex_ray.scoring import FusedLeNet, ScoringEngine, delta_per_member, resolve_device
+
+
+def _models(k, arch="lenet"):
+    torch.manual_seed(0)
+    return {f"m{i}": create_autoencoder(arch).eval() for i in range(k)}
+
+
+@pytest.mark.parametrize("loss", ["mse", "issim"])
+def test_fused_engine_equals_each_member_alone(loss):
+    models = _models(4)
+    x = np.random.default_rng(0).random((70, 1, 28, 28)).astype(np.float32)
+    fused = ScoringEngine(models, {n: loss for n in models}, chunk=32).per_sample(x)
+    with torch.no_grad():
+        naive = np.stack([per_sample_delta(torch.from_numpy(x), m(torch.from_numpy(x)), loss).double().numpy()
+                          for m in models.values()])
+    assert fused.shape == (4, 70)
+    np.testing.assert_allclose(fused, naive, rtol=2e-5, atol=1e-7)
+
+
+def test_fused_lenet_reconstructs_like_each_autoencoder():
+    models = list(_models(3).values())
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        out = FusedLeNet(models)(x)
+        for k, m in enumerate(models):
+            torch.testing.assert_close(out[:, k:k + 1], m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_issim_of_many_members_equals_pytorch_msssim():
+    x, y = torch.rand(6, 1, 28, 28), torch.rand(6, 3, 28, 28)
+    ours = delta_per_member(x, y, "issim")
+    for k in range(3):
+        torch.testing.assert_close(ours[:, k], per_sample_delta(x, y[:, k:k + 1], "issim"), rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_architectures_and_losses_are_grouped():
+    models = {**_models(2), "mlp": create_autoencoder("mlp").eval()}
+    losses = {"m0": "mse", "m1": "issim", "mlp": "mse"}
+    x = np.random.default_rng(1).random((20, 1, 28, 28)).astype(np.float32)
+    got = ScoringEngine(models, losses, chunk=8).per_sample(x, names=["mlp", "m1", "m0"])
+    with torch.no_grad():
+        for row, name in zip(got, ["mlp", "m1", "m0"]):
+            t = torch.from_numpy(x)
+            np.testing.assert_allclose(row, per_sample_delta(t, models[name](t), losses[name]).numpy(),
+                                       rtol=2e-5, atol=1e-7)
+    with pytest.raises(KeyError, match="unknown member"):
+        ScoringEngine(models, losses).per_sample(x, names=["nope"])
+
+
+def test_engine_streams_blocks_and_chunks_give_the_same_values():
+    models = _models(2)
+    x = np.random.default_rng(2).random((50, 1, 28, 28)).astype(np.float32)
+    e = ScoringEngine(models, {n: "mse" for n in models}, chunk=16)
+    whole = e.per_sample(x)
+    blocks = np.concatenate(list(e.iter_chunks(iter([x[:13], x[13:40], x[40:]]))), axis=1)
+    np.testing.assert_allclose(blocks, whole, rtol=1e-6)
+
+
+def test_device_names():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="known: cpu, cuda, auto"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def _member(name, own):
+    return Member(name=name, spec=name, config={"loss": "mse", "architecture": "lenet"}, fingerprint="",
+                  metrics={"ref_mean_l2": 1.0}, calibration=calibration_of(own))
+
+
+def test_calibration_sketch_and_percentiles():
+    own = np.linspace(0.0, 1.0, 1001)
+    c = calibration_of(own)
+    assert len(c["quantiles"]) == len(QUANTILES) == 101 and c["mean"] == pytest.approx(0.5) and c["n"] == 1001
+    np.testing.assert_allclose(percentile_in(c, np.array([-1.0, 0.25, 0.95, 2.0])), [0.0, 0.25, 0.95, 1.0],
+                               atol=1e-9)
+
+
+def test_calibrated_ranking_corrects_references_of_different_difficulty():
+    """A reference whose own data reconstructs easily (small own Δ) looks near to everything in raw Δ."""
+    rng = np.random.default_rng(0)
+    hard = _member("hard", rng.normal(0.10, 0.01, 500))   # its own unseen data: Δ 0.10
+    easy = _member("easy", rng.normal(0.04, 0.005, 500))  # its own unseen data: Δ 0.04
+    # Unknown data that IS like "hard" (Δ 0.10 through it) but reconstructs fairly well through "easy" (0.08).
+    d = np.stack([rng.normal(0.10, 0.01, 200), rng.normal(0.08, 0.01, 200)])
+    r = score_result(d, [hard, easy], "mse", method="calibrated")
+    assert r.ranking_raw == ["easy", "hard"]                  # raw Δ is fooled
+    assert r.ranking == ["hard", "easy"] and r.method == "calibrated"
+    assert r.delta_calibrated["hard"] == pytest.approx(d[0].mean() / hard.calibration["mean"])
+    assert r.in_distribution["hard"] > 0.8 and r.in_distribution["easy"] < 0.01
+    assert r.ranking_by("in_distribution") == ["hard", "easy"]
+    assert r.composition["hard"] > 0.9
+
+
+def test_composition_of_a_half_and_half_mixture():
+    rng = np.random.default_rng(1)
+    a, b = _member("a", rng.normal(0.05, 0.01, 500)), _member("b", rng.normal(0.05, 0.01, 500))
+    like_a = np.stack([rng.normal(0.05, 0.01, 100), rng.normal(0.2, 0.02, 100)])
+    like_b = like_a[::-1]
+    r = score_result(np.concatenate([like_a, like_b], axis=1), [a, b], "mse", keep_per_sample=True)
+    assert r.composition == pytest.approx({"a": 0.5, "b": 0.5}, abs=0.02)
+    table = r.per_sample_table(["a", "b"], labels=np.r_[np.zeros(100), np.ones(100)])
+    assert len(table) == 200 and (table["nearest"][:100] == "a").mean() > 0.97
+    assert {"index", "label", "delta/a", "delta/b", "nearest", "nearest_calibrated"} <= set(table.columns)
+
+
+def test_uncalibrated_members_fall_back_to_raw_and_go_last():
+    old = Member(name="old", spec="old", config={"loss": "mse", "architecture": "lenet"}, fingerprint="")
+    r = score_result(np.array([[0.1, 0.2]]), [old], "mse")
+    assert r.method == "raw" and r.delta_calibrated == {"old": None} and r.ranking == ["old"]
+
+
+def test_trained_fleets_carry_their_calibration(tiny_fleet):
+    fleet = Fleet.load(tiny_fleet)
+    for m in fleet.members.values():
+        assert len(m.calibration["quantiles"]) == 101 and m.calibration["n"] == m.n_test
+        assert m.calibration["mean"] == pytest.approx(m.metrics["test_delta"], rel=1e-4)
+    _, test = data.prepare("digits", samples=300, seed=0)
+    r = fleet.score(test.x)
+    assert r.delta_calibrated["digits"] == pytest.approx(1.0, rel=1e-4)  # it IS the reference's own test split
+    assert r.ranking[0] == "digits" and r.composition["digits"] > 0.9
+
+
+def test_a_manifest_from_a_newer_format_is_refused(tiny_fleet, tmp_path):
+    import shutil
+
+    f = tmp_path / "F"
+    shutil.copytree(tiny_fleet, f)
+    manifest = read_manifest(f)
+    (f / "manifest.json").write_text(json.dumps({**manifest, "format": 99}))
+    with pytest.raises(FleetError, match="format 99, newer than this simex reads"):
+        Fleet.load(f)
