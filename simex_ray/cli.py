@@ -52,7 +52,6 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="cache directory for downloaded datasets (default $SIMEX_DATA or ~/.cache/simex)")
 
 
-RANKING_CHOICES = ("raw", "normalized", "calibrated", "in_distribution")
 
 
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -91,6 +90,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .fleet import DEFAULT_RANKING, RANKINGS
     from .losses import LOSSES
 
     parser = argparse.ArgumentParser(
@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--members", default=None, help="comma-separated subset of members (default all)")
     s.add_argument("--loss", choices=LOSSES, default=None, help="override the fleet's delta")
     s.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    s.add_argument("--ranking", choices=RANKING_CHOICES, default=None,
-                   help="how `ranking` orders references (default: calibrated); every ranking is in --json")
+    s.add_argument("--ranking", choices=RANKINGS, default=None,
+                   help=f"how `ranking` orders references (default: {DEFAULT_RANKING}); every ranking is in --json")
     s.add_argument("--per-sample", default=None, metavar="OUT.parquet",
                    help="write one row per sample: index, label, δ per member, nearest member, its score")
     _add_device_arg(s)

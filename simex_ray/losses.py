@@ -29,7 +29,3 @@ def per_sample_delta(x: torch.Tensor, x_hat: torch.Tensor, loss: str = "mse") ->
     check_loss(loss)
     raise AssertionError("unreachable")
 
-
-def delta(x: torch.Tensor, x_hat: torch.Tensor, loss: str = "mse") -> torch.Tensor:
-    """Mean per-sample delta over the batch (a scalar, differentiable)."""
-    return per_sample_delta(x, x_hat, loss).mean()

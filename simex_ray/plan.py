@@ -173,10 +173,33 @@ def train_fleet_local(plans: list[MemberPlan], out, *, on_epoch=None, extra: dic
     """
     from .training import train_member
 
+    import io
+
+    import torch
+
+    from .fleet import atomic_write_bytes, slug
+
     writer = FleetWriter(out, extra, order=[p.name for p in plans])
     for plan in writer.pending(plans):
         config = TrainConfig.from_dict(plan.member.config)
-        callback = (lambda e, m, s, n=plan.name: on_epoch(n, m)) if on_epoch else None
-        model, history = train_member(plan.x_train, plan.x_test, config, on_epoch=callback)
+        # Like the Ray path: a checkpoint per epoch, so a re-run continues where this one stopped.
+        ckpt = Path(out) / "checkpoints" / "local" / f"{slug(plan.name)}-{plan.run_key}.pt"
+        resume = None
+        if ckpt.is_file():
+            try:
+                resume = torch.load(ckpt, map_location="cpu", weights_only=True)
+            except Exception:  # noqa: BLE001 - a damaged checkpoint: start this member over
+                log.warning("%s: unreadable checkpoint %s; training from scratch", plan.name, ckpt)
+            if resume is not None and resume["epoch"] > config.epochs:
+                resume = None  # trained longer than now asked: start over rather than pretend
+
+        def save(epoch, metrics, state, name=plan.name, path=ckpt):
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            atomic_write_bytes(path, buf.getvalue())
+            if on_epoch is not None:
+                on_epoch(name, metrics)
+
+        model, history = train_member(plan.x_train, plan.x_test, config, resume=resume, on_epoch=save)
         writer.add(plan, model.state_dict(), history)
     return writer

@@ -208,3 +208,21 @@ def test_finished_members_are_not_retrained(tiny_fleet, tmp_path):
     assert [p.name for p in FleetWriter(fleet_dir).pending(plans)] == ["rotated:digits"]
     plans = plan_fleet(["digits"], TrainConfig(epochs=3), samples=300)
     assert [p.name for p in FleetWriter(fleet_dir).pending(plans)] == ["digits"]
+
+
+def test_in_process_training_resumes_from_its_epoch_checkpoints(tmp_path):
+    """--no-ray keeps a checkpoint per epoch: more epochs later continue, exactly as one long run."""
+    from simex_ray.plan import train_fleet_local
+
+    def plans(epochs):
+        return plan_fleet(["digits"], TrainConfig(epochs=epochs), samples=120, seed=0)
+
+    seen = []
+    train_fleet_local(plans(1), tmp_path / "F", on_epoch=lambda n, m: seen.append(m["epoch"]))
+    train_fleet_local(plans(2), tmp_path / "F", on_epoch=lambda n, m: seen.append(m["epoch"]))
+    assert seen == [1, 2]  # the second run trained only epoch 2
+    train_fleet_local(plans(2), tmp_path / "G")
+    a, b = Fleet.load(tmp_path / "F"), Fleet.load(tmp_path / "G")
+    assert [h["epoch"] for h in a.members["digits"].history] == [1, 2]
+    for k, v in a.models["digits"].state_dict().items():
+        assert torch.equal(v, b.models["digits"].state_dict()[k]), k

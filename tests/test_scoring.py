@@ -107,7 +107,8 @@ def test_calibrated_ranking_corrects_references_of_different_difficulty():
     assert r.ranking == ["hard", "easy"] and r.method == "calibrated"
     assert r.delta_calibrated["hard"] == pytest.approx(d[0].mean() / hard.calibration["mean"])
     assert r.in_distribution["hard"] > 0.8 and r.in_distribution["easy"] < 0.01
-    assert r.ranking_by("in_distribution") == ["hard", "easy"]
+    assert r.ranking_by("in_distribution") == ["hard", "easy"] and r.ranking_by("typicality") == ["hard", "easy"]
+    assert r.typicality["hard"] == pytest.approx(abs(np.log(r.delta_calibrated["hard"])))
     assert r.composition["hard"] > 0.9
 
 
@@ -120,12 +121,12 @@ def test_composition_of_a_half_and_half_mixture():
     assert r.composition == pytest.approx({"a": 0.5, "b": 0.5}, abs=0.02)
     table = r.per_sample_table(["a", "b"], labels=np.r_[np.zeros(100), np.ones(100)])
     assert len(table) == 200 and (table["nearest"][:100] == "a").mean() > 0.97
-    assert {"index", "label", "delta/a", "delta/b", "nearest", "nearest_calibrated"} <= set(table.columns)
+    assert {"index", "label", "delta/a", "delta/b", "nearest", "nearest_raw"} <= set(table.columns)
 
 
 def test_uncalibrated_members_fall_back_to_raw_and_go_last():
     old = Member(name="old", spec="old", config={"loss": "mse", "architecture": "lenet"}, fingerprint="")
-    r = score_result(np.array([[0.1, 0.2]]), [old], "mse")
+    r = score_result(np.array([[0.1, 0.2]]), [old], "mse", method="calibrated")
     assert r.method == "raw" and r.delta_calibrated == {"old": None} and r.ranking == ["old"]
 
 
@@ -149,3 +150,13 @@ def test_a_manifest_from_a_newer_format_is_refused(tiny_fleet, tmp_path):
     (f / "manifest.json").write_text(json.dumps({**manifest, "format": 99}))
     with pytest.raises(FleetError, match="format 99, newer than this simex reads"):
         Fleet.load(f)
+
+
+def test_typicality_is_two_sided():
+    """Data that reconstructs much better than a reference's own (smooth, easy images) is not like it."""
+    rng = np.random.default_rng(2)
+    hard, easy = _member("hard", rng.normal(0.10, 0.01, 500)), _member("easy", rng.normal(0.02, 0.003, 500))
+    d = np.stack([rng.normal(0.03, 0.005, 200), rng.normal(0.02, 0.003, 200)])  # easy-like data
+    r = score_result(d, [hard, easy], "mse", method="typicality")
+    assert r.ranking_by("calibrated") == ["hard", "easy"]  # one-sided: "better than its own" looks nearest
+    assert r.ranking == ["easy", "hard"] and r.composition["easy"] > 0.8

@@ -217,6 +217,7 @@ class Ingress:
         records = {m["name"]: m for m in manifest["members"]}
         self.members = {name: {**records[name], **spec} for name, spec in config["members"].items()
                         if name in records}
+        self.records = {name: records[name] for name in self.members}  # as in the manifest
         self.order = [m["name"] for m in manifest["members"]]  # the fused scorer's row order
         self.fused = serve.get_app_handle(config["fused"]) if config.get("fused") else None
         self.handles = {} if self.fused else {name: serve.get_app_handle(spec["app"])
@@ -261,7 +262,7 @@ class Ingress:
             d = d[[self.order.index(n) for n in names]]
         else:
             d = np.stack(await asyncio.gather(*(self._call(self.handles[n], f"member '{n}'", x) for n in names)))
-        return score_response(d, [self.members[n] for n in names], self.loss, 1000 * (time.perf_counter() - t0),
+        return score_response(d, [self.records[n] for n in names], self.loss, 1000 * (time.perf_counter() - t0),
                               method=method, with_samples=with_samples)
 
     @api.get("/v1/members", responses={401: ERRORS[401]}, summary="the fleet's members")
