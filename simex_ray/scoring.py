@@ -307,9 +307,11 @@ def keep_freed_memory() -> bool:
 
 
 def _blocks(x, chunk: int) -> Iterator[np.ndarray]:
+    """``x`` (an indexable of images, or an iterable of blocks of them) in pieces of at most ``chunk``."""
     if isinstance(x, (np.ndarray, torch.Tensor)) or hasattr(x, "__getitem__") and hasattr(x, "__len__"):
         for start in range(0, len(x), chunk):
             yield x[start:start + chunk]
     else:
         for block in x:
-            yield block
+            for start in range(0, len(block), chunk):
+                yield block[start:start + chunk]
