@@ -98,12 +98,10 @@ def fleet_digest(members: list[dict]) -> str:
     return hashlib.sha256("|".join(f"{m['name']}={m['sha256']}" for m in members).encode()).hexdigest()
 
 
-def fleet_app(args: dict[str, Any]):
-    """Application builder for the fused whole-fleet scorer (also the `import_path` in Serve configs).
-
-    args: fleet, digest, and optionally num_replicas / autoscaling_config, num_cpus, num_gpus, device.
-    """
-    actor: dict[str, Any] = {"num_cpus": float(args.get("num_cpus", 1))}
+def _scorer_options(args: dict[str, Any], default_cpus: float) -> dict[str, Any]:
+    """Deployment options of a scorer application from its args: CPUs/GPUs per replica, replicas or
+    autoscaling."""
+    actor: dict[str, Any] = {"num_cpus": float(args.get("num_cpus", default_cpus))}
     if args.get("num_gpus"):
         actor["num_gpus"] = float(args["num_gpus"])
     options: dict[str, Any] = {"ray_actor_options": actor}
@@ -111,8 +109,16 @@ def fleet_app(args: dict[str, Any]):
         options["autoscaling_config"] = args["autoscaling_config"]
     else:
         options["num_replicas"] = int(args.get("num_replicas", 1))
+    return options
+
+
+def fleet_app(args: dict[str, Any]):
+    """Application builder for the fused whole-fleet scorer (also the `import_path` in Serve configs).
+
+    args: fleet, digest, and optionally num_replicas / autoscaling_config, num_cpus, num_gpus, device.
+    """
     threads = max(1, round(float(args.get("num_cpus", 1))))
-    return FleetScorer.options(**options).bind(str(args["fleet"]), args["digest"], threads,
+    return FleetScorer.options(**_scorer_options(args, 1.0)).bind(str(args["fleet"]), args["digest"], threads,
                                                args.get("device", "cpu"))
 
 
@@ -120,17 +126,9 @@ def member_app(args: dict[str, Any]):
     """Application builder for one member (also the `import_path` in Serve config files).
 
     args: fleet, member, sha256, and optionally num_replicas (int), autoscaling_config
-    (dict), num_cpus (per replica).
+    (dict), num_cpus, num_gpus (per replica), device.
     """
-    actor: dict[str, Any] = {"num_cpus": float(args.get("num_cpus", 0.25))}
-    if args.get("num_gpus"):
-        actor["num_gpus"] = float(args["num_gpus"])
-    options: dict[str, Any] = {"ray_actor_options": actor}
-    if args.get("autoscaling_config"):
-        options["autoscaling_config"] = args["autoscaling_config"]
-    else:
-        options["num_replicas"] = int(args.get("num_replicas", 1))
-    return MemberScorer.options(**options).bind(str(args["fleet"]), args["member"], args["sha256"], 1,
+    return MemberScorer.options(**_scorer_options(args, 0.25)).bind(str(args["fleet"]), args["member"], args["sha256"], 1,
                                                 args.get("device", "cpu"))
 
 
