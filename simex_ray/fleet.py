@@ -293,8 +293,10 @@ def score_result(per_sample: np.ndarray, members: list["Member"], loss: str, met
     with np.errstate(divide="ignore"):
         typical = {m.name: (float(abs(np.log(delta[m.name] / m.calibration["mean"]))) if m.calibration else None)
                    for m in members}
-    used = method if per_sample_scores(method, d[:, :1], members) is not None else "raw"
-    scores = per_sample_scores(used, d, members)
+    scores = per_sample_scores(method, d, members)
+    used = method
+    if scores is None:  # a member without a calibration sketch: rank by raw Δ
+        used, scores = "raw", d
     nearest_idx = np.argmin(scores, axis=0)
     nearest = [names[i] for i in nearest_idx]
     composition = {name: float(np.mean(nearest_idx == k)) for k, name in enumerate(names)}
@@ -316,6 +318,7 @@ class Fleet:
         if set(members) != set(models):
             raise ValueError("members and models must have the same names")
         self.members, self.models, self.path, self.device = members, models, path, torch.device(device)
+        self._engine = None  # built on first use (``engine``)
 
     @classmethod
     def load(cls, fleet_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -350,7 +353,7 @@ class Fleet:
         """The :class:`~simex_ray.scoring.ScoringEngine` over every member (built once)."""
         from .scoring import ScoringEngine
 
-        if getattr(self, "_engine", None) is None:
+        if self._engine is None:
             self._engine = ScoringEngine(self.models, {n: m.loss for n, m in self.members.items()},
                                          device=self.device)
         return self._engine
