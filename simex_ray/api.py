@@ -69,8 +69,10 @@ def parse_score_request(body: bytes, content_type: str | None, limits: Limits = 
     elif kind == JSON:
         try:
             payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"malformed JSON: {e}") from None
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an integer over 4300 digits
+            raise ApiError(400, f"malformed JSON: {_first_line(e)}") from None
+        except RecursionError:
+            raise ApiError(400, "malformed JSON: nested too deeply") from None
         if not isinstance(payload, dict) or "images" not in payload:
             raise ApiError(422, 'JSON body must be an object with an "images" field')
         members = payload.get("members")
@@ -81,7 +83,7 @@ def parse_score_request(body: bytes, content_type: str | None, limits: Limits = 
             raise ApiError(422, '"images" must be a nested list of shape (N,28,28) or (N,1,28,28)')
         try:
             raw = np.array(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ApiError(422, '"images" is ragged; every image must be 28x28') from None
     else:
         raise ApiError(415, f"unsupported content type '{kind or 'none'}'; use {JSON} or {NPY}")
@@ -149,3 +151,8 @@ def parse_flag(value: str | None, name: str) -> bool:
     if value.lower() in ("1", "true", "yes"):
         return True
     raise ApiError(422, f"{name} must be true or false, got '{value}'")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    return lines[0][:200] if lines else type(e).__name__

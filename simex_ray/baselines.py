@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CLASSIFIER_LRS",
+    "CLASSIFIERS",
     "LeNet5",
+    "ResNet18",
     "TLConfig",
     "TL_CONFIGS",
     "embedding_distance",
@@ -46,7 +48,10 @@ __all__ = [
     "finetune",
     "first_classes",
     "first_labels",
+    "leave_one_class_out",
+    "make_classifier",
     "make_classifier_optimizer",
+    "predict_proba",
     "normalize_by_base",
     "sample_distance",
     "train_base",
@@ -108,6 +113,51 @@ class LeNet5(nn.Module):
     @property
     def fc_layers(self) -> list[nn.Linear]:
         return [m for m in self.head if isinstance(m, nn.Linear)]
+
+
+class ResNet18(nn.Module):
+    """torchvision's ResNet-18 for (N, 1, 28, 28) images, with a small-image stem.
+
+    The ImageNet stem (7x7 stride-2 conv + max-pool) would shrink 28x28 to 7x7
+    before the first residual stage; here it is one 3x3 conv from 1 channel
+    with ``stem_stride`` 1 (CIFAR-style: the residual stages see 28x28, then
+    14, 7, 4) or 2 (they see 14x14, then 7, 4, 2: about 3.5x cheaper to train
+    on a CPU), and no max-pool.
+    """
+
+    def __init__(self, n_classes: int = N_CLASSES, stem_stride: int = 1):
+        super().__init__()
+        import torchvision
+
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
+        self.n_classes = n_classes
+        self.net = torchvision.models.resnet18(num_classes=n_classes)
+        self.net.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
+        self.net.maxpool = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    @property
+    def fc_layers(self) -> list[nn.Linear]:
+        return [self.net.fc]
+
+
+# Classifier architectures by name (the per-class studies' ground truth trains both).
+CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
+    "lenet5": lambda n_classes, **kw: LeNet5(n_classes),
+    "resnet18": lambda n_classes, stem_stride=1, **kw: ResNet18(n_classes, stem_stride),
+}
+
+
+def make_classifier(architecture: str, n_classes: int, **kw: Any) -> nn.Module:
+    """A classifier by name (:data:`CLASSIFIERS`); ``kw``: e.g. ``stem_stride`` for resnet18."""
+    try:
+        ctor = CLASSIFIERS[architecture]
+    except KeyError:
+        raise ValueError(f"unknown classifier '{architecture}'; known: {', '.join(CLASSIFIERS)}") from None
+    return ctor(n_classes, **kw)
 
 
 def _n_classes_of(state: dict[str, torch.Tensor]) -> int:
@@ -176,6 +226,17 @@ def _set_trainable(model: LeNet5, trainable: str) -> list[nn.Parameter]:
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)
     return keep
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x, batch_size: int = 512) -> np.ndarray:
+    """Softmax class probabilities of ``model`` on x (N, 1, 28, 28): (N, n_classes) float64."""
+    model.eval()
+    x = as_tensor(x)
+    n = model.fc_layers[-1].out_features
+    if len(x) == 0:
+        return np.zeros((0, n))
+    return torch.cat([F.softmax(model(b), dim=1) for b in torch.split(x, batch_size)]).double().numpy()
 
 
 @torch.no_grad()
@@ -482,3 +543,45 @@ def embedding_distance(autoencoder: nn.Module, x_unknown, x_reference, *, max_sa
     cu, cr = _codes(autoencoder, sub(x_unknown)), _codes(autoencoder, sub(x_reference))
     return float(torch.cdist(cu, cr, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values.mean())
 
+
+
+def leave_one_class_out(architecture: str, left_out: int, x_train, y_train, x_val, y_val, x_eval, y_eval, *,
+                        n_classes: int, optimizer: str = "adam", lr: float | None = None, max_epochs: int = 15,
+                        patience: int = 3, batch_size: int = 64, seed: int = 0,
+                        model_kw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Unit of work "C_k": train a classifier on every class but ``left_out``; where do its samples go?
+
+    Labels are 0..n_classes-1. The (n_classes - 1)-class classifier never sees
+    class k = ``left_out``; applied to k's evaluation samples, its outputs say
+    which of the other classes k is confused with (the paper's inter-class
+    ground truth, section 5.4). Returns, indexed by the original labels (NaN
+    at k): ``probability`` (mean softmax over k's samples) and ``votes``
+    (share of k's samples predicted as each class); plus ``accuracy`` (on the
+    other classes' evaluation samples), the training info and ``seconds``.
+    """
+    y_train, y_val, y_eval = (np.asarray(a) for a in (y_train, y_val, y_eval))
+    if not 0 <= left_out < n_classes:
+        raise ValueError(f"left_out must be in 0..{n_classes - 1}, got {left_out}")
+    kept = np.array([c for c in range(n_classes) if c != left_out])
+    relabel = np.full(n_classes, -1)
+    relabel[kept] = np.arange(len(kept))
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    model = make_classifier(architecture, len(kept), **(model_kw or {}))
+    tr, va, ev = y_train != left_out, y_val != left_out, y_eval != left_out
+    _, info = train_classifier(np.asarray(x_train)[tr], relabel[y_train[tr]], np.asarray(x_val)[va],
+                               relabel[y_val[va]], optimizer=optimizer, lr=lr, max_epochs=max_epochs,
+                               patience=patience, batch_size=batch_size, seed=seed, model=model)
+    x_eval = np.asarray(x_eval)
+    mine = predict_proba(model, x_eval[~ev])
+    if len(mine) == 0:
+        raise ValueError(f"class {left_out} has no evaluation samples")
+    _, acc = evaluate_classifier(model, x_eval[ev], relabel[y_eval[ev]])
+    probability = np.full(n_classes, np.nan)
+    votes = np.full(n_classes, np.nan)
+    probability[kept] = mine.mean(axis=0)
+    votes[kept] = np.bincount(mine.argmax(axis=1), minlength=len(kept)) / len(mine)
+    return {"architecture": architecture, "left_out": int(left_out), "probability": probability.tolist(),
+            "votes": votes.tolist(), "accuracy": acc, "val_accuracy": info["val_accuracy"],
+            "best_epoch": info["best_epoch"], "epochs": info["epochs_run"], "n_train": info["n_train"],
+            "seconds": time.perf_counter() - t0}

@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .experiments.stopping_cli import add_parsers as add_tune
     from .distributed.serving.cli import add_parsers
 
+    from .pair_cli import add_parser as add_pair
+
+    add_pair(sub)
     add_parsers(sub)
     add_experiments(sub)
     add_tune(sub)
@@ -329,6 +332,12 @@ def cmd_query(args) -> int:
     return run(args)
 
 
+def cmd_pair(args) -> int:
+    from .pair_cli import cmd_pair as run
+
+    return run(args)
+
+
 def cmd_experiment(args) -> int:
     from .experiments.cli import cmd_experiment as run
 
@@ -341,7 +350,7 @@ def cmd_tune(args) -> int:
     return run(args)
 
 
-COMMANDS = {"tune": cmd_tune, "experiment": cmd_experiment, "train": cmd_train, "score": cmd_score, "matrix": cmd_matrix, "serve": cmd_serve, "query": cmd_query}
+COMMANDS = {"pair": cmd_pair, "tune": cmd_tune, "experiment": cmd_experiment, "train": cmd_train, "score": cmd_score, "matrix": cmd_matrix, "serve": cmd_serve, "query": cmd_query}
 
 
 def main(argv: list[str] | None = None) -> int:

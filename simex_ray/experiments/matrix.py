@@ -29,13 +29,14 @@ def delta_matrix(fleet: Fleet, unknown: list[str], *, samples: int | None = None
         data.parse_spec(spec)
     members = fleet.names
     delta, normalized, rankings, sizes = [], [], {}, {}
+    cache: dict = {}  # each base dataset read and derived once, however many 'SPEC#c' rows cut from it
     for spec in unknown:
         if split == "all":
-            ds = data.load(spec, seed=seed, data_dir=data_dir)
+            ds = data.load(spec, seed=seed, data_dir=data_dir, cache=cache)
             if samples:
                 ds = data.balanced_sample(ds, samples, seed=seed)
         else:
-            train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir)
+            train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir, cache=cache)
             ds = test if split == "test" else train
         result = fleet.score(ds.x, loss=loss)
         delta.append([result.delta[m] for m in members])

@@ -55,10 +55,20 @@ def add_parsers(sub) -> None:
     stop.add_argument("--port", type=int, default=8000, help="port of a foreground `simex serve start` (default 8000)")
     stop.add_argument("--address", default=None, help="remove the service from this Ray cluster instead")
 
-    config = verbs.add_parser("config", help="print a Serve config YAML for `serve run` / `serve deploy`")
+    config = verbs.add_parser("config", help="print a Serve config YAML for `serve run` / `serve deploy` "
+                                             "(or a KubeRay RayService's serveConfigV2)")
     deployment_flags(config)
-    config.add_argument("--host", default="127.0.0.1")
+    config.add_argument("--host", default=None,
+                        help="bind address (default 127.0.0.1; 0.0.0.0 with --format kuberay, where the pod's "
+                             "Service must reach it)")
     config.add_argument("--port", type=int, default=8000)
+    config.add_argument("--format", choices=("serve", "kuberay"), default="serve",
+                        help="serve: a config file for `serve run` / `serve deploy` (default); kuberay: the same "
+                             "config as the `serveConfigV2: |` field of a RayService spec")
+    config.add_argument("--fleet-path", default=None, metavar="PATH",
+                        help="the fleet's absolute path on the cluster's nodes, written into the config "
+                             "(default: --fleet, made absolute); the manifest is read from --fleet")
+    config.add_argument("--no-auth", action="store_true", help="allow a non-loopback --host without an API key")
 
     q = sub.add_parser("query", help="score a dataset spec through a running service",
                        description="Send a dataset spec's images to POST /v1/score and print the ranking.")
@@ -110,11 +120,7 @@ def _manifest_stamp(fleet) -> tuple:
 
 def cmd_serve(args) -> int:
     if args.serve_command == "config":
-        import yaml
-
-        from .deploy import serve_config
-
-        print(yaml.safe_dump(serve_config(args.fleet, settings_from(args), args.host, args.port), sort_keys=False))
+        print(_config(args), end="")
         return 0
     if args.serve_command == "stop":
         return _stop(args)
@@ -129,11 +135,39 @@ def cmd_serve(args) -> int:
         with ray_session(args.address):
             print(json.dumps(deploy(args.fleet, settings)))
         return 0
-    loopback = args.host in ("127.0.0.1", "localhost", "::1")
-    if not loopback and not settings.api_key and not args.no_auth:
-        raise ValueError(f"--host {args.host} exposes the service beyond this machine; set --api-key "
-                         f"(or $SIMEX_API_KEY), or pass --no-auth deliberately")
+    _check_exposure(args.host, settings, args.no_auth)
     return _start(args, settings)
+
+
+def _check_exposure(host: str, settings, no_auth: bool) -> None:
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key and not no_auth:
+        raise ValueError(f"--host {host} exposes the service beyond this machine; set --api-key "
+                         f"(or $SIMEX_API_KEY), or pass --no-auth deliberately")
+
+
+def _config(args) -> str:
+    """`simex serve config`: the Serve config as YAML text, or (kuberay) as a RayService's serveConfigV2."""
+    import yaml
+
+    from .deploy import serve_config
+
+    kuberay = args.format == "kuberay"
+    host = args.host or ("0.0.0.0" if kuberay else "127.0.0.1")
+    settings = settings_from(args)
+    _check_exposure(host, settings, args.no_auth)
+    if args.fleet_path is not None and not args.fleet_path.startswith("/"):
+        raise ValueError(f"--fleet-path must be an absolute path on the cluster's nodes, got '{args.fleet_path}'")
+    config = serve_config(args.fleet, settings, host, args.port)
+    if args.fleet_path is not None:
+        local = str(Path(args.fleet).resolve())
+        for app in config["applications"]:
+            if app["args"].get("fleet") == local:
+                app["args"]["fleet"] = args.fleet_path.rstrip("/") or "/"
+    text = yaml.safe_dump(config, sort_keys=False)
+    if not kuberay:
+        return text
+    # KubeRay takes the Serve config as a string: a literal block, so it stays readable and diffable.
+    return "serveConfigV2: |\n" + "".join(f"  {line}\n" for line in text.splitlines())
 
 
 def _start(args, settings) -> int:
