@@ -82,6 +82,9 @@ def test_table2_is_the_mean_row_rho_of_the_stated_profiles(inter):
     le5 = -m["confusion_lenet5"]
     assert t2["SimEx-iSSIM"]["9class-le5"] == pytest.approx(nanmean(ic.rho_rows(m["simex_issim"].T, le5)))
     assert t2t["SimEx-iSSIM"]["9class-le5"] == pytest.approx(nanmean(ic.rho_rows(m["simex_issim"], le5)))
+    own = np.diag(m["simex_mse"])  # Δ(test_j | A(j))
+    assert result["table2_calibrated"]["SimEx-MSE"]["9class-le5"] == pytest.approx(
+        nanmean(ic.rho_rows(m["simex_mse"].T / own[None, :], le5)))
     assert t2["sample-issim"]["9class-res18"] == pytest.approx(
         nanmean(ic.rho_rows(m["sample_issim"], -m["confusion_resnet18"])))
 

@@ -21,6 +21,9 @@ k's samples. So the confusion row k is compared with *column* k of the
 Δ(test_j | A(k))) is reported as ``table2_transposed``. The sample-space
 matrices are symmetric in expectation, so their orientation does not matter.
 
+``table2_calibrated`` divides each autoencoder's Δ by its own held-out Δ
+(Δ(test_k | A(j)) / Δ(test_j | A(j))), the calibration ``simex score`` offers.
+
 Table 2 (``table2``) is the mean over classes k of Spearman ρ between the two
 measures' rows k over the other classes j ≠ k, signed so that +1 means "the
 two measures call the same classes similar" (a distance and a confusion
@@ -33,7 +36,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +304,12 @@ def inter_class(spec: str, *, losses: tuple[str, ...] = ("mse", "issim"), config
     columns = ["sample-mse", "sample-issim", *(CLASSIFIER_COLUMNS[a] for a in cfg.classifiers)]
     grid = table2(profiles, rows, columns)
     grid_t = table2({**profiles, **transposed}, list(transposed), columns)
+    # Calibrated: Δ(test_k | A(j)) / Δ(test_j | A(j)), each autoencoder's error relative to its own class
+    # (the cross-reference calibration of `simex score`), so an autoencoder that reconstructs everything
+    # well is not "similar" to every class.
+    calibrated = {name: np.asarray(m) / np.diag(np.asarray(m).T)[None, :] for name, m in profiles.items()
+                  if name.startswith("SimEx")}
+    grid_c = table2({**profiles, **calibrated}, list(calibrated), columns)
     per_class = {r: {c: dict(zip(classes, rho_rows(profiles[r], profiles[c])))
                      for c in columns if c.startswith("9class")} for r in rows}
     seconds["total"] = time.perf_counter() - t_start
@@ -312,7 +321,7 @@ def inter_class(spec: str, *, losses: tuple[str, ...] = ("mse", "issim"), config
         "orientation": "confusion row k (C_k, which never saw class k, on class-k samples) is compared with "
                        "column k of simex (Δ(test_k | A(j)) over j: autoencoders that never saw k, on k's "
                        "samples); table2_transposed uses row k (Δ(test_j | A(k)))",
-        "table2": grid, "table2_transposed": grid_t, "rho_per_class": per_class,
+        "table2": grid, "table2_transposed": grid_t, "table2_calibrated": grid_c, "rho_per_class": per_class,
         "classifiers": classifiers, "seconds": seconds,
     })
 

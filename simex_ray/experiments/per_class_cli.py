@@ -92,6 +92,7 @@ def cmd(args) -> int:
         print(format_table2(result), file=sys.stderr)
         print(json.dumps(jsonable({"data": result["data"], "table2": result["table2"],
                                    "table2_transposed": result["table2_transposed"],
+                                   "table2_calibrated": result["table2_calibrated"],
                                    "classifier_accuracy": {a: c["mean_accuracy"]
                                                            for a, c in result["classifiers"].items()},
                                    "seconds": result["seconds"]["total"]})))
