@@ -239,15 +239,20 @@ def cmd_score(args) -> int:
     data.parse_spec(args.data)
     fleet = Fleet.load(args.fleet, names=names, device=resolve_device(args.device))
     seed = data_seed(args)
-    if args.split == "all":
+    streamed = data.stream(args.data) if args.split == "all" and not args.samples else None
+    if streamed is not None:  # an uncompressed npz: read block by block, memory flat in N
+        images, labels = streamed.blocks(), streamed.y
+    elif args.split == "all":
         ds = data.load(args.data, seed=seed, data_dir=args.data_dir)
         if args.samples:
             ds = data.balanced_sample(ds, args.samples, seed=seed)
+        images, labels = ds.x, ds.y
     else:
         train, test = data.prepare(args.data, samples=args.samples, seed=seed, data_dir=args.data_dir)
         ds = train if args.split == "train" else test
+        images, labels = ds.x, ds.y
     t0 = time.perf_counter()
-    result = fleet.score(ds.x, loss=args.loss, method=args.ranking or DEFAULT_RANKING,
+    result = fleet.score(images, loss=args.loss, method=args.ranking or DEFAULT_RANKING,
                          per_sample=args.per_sample is not None)
     elapsed = time.perf_counter() - t0
     if args.per_sample:
@@ -257,7 +262,7 @@ def cmd_score(args) -> int:
         from .fleet import atomic_write_bytes
 
         buf = io.BytesIO()
-        result.per_sample_table(list(result.delta), ds.y).to_parquet(buf, index=False)
+        result.per_sample_table(list(result.delta), labels).to_parquet(buf, index=False)
         atomic_write_bytes(Path(args.per_sample), buf.getvalue())
     if args.json:
         out = {"fleet": str(args.fleet), "data": args.data, **result.to_json(), "seconds": elapsed}

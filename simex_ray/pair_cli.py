@@ -45,6 +45,10 @@ def unknown_classes(ds, samples: int | None, seed: int) -> tuple[list[np.ndarray
     if samples is not None and samples < 1:
         raise data.SpecError(f"--samples must be a positive integer, got {samples}")
     xs, names = [], data.classes_of(ds)
+    if ds.classes and len(names) < len(ds.classes):
+        empty = [c for c in ds.classes if c not in names]
+        raise data.SpecError(f"'{ds.spec}': class(es) {', '.join(empty)} have no samples; every class needs at "
+                             f"least one to be paired (remove the empty class or add samples)")
     for label in np.unique(ds.y).tolist():
         idx = np.nonzero(ds.y == label)[0]
         if samples is not None and len(idx) > samples:

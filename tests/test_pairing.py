@@ -120,3 +120,15 @@ def test_pair_errors_are_one_line(per_class_fleet, tiny_fleet, tmp_path, capsys,
     assert main(["pair", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_pair_refuses_an_empty_class_in_one_line(per_class_fleet, tmp_path, capsys):
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((28, 28), 40 * i, dtype=np.uint8)).save(tmp_path / "pets" / "cat" / f"{i}.png")
+    assert main(["pair", "--fleet", str(per_class_fleet), "--data", f"folder:{tmp_path / 'pets'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "dog have no samples" in err and len(err.splitlines()) == 1
