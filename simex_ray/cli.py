@@ -257,13 +257,12 @@ def cmd_score(args) -> int:
     elapsed = time.perf_counter() - t0
     if args.per_sample:
         import io
-        from pathlib import Path
 
         from .fleet import atomic_write_bytes
 
         buf = io.BytesIO()
         result.per_sample_table(list(result.delta), labels).to_parquet(buf, index=False)
-        atomic_write_bytes(Path(args.per_sample), buf.getvalue())
+        atomic_write_bytes(args.per_sample, buf.getvalue())  # a local path or a URI
     if args.json:
         out = {"fleet": str(args.fleet), "data": args.data, **result.to_json(), "seconds": elapsed}
         print(json.dumps(out))

@@ -6,8 +6,11 @@ Directory layout::
     FLEET/weights/<member>.pt    one state_dict per member (torch.save)
     FLEET/checkpoints/           per-epoch training checkpoints (resume)
 
-Writes are atomic (temporary file + ``os.replace``), loading verifies every
-weight file's sha256 and uses ``torch.load(weights_only=True)``.
+FLEET is a local path or a URI (``file://``, ``s3://``, ``gs://``): every read and write goes
+through :mod:`simex_ray.storage` (``pyarrow.fs``). Writes are atomic on every filesystem
+(local: temporary file + fsync + ``os.replace``; object stores: temporary key, then moved),
+weights are written before the manifest that lists them, and loading verifies every weight
+file's sha256 and uses ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -16,9 +19,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from . import storage
 from .losses import check_loss
 from .models import create_autoencoder
 from .training import TrainConfig
@@ -89,46 +91,43 @@ def slug(name: str) -> str:
     return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def sha256_file(path: storage.PathLike) -> str:
+    """sha256 of a file: a local path, a URI or a :class:`~simex_ray.storage.Location`."""
+    return storage.resolve(path).sha256()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_write_bytes(path: storage.PathLike, data: bytes) -> None:
+    """Replace a file (a local path, a URI or a Location) atomically on its filesystem."""
+    storage.resolve(path).write_bytes_atomic(data)
 
 
-def save_weights(fleet_dir: Path, member: Member, state_dict: dict[str, torch.Tensor]) -> Member:
-    """Write one member's weights atomically; fills ``member.weights`` and ``sha256``."""
+def save_weights(fleet_dir: storage.PathLike, member: Member, state_dict: dict[str, torch.Tensor]) -> Member:
+    """Write one member's weights atomically; fills ``member.weights`` and ``sha256``.
+
+    Publish the manifest that lists them (:func:`write_manifest`) only after this returns.
+    """
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
     rel = f"weights/{slug(member.name)}.pt"
-    atomic_write_bytes(Path(fleet_dir) / rel, buf.getvalue())
+    storage.resolve(fleet_dir).join(rel).write_bytes_atomic(buf.getvalue())
     member.weights, member.sha256 = rel, hashlib.sha256(buf.getvalue()).hexdigest()
     return member
 
 
-def read_manifest(fleet_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(fleet_dir) / MANIFEST
-    if not Path(fleet_dir).is_dir():
-        raise FleetError(f"fleet directory {fleet_dir} does not exist; create one with `simex train --out {fleet_dir}`")
-    if not path.is_file():
-        raise FleetError(f"{path} is missing; {fleet_dir} is not a fleet (create one with `simex train`)")
+def read_manifest(fleet_dir: storage.PathLike) -> dict[str, Any]:
+    loc = storage.resolve(fleet_dir)
+    path = loc.join(MANIFEST)
     try:
-        manifest = json.loads(path.read_text())
+        if not loc.is_dir():
+            raise FleetError(f"fleet directory {loc} does not exist; create one with `simex train --out {loc}`")
+        if not path.is_file():
+            raise FleetError(f"{path} is missing; {loc} is not a fleet (create one with `simex train`)")
+        text = path.read_text()
+    except OSError as e:  # unreachable store, no permission, ...
+        raise FleetError(f"cannot read {path} ({storage._first_line(e)}); check the path and its credentials") \
+            from None
+    try:
+        manifest = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FleetError(f"{path} is corrupted ({e}); re-run `simex train` to rewrite it") from None
     if not isinstance(manifest, dict) or "members" not in manifest:
@@ -140,7 +139,10 @@ def read_manifest(fleet_dir: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def write_manifest(fleet_dir: str | os.PathLike, members: Iterable[Member], **extra: Any) -> Path:
+def write_manifest(fleet_dir: storage.PathLike, members: Iterable[Member], **extra: Any) -> Path | str:
+    """Publish the manifest atomically: call it after every weight file it lists is written.
+
+    Returns its path (a Path for a local fleet, the URI otherwise)."""
     members = list(members)
     losses = sorted({m.loss for m in members})
     manifest = {
@@ -150,9 +152,9 @@ def write_manifest(fleet_dir: str | os.PathLike, members: Iterable[Member], **ex
         "members": [m.to_json() for m in members],
         **extra,
     }
-    path = Path(fleet_dir) / MANIFEST
-    atomic_write_bytes(path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
-    return path
+    loc = storage.resolve(fleet_dir).join(MANIFEST)
+    loc.write_bytes_atomic((json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+    return loc.user_path
 
 
 QUANTILES = np.linspace(0.0, 1.0, 101)
@@ -314,30 +316,33 @@ class Fleet:
     """
 
     def __init__(self, members: dict[str, Member], models: dict[str, torch.nn.Module],
-                 path: Path | None = None, device: torch.device | str = "cpu"):
+                 path: Path | str | None = None, device: torch.device | str = "cpu"):
         if set(members) != set(models):
             raise ValueError("members and models must have the same names")
         self.members, self.models, self.path, self.device = members, models, path, torch.device(device)
         self._engine = None  # built on first use (``engine``)
 
     @classmethod
-    def load(cls, fleet_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
+    def load(cls, fleet_dir: storage.PathLike, *, device: str | torch.device = "cpu",
              names: Iterable[str] | None = None) -> "Fleet":
-        """Read the manifest and every (or the named) member, verifying sha256."""
-        fleet_dir = Path(fleet_dir)
-        manifest = read_manifest(fleet_dir)
+        """Read the manifest and every (or the named) member, verifying sha256.
+
+        ``fleet_dir``: a local path or a URI (``file://``, ``s3://``, ``gs://``); ``path`` is then
+        a Path or the URI string."""
+        loc = storage.resolve(fleet_dir)
+        manifest = read_manifest(loc)
         device = torch.device(device)
         members = {m["name"]: Member.from_json(m) for m in manifest["members"]}
         if not members:
-            raise FleetError(f"{fleet_dir / MANIFEST} lists no members; train some with `simex train`")
+            raise FleetError(f"{loc.join(MANIFEST)} lists no members; train some with `simex train`")
         if names is not None:
             names = list(names)
             unknown = [n for n in names if n not in members]
             if unknown:
                 raise FleetError(f"unknown member(s) {', '.join(unknown)}; fleet has: {', '.join(members)}")
             members = {n: members[n] for n in names}
-        models = {name: load_member_model(fleet_dir, m, device) for name, m in members.items()}
-        return cls(members, models, fleet_dir, device)
+        models = {name: load_member_model(loc, m, device) for name, m in members.items()}
+        return cls(members, models, loc.user_path, device)
 
     @property
     def names(self) -> list[str]:
@@ -383,18 +388,24 @@ class Fleet:
         return score_result(d, [self.members[n] for n in names], loss or self.loss, method, per_sample)
 
 
-def load_member_model(fleet_dir: Path, member: Member, device="cpu") -> torch.nn.Module:
-    path = Path(fleet_dir) / member.weights
-    if not member.weights or not path.is_file():
+def load_member_model(fleet_dir: storage.PathLike, member: Member, device="cpu") -> torch.nn.Module:
+    path = storage.resolve(fleet_dir).join(member.weights)
+    try:
+        # One read: the bytes whose sha256 is checked are the bytes that are loaded.
+        blob = path.read_bytes() if member.weights and path.is_file() else None
+    except OSError as e:
+        raise FleetError(f"weight file {path} of member '{member.name}' cannot be read "
+                         f"({storage._first_line(e)}); check the path and its credentials") from None
+    if blob is None:
         raise FleetError(f"weight file {path} of member '{member.name}' is missing; "
                          f"re-run `simex train` with the same --out to rebuild it")
-    digest = sha256_file(path)
+    digest = hashlib.sha256(blob).hexdigest()
     if digest != member.sha256:
         raise FleetError(f"weight file {path} of member '{member.name}' is corrupted (sha256 mismatch); "
                          f"delete it and re-run `simex train` with the same --out")
     try:
         # weights_only: a fleet may come from elsewhere; never unpickle code.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         model = create_autoencoder(TrainConfig.from_dict(member.config).architecture)
         model.load_state_dict(state)
     except Exception as e:  # noqa: BLE001 - any failure here is a bad file

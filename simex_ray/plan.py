@@ -11,12 +11,12 @@ import json
 import logging
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from . import data
-from .fleet import FleetError, Member, calibration_of, mean_l2_norm, read_manifest, save_weights, sha256_file, write_manifest
+from . import data, storage
+from .fleet import MANIFEST, FleetError, Member, calibration_of, mean_l2_norm, read_manifest, save_weights, \
+    write_manifest
 from .training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -89,15 +89,18 @@ class FleetWriter:
 
     Members already in the manifest are kept (in their order), so training a
     fleet in several runs, or resuming one, never loses finished work.
+    ``out`` is a local path or a URI (:mod:`simex_ray.storage`); each member's weights are
+    written (atomically) before the manifest that lists them, so a reader never finds a
+    manifest naming a missing or partial weight file.
     """
 
     def __init__(self, out, extra: dict | None = None, order: list[str] | None = None):
-        self.out = Path(out)
+        self.out = storage.resolve(out)
         self.extra = extra or {}
         self.order = list(order or [])
         self._lock = threading.Lock()
         self.members: dict[str, Member] = {}
-        if (self.out / "manifest.json").exists():
+        if self.out.join(MANIFEST).exists():
             try:
                 manifest = read_manifest(self.out)
                 self.members = {m["name"]: Member.from_json(m) for m in manifest["members"]}
@@ -118,8 +121,10 @@ class FleetWriter:
         return todo
 
     def _weights_intact(self, member: Member) -> bool:
-        path = self.out / member.weights
-        return bool(member.weights) and path.is_file() and sha256_file(path) == member.sha256
+        if not member.weights:
+            return False
+        path = self.out.join(member.weights)
+        return path.is_file() and path.sha256() == member.sha256
 
     def has(self, plan: MemberPlan) -> bool:
         """True once this run wrote ``plan``'s member (same data and config)."""
@@ -132,8 +137,8 @@ class FleetWriter:
         member.metrics["epochs_trained"] = float(last.get("epoch", 0))
         member.history = history
         member.calibration = own_calibration(member, state_dict, plan.x_test)
-        save_weights(self.out, member, state_dict)
-        with self._lock:
+        save_weights(self.out, member, state_dict)  # the weights first ...
+        with self._lock:  # ... then the manifest that lists them
             self.members[member.name] = member
             rank = {n: i for i, n in enumerate(self.order)}
             ordered = sorted(self.members.values(), key=lambda m: rank.get(m.name, len(rank)))
@@ -168,17 +173,17 @@ def train_fleet_local(plans: list[MemberPlan], out, *, on_epoch=None, extra: dic
 
     import torch
 
-    from .fleet import atomic_write_bytes, slug
+    from .fleet import slug
 
     writer = FleetWriter(out, extra, order=[p.name for p in plans])
     for plan in writer.pending(plans):
         config = TrainConfig.from_dict(plan.member.config)
         # Like the Ray path: a checkpoint per epoch, so a re-run continues where this one stopped.
-        ckpt = Path(out) / "checkpoints" / "local" / f"{slug(plan.name)}-{plan.run_key}.pt"
+        ckpt = writer.out.join("checkpoints", "local", f"{slug(plan.name)}-{plan.run_key}.pt")
         resume = None
         if ckpt.is_file():
             try:
-                resume = torch.load(ckpt, map_location="cpu", weights_only=True)
+                resume = torch.load(io.BytesIO(ckpt.read_bytes()), map_location="cpu", weights_only=True)
             except Exception:  # noqa: BLE001 - a damaged checkpoint: start this member over
                 log.warning("%s: unreadable checkpoint %s; training from scratch", plan.name, ckpt)
             if resume is not None and resume["epoch"] > config.epochs:
@@ -187,7 +192,7 @@ def train_fleet_local(plans: list[MemberPlan], out, *, on_epoch=None, extra: dic
         def save(epoch, metrics, state, name=plan.name, path=ckpt):
             buf = io.BytesIO()
             torch.save(state, buf)
-            atomic_write_bytes(path, buf.getvalue())
+            path.write_bytes_atomic(buf.getvalue())
             if on_epoch is not None:
                 on_epoch(name, metrics)
 

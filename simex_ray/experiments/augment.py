@@ -236,8 +236,8 @@ def augment(target: str, refs: list[str], *, config: AugmentConfig | None = None
     pools, test_rows = _target_split(tgt, cfg.test_per_class, data_seed)
     short = [classes[c] for c, pool in enumerate(pools) if len(pool) < max(cfg.n)]
     if short:
-        raise ValueError(f"target class(es) {', '.join(short)} have fewer than n={max(cfg.n)} training samples "
-                         f"after {cfg.test_per_class} test samples per class; lower --n or the preset's test_per_class")
+        raise ValueError(f"target class(es) {', '.join(short)} have fewer than n={max(cfg.n)} training samples left "
+                         f"after holding out {len(test_rows) // n_classes} test samples per class; lower --n")
     x_test, y_test = tgt.x[test_rows], y_index[test_rows]
     keep: list = []
     seconds: dict[str, float] = {}

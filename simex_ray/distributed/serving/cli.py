@@ -114,8 +114,10 @@ def _pidfile(port: int) -> Path:
 
 
 def _manifest_stamp(fleet) -> tuple:
-    p = Path(fleet) / "manifest.json"
-    return (p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else ()
+    from ...storage import resolve
+
+    info = resolve(fleet).join("manifest.json").info()  # a local path or a URI
+    return (info.mtime_ns, info.size) if info.is_file else ()
 
 
 def cmd_serve(args) -> int:
@@ -149,17 +151,19 @@ def _config(args) -> str:
     """`simex serve config`: the Serve config as YAML text, or (kuberay) as a RayService's serveConfigV2."""
     import yaml
 
+    from ...storage import is_uri, normalize
     from .deploy import serve_config
 
     kuberay = args.format == "kuberay"
     host = args.host or ("0.0.0.0" if kuberay else "127.0.0.1")
     settings = settings_from(args)
     _check_exposure(host, settings, args.no_auth)
-    if args.fleet_path is not None and not args.fleet_path.startswith("/"):
-        raise ValueError(f"--fleet-path must be an absolute path on the cluster's nodes, got '{args.fleet_path}'")
+    if args.fleet_path is not None and not (args.fleet_path.startswith("/") or is_uri(args.fleet_path)):
+        raise ValueError(f"--fleet-path must be an absolute path on the cluster's nodes or a URI "
+                         f"(s3://, gs://, file://), got '{args.fleet_path}'")
     config = serve_config(args.fleet, settings, host, args.port)
     if args.fleet_path is not None:
-        local = str(Path(args.fleet).resolve())
+        local = normalize(args.fleet)
         for app in config["applications"]:
             if app["args"].get("fleet") == local:
                 app["args"]["fleet"] = args.fleet_path.rstrip("/") or "/"

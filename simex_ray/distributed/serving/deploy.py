@@ -9,6 +9,7 @@ from typing import Any
 
 from ray import serve
 
+from ... import storage
 from ...api import Limits, key_digest
 from ...fleet import Fleet, read_manifest, slug
 from .app import INGRESS_APP, fleet_app, fleet_digest, ingress_app, member_app
@@ -96,7 +97,7 @@ def deploy(fleet_dir, settings: ServeSettings = ServeSettings()) -> dict[str, li
     """
     from ray.serve import RunTarget
 
-    fleet = Path(fleet_dir).resolve()
+    fleet = storage.normalize(fleet_dir)  # an absolute path, or the URI as given
     Fleet.load(fleet)  # every weight file present and intact, or a clear error now
     members = read_manifest(fleet)["members"]
     wanted = _wanted(fleet, members, settings)
@@ -128,7 +129,7 @@ def undeploy() -> list[str]:
 
 def serve_config(fleet_dir, settings: ServeSettings = ServeSettings(), host="127.0.0.1", port=8000) -> dict:
     """A Serve config (for `serve run` / `serve deploy`) equivalent to :func:`deploy`."""
-    fleet = Path(fleet_dir).resolve()
+    fleet = storage.normalize(fleet_dir)
     members = read_manifest(fleet)["members"]
     apps = [{"name": INGRESS_APP, "route_prefix": "/", "import_path": "simex_ray.distributed.serving.app:ingress_app",
              "args": _ingress_args(fleet, members, settings)}]
