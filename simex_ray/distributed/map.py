@@ -124,7 +124,7 @@ def train_map(resources=None, *, storage: str | None = None, on_unit: OnUnit | N
     unit it was in. ``fault={"unit": i, "marker": path}`` kills the worker
     once right after unit i's checkpoint (tests).
     """
-    from .train import ProgressBoard, Resources, TrainingError, _first_line, run_concurrently, shard
+    from .train import Resources, TrainingError, _first_line, local_board, run_concurrently, shard
 
     res = resources or Resources()
 
@@ -138,7 +138,7 @@ def train_map(resources=None, *, storage: str | None = None, on_unit: OnUnit | N
         units = list(enumerate(_object_store(kwargs_list)))
         groups = shard(units, res.concurrent_runs(total))
         tag = f"{fn.__name__}-{uuid.uuid4().hex[:8]}"
-        board = ProgressBoard.remote()
+        board = local_board()
         worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker else {})}
         own_storage = None if storage else tempfile.mkdtemp(prefix="simex-units-")
         root = storage or own_storage

@@ -77,6 +77,15 @@ class ProgressBoard:
         return dict(self.latest), finished
 
 
+def local_board():
+    """A ProgressBoard pinned to the driver's node: the driver polls it, so on a worker
+    node it would take the driver down with that node (ActorUnavailableError)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ProgressBoard.options(scheduling_strategy=here).remote()
+
+
 def _save_checkpoint(done: dict[str, dict], current: dict | None, metrics: dict) -> None:
     import ray.train
 
@@ -164,20 +173,31 @@ def _fit_run(index: int, key: str, plans: list[MemberPlan], storage: Path, res: 
         worker_resources["GPU"] = res.gpus_per_worker
     members = [{"name": p.name, "config": p.member.config,
                 "x_train": ray.put(p.x_train), "x_test": ray.put(p.x_test)} for p in plans]
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={"members": members, "board": board, "fault": fault,
-                           "threads": max(1, round(res.cpus_per_worker))},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=res.gpus_per_worker > 0,
-                                     resources_per_worker=worker_resources),
-        run_config=RunConfig(
-            name=f"run{index}-{key}",
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=res.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-        ),
-    )
-    result = trainer.fit()
+    for attempt in range(res.max_failures + 1):
+        trainer = TorchTrainer(
+            _worker_loop,
+            train_loop_config={"members": members, "board": board, "fault": fault,
+                               "threads": max(1, round(res.cpus_per_worker))},
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=res.gpus_per_worker > 0,
+                                         resources_per_worker=worker_resources),
+            run_config=RunConfig(
+                name=f"run{index}-{key}",
+                storage_path=str(storage),
+                failure_config=FailureConfig(max_failures=res.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=1),
+            ),
+        )
+        try:
+            result = trainer.fit()
+            break
+        except Exception as e:
+            # Ray Train retries a lost worker itself, except when its node goes while the
+            # controller starts it (ControllerError from an unavailable actor): run again,
+            # same name and storage, so it resumes from its last checkpoint.
+            if attempt == res.max_failures or not _lost_actor(e):
+                raise
+            log.warning("Train run %d lost an actor (%s); running it again from its checkpoint",
+                        index, _first_line(e))
     if result.checkpoint is None:
         raise RuntimeError(f"Train run {index} finished without a checkpoint")
     done, _ = _load_checkpoint(result.checkpoint)
@@ -222,7 +242,7 @@ def train_fleet(plans: list[MemberPlan], out, *, resources: Resources = Resource
         if left := [p for p in whole if p.name in by_name]:
             groups.append((key, left))
     log.info("training %d member(s) in %d concurrent Ray Train run(s)", len(todo), len(groups))
-    board = ProgressBoard.remote()
+    board = local_board()
     seen: dict[str, int] = {}
     errors: dict[str, BaseException] = {}
 
@@ -280,6 +300,15 @@ class TrainingError(RuntimeError):
 def _first_line(e: BaseException) -> str:
     lines = [l for l in str(e).splitlines() if l.strip()]
     return lines[-1] if lines else type(e).__name__
+
+
+def _lost_actor(e: BaseException) -> bool:
+    """A Train run that failed because an actor became unreachable (its node was lost)."""
+    from ray.exceptions import RayActorError
+    from ray.train import ControllerError
+
+    cause = e.controller_failure if isinstance(e, ControllerError) else e
+    return isinstance(cause, RayActorError)
 
 
 def build_fleet(refs: list[str], out, config: TrainConfig, *, samples: int | None = None,
