@@ -223,7 +223,19 @@ def train_fleet(plans: list[MemberPlan], out, *, resources: Resources = Resource
     ``on_progress(member, metrics)`` is called on the driver whenever a
     member reports a new epoch.
     """
-    out = Path(out).resolve()
+    from ..storage import check_shared, resolve
+
+    where = resolve(out)
+    if not where.is_local:
+        raise ValueError(f"--out {where.display}: a fleet trained on Ray is written to a path every node sees "
+                         f"(an NFS/EFS mount, or file:///...); object-store URIs work with --no-ray, and "
+                         f"--storage s3://... takes the checkpoints")
+    out = Path(where.path).resolve()
+    # Across machines every node must see --out and the checkpoints; nodes on one host share its disk.
+    hosts = len({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})
+    check_shared(where, hosts, flag="--out")
+    if storage and "://" not in storage:
+        check_shared(storage, hosts, flag="--storage")
     storage_path = Path(storage).resolve() if storage and "://" not in storage else None
     storage_uri = storage if storage and "://" in storage else None
     if storage_path is None and storage_uri is None:

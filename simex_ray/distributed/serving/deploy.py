@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import serve
 
 from ... import storage
@@ -98,6 +99,9 @@ def deploy(fleet_dir, settings: ServeSettings = ServeSettings()) -> dict[str, li
     from ray.serve import RunTarget
 
     fleet = storage.normalize(fleet_dir)  # an absolute path, or the URI as given
+    # Replicas load the fleet on whichever node they land on: across machines it must be shared.
+    hosts = len({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})
+    storage.check_shared(fleet, hosts, flag="--fleet")
     Fleet.load(fleet)  # every weight file present and intact, or a clear error now
     members = read_manifest(fleet)["members"]
     wanted = _wanted(fleet, members, settings)
