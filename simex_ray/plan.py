@@ -199,3 +199,22 @@ def train_fleet_local(plans: list[MemberPlan], out, *, on_epoch=None, extra: dic
         model, history = train_member(plan.x_train, plan.x_test, config, resume=resume, on_epoch=save)
         writer.add(plan, model.state_dict(), history)
     return writer
+
+
+def train_and_load(plans: list[MemberPlan], out=None, *, on_epoch=None, extra: dict | None = None):
+    """:func:`train_fleet_local` into ``out`` (None: a temporary directory, removed) -> the loaded Fleet.
+
+    A fleet loaded from a temporary directory has ``path = None``.
+    """
+    import tempfile
+
+    from .fleet import Fleet
+
+    if out is not None:
+        train_fleet_local(plans, out, on_epoch=on_epoch, extra=extra)
+        return Fleet.load(out)
+    with tempfile.TemporaryDirectory(prefix="simex-fleet-") as tmp:
+        train_fleet_local(plans, tmp, on_epoch=on_epoch, extra=extra)
+        fleet = Fleet.load(tmp)
+    fleet.path = None
+    return fleet

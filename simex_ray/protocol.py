@@ -159,6 +159,18 @@ PRESETS: dict[str, ProtocolConfig] = {"paper": PAPER, "default": DEFAULT, "last-
 STUDY_PROTOCOL = "few-shot"
 
 
+def settings_from_dict(cls, d: dict[str, Any], what: str):
+    """A frozen settings dataclass from a JSON object: unknown keys are a one-line error naming the
+    known ones; lists become tuples."""
+    if not isinstance(d, dict):
+        raise ValueError(f"need a JSON object of {what} settings")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
 def load_protocol(text: str) -> ProtocolConfig:
     """A preset name, or a JSON file of ProtocolConfig fields (``"base": PRESET`` starts from
     that preset, the paper's otherwise). Errors are one line and name the valid choices."""

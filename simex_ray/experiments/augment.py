@@ -28,7 +28,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,7 +38,7 @@ from .. import data
 from ..baselines import LeNet5, evaluate_classifier, train_classifier
 from ..fleet import Fleet, slug
 from ..pairing import METHODS, class_matrix, greedy_pairs
-from ..protocol import MapFn, Progress, jsonable, run_units
+from ..protocol import MapFn, Progress, jsonable, run_units, settings_from_dict
 from ..ranking import nanmean, spearman
 from ..training import TrainConfig
 
@@ -83,12 +83,7 @@ class AugmentConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AugmentConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown augment setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**d)
+        return settings_from_dict(cls, d, "augment")
 
 
 PRESETS: dict[str, AugmentConfig] = {

@@ -34,9 +34,8 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ from .. import data
 from ..baselines import leave_one_class_out, sample_distance
 from ..fleet import Fleet
 from ..losses import check_loss
-from ..protocol import MapFn, Progress, jsonable, run_units
+from ..protocol import MapFn, Progress, jsonable, run_units, settings_from_dict
 from ..ranking import nanmean, spearman
 from ..training import TrainConfig
 
@@ -101,14 +100,7 @@ class InterClassConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "InterClassConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown inter-class setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        d = dict(d)
-        if "classifiers" in d:
-            d["classifiers"] = tuple(d["classifiers"])
-        return cls(**d)
+        return settings_from_dict(cls, d, "inter-class")
 
 
 PRESETS: dict[str, InterClassConfig] = {
@@ -185,7 +177,7 @@ def per_class_fleet(spec: str, parts: list[data.ClassPart], cfg: InterClassConfi
     A directory with a manifest is used as it is, after checking that each
     member was trained on this study's training images of its class.
     """
-    from ..plan import plan_fleet, train_fleet_local
+    from ..plan import plan_fleet, train_and_load
 
     names = [p.spec for p in parts]
     if fleet is not None and (Path(fleet) / "manifest.json").is_file():
@@ -212,14 +204,7 @@ def per_class_fleet(spec: str, parts: list[data.ClassPart], cfg: InterClassConfi
     extra = {"refs": [spec], "samples": cfg.samples_per_class, "per_class": True, "seed": model_seed,
              "data_seed": data_seed, "experiment": "inter_class"}
     t0 = time.perf_counter()
-    if fleet is None:
-        with tempfile.TemporaryDirectory(prefix="simex-fleet-") as tmp:
-            train_fleet_local(plans, tmp, on_epoch=on_epoch, extra=extra)
-            f = Fleet.load(tmp)
-        f.path = None
-    else:
-        train_fleet_local(plans, fleet, on_epoch=on_epoch, extra=extra)
-        f = Fleet.load(fleet)
+    f = train_and_load(plans, fleet, on_epoch=on_epoch, extra=extra)
     return f, names, time.perf_counter() - t0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ def resolve_fleet(refs: list[str], *, fleet, loss: str, samples: int | None, epo
     those splits' training images (data fingerprints): a fleet trained on
     other samples would be scored on its own training images.
     """
-    from ..plan import plan_fleet, train_fleet_local
+    from ..plan import plan_fleet, train_and_load
 
     if isinstance(fleet, Fleet):
         f = fleet
@@ -72,14 +71,7 @@ def resolve_fleet(refs: list[str], *, fleet, loss: str, samples: int | None, epo
         extra = {"refs": refs, "samples": samples, "seed": model_seed, "data_seed": data_seed,
                  "experiment": "inter_dataset"}
         t0 = time.perf_counter()
-        if fleet is None:
-            with tempfile.TemporaryDirectory(prefix="simex-fleet-") as tmp:
-                train_fleet_local(plans, tmp, on_epoch=on_epoch, extra=extra)
-                f = Fleet.load(tmp)
-            f.path = None
-        else:
-            train_fleet_local(plans, fleet, on_epoch=on_epoch, extra=extra)
-            f = Fleet.load(fleet)
+        f = train_and_load(plans, fleet, on_epoch=on_epoch, extra=extra)
         seconds = time.perf_counter() - t0
         return _check_covers(f, refs), {"trained": True, "train_seconds": seconds, "config": cfg.to_dict()}
     f = _check_covers(f, refs)
