@@ -184,6 +184,13 @@ def test_write_augment_writes_the_fig7_grid(augmented, tmp_path):
     assert "order by gain" in aug.format_augment(result)
 
 
+def test_format_augment_with_one_reference_has_no_rho(augmented):
+    result = json.loads(json.dumps(augmented[0]))  # as written: NaN becomes null
+    result["references"] = result["references"][:1]
+    result["order"] = {"by_gain": result["references"], "by_delta_normalized": result["references"], "rho": None}
+    assert "ρ needs 2+ references" in aug.format_augment(result)
+
+
 def test_augment_config_overrides_and_errors():
     cfg = aug.load_config("tiny", n="3,4", m="7", trials=1, methods="simex")
     assert cfg.n == (3, 4) and cfg.m == (7,) and cfg.methods == ("simex",)

@@ -422,5 +422,6 @@ def format_augment(result: dict[str, Any]) -> str:
                      + "  ".join(f"{per[m]:>+10.3f}" for m in result["config"]["methods"]))
     o = result["order"]
     lines.append(f"order by gain: {' > '.join(shown[r] for r in o['by_gain'])}; by normalised Δ: "
-                 f"{' < '.join(shown[r] for r in o['by_delta_normalized'])} (ρ {o['rho']:.2f})")
+                 f"{' < '.join(shown[r] for r in o['by_delta_normalized'])}"
+                 + (f" (ρ {o['rho']:.2f})" if o["rho"] is not None else " (ρ needs 2+ references)"))
     return "\n".join(lines)
