@@ -114,6 +114,14 @@ def save_weights(fleet_dir: storage.PathLike, member: Member, state_dict: dict[s
     return member
 
 
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+
+
 def read_manifest(fleet_dir: storage.PathLike) -> dict[str, Any]:
     loc = storage.resolve(fleet_dir)
     path = loc.join(MANIFEST)
@@ -123,6 +131,11 @@ def read_manifest(fleet_dir: storage.PathLike) -> dict[str, Any]:
         if not path.is_file():
             raise FleetError(f"{path} is missing; {loc} is not a fleet (create one with `simex train`)")
         text = path.read_text()
+        for _ in range(3 if not loc.is_local else 0):  # a read torn by a concurrent publish: read again
+            if _parses(text):
+                break
+            time.sleep(0.05)
+            text = path.read_text()
     except OSError as e:  # unreachable store, no permission, ...
         raise FleetError(f"cannot read {path} ({storage._first_line(e)}); check the path and its credentials") \
             from None

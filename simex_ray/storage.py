@@ -21,6 +21,7 @@ import os
 import posixpath
 import re
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,8 +107,16 @@ class Location:
         return sorted(posixpath.basename(i.path.rstrip("/")) for i in self.fs.get_file_info(selector))
 
     def read_bytes(self) -> bytes:
-        with self.fs.open_input_stream(self.path) as f:
-            return f.read()
+        """The whole object. On an object store a read is a size request then ranged GETs, so a
+        concurrent overwrite can tear it: the size is checked again after reading and the read
+        repeated (a manifest is replaced in place while members land)."""
+        for attempt in range(5):
+            with self.fs.open_input_stream(self.path) as f:
+                data = f.read()
+            if self.is_local or self.fs.get_file_info(self.path).size == len(data):
+                return data
+            time.sleep(0.05 * (attempt + 1))
+        return data
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
