@@ -43,6 +43,7 @@ __all__ = [
     "ResNet18",
     "TLConfig",
     "TL_CONFIGS",
+    "embedding_codes",
     "embedding_distance",
     "evaluate_classifier",
     "finetune",
@@ -51,6 +52,7 @@ __all__ = [
     "leave_one_class_out",
     "make_classifier",
     "make_classifier_optimizer",
+    "nearest_code_distance",
     "predict_proba",
     "normalize_by_base",
     "sample_distance",
@@ -520,6 +522,24 @@ def _codes(autoencoder: nn.Module, x, batch_size: int = 512) -> torch.Tensor:
     return torch.cat([autoencoder.encode(b) for b in torch.split(x, batch_size)]).double()
 
 
+def embedding_codes(autoencoder: nn.Module, x, *, max_samples: int = 1000,
+                    rng: np.random.Generator | None = None) -> torch.Tensor:
+    """A(Y)'s bottleneck codes of ``x`` (subsampled to ``max_samples`` with ``rng``): (n, code) float64."""
+    x = np.asarray(x)
+    if len(x) == 0:
+        raise ValueError("embedding_distance needs two non-empty sets")
+    if len(x) > max_samples:
+        rng = rng if rng is not None else np.random.default_rng(0)
+        x = x[np.sort(rng.choice(len(x), size=max_samples, replace=False))]
+    return _codes(autoencoder, x)
+
+
+def nearest_code_distance(codes_unknown: torch.Tensor, codes_reference: torch.Tensor) -> float:
+    """Mean over unknown codes of the L2 distance to the closest reference code."""
+    d = torch.cdist(codes_unknown, codes_reference, compute_mode="donot_use_mm_for_euclid_dist")
+    return float(d.min(dim=1).values.mean())
+
+
 def embedding_distance(autoencoder: nn.Module, x_unknown, x_reference, *, max_samples: int = 1000,
                        seed: int = 0) -> float:
     """Mean nearest-code distance from the unknown to the reference, in A(Y)'s bottleneck.
@@ -533,16 +553,9 @@ def embedding_distance(autoencoder: nn.Module, x_unknown, x_reference, *, max_sa
     cost stays O(max_samples²).
     """
     rng = np.random.default_rng(seed)
-
-    def sub(x):
-        x = np.asarray(x)
-        if len(x) == 0:
-            raise ValueError("embedding_distance needs two non-empty sets")
-        return x[np.sort(rng.choice(len(x), size=max_samples, replace=False))] if len(x) > max_samples else x
-
-    cu, cr = _codes(autoencoder, sub(x_unknown)), _codes(autoencoder, sub(x_reference))
-    return float(torch.cdist(cu, cr, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values.mean())
-
+    cu = embedding_codes(autoencoder, x_unknown, max_samples=max_samples, rng=rng)
+    cr = embedding_codes(autoencoder, x_reference, max_samples=max_samples, rng=rng)
+    return nearest_code_distance(cu, cr)
 
 
 def leave_one_class_out(architecture: str, left_out: int, x_train, y_train, x_val, y_val, x_eval, y_eval, *,

@@ -17,7 +17,7 @@ Three distances, one matrix shape (rows: X's classes, columns: Y's classes):
   baseline);
 * ``embeddings``: distance between the codes of the two classes in the
   bottleneck of the whole-dataset autoencoder A(Y) (mean nearest-code
-  distance, :func:`simex_ray.baselines.embedding_distance`).
+  distance, as :func:`simex_ray.baselines.embedding_distance`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .baselines import embedding_distance, sample_distance
+from .baselines import embedding_codes, nearest_code_distance, sample_distance
 
 __all__ = ["METHODS", "Pairing", "class_matrix", "greedy_pairs", "per_class_reference"]
 
@@ -142,8 +142,13 @@ def class_matrix(method: str, unknown: Sequence[np.ndarray], *, engine=None, mem
                          for x in unknown])
     if autoencoder is None:
         raise ValueError("embeddings pairing needs the whole-dataset autoencoder A(Y)")
-    return np.array([[embedding_distance(autoencoder, x, r, max_samples=max_samples, seed=seed) for r in reference]
-                     for x in unknown])
+    # Every class encoded once (not once per pair): the same numbers as embedding_distance per pair
+    # whenever no set is over max_samples.
+    codes_u = [embedding_codes(autoencoder, x, max_samples=max_samples, rng=np.random.default_rng(seed))
+               for x in unknown]
+    codes_r = [embedding_codes(autoencoder, r, max_samples=max_samples, rng=np.random.default_rng(seed + 1))
+               for r in reference]
+    return np.array([[nearest_code_distance(cu, cr) for cr in codes_r] for cu in codes_u])
 
 
 def reference_class_samples(members: Mapping[str, Any], names: Sequence[str], *, samples: int | None,

@@ -53,8 +53,8 @@ def _record(name: str, spec: str, class_: str | None, train: data.Dataset, test:
 
 
 def plan_fleet(refs: list[str], config: TrainConfig, *, samples: int | None = None,
-               per_class: bool = False, seed: int = 0, data_dir=None) -> list[MemberPlan]:
-    """Load every reference and split it 5:1; one plan per member.
+               per_class: bool = False, seed: int = 0, data_dir=None, cache: dict | None = None) -> list[MemberPlan]:
+    """Load every reference and split it 5:1; one plan per member (``cache``: see :func:`data.load`).
 
     With ``per_class`` each labelled reference yields one member per class,
     named ``SPEC#CLASS``; ``samples`` is then drawn per class. ``seed`` is the
@@ -65,10 +65,10 @@ def plan_fleet(refs: list[str], config: TrainConfig, *, samples: int | None = No
     plans: list[MemberPlan] = []
     for spec in refs:
         if not per_class:
-            train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir)
+            train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir, cache=cache)
             plans.append(_record(train.spec, spec, None, train, test, config, seed))
             continue
-        for part in data.prepare_by_class(spec, samples=samples, seed=seed, data_dir=data_dir):
+        for part in data.prepare_by_class(spec, samples=samples, seed=seed, data_dir=data_dir, cache=cache):
             plans.append(_record(part.spec, spec, part.name, part.train, part.test, config, seed))
     names = [p.name for p in plans]
     dupes = sorted({n for n in names if names.count(n) > 1})

@@ -170,7 +170,7 @@ FleetFn = Callable[[str, str, TrainConfig, "int | None", bool], None]
 
 
 def _reference_fleets(ref: str, cfg: AugmentConfig, *, fleet_dir, data_seed: int, model_seed: int, data_dir,
-                      fleet_fn: FleetFn | None, keep: list) -> tuple[Fleet, Fleet]:
+                      fleet_fn: FleetFn | None, keep: list, cache: dict) -> tuple[Fleet, Fleet]:
     """(per-class fleet, whole-dataset fleet) of ``ref``, trained into ``fleet_dir`` (kept for re-runs)."""
     from ..plan import plan_fleet, train_fleet_local
 
@@ -186,7 +186,7 @@ def _reference_fleets(ref: str, cfg: AugmentConfig, *, fleet_dir, data_seed: int
             fleet_fn(ref, path, train_config, samples, per_class)
         else:
             plans = plan_fleet([ref], train_config, samples=samples, per_class=per_class, seed=data_seed,
-                               data_dir=data_dir)
+                               data_dir=data_dir, cache=cache)
             train_fleet_local(plans, path, extra={"refs": [ref], "samples": samples, "per_class": per_class,
                                                   "seed": model_seed, "data_seed": data_seed})
         out.append(Fleet.load(path))
@@ -243,7 +243,7 @@ def augment(target: str, refs: list[str], *, config: AugmentConfig | None = None
             t0 = time.perf_counter()
             per_class, whole = _reference_fleets(ref, cfg, fleet_dir=fleet_dir, data_seed=data_seed,
                                                  model_seed=model_seed, data_dir=data_dir, fleet_fn=fleet_fn,
-                                                 keep=keep)
+                                                 keep=keep, cache=cache)
             seconds[f"fleets {ref}"] = time.perf_counter() - t0
             ds = data.load(ref, seed=data_seed, data_dir=data_dir, cache=cache)
             if ds.y is None:

@@ -170,7 +170,8 @@ def _cap_per_class(x, y, cap: int | None, seed: int) -> tuple[np.ndarray, np.nda
 
 
 def per_class_fleet(spec: str, parts: list[data.ClassPart], cfg: InterClassConfig, loss: str, *, fleet,
-                    data_seed: int, model_seed: int, data_dir, on_progress: Progress | None = None
+                    data_seed: int, model_seed: int, data_dir, on_progress: Progress | None = None,
+                    cache: dict | None = None
                     ) -> tuple[Fleet, list[str], float]:
     """(fleet, member names in class order, training seconds): the given per-class fleet, or one trained here.
 
@@ -193,7 +194,7 @@ def per_class_fleet(spec: str, parts: list[data.ClassPart], cfg: InterClassConfi
                                  f"study train its own fleet")
         return f, names, sum(float(f.members[n].metrics.get("elapsed_s", 0.0)) for n in names)
     plans = plan_fleet([spec], cfg.ae_config(loss, model_seed), samples=cfg.samples_per_class, per_class=True,
-                       seed=data_seed, data_dir=data_dir)
+                       seed=data_seed, data_dir=data_dir, cache=cache)
     done = [0]
 
     def on_epoch(name, metrics):
@@ -223,7 +224,9 @@ def inter_class(spec: str, *, losses: tuple[str, ...] = ("mse", "issim"), config
         raise ValueError("need at least one loss")
     fleets = fleets or {}
     t_start = time.perf_counter()
-    parts = data.prepare_by_class(spec, samples=cfg.samples_per_class, seed=data_seed, data_dir=data_dir)
+    cache: dict = {}  # the dataset is read and derived once for the split and every fleet's plans
+    parts = data.prepare_by_class(spec, samples=cfg.samples_per_class, seed=data_seed, data_dir=data_dir,
+                                  cache=cache)
     n = len(parts)
     if n < 3:
         raise ValueError(f"'{spec}' has {n} class(es); the inter-class study needs at least 3")
@@ -234,7 +237,8 @@ def inter_class(spec: str, *, losses: tuple[str, ...] = ("mse", "issim"), config
     # SimEx: simex_<loss>[k][j] = Δ(test_j | A(k)).
     for loss in losses:
         f, names, train_s = per_class_fleet(spec, parts, cfg, loss, fleet=fleets.get(loss), data_seed=data_seed,
-                                            model_seed=model_seed, data_dir=data_dir, on_progress=on_progress)
+                                            model_seed=model_seed, data_dir=data_dir, on_progress=on_progress,
+                                            cache=cache)
         t0 = time.perf_counter()
         matrices[f"simex_{loss}"] = np.stack([f.engine.per_sample(p.test.x, names, loss).mean(axis=1)
                                               for p in parts], axis=1)

@@ -81,7 +81,7 @@ def cmd(args) -> int:
 
             with ray_session(args.address):
                 for loss, path in fleets.items():  # per-class autoencoders on Ray Train (kept for a re-run)
-                    if not (Path(path) / "manifest.json").is_file() or path != args.fleet:
+                    if path != args.fleet or not (Path(path) / "manifest.json").is_file():  # a given fleet is used as it is
                         build_fleet([args.data], path, cfg.ae_config(loss, args.seed), samples=cfg.samples_per_class,
                                     per_class=True, seed=data_seed, data_dir=args.data_dir,
                                     resources=Resources(cpus_per_worker=args.cpus_per_task),
