@@ -10,17 +10,20 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from .multinode import MultiNodeCluster
+from .multinode import MultiNodeCluster, _kill
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
+REFS = "digits,bgrand:digits,rotated:digits"
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +188,7 @@ def test_node_lost_while_train_starts_its_worker(cluster, tmp_path):
     """Ray Train 2.60 retries a worker lost in training or in its set-up, but not one lost while it
     launches the training function (``run_train_fn``): the run fails with ControllerError. The
     fleet then runs it again (same name and storage)."""
-    if sum(not n.killed for n in cluster.nodes[1:]) < 2:
-        cluster.add_workers(1)  # the previous test took one away
+    _ensure_workers(cluster, 2)
     marker = tmp_path / "in-run-train-fn"
     t0 = time.time()
     job = submit(cluster, "python", "-c", STARTUP_LOSS_DRIVER, tmp_path / "fleet", marker, wait=False)
@@ -209,3 +211,170 @@ def test_node_lost_while_train_starts_its_worker(cluster, tmp_path):
     assert "running it again from its checkpoint" in output
     assert "EPOCHS [1, 2]" in output
     assert "RAISE" in controller  # Ray Train itself gave up on the run
+
+
+# ---------------------------------------------------------------------- the Tune study and the driver
+
+
+@pytest.fixture(scope="module")
+def ground_truth(tmp_path_factory):
+    """A small ground truth for the Tune study, computed once without Ray."""
+    out = tmp_path_factory.mktemp("gt")
+    proto = out / "tiny.json"
+    proto.write_text(json.dumps({"base": "default", "tl_configs": ["TL-1"], "seeds": [0, 1], "clf_max_epochs": 2,
+                                 "clf_patience": 1, "test_samples": 60}))
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "transfer.py"), "--refs", REFS, "--samples", "300",
+                           "--protocol", str(proto), "--no-ray", "--out", str(out / "gt")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "gt"
+
+
+def _trial_rows(tune_dir: Path) -> dict[Path, list[dict]]:
+    rows = {}
+    for f in tune_dir.glob("*/result.json"):
+        try:
+            rows[f.parent] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        except ValueError:  # a line being written
+            continue
+    return rows
+
+
+def _trial_name(row: dict) -> str:
+    from simex_ray.experiments.stopping import config_key
+
+    return f"{config_key(row['optimizer'], float(row['lr']))} seed {row['seed']}"
+
+
+TUNE_PAUSE_DRIVER = """
+import functools, sys
+import simex_ray.distributed.tune as tune
+from simex_ray.cli import main
+
+# The first trial to report epoch 2 writes its pid to the marker and pauses there (after its checkpoint).
+tune.run_study = functools.partial(tune.run_study, fault={"epoch": 2, "marker": sys.argv[1], "pause_s": 300})
+sys.exit(main(["tune", "stopping", *sys.argv[2:]]))
+"""
+
+
+def test_tune_study_survives_losing_a_worker_node(cluster, ground_truth, tmp_path):
+    """Three trials, two at a time (one per 1-CPU node). One trial pauses after its epoch-2
+    checkpoint; once another trial has finished, the paused trial's node is killed. It resumes on
+    the other node from that checkpoint, and the finished trial is not run again. Tune's storage
+    is a ``file://`` URI."""
+    _ensure_workers(cluster, 2)
+    epochs, out, storage, marker = 6, tmp_path / "study", tmp_path / "tune-storage", tmp_path / "paused"
+    t0 = time.time()
+    job = submit(cluster, "python", "-c", TUNE_PAUSE_DRIVER, marker, "--address", "auto", "--ground-truth",
+                 ground_truth, "--configs", "rmsprop:1e-3,rmsprop:2e-4,adam:1e-3", "--seeds", "1", "--max-epochs",
+                 epochs, "--eval-samples", "60", "--cpus-per-trial", "1", "--storage", f"file://{storage}",
+                 "--out", out, wait=False)
+    try:
+        while True:
+            assert job.poll() is None, f"job ended before the node was lost: {job.stdout.read()[-3000:]}"
+            assert time.time() - t0 < 300, "no finished trial next to the paused one within 300 s"
+            rows = _trial_rows(storage / "tune")
+            finished = {d: r for d, r in rows.items() if r and r[-1]["epoch"] == epochs}
+            if finished and marker.exists() and marker.read_text():
+                break
+            time.sleep(0.2)
+        pid = int(marker.read_text())
+        lost = next(_trial_name(r[-1]) for r in rows.values() if r and int(r[-1]["pid"]) == pid)
+        victim = cluster.node_of_pid(pid)
+        assert victim is not None, "the paused trial is on no worker node"
+        finished_before = {d: (d / "result.json").read_text() for d in finished}
+        cluster.kill_node(victim)
+        t_kill = time.time() - t0
+        output, _ = job.communicate(timeout=400)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    print(f"node {victim} killed at {t_kill:.0f}s with '{lost}' paused after epoch 2; job done at "
+          f"{time.time() - t0:.0f}s")
+    assert job.returncode == 0, output[-4000:]
+    assert f"{lost}".ljust(26) + " lost (a worker or node failed)" in output, output[-3000:]
+    lines = [line for line in output.splitlines() if " epoch " in line]
+    # Each trial reported epoch 1 exactly once: the lost one resumed, it did not start over.
+    for name in {_trial_name(r[-1]) for r in _trial_rows(storage / "tune").values()}:
+        assert sum(name in line and f"epoch   1/{epochs}" in line for line in lines) == 1, (name, lines)
+    assert sum(lost in line and f"epoch   3/{epochs}" in line for line in lines) == 1, lines
+    # The finished trial ran no further.
+    for d, text in finished_before.items():
+        assert (d / "result.json").read_text() == text
+    study = json.loads((out / "stopping.json").read_text())
+    assert len(study["configs"]) == 3
+    for c in study["configs"].values():
+        assert c["per_seed"]["0"]["epochs"] == list(range(1, epochs + 1))
+
+
+def _ensure_workers(cluster, n: int) -> None:
+    if (alive := sum(not node.killed for node in cluster.nodes[1:])) < n:
+        cluster.add_workers(n - alive)  # an earlier test took some away
+
+
+def _checkpointed_epochs(fleet: Path) -> dict[str, int]:
+    """member -> the epoch of the newest checkpoint its Train run has registered."""
+    saved = {}
+    for f in fleet.glob("checkpoints/*/checkpoint_manager_snapshot.json"):
+        try:
+            metrics = (json.loads(f.read_text()).get("latest_checkpoint_result") or {}).get("metrics") or {}
+        except ValueError:
+            continue
+        if "member" in metrics and "epoch" in metrics:
+            saved[metrics["member"]] = max(int(metrics["epoch"]), saved.get(metrics["member"], 0))
+    return saved
+
+
+def _epochs_run(output: str) -> dict[str, list[int]]:
+    """member -> the epochs a `simex train` output reports training."""
+    ran: dict[str, list[int]] = {}
+    for m in re.finditer(r"\] (\S+) +epoch +(\d+)/\d+", output):
+        ran.setdefault(m.group(1), []).append(int(m.group(2)))
+    return ran
+
+
+def _driver_pids(cluster, needle: str) -> list[int]:
+    from .multinode import _proc_info, node_pids
+
+    return [pid for pid in node_pids(cluster.nodes[0])
+            if (info := _proc_info(pid)) and needle in info[0] and "ray job submit" not in info[0]]
+
+
+def test_driver_lost_across_nodes_then_rerun_resumes(cluster, tmp_path):
+    """The job's driver (on the head) dies mid-training; its Train workers on the worker nodes go
+    with it. Submitting the same command again resumes from the checkpoints on shared storage
+    (``--out`` a ``file://`` URI): no member starts over, and the fleet equals an uninterrupted one."""
+    _ensure_workers(cluster, 2)
+    fleet = tmp_path / "fleet"
+    flags = ["--refs", "digits,bgrand:digits", "--samples", "240", "--epochs", "6"]
+    cmd = ["simex", "train", "--address", "auto", *flags, "--cpus-per-worker", "0.5", "--out", f"file://{fleet}"]
+    reference = tmp_path / "ref"
+    assert simex_main(["train", "--no-ray", *flags, "--out", str(reference)]) == 0
+    t0 = time.time()
+    job = submit(cluster, *cmd, wait=False)
+    try:
+        # A member two or more epochs into training, as its run's last checkpoint says.
+        while max([0, *(saved := _checkpointed_epochs(fleet)).values()]) < 2:
+            assert job.poll() is None, f"job ended early: {job.stdout.read()[-3000:]}"
+            assert time.time() - t0 < 240, "no second-epoch checkpoint within 240 s"
+            time.sleep(0.1)
+        drivers = _driver_pids(cluster, "simex train")
+        assert drivers, "the job's driver process was not found on the head"
+        _kill(set(drivers))
+        t_kill = time.time() - t0
+        first, _ = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0, first[-2000:]  # the job failed with its driver
+    saved = {m: max(e, saved.get(m, 0)) for m, e in _checkpointed_epochs(fleet).items()}
+    second = submit(cluster, *cmd)
+    print(f"driver killed at {t_kill:.0f}s with checkpoints at epochs {saved}; the re-run took "
+          f"{time.time() - t0 - t_kill:.0f}s")
+    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    ran = _epochs_run(second.stdout)
+    for member, epoch in saved.items():  # continued after its checkpoint, not from epoch 1
+        assert ran.get(member) and min(ran[member]) == epoch + 1, (member, epoch, ran)
+    ours, theirs = simex_json("matrix", "--fleet", fleet), simex_json("matrix", "--fleet", reference)
+    for row_ours, row_theirs in zip(ours["delta"], theirs["delta"], strict=True):
+        assert row_ours == pytest.approx(row_theirs, rel=1e-4)

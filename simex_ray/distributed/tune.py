@@ -78,10 +78,24 @@ def _trial(config: dict, study: StudyData, max_epochs: int, metric: str, fault: 
         with tempfile.TemporaryDirectory() as d:
             torch.save(stepper.state_dict(), Path(d) / STATE)
             tune.report(report, checkpoint=Checkpoint.from_directory(d))
-        # Fault injection for tests: end this process once, after a checkpoint.
-        if fault and stepper.epoch == fault["epoch"] and not Path(fault["marker"]).exists():
-            Path(fault["marker"]).touch()
-            os._exit(1)
+        if fault and stepper.epoch == fault["epoch"]:
+            _inject(fault)
+
+
+def _inject(fault: dict) -> None:
+    """Fault injection for tests, once per study (the first trial to get here), after a checkpoint:
+    end this process, or (``pause_s``) write its pid to the marker and sleep, so a test can lose
+    its node at a known point."""
+    try:
+        fd = os.open(fault["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    if fault.get("pause_s"):
+        time.sleep(fault["pause_s"])
+    else:
+        os._exit(1)
 
 
 class _Progress(Callback):
@@ -107,6 +121,10 @@ class _Progress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.on_line(f"[{time.perf_counter() - self.t0:6.1f}s] {self._name(trial):<26} done")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.on_line(f"[{time.perf_counter() - self.t0:6.1f}s] {self._name(trial):<26} lost (a worker or node "
+                     f"failed); resuming from its last checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.on_line(f"[{time.perf_counter() - self.t0:6.1f}s] {self._name(trial):<26} failed (retried if "
