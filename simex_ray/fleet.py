@@ -2,15 +2,36 @@
 
 Directory layout::
 
-    FLEET/manifest.json          members, configs, fingerprints, metrics, sha256
-    FLEET/weights/<member>.pt    one state_dict per member (torch.save)
-    FLEET/checkpoints/           per-epoch training checkpoints (resume)
+    FLEET/manifest.json                   members, configs, fingerprints, metrics, sha256
+    FLEET/weights/<member>-<sha16>.pt     one state_dict per member (torch.save), named by its content
+    FLEET/checkpoints/                    per-epoch training checkpoints (resume)
 
 FLEET is a local path or a URI (``file://``, ``s3://``, ``gs://``): every read and write goes
 through :mod:`simex_ray.storage` (``pyarrow.fs``). Writes are atomic on every filesystem
 (local: temporary file + fsync + ``os.replace``; object stores: temporary key, then moved),
 weights are written before the manifest that lists them, and loading verifies every weight
 file's sha256 and uses ``torch.load(weights_only=True)``.
+
+Retraining in place. A weight file's name carries the first 16 hex digits of its sha256, so a
+retrained member gets a new file and never overwrites the one an older manifest lists: a reader
+holding that manifest finds the bytes it expects, or no file at all, never different bytes. The
+same weights get the same name and are not written again.
+
+Collection, one generation of grace. After :func:`write_manifest` publishes a manifest it deletes
+the weight files under ``weights/`` that neither the new manifest nor the one it replaced lists, so
+a reader that read the previous manifest still finds its files. A reader further behind finds a file
+gone; :meth:`Fleet.load` then re-reads the manifest and loads that member's current record (a few
+times at most, and only while the manifest keeps changing), or fails with one line when the manifest
+still lists the missing file or no longer has the member. Only names this module writes are
+collected: ``<slug>-<sha16>.pt``, and the older ``<slug>.pt`` of a member either manifest has;
+anything else (temporary files of writes in flight, a user's files) is kept. Weights written by this
+process and not yet listed in a manifest are kept too (threads adding members), and nothing is
+collected when the previous manifest cannot be read. Collection assumes one writing process per
+fleet at a time, as the manifest itself does (it is rewritten whole).
+
+Fleets whose manifest lists ``weights/<slug>.pt`` (written before content-hashed names) load as
+before: the manifest holds each path. The format stays 1: the ``weights`` field is still a path
+relative to the fleet, which readers without this change read the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +40,9 @@ import hashlib
 import io
 import json
 import logging
+import posixpath
 import re
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,11 +59,23 @@ from .training import TrainConfig
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+WEIGHTS = "weights"
 FORMAT_VERSION = 1
+HASH_CHARS = 16  # of the sha256 in a weight file's name
+RELOADS = 3  # re-reads of the manifest while loading a member whose file was collected
+
+_HASHED = re.compile(rf"^[A-Za-z0-9_-][A-Za-z0-9._-]*-[0-9a-f]{{8}}-[0-9a-f]{{{HASH_CHARS}}}\.pt$")
+_manifest_lock = threading.Lock()
+_unpublished: set[str] = set()  # weight files this process wrote that no manifest lists yet
 
 
 class FleetError(RuntimeError):
     """A fleet directory that cannot be used; the message names the file and the fix."""
+
+
+class StaleWeightsError(FleetError):
+    """A member's weight file is missing or differs from the manifest's sha256: the fleet may have
+    been retrained since the manifest was read (:meth:`Fleet.load` reads it again)."""
 
 
 @dataclass
@@ -102,15 +137,22 @@ def atomic_write_bytes(path: storage.PathLike, data: bytes) -> None:
 
 
 def save_weights(fleet_dir: storage.PathLike, member: Member, state_dict: dict[str, torch.Tensor]) -> Member:
-    """Write one member's weights atomically; fills ``member.weights`` and ``sha256``.
+    """Write one member's weights atomically, named by their sha256; fills ``member.weights`` and
+    ``sha256``. A file of that name and size already holds these bytes, so it is not written again.
 
     Publish the manifest that lists them (:func:`write_manifest`) only after this returns.
     """
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
-    rel = f"weights/{slug(member.name)}.pt"
-    storage.resolve(fleet_dir).join(rel).write_bytes_atomic(buf.getvalue())
-    member.weights, member.sha256 = rel, hashlib.sha256(buf.getvalue()).hexdigest()
+    blob = buf.getvalue()
+    digest = hashlib.sha256(blob).hexdigest()
+    rel = f"{WEIGHTS}/{slug(member.name)}-{digest[:HASH_CHARS]}.pt"
+    path = storage.resolve(fleet_dir).join(rel)
+    with _manifest_lock:  # before the file exists, so a collection in another thread keeps it
+        _unpublished.add(path.path)
+    if path.size() != len(blob):  # None when there is no such file
+        path.write_bytes_atomic(blob)
+    member.weights, member.sha256 = rel, digest
     return member
 
 
@@ -155,6 +197,7 @@ def read_manifest(fleet_dir: storage.PathLike) -> dict[str, Any]:
 def write_manifest(fleet_dir: storage.PathLike, members: Iterable[Member], **extra: Any) -> Path | str:
     """Publish the manifest atomically: call it after every weight file it lists is written.
 
+    Then collects the weight files neither it nor the manifest it replaced lists (module docstring).
     Returns its path (a Path for a local fleet, the URI otherwise)."""
     members = list(members)
     losses = sorted({m.loss for m in members})
@@ -165,9 +208,59 @@ def write_manifest(fleet_dir: storage.PathLike, members: Iterable[Member], **ext
         "members": [m.to_json() for m in members],
         **extra,
     }
-    loc = storage.resolve(fleet_dir).join(MANIFEST)
-    loc.write_bytes_atomic((json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+    fleet = storage.resolve(fleet_dir)
+    loc = fleet.join(MANIFEST)
+    with _manifest_lock:
+        previous = _previous_members(fleet)
+        loc.write_bytes_atomic((json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+        listed = [m.to_json() for m in members]
+        _unpublished.difference_update(fleet.join(m["weights"]).path for m in listed if m["weights"])
+        if previous is not None:
+            collect_weights(fleet, listed + previous)
     return loc.user_path
+
+
+def _previous_members(fleet: storage.Location) -> list[dict[str, Any]] | None:
+    """The members of the manifest about to be replaced ([] when there is none); None when it
+    cannot be read, so nothing is collected."""
+    try:
+        if not fleet.join(MANIFEST).exists():
+            return []
+        return list(read_manifest(fleet)["members"])
+    except (FleetError, OSError) as e:
+        log.warning("%s; weight files are not collected this time", storage._first_line(e))
+        return None
+
+
+def collect_weights(fleet_dir: storage.PathLike, members: Iterable[dict[str, Any]]) -> list[str]:
+    """Delete the weight files under ``weights/`` that no record in ``members`` (manifest records)
+    lists, that this process is not about to publish, and whose name this module writes; returns
+    their relative paths. A failed deletion is logged, never raised: the manifest is published."""
+    fleet = storage.resolve(fleet_dir)
+    members = list(members)
+    listed = {posixpath.normpath(m.get("weights") or "") for m in members}
+    legacy = {f"{slug(m['name'])}.pt" for m in members if "name" in m}  # weights/<slug>.pt, older fleets
+    removed = []
+    try:
+        names = fleet.join(WEIGHTS).listdir()
+    except OSError as e:
+        log.warning("cannot list %s (%s); weight files are not collected", fleet.join(WEIGHTS),
+                    storage._first_line(e))
+        return removed
+    for name in names:
+        rel = f"{WEIGHTS}/{name}"
+        path = fleet.join(rel)
+        if rel in listed or path.path in _unpublished or not (_HASHED.match(name) or name in legacy):
+            continue
+        try:
+            if path.is_file():
+                path.remove()
+                removed.append(rel)
+        except OSError as e:
+            log.warning("cannot remove unused weight file %s (%s)", path, storage._first_line(e))
+    if removed:
+        log.info("%s: removed %d unused weight file(s)", fleet, len(removed))
+    return removed
 
 
 QUANTILES = np.linspace(0.0, 1.0, 101)
@@ -354,7 +447,9 @@ class Fleet:
             if unknown:
                 raise FleetError(f"unknown member(s) {', '.join(unknown)}; fleet has: {', '.join(members)}")
             members = {n: members[n] for n in names}
-        models = {name: load_member_model(loc, m, device) for name, m in members.items()}
+        models = {}
+        for name in list(members):
+            members[name], models[name] = _load_current(loc, members[name], device)
         return cls(members, models, loc.user_path, device)
 
     @property
@@ -401,21 +496,43 @@ class Fleet:
         return score_result(d, [self.members[n] for n in names], loss or self.loss, method, per_sample)
 
 
+def _load_current(loc: storage.Location, member: Member, device) -> tuple[Member, torch.nn.Module]:
+    """``member``'s model; when its weight file is gone or changed because the fleet was retrained
+    since the manifest was read, the member's current record and model (the manifest read again)."""
+    for _ in range(RELOADS):
+        try:
+            return member, load_member_model(loc, member, device)
+        except StaleWeightsError:
+            current = next((m for m in read_manifest(loc)["members"] if m.get("name") == member.name), None)
+            if current is None:
+                raise FleetError(f"member '{member.name}' is no longer in {loc.join(MANIFEST)} (the fleet "
+                                 f"changed while loading); load it again") from None
+            fresh = Member.from_json(current)
+            if (fresh.weights, fresh.sha256) == (member.weights, member.sha256):
+                raise  # the manifest still lists this very file: it is missing or damaged
+            member = fresh
+    return member, load_member_model(loc, member, device)
+
+
 def load_member_model(fleet_dir: storage.PathLike, member: Member, device="cpu") -> torch.nn.Module:
+    """The model of one manifest record, its weight file verified against the record's sha256
+    (raises :class:`StaleWeightsError` when the file is missing or differs)."""
     path = storage.resolve(fleet_dir).join(member.weights)
     try:
         # One read: the bytes whose sha256 is checked are the bytes that are loaded.
         blob = path.read_bytes() if member.weights and path.is_file() else None
+    except FileNotFoundError:  # collected between the check and the read
+        blob = None
     except OSError as e:
         raise FleetError(f"weight file {path} of member '{member.name}' cannot be read "
                          f"({storage._first_line(e)}); check the path and its credentials") from None
     if blob is None:
-        raise FleetError(f"weight file {path} of member '{member.name}' is missing; "
-                         f"re-run `simex train` with the same --out to rebuild it")
+        raise StaleWeightsError(f"weight file {path} of member '{member.name}' is missing; "
+                                f"re-run `simex train` with the same --out to rebuild it")
     digest = hashlib.sha256(blob).hexdigest()
     if digest != member.sha256:
-        raise FleetError(f"weight file {path} of member '{member.name}' is corrupted (sha256 mismatch); "
-                         f"delete it and re-run `simex train` with the same --out")
+        raise StaleWeightsError(f"weight file {path} of member '{member.name}' is corrupted (sha256 mismatch); "
+                                f"delete it and re-run `simex train` with the same --out")
     try:
         # weights_only: a fleet may come from elsewhere; never unpickle code.
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)

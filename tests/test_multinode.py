@@ -378,3 +378,125 @@ def test_driver_lost_across_nodes_then_rerun_resumes(cluster, tmp_path):
     ours, theirs = simex_json("matrix", "--fleet", fleet), simex_json("matrix", "--fleet", reference)
     for row_ours, row_theirs in zip(ours["delta"], theirs["delta"], strict=True):
         assert row_ours == pytest.approx(row_theirs, rel=1e-4)
+
+
+# ---------------------------------------------------------------------- Serve
+
+
+class Traffic(threading.Thread):
+    """``clients`` threads posting the same batch to /v1/score back to back; every answer is recorded
+    as (sent at, seconds, HTTP status or the exception's name, the Δ row or the error body)."""
+
+    def __init__(self, url: str, body: bytes, clients: int = 3):
+        super().__init__(daemon=True)
+        self.url, self.body, self.clients = url, body, clients
+        self.stop, self.records, self.t0 = threading.Event(), [], time.time()
+
+    def _client(self):
+        import requests
+
+        session = requests.Session()
+        while not self.stop.is_set():
+            sent = time.time()
+            try:
+                r = session.post(self.url + "/v1/score", data=self.body, timeout=30,
+                                 headers={"Content-Type": "application/x-npy"})
+                try:
+                    answer = r.json()
+                except ValueError:  # not JSON: what the proxy sent instead
+                    answer = {"body": r.text[:300]}
+                self.records.append((sent - self.t0, time.time() - sent, r.status_code,
+                                     answer.get("delta") if r.status_code == 200 else answer))
+            except Exception as e:  # noqa: BLE001 - a dropped connection is an answer we count
+                self.records.append((sent - self.t0, time.time() - sent, type(e).__name__, None))
+                time.sleep(0.05)
+
+    def run(self):
+        threads = [threading.Thread(target=self._client, daemon=True) for _ in range(self.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
+def _replica_nodes(cluster) -> dict[str, list]:
+    """Serve deployment -> the worker node index (None: head) of each live replica."""
+    placed: dict[str, list] = {}
+    for a in cluster.list_state("actors", state="ALIVE"):
+        if a["class_name"].startswith("ServeReplica:"):
+            placed.setdefault(a["class_name"].split(":", 2)[2], []).append(cluster.worker_index(a["node_id"]))
+    return placed
+
+
+def test_serve_keeps_answering_when_a_worker_node_is_lost(cluster, tmp_path):
+    """Two replicas of the ingress and of each member, spread over the two worker nodes; the HTTP
+    proxy on the head. One worker node is killed under steady traffic: measure the failed share and
+    how long until every request succeeds again, and check the replicas are rescheduled."""
+    import io as _io
+
+    import numpy as np
+
+    from simex_ray.data import load
+    from .multinode import free_port
+
+    _ensure_workers(cluster, 2)
+    fleet = tmp_path / "fleet"
+    assert simex_main(["train", "--no-ray", "--refs", "digits,bgrand:digits", "--samples", "240", "--epochs", "1",
+                       "--out", str(fleet)]) == 0
+    port = free_port()
+    t0 = time.time()
+    proc = subprocess.run(["simex", "serve", "start", "--fleet", str(fleet), "--address", cluster.address,
+                           "--port", str(port), "--replicas", "2", "--ingress-replicas", "2",
+                           "--cpus-per-replica", "0.1"], env=cluster.env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    t_deploy = time.time() - t0
+    placed = _replica_nodes(cluster)
+    assert sorted(placed) == ["Ingress", "MemberScorer", "MemberScorer"] or len(placed) >= 2, placed
+    buf = _io.BytesIO()
+    np.save(buf, load("rotated:digits").x[:64])
+    traffic = Traffic(f"http://127.0.0.1:{port}", buf.getvalue())
+    traffic.start()
+    time.sleep(8)
+    # The node with the most replicas (each node holds some, by Serve's spread scheduling).
+    counts = {}
+    for nodes in placed.values():
+        for i in nodes:
+            if i is not None:
+                counts[i] = counts.get(i, 0) + 1
+    victim = max(counts, key=counts.get)
+    t_kill = time.time() - traffic.t0
+    cluster.kill_node(victim)
+    # Serve reschedules the lost replicas on the surviving node (it has room for all of them).
+    wanted, t_restored = {k: len(v) for k, v in placed.items()}, None
+    while time.time() - traffic.t0 < t_kill + 90:
+        after = _replica_nodes(cluster)
+        if t_restored is None and {k: len(v) for k, v in after.items()} == wanted and \
+                all(i != victim for nodes in after.values() for i in nodes):
+            t_restored = time.time() - traffic.t0 - t_kill
+        if t_restored is not None and time.time() - traffic.t0 > t_kill + 25:
+            break
+        time.sleep(1)
+    traffic.stop.set()
+    traffic.join(timeout=60)
+    records = sorted(traffic.records)
+    before = [r for r in records if r[0] + r[1] < t_kill]
+    during = [r for r in records if r[0] + r[1] >= t_kill]
+    failed = [r for r in during if r[2] != 200]
+    last_failure = max((r[0] + r[1] for r in failed), default=t_kill) - t_kill
+    statuses = sorted({f"{r[2]} {json.dumps(r[3])[:160]}" for r in failed})
+    print(f"deployed in {t_deploy:.0f}s; replicas (deployment: worker nodes) {placed}; killed node {victim} "
+          f"at {t_kill:.1f}s of traffic; before: {len(before)} requests, all 200: "
+          f"{all(r[2] == 200 for r in before)}; after the kill: {len(during)} requests, {len(failed)} failed "
+          f"({100 * len(failed) / max(1, len(during)):.1f}%, {statuses}), every request succeeded again "
+          f"{last_failure:.1f}s after the kill; replicas back ({after}) {t_restored}s after the kill")
+    assert before and all(r[2] == 200 for r in before)
+    reference = before[0][3]
+    # The service kept answering: requests succeed again soon, with the same answer as before.
+    settled = [r for r in during if r[0] > t_kill + last_failure]
+    assert len(settled) >= 10 and all(r[2] == 200 and r[3] == reference for r in settled)
+    assert last_failure < 30
+    # Failures during the loss are clean service errors, never a hang.
+    assert all(r[1] < 30 for r in records)
+    # The lost replicas were rescheduled on the surviving node.
+    assert t_restored is not None, after

@@ -79,7 +79,7 @@ class FleetScorer:
 
         torch.set_num_threads(threads)
         self.fleet = Fleet.load(fleet, device=device)
-        if fleet_digest(read_manifest(fleet)["members"]) != digest:
+        if fleet_digest([m.to_json() for m in self.fleet.members.values()]) != digest:  # what was loaded
             raise FleetError(f"{fleet} changed while deploying (member hashes differ); redeploy")
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)

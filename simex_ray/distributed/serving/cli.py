@@ -36,6 +36,9 @@ def add_parsers(sub) -> None:
         p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                        help="where the scorers run (default cpu); cuda needs --gpus-per-replica")
         p.add_argument("--gpus-per-replica", type=float, default=0.0, help="(default 0; fractions allowed)")
+        p.add_argument("--ingress-replicas", type=int, default=1,
+                       help="replicas of the HTTP ingress (default 1; 2 or more on a cluster, so a lost node "
+                            "does not take the only one)")
 
     start = verbs.add_parser("start", help="start serving a fleet",
                              description="Without --address: starts an embedded Ray, serves in the foreground "
@@ -46,6 +49,9 @@ def add_parsers(sub) -> None:
     start.add_argument("--port", type=int, default=8000, help="(default 8000)")
     start.add_argument("--address", default=None, help="Ray cluster address; default: embedded local Ray")
     start.add_argument("--no-auth", action="store_true", help="allow a non-loopback --host without an API key")
+    start.add_argument("--proxy-location", choices=("HeadOnly", "EveryNode"), default="HeadOnly",
+                       help="where Serve runs HTTP proxies (default HeadOnly, as in `simex serve config`; "
+                            "EveryNode behind a load balancer). Only read when Serve first starts on a cluster")
 
     update = verbs.add_parser("update", help="redeploy after the fleet changed (only what changed)")
     deployment_flags(update)
@@ -98,12 +104,14 @@ def settings_from(args):
         autoscaling = {"min_replicas": lo, "max_replicas": hi, "target_ongoing_requests": 4}
     if args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.ingress_replicas < 1:
+        raise ValueError(f"--ingress-replicas must be >= 1, got {args.ingress_replicas}")
     device = args.device
     if device == "auto":
         device = "cuda" if args.gpus_per_replica > 0 else "cpu"
     return ServeSettings(replicas=args.replicas, autoscaling=autoscaling, cpus_per_replica=args.cpus_per_replica,
                          api_key=args.api_key or None, mode=args.mode, device=device,
-                         gpus_per_replica=args.gpus_per_replica,
+                         gpus_per_replica=args.gpus_per_replica, ingress_replicas=args.ingress_replicas,
                          limits=Limits(max_images=args.max_images, max_body_bytes=int(args.max_body_mb * 2**20)))
 
 
@@ -183,7 +191,7 @@ def _start(args, settings) -> int:
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     t0 = time.perf_counter()
     with ray_session(args.address):
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(proxy_location=args.proxy_location, http_options={"host": args.host, "port": args.port})
         print(f"deploying {args.fleet} ...", file=sys.stderr, flush=True)
         deploy(args.fleet, settings)
         print(f"serving {args.fleet} at {url} ({time.perf_counter() - t0:.0f}s); API docs at {url}/docs",
