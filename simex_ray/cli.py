@@ -140,12 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .experiments.stopping_cli import add_parsers as add_tune
     from .distributed.serving.cli import add_parsers
 
+    from .cluster_cli import add_parser as add_cluster
     from .pair_cli import add_parser as add_pair
 
     add_pair(sub)
     add_parsers(sub)
     add_experiments(sub)
     add_tune(sub)
+    add_cluster(sub)
     return parser
 
 
@@ -354,7 +356,13 @@ def cmd_tune(args) -> int:
     return run(args)
 
 
-COMMANDS = {"pair": cmd_pair, "tune": cmd_tune, "experiment": cmd_experiment, "train": cmd_train, "score": cmd_score, "matrix": cmd_matrix, "serve": cmd_serve, "query": cmd_query}
+def cmd_cluster(args) -> int:
+    from .cluster_cli import cmd_cluster as run
+
+    return run(args)
+
+
+COMMANDS = {"cluster": cmd_cluster, "pair": cmd_pair, "tune": cmd_tune, "experiment": cmd_experiment, "train": cmd_train, "score": cmd_score, "matrix": cmd_matrix, "serve": cmd_serve, "query": cmd_query}
 
 
 def main(argv: list[str] | None = None) -> int:

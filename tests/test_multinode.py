@@ -56,25 +56,6 @@ def simex_json(*args) -> dict:
     return json.loads(out.getvalue())
 
 
-def test_three_node_cluster_runs_the_main_job(cluster, tmp_path):
-    alive = cluster.alive_nodes()
-    assert len(alive) == 3
-    assert sum(n["is_head_node"] for n in alive) == 1
-    assert all(n.node_id for n in cluster.nodes)
-    print("node start-up: " + ", ".join(f"{n.name} {n.start_s:.0f}s" for n in cluster.nodes))
-    t0 = time.time()
-    proc = submit(cluster, "python", "jobs/main.py", "--address", "auto", "--refs", "digits,bgrand:digits",
-                  "--samples", "240", "--epochs", "1", "--cpus-per-worker", "0.5", "--out", tmp_path)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert "succeeded" in proc.stdout + proc.stderr
-    print(f"main job: {time.time() - t0:.0f}s")
-    result = json.loads((tmp_path / "delta_matrix.json").read_text())
-    assert result["references"] == ["digits", "bgrand:digits"]
-    # The Train workers ran on the worker nodes (the head has no CPU for them).
-    workers = cluster.list_state("actors", class_name="RayTrainWorker")
-    assert workers and all(cluster.worker_index(a["node_id"]) is not None for a in workers)
-
-
 class FleetWatcher(threading.Thread):
     """Reads the fleet directory over and over: whenever the manifest lists a member, its weights verify."""
 

@@ -86,6 +86,8 @@ def add_parsers(sub) -> None:
     q.add_argument("--members", default=None, help="comma-separated subset of members")
     q.add_argument("--api-key", default=os.environ.get("SIMEX_API_KEY"))
     q.add_argument("--batch", type=int, default=1024, help="images per request (default 1024)")
+    q.add_argument("--retries", type=int, default=3,
+                   help="retries of a request that got a 5xx or lost its connection (default 3)")
     q.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
 
 
@@ -257,7 +259,6 @@ def _stop(args) -> int:
 
 def cmd_query(args) -> int:
     import numpy as np
-    import requests
 
     from ... import data
 
@@ -280,11 +281,7 @@ def cmd_query(args) -> int:
             buf = io.BytesIO()
             np.save(buf, part)
             body, h = buf.getvalue(), headers
-        try:
-            r = requests.post(url, data=body, headers=h, timeout=300)
-        except requests.RequestException as e:
-            raise ConnectionError(f"cannot reach {url} ({type(e).__name__}); is `simex serve start` running?") \
-                from None
+        r = _post(url, body, h, args.retries)
         if r.status_code != 200:
             try:
                 message = r.json().get("error", r.text)
@@ -310,6 +307,31 @@ def cmd_query(args) -> int:
 
 
 FIELDS = ("delta", "delta_normalized", "delta_calibrated", "in_distribution", "composition")
+
+
+RETRY_STATUS = (500, 502, 503, 504)  # a replica or node lost mid-request; scoring is idempotent
+
+
+def _post(url: str, body: bytes, headers: dict, retries: int):
+    """POST, retrying a lost connection or a 5xx up to ``retries`` times (0.5, 1, 2 ... s apart)."""
+    import requests
+
+    for attempt in range(retries + 1):
+        try:
+            r = requests.post(url, data=body, headers=headers, timeout=300)
+        except requests.RequestException as e:
+            if attempt == retries:
+                raise ConnectionError(f"cannot reach {url} ({type(e).__name__}); is `simex serve start` "
+                                      f"running?") from None
+            why = type(e).__name__
+        else:
+            if r.status_code not in RETRY_STATUS or attempt == retries:
+                return r
+            why = f"HTTP {r.status_code}"
+        wait = 0.5 * 2 ** attempt
+        print(f"{why} from {url}; retrying in {wait:.1f}s ({attempt + 1}/{retries})", file=sys.stderr, flush=True)
+        time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def _query_result(sums: dict[str, dict[str, float]], n: int, loss: str, method: str):
