@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Serve HTTP throughput of both layouts (one app per member; one fused app) against in-process scoring,
+# Serve HTTP throughput of the three layouts (one app per member; one fused app; the fleet in the ingress)
+# against in-process scoring,
 # at 1, 8 and 32 clients, each on a fresh embedded Ray (loopback only, bounded requests).
 #   bash bench/serve_modes.sh FLEET [DATA] [PORT]
 set -euo pipefail
@@ -7,7 +8,9 @@ FLEET=${1:?fleet directory}
 DATA=${2:-digits}
 PORT=${3:-8765}
 # members: one replica per member (0.25 CPU each); fused: two replicas of the whole fleet (0.75 CPU each)
-for mode in members fused; do
+# behind one ingress replica; embedded: two ingress replicas holding the whole fleet (0.75 CPU each)
+MODES=${MODES:-members fused embedded}
+for mode in $MODES; do
   if [ $mode = members ]; then flags="--cpus-per-replica 0.25"; else flags="--replicas 2 --cpus-per-replica 0.75"; fi
   simex serve start --fleet "$FLEET" --port "$PORT" --mode "$mode" $flags >"/tmp/simex-serve-$mode.log" 2>&1 &
   server=$!

@@ -319,3 +319,35 @@ def test_fused_layout_answers_like_the_member_apps_in_one_hop(service):
     finally:
         service.redeploy()  # back to one application per member for the other tests
     assert not [a for a in serve.status().applications if a.startswith("simex-fleet-")]
+
+
+def test_embedded_layout_scores_in_the_ingress_like_the_member_apps(service):
+    from ray import serve
+
+    x = held_out()
+    before = post_npy(service, x).json()
+    changes = service.redeploy(mode="embedded", replicas=1)
+    try:
+        apps = serve.status().applications
+        # No scorer application at all: the ingress replica holds the fleet.
+        assert not [a for a in apps if a.startswith(("simex-fleet-", "simex-m-"))], list(apps)
+        assert changes["removed"] and not changes["added"]
+        after = post_npy(service, x).json()
+        for field in ("delta", "delta_calibrated", "in_distribution"):
+            for name, d in before[field].items():
+                assert after[field][name] == pytest.approx(d, rel=1e-5), field
+        assert after["ranking"] == before["ranking"]
+        one = post_json(service, {"images": x[:3, 0].tolist(), "members": ["bgrand:digits"]},
+                        params={"per_sample": "true"}).json()
+        assert list(one["delta"]) == ["bgrand:digits"] and len(one["per_sample"]["delta"]["bgrand:digits"]) == 3
+        # Concurrent requests are batched into one pass and each gets its own answer.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda k: post_npy(service, x[k:k + 5]).json(), range(8)))
+        for k, a in enumerate(answers):
+            assert a["n"] == 5
+            assert a["delta"] == pytest.approx(post_npy(service, x[k:k + 5]).json()["delta"], rel=1e-5)
+    finally:
+        service.redeploy()
+    assert [a for a in serve.status().applications if a.startswith("simex-m-")]

@@ -4,7 +4,9 @@ Two layouts. *members* (default): each member is its own Serve application
 (``simex-m-<member>-<sha8>``) with a ``MemberScorer`` deployment, so members
 scale independently and a fleet update deploys only new or changed members.
 *fused*: one ``FleetScorer`` application (``simex-fleet-<digest8>``) holds the
-whole fleet on the fused scoring engine, so a request is one hop. The ingress
+whole fleet on the fused scoring engine, so a request is one hop past the ingress.
+*embedded*: the ingress replicas hold the whole fleet themselves; the proxy's
+hop to the ingress is the only one. The ingress
 application (``simex``) validates requests, gets the per-sample δ (fanned out
 to the members, or from the fleet scorer), and returns every Δ, ranking and
 the composition; which scorers exist is its ``user_config``, a lightweight
@@ -96,6 +98,11 @@ def fleet_digest(members: list[dict]) -> str:
     import hashlib
 
     return hashlib.sha256("|".join(f"{m['name']}={m['sha256']}" for m in members).encode()).hexdigest()
+
+
+def config_members(config: dict[str, Any]) -> list[dict]:
+    """The ingress config's members as manifest-like records (name, sha256), for :func:`fleet_digest`."""
+    return [{"name": name, "sha256": spec["sha256"]} for name, spec in config["members"].items()]
 
 
 def _scorer_options(args: dict[str, Any], default_cpus: float) -> dict[str, Any]:
@@ -205,7 +212,7 @@ class Ingress:
     def __init__(self):
         self.members: dict[str, dict] = {}
         self.handles: dict[str, Any] = {}
-        self.fused, self.order = None, []
+        self.fused, self.order, self.local, self.local_key = None, [], None, None
         self.api_key, self.limits, self.loss, self.fleet = None, Limits(), "mse", ""
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -217,9 +224,22 @@ class Ingress:
                         if name in records}
         self.records = {name: records[name] for name in self.members}  # as in the manifest
         self.order = [m["name"] for m in manifest["members"]]  # the fused scorer's row order
+        if config.get("embedded"):  # this replica scores itself: no scorer application, no second hop
+            key = (config["fleet"], fleet_digest(config_members(config)), config.get("device", "cpu"))
+            if key != self.local_key:  # a change of API key or limits alone does not reload the fleet
+                import torch
+
+                torch.set_num_threads(max(1, int(config.get("threads", 1))))
+                fleet = Fleet.load(config["fleet"], device=config.get("device", "cpu"))
+                if fleet_digest([m.to_json() for m in fleet.members.values()]) != key[1]:
+                    raise FleetError(f"{config['fleet']} changed while deploying (member hashes differ); redeploy")
+                self.local, self.local_key = fleet, key
+            self.order = list(self.local.members)
+        else:
+            self.local = self.local_key = None
         self.fused = serve.get_app_handle(config["fused"]) if config.get("fused") else None
-        self.handles = {} if self.fused else {name: serve.get_app_handle(spec["app"])
-                                              for name, spec in self.members.items()}
+        self.handles = {} if self.fused or self.local else {name: serve.get_app_handle(spec["app"])
+                                                            for name, spec in self.members.items()}
         self.api_key = config.get("api_key_sha256") or None
         self.limits = Limits(int(config.get("max_images", Limits.max_images)),
                              int(config.get("max_body_bytes", Limits.max_body_bytes)))
@@ -255,13 +275,21 @@ class Ingress:
         x, requested = parse_score_request(await self._read_body(request),
                                            request.headers.get("content-type"), self.limits)
         names = select_members(requested, list(self.members))
-        if self.fused is not None:  # one hop: every member in manifest order, then the requested rows
+        if self.local is not None:  # no hop: every member in fleet order, then the requested rows
+            d = await self._score_here(x)
+            d = d[[self.order.index(n) for n in names]]
+        elif self.fused is not None:  # one hop: every member in manifest order, then the requested rows
             d = await self._call(self.fused, "the fleet scorer", x)
             d = d[[self.order.index(n) for n in names]]
         else:
             d = np.stack(await asyncio.gather(*(self._call(self.handles[n], f"member '{n}'", x) for n in names)))
         return score_response(d, [self.records[n] for n in names], self.loss, 1000 * (time.perf_counter() - t0),
                               method=method, with_samples=with_samples)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _score_here(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """Embedded layout: concurrent requests as one engine pass in this replica, (M, n) each."""
+        return await _split(batches, self.local.engine.per_sample)
 
     @api.get("/v1/members", responses={401: ERRORS[401]}, summary="the fleet's members")
     async def members_info(self, request: Request):
@@ -283,7 +311,12 @@ def ingress_app(args: dict[str, Any]):
     """Application builder for the ingress (also the `import_path` in Serve config files).
 
     args: fleet, members {name: {app, sha256}}, api_key_sha256, max_images, max_body_bytes,
-    and optionally num_replicas.
+    and optionally num_replicas. Embedded layout (``embedded``: true): the replicas hold the
+    fleet, sized like a scorer (num_cpus, num_gpus, autoscaling_config, device, threads).
     """
-    config = {k: v for k, v in args.items() if k != "num_replicas"}
+    scaling = ("num_replicas", "num_cpus", "num_gpus", "autoscaling_config")
+    config = {k: v for k, v in args.items() if k not in scaling}
+    if args.get("embedded"):
+        config["threads"] = max(1, round(float(args.get("num_cpus", 1))))
+        return Ingress.options(user_config=config, **_scorer_options(args, 1.0)).bind()
     return Ingress.options(user_config=config, num_replicas=int(args.get("num_replicas", 1))).bind()

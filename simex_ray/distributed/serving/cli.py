@@ -30,9 +30,11 @@ def add_parsers(sub) -> None:
                        help="require this key in the X-API-Key header (default $SIMEX_API_KEY; none)")
         p.add_argument("--max-images", type=int, default=4096, help="images per request (default 4096)")
         p.add_argument("--max-body-mb", type=float, default=64, help="request body limit in MB (default 64)")
-        p.add_argument("--mode", choices=("members", "fused"), default="members",
+        p.add_argument("--mode", choices=("members", "fused", "embedded"), default="members",
                        help="members: one application per member (scale members independently; default); "
-                            "fused: one application holding the whole fleet (one hop per request)")
+                            "fused: one application holding the whole fleet (one hop past the ingress); "
+                            "embedded: the ingress replicas hold the whole fleet (no hop past the proxy; "
+                            "--replicas and --cpus-per-replica size them)")
         p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                        help="where the scorers run (default cpu); cuda needs --gpus-per-replica")
         p.add_argument("--gpus-per-replica", type=float, default=0.0, help="(default 0; fractions allowed)")

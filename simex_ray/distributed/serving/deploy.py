@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 MEMBER_PREFIX = "simex-m-"
 FLEET_PREFIX = "simex-fleet-"
-MODES = ("members", "fused")
+MODES = ("members", "fused", "embedded")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,8 @@ def _fleet_args(fleet: Path, members: list[dict], s: ServeSettings) -> dict[str,
 
 def _wanted(fleet: Path, members: list[dict], s: ServeSettings) -> dict[str, Any]:
     """{application name: its application} that serve this fleet under ``s.mode``."""
+    if s.mode == "embedded":
+        return {}  # the ingress holds the fleet
     if s.mode == "fused":
         return {fleet_app_name(members): fleet_app(_fleet_args(fleet, members, s))}
     return {member_app_name(m["name"], m["sha256"]): member_app(_member_args(fleet, m, s)) for m in members}
@@ -86,7 +88,16 @@ def _ingress_args(fleet: Path, members: list[dict], s: ServeSettings) -> dict[st
         "max_images": s.limits.max_images,
         "max_body_bytes": s.limits.max_body_bytes,
         "num_replicas": s.ingress_replicas,
+        **(_embedded_args(s) if s.mode == "embedded" else {}),
     }
+
+
+def _embedded_args(s: ServeSettings) -> dict[str, Any]:
+    """The ingress replicas are the scorers: sized like them (--replicas, or --ingress-replicas if more)."""
+    args = {"embedded": True, **_scaling(s)}
+    if not s.autoscaling:
+        args["num_replicas"] = max(s.replicas, s.ingress_replicas)
+    return args
 
 
 def deploy(fleet_dir, settings: ServeSettings = ServeSettings()) -> dict[str, list[str]]:
