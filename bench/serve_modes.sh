@@ -11,7 +11,11 @@ PORT=${3:-8765}
 # behind one ingress replica; embedded: two ingress replicas holding the whole fleet (0.75 CPU each)
 MODES=${MODES:-members fused embedded}
 for mode in $MODES; do
-  if [ $mode = members ]; then flags="--cpus-per-replica 0.25"; else flags="--replicas 2 --cpus-per-replica 0.75"; fi
+  case $mode in
+    members) flags=${MEMBERS_FLAGS:-"--cpus-per-replica 0.25"} ;;
+    fused) flags=${FUSED_FLAGS:-"--replicas 2 --cpus-per-replica 0.75"} ;;
+    embedded) flags=${EMBEDDED_FLAGS:-"--replicas 2 --cpus-per-replica 0.75"} ;;
+  esac
   simex serve start --fleet "$FLEET" --port "$PORT" --mode "$mode" $flags >"/tmp/simex-serve-$mode.log" 2>&1 &
   server=$!
   for _ in $(seq 1 180); do
@@ -20,7 +24,7 @@ for mode in $MODES; do
     kill -0 $server 2>/dev/null || { cat "/tmp/simex-serve-$mode.log"; exit 1; }
     sleep 1
   done
-  echo "== --mode $mode"
+  echo "== --mode $mode $flags"
   python serve/load.py --url "http://127.0.0.1:$PORT" --fleet "$FLEET" --data "$DATA" --requests 200 --seconds 20
   simex serve stop --port "$PORT"
   wait $server || true

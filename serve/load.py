@@ -4,7 +4,8 @@
 
 Sends the same .npy batches at 1, 8 and 32 concurrent clients (loopback only;
 bounded by --requests and --seconds per level) and prints requests/s, images/s
-and p50/p99 latency, next to the same batches scored in this process.
+and p50/p99 latency, next to the same batches scored in this process (best of three runs) and
+the serving path alone (GET /healthz at 8 clients: proxy and ingress, nothing scored).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def http_level(url: str, body: bytes, clients: int, max_requests: int, max_seconds: float, headers: dict) -> dict:
+def http_level(url: str, body: bytes | None, clients: int, max_requests: int, max_seconds: float,
+               headers: dict) -> dict:
+    """``clients`` threads sending back to back; ``body`` None: GET ``url`` instead of POST."""
     latencies: list[float] = []
     errors = []
     lock = threading.Lock()
@@ -41,7 +44,8 @@ def http_level(url: str, body: bytes, clients: int, max_requests: int, max_secon
                 sent[0] += 1
             t0 = time.perf_counter()
             try:
-                r = session.post(url, data=body, headers=headers, timeout=60)
+                r = (session.get(url, headers=headers, timeout=60) if body is None else
+                     session.post(url, data=body, headers=headers, timeout=60))
                 ok = r.status_code == 200
             except requests.RequestException:
                 ok = False
@@ -60,20 +64,28 @@ def http_level(url: str, body: bytes, clients: int, max_requests: int, max_secon
             "p99_ms": 1000 * percentile(latencies, 99)}
 
 
-def in_process(fleet_dir: str, x: np.ndarray, max_requests: int, max_seconds: float) -> dict:
+def in_process(fleet_dir: str, x: np.ndarray, max_requests: int, max_seconds: float, blocks: int = 3) -> dict:
+    """The same batches scored in this process, one after another: the best of ``blocks`` runs (a
+    ceiling; one short run on a shared 2-core machine varies by a third)."""
     from simex_ray.fleet import Fleet
 
     fleet = Fleet.load(fleet_dir)
     fleet.score(x)  # warm-up
-    latencies = []
-    t0 = time.perf_counter()
-    while len(latencies) < max_requests and time.perf_counter() - t0 < max_seconds:
-        t = time.perf_counter()
-        fleet.score(x)
-        latencies.append(time.perf_counter() - t)
-    wall = time.perf_counter() - t0
-    return {"clients": 1, "requests": len(latencies), "errors": 0, "seconds": wall, "rps": len(latencies) / wall,
-            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * percentile(latencies, 99)}
+    best = None
+    for _ in range(blocks):
+        latencies = []
+        t0 = time.perf_counter()
+        while len(latencies) < max_requests and time.perf_counter() - t0 < max_seconds:
+            t = time.perf_counter()
+            fleet.score(x)
+            latencies.append(time.perf_counter() - t)
+        wall = time.perf_counter() - t0
+        run = {"clients": 1, "requests": len(latencies), "errors": 0, "seconds": wall,
+               "rps": len(latencies) / wall, "p50_ms": 1000 * statistics.median(latencies),
+               "p99_ms": 1000 * percentile(latencies, 99)}
+        if best is None or run["rps"] > best["rps"]:
+            best = run
+    return best
 
 
 def main(argv=None) -> int:
@@ -106,14 +118,22 @@ def main(argv=None) -> int:
         print(f"load.py: error: {url} is not answering ({e})", file=sys.stderr)
         return 1
     rows = [("in-process Fleet.score", in_process(args.fleet, x, args.requests, args.seconds))]
+    # The serving path alone (proxy + ingress, nothing scored): the most HTTP can give on this machine.
+    rows.append(("HTTP /healthz, 8 clients", http_level(args.url.rstrip("/") + "/healthz", None, 8, args.requests,
+                                                        args.seconds, headers)))
     for clients in (int(c) for c in args.clients.split(",")):
         rows.append((f"HTTP, {clients} client(s)", http_level(url, buf.getvalue(), clients, args.requests,
                                                                args.seconds, headers)))
     print(f"{len(x)} images per request ({args.data}), at most {args.requests} requests / {args.seconds:g}s per row")
     print(f"{'':<24} {'requests':>8} {'errors':>6} {'req/s':>8} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     for label, r in rows:
-        print(f"{label:<24} {r['requests']:>8} {r['errors']:>6} {r['rps']:>8.1f} {r['rps'] * len(x):>9.0f} "
+        images = "" if "healthz" in label else f"{r['rps'] * len(x):.0f}"
+        print(f"{label:<24} {r['requests']:>8} {r['errors']:>6} {r['rps']:>8.1f} {images:>9} "
               f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f}")
+    at8 = next((r for label, r in rows if label == "HTTP, 8 client(s)"), None)
+    if at8:
+        print(f"HTTP at 8 clients = {100 * at8['rps'] / rows[0][1]['rps']:.0f}% of in-process "
+              f"(best of 3 in-process runs)")
     return 0
 
 

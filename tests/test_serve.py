@@ -292,6 +292,7 @@ def test_load_script_reports_side_by_side(service):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert any(l.startswith("in-process Fleet.score") for l in lines)
+    assert any(l.startswith("HTTP /healthz, 8 clients") and int(l.split()[5]) == 0 for l in lines)
     http = [l for l in lines if l.startswith("HTTP, ")]
     assert len(http) == 2 and all(int(l.split()[3]) == 12 and int(l.split()[4]) == 0 for l in http)
     refused = subprocess.run([sys.executable, "serve/load.py", "--url", "http://10.1.2.3:8000", "--fleet", "x"],
