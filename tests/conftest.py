@@ -36,6 +36,58 @@ def tiny_fleet(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-compatible HTTP server (moto) on a free port, and the AWS_* environment pyarrow reads."""
+    import pyarrow.fs as pafs
+
+    server_mod = pytest.importorskip("moto.server", reason="pip install 'moto[server]' for the s3:// tests")
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+                           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            mp.setenv(key, value)
+        fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="test",
+                               secret_key="test", region="us-east-1", allow_bucket_creation=True)
+        fs.create_dir("bucket")
+        yield fs
+    server.stop()
+
+
+_fleet_count = iter(range(10**6))
+
+
+@pytest.fixture(params=["local", "file", "s3"])
+def where(request, tmp_path):
+    """A fresh fleet location on each filesystem: a plain path, a file:// URI, an s3:// URI."""
+    if request.param == "local":
+        return str(tmp_path / "fleet")
+    if request.param == "file":
+        return (tmp_path / "fleet").as_uri()
+    request.getfixturevalue("s3")
+    return f"s3://bucket/fleet-{next(_fleet_count)}"
+
+
+def make_ground_truth(out, refs: str, samples: int):
+    """A tiny transfer-learning ground truth (TL-1, two seeds, two epochs), computed without Ray."""
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proto = out / "tiny.json"
+    proto.write_text(json.dumps({"base": "default", "tl_configs": ["TL-1"], "seeds": [0, 1], "clf_max_epochs": 2,
+                                 "clf_patience": 1, "test_samples": 60}))
+    proc = subprocess.run([sys.executable, str(root / "jobs" / "transfer.py"), "--refs", refs, "--samples",
+                           str(samples), "--protocol", str(proto), "--no-ray", "--out", str(out / "gt")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "gt", proc
+
+
 class Cluster:
     def __init__(self, gcs: str, dashboard: str, env: dict[str, str]):
         self.address, self.dashboard_url, self.env = gcs, dashboard, env

@@ -59,6 +59,14 @@ def post_npy(service, array, **kw):
                          headers={"content-type": "application/x-npy", **kw.pop("headers", {})}, **kw)
 
 
+def assert_same_answer(after: dict, before: dict) -> None:
+    """Two /v1/score answers for the same images agree (another layout, the same fleet)."""
+    for field in ("delta", "delta_calibrated", "in_distribution"):
+        for name, d in before[field].items():
+            assert after[field][name] == pytest.approx(d, rel=1e-5), field
+    assert after["ranking"] == before["ranking"]
+
+
 def held_out():
     return data.prepare("digits", samples=300, seed=0)[1].x  # (50, 1, 28, 28), unseen in training
 
@@ -310,11 +318,7 @@ def test_fused_layout_answers_like_the_member_apps_in_one_hop(service):
         apps = serve.status().applications
         assert [a for a in apps if a.startswith("simex-fleet-")] and not [a for a in apps if a.startswith("simex-m-")]
         assert changes["removed"] and len(changes["added"]) == 1
-        after = post_npy(service, x).json()
-        for field in ("delta", "delta_calibrated", "in_distribution"):
-            for name, d in before[field].items():
-                assert after[field][name] == pytest.approx(d, rel=1e-5), field
-        assert after["ranking"] == before["ranking"]
+        assert_same_answer(post_npy(service, x).json(), before)
         only = post_npy(service, x[:3], params={"per_sample": "true"}).json()
         assert len(only["per_sample"]["delta"]["bgrand:digits"]) == 3
     finally:
@@ -333,11 +337,7 @@ def test_embedded_layout_scores_in_the_ingress_like_the_member_apps(service):
         # No scorer application at all: the ingress replica holds the fleet.
         assert not [a for a in apps if a.startswith(("simex-fleet-", "simex-m-"))], list(apps)
         assert changes["removed"] and not changes["added"]
-        after = post_npy(service, x).json()
-        for field in ("delta", "delta_calibrated", "in_distribution"):
-            for name, d in before[field].items():
-                assert after[field][name] == pytest.approx(d, rel=1e-5), field
-        assert after["ranking"] == before["ranking"]
+        assert_same_answer(post_npy(service, x).json(), before)
         one = post_json(service, {"images": x[:3, 0].tolist(), "members": ["bgrand:digits"]},
                         params={"per_sample": "true"}).json()
         assert list(one["delta"]) == ["bgrand:digits"] and len(one["per_sample"]["delta"]["bgrand:digits"]) == 3

@@ -51,39 +51,6 @@ def fixed_clock(monkeypatch):
     monkeypatch.setattr(fleet_mod.time, "strftime", lambda fmt, *a: "2026-01-01T00:00:00+0000")
 
 
-@pytest.fixture(scope="module")
-def s3():
-    """A real S3-compatible HTTP server (moto) on a free port, and the AWS_* environment pyarrow reads."""
-    server_mod = pytest.importorskip("moto.server", reason="pip install 'moto[server]' for the s3:// tests")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
-                           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"}.items():
-            mp.setenv(key, value)
-        fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="test",
-                               secret_key="test", region="us-east-1", allow_bucket_creation=True)
-        fs.create_dir("bucket")
-        yield fs
-    server.stop()
-
-
-_count = iter(range(10**6))
-
-
-@pytest.fixture(params=["local", "file", "s3"])
-def where(request, tmp_path):
-    """A fresh fleet location on each filesystem: a plain path, a file:// URI, an s3:// URI."""
-    if request.param == "local":
-        return str(tmp_path / "fleet")
-    if request.param == "file":
-        return (tmp_path / "fleet").as_uri()
-    request.getfixturevalue("s3")
-    return f"s3://bucket/fleet-{next(_count)}"
-
-
 def files_of(loc) -> dict[str, bytes]:
     """Every file under a fleet location (relative path -> bytes), read through pyarrow."""
     loc = resolve(loc)

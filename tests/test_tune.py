@@ -14,6 +14,8 @@ import pytest
 
 from simex_ray.fleet import read_manifest
 
+from .conftest import make_ground_truth
+
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 REFS = "digits,bgrand:digits,rotated:digits"
@@ -27,17 +29,10 @@ def simex(*args, timeout=600):
 @pytest.fixture(scope="module")
 def ground_truth(tmp_path_factory):
     """A tiny ground truth computed once by the job entrypoint, in-process (no Ray needed for it)."""
-    out = tmp_path_factory.mktemp("gt")
-    proto = out / "tiny.json"
-    proto.write_text(json.dumps({"base": "default", "tl_configs": ["TL-1"], "seeds": [0, 1], "clf_max_epochs": 2,
-                                 "clf_patience": 1, "test_samples": 60}))
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "transfer.py"), "--refs", REFS, "--samples", "90",
-                           "--protocol", str(proto), "--no-ray", "--out", str(out / "gt")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    gt, proc = make_ground_truth(tmp_path_factory.mktemp("gt"), REFS, 90)
     summary = json.loads(proc.stdout)
     assert summary["references"] == REFS.split(",") and summary["target"] == "accuracy"
-    return out / "gt"
+    return gt
 
 
 def _study(cluster, gt, out, *extra):
