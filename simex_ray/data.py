@@ -601,9 +601,15 @@ def _load_pkl(path: pathlib.Path, spec: str) -> Dataset:
         raise SpecError(f"{spec}: cannot read MNIST-style pickle ({type(e).__name__}: {e}); expected a tuple of (x, y) pairs, gzip optional") from None
     xs, ys = [], []
     for i, (x, y) in enumerate(pairs):
-        x = _flat_to_square(np.asarray(x), f"{spec} part {i}")
-        xs.append(to_unit_images(x, name=f"{spec} part {i}"))
-        ys.append(None if y is None else _labels(y, len(x), f"{spec} part {i} labels"))
+        try:
+            x = _flat_to_square(np.asarray(x), f"{spec} part {i}")
+            xs.append(to_unit_images(x, name=f"{spec} part {i}"))
+            ys.append(None if y is None else _labels(y, len(x), f"{spec} part {i} labels"))
+        except SpecError:
+            raise
+        except (ValueError, TypeError) as e:  # ragged nesting, objects where numbers belong
+            raise SpecError(f"{spec} part {i}: not a rectangular numeric array ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); expected (N,H,W) images") from None
     x_all = np.concatenate(xs)
     y_all = None if any(y is None for y in ys) else np.concatenate(ys)  # type: ignore[arg-type]
     return Dataset(x_all, y_all, spec)

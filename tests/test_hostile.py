@@ -39,9 +39,10 @@ from simex_ray.api import JSON, NPY, ApiError, Limits, parse_score_request
 # ./.hypothesis as soon as tests are collected; keep every file in a temp dir instead.
 _HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="simex-hypothesis-")
 set_hypothesis_home_dir(_HYPOTHESIS_HOME)
-FUZZ = settings(max_examples=30, deadline=None, database=None,
+# SIMEX_FUZZ_EXAMPLES=2000 for a deep run; 30 keeps the suite quick (new inputs every run).
+FUZZ = settings(max_examples=int(os.environ.get("SIMEX_FUZZ_EXAMPLES", 30)), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-FEW = settings(FUZZ, max_examples=25)
+FEW = settings(FUZZ, max_examples=max(25, FUZZ.max_examples * 5 // 6))
 SLOW_S = 15.0  # no single hostile load may take longer (the real ones take milliseconds)
 
 
@@ -354,6 +355,17 @@ def test_pickle_arbitrary_structure(tmp_path, obj, proto):
     with open(p, "wb") as f:
         pickle.dump(obj, f, protocol=proto)
     _clean(f"pkl:{p}")
+
+
+@pytest.mark.parametrize("obj", [[[[None, _images(1, 28, 0)[0]], None]],  # found by the fuzzer above
+                                 [[[[1, 2], [3]], None]], ([[0.5] * 28] * 27 + [[0.5] * 27], None)])
+def test_pickle_ragged_images_are_one_line_errors(tmp_path, obj):
+    p = os.path.join(_fresh(tmp_path), "x.pkl")
+    with open(p, "wb") as f:
+        pickle.dump(obj, f)
+    with pytest.raises(D.SpecError, match="not a rectangular numeric array|expected"):
+        D.load(f"pkl:{p}")
+    assert _clean(f"pkl:{p}") is None
 
 
 # --------------------------------------------------------------------------- the Serve request parser
