@@ -346,8 +346,10 @@ def test_driver_lost_across_nodes_then_rerun_resumes(cluster, tmp_path):
           f"{time.time() - t0 - t_kill:.0f}s")
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     ran = _epochs_run(second.stdout)
-    for member, epoch in saved.items():  # continued after its checkpoint, not from epoch 1
-        assert ran.get(member) and min(ran[member]) == epoch + 1, (member, epoch, ran)
+    # Each member continued from its checkpoint, never from epoch 1. It may continue from a later one
+    # than the snapshot registered before the driver died: the worker had uploaded it already.
+    for member, epoch in saved.items():
+        assert ran.get(member) and min(ran[member]) >= epoch + 1 > 1, (member, epoch, ran)
     ours, theirs = simex_json("matrix", "--fleet", fleet), simex_json("matrix", "--fleet", reference)
     for row_ours, row_theirs in zip(ours["delta"], theirs["delta"], strict=True):
         assert row_ours == pytest.approx(row_theirs, rel=1e-4)
