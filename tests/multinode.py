@@ -1,4 +1,4 @@
-"""The multi-node cluster for tests (:mod:`simex_ray.local_cluster`), and a fault to inject into Ray Train."""
+"""A fault to inject into Ray Train for the multi-node tests (the cluster itself: simex_ray.local_cluster)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import os
 import time
 from pathlib import Path
 
-from simex_ray.local_cluster import MultiNodeCluster, Node, _kill, _proc_info, free_port, node_pids  # noqa: F401
 
 
 class SlowOnce:

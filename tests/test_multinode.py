@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import make_ground_truth
-from .multinode import MultiNodeCluster, _kill
+from simex_ray.local_cluster import MultiNodeCluster, _kill
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,7 +307,7 @@ def _epochs_run(output: str) -> dict[str, list[int]]:
 
 
 def _driver_pids(cluster, needle: str) -> list[int]:
-    from .multinode import _proc_info, node_pids
+    from simex_ray.local_cluster import _proc_info, node_pids
 
     return [pid for pid in node_pids(cluster.nodes[0])
             if (info := _proc_info(pid)) and needle in info[0] and "ray job submit" not in info[0]]
@@ -412,7 +412,7 @@ def test_serve_keeps_answering_when_a_worker_node_is_lost(cluster, tmp_path):
     import numpy as np
 
     from simex_ray.data import load
-    from .multinode import free_port
+    from simex_ray.local_cluster import free_port
 
     _ensure_workers(cluster, 2)
     fleet = tmp_path / "fleet"
