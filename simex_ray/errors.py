@@ -1,0 +1,34 @@
+"""The one rule for turning an exception into a one-line message (CLI, HTTP, logs)."""
+
+from __future__ import annotations
+
+
+def _lines(e: BaseException | str) -> list[str]:
+    # KeyError's str() is the repr of its key ('x' in quotes); its message is args[0].
+    text = e.args[0] if isinstance(e, KeyError) and e.args else e
+    return [line.strip() for line in str(text).splitlines() if line.strip()]
+
+
+def one_line(e: BaseException | str, limit: int | None = None) -> str:
+    """The first non-empty line of an error message, stripped, at most ``limit`` characters.
+
+    An exception with no message gives its type name.
+    """
+    lines = _lines(e)
+    text = lines[0] if lines else (type(e).__name__ if isinstance(e, BaseException) else "")
+    return clip(text, limit) if limit else text
+
+
+def last_line(e: BaseException | str) -> str:
+    """The last non-empty line: Ray wraps a worker's error in a traceback whose last line is the error itself."""
+    lines = _lines(e)
+    return lines[-1] if lines else (type(e).__name__ if isinstance(e, BaseException) else "")
+
+
+def squash(text: object) -> str:
+    """A multi-line message as one line: whitespace runs become single spaces."""
+    return " ".join(str(text).split())
+
+
+def clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
