@@ -44,7 +44,7 @@ def main() -> None:
     checkpoints = sorted(int(e) for e in args.epochs.split(","))
     gt = None
     if args.ground_truth:
-        from simex_ray.ground_truth import GroundTruth
+        from simex_ray.transfer.ground_truth import GroundTruth
 
         gt = GroundTruth.load(args.ground_truth).check(refs=refs)
     names = [m[:10] for m in RANKINGS]

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from simex_ray import data
 from simex_ray.fleet import Fleet
-from simex_ray.pair_cli import unknown_classes
+from simex_ray.pairing import unknown_classes
 from simex_ray.pairing import METHODS, pair, reference_class_samples
-from simex_ray.plan import plan_fleet, train_fleet_local
+from simex_ray.fleet.build import train_fleet_local
+from simex_ray.fleet.plan import plan_fleet
 from simex_ray.training import TrainConfig
 
 

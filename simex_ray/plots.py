@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # never needs a display
@@ -28,7 +28,7 @@ def heatmap(matrix, rows: Sequence[str], cols: Sequence[str], path, *, title: st
 
     shown = display_names([*rows, *cols])
     rows, cols = [shown[r] for r in rows], [shown[c] for c in cols]
-    plt = _pyplot()
+    plt = pyplot()
     m = np.asarray(matrix, dtype=float)
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 1.0 + 0.6 * len(rows)), dpi=120)
     im = ax.imshow(m, cmap=cmap, aspect="auto")
@@ -56,5 +56,5 @@ def save_figure(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path

@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import data
-from .baselines import FC_INITS, FC_LAYERS, N_CLASSES, TL_CONFIGS, first_classes, first_labels, tl_config
+from .transfer.learning import FC_INITS, FC_LAYERS, TL_CONFIGS, tl_config
+from .transfer.classifiers import N_CLASSES, first_classes, first_labels
 from .training import TrainConfig
 
 MapFn = Callable[[Callable[..., Any], list[dict[str, Any]]], Sequence[Any]]

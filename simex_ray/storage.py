@@ -29,6 +29,8 @@ from typing import Union
 
 import pyarrow.fs as pafs
 
+from .errors import one_line
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 CHUNK = 1 << 20
 
@@ -164,7 +166,7 @@ def resolve(path_or_uri: PathLike, filesystem: pafs.FileSystem | None = None) ->
         try:
             fs, path = pafs.FileSystem.from_uri(path_or_uri)
         except (ValueError, OSError) as e:  # ArrowInvalid is a ValueError
-            raise ValueError(f"cannot open '{_without_query(path_or_uri)}': {_first_line(e)}") from None
+            raise ValueError(f"cannot open '{_without_query(path_or_uri)}': {one_line(e)}") from None
         scheme = _SCHEME.match(path_or_uri).group(1).lower()
         return Location(fs, path, f"{scheme}://{path}")
     given = os.fspath(path_or_uri)
@@ -298,8 +300,3 @@ def check_shared(path_or_uri: PathLike, n_nodes: int, *, mounts: str | None = No
 
 def _without_query(uri: str) -> str:
     return uri.split("?", 1)[0]
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    return lines[0] if lines else type(e).__name__

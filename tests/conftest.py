@@ -27,7 +27,8 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def tiny_fleet(tmp_path_factory):
     """digits vs bgrand:digits, 300 samples each, 2 epochs, trained without Ray (a few seconds)."""
-    from simex_ray.plan import plan_fleet, train_fleet_local
+    from simex_ray.fleet.build import train_fleet_local
+    from simex_ray.fleet.plan import plan_fleet
     from simex_ray.training import TrainConfig
 
     out = tmp_path_factory.mktemp("fleet")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from simex_ray import data
-from simex_ray.baselines import (TL_CONFIGS, LeNet5, embedding_distance, first_classes, first_labels, normalize_by_base,
-                                 sample_distance, tl_config, train_base, train_classifier, transfer,
-                                 transfer_efficiency)
+from simex_ray.transfer.learning import TL_CONFIGS, normalize_by_base, tl_config, transfer, transfer_efficiency
+from simex_ray.transfer.classifiers import LeNet5, first_classes, first_labels, train_base, train_classifier
+from simex_ray.distances import embedding_distance, sample_distance
 from simex_ray.fleet import Fleet
 
 

@@ -12,7 +12,7 @@ from simex_ray import data
 from simex_ray.fleet import Fleet, FleetError, mean_l2_norm, read_manifest
 from simex_ray.losses import per_sample_delta
 from simex_ray.models import architectures, create_autoencoder
-from simex_ray.plan import FleetWriter, plan_fleet
+from simex_ray.fleet.plan import FleetWriter, plan_fleet
 from simex_ray.training import TrainConfig, train_member
 
 
@@ -212,7 +212,7 @@ def test_finished_members_are_not_retrained(tiny_fleet, tmp_path):
 
 def test_in_process_training_resumes_from_its_epoch_checkpoints(tmp_path):
     """--no-ray keeps a checkpoint per epoch: more epochs later continue, exactly as one long run."""
-    from simex_ray.plan import train_fleet_local
+    from simex_ray.fleet.build import train_fleet_local
 
     def plans(epochs):
         return plan_fleet(["digits"], TrainConfig(epochs=epochs), samples=120, seed=0)

@@ -10,7 +10,7 @@ import pytest
 
 from simex_ray import data
 from simex_ray.experiments.inter_dataset import inter_dataset
-from simex_ray.ground_truth import GroundTruth, GroundTruthError, compute_ground_truth, signal_to_noise
+from simex_ray.transfer.ground_truth import GroundTruth, GroundTruthError, compute_ground_truth, signal_to_noise
 from simex_ray.names import display_names
 from simex_ray.protocol import FINETUNE, PRESETS, ProtocolConfig, load_protocol
 
@@ -155,7 +155,7 @@ def test_presets_and_the_data_seed_are_separate_knobs():
     a, _ = data.prepare("rotated:digits", samples=60, seed=0)
     b, _ = data.prepare("rotated:digits", samples=60, seed=1)
     assert data.fingerprint(a) != data.fingerprint(b)
-    from simex_ray.plan import plan_fleet
+    from simex_ray.fleet.plan import plan_fleet
     from simex_ray.training import TrainConfig
 
     p0 = plan_fleet(["rotated:digits"], TrainConfig(seed=0), samples=60, seed=0)[0].member

@@ -152,7 +152,7 @@ import logging, sys
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 import ray
 from simex_ray.distributed.train import Resources, train_fleet
-from simex_ray.plan import plan_fleet
+from simex_ray.fleet.plan import plan_fleet
 from simex_ray.training import TrainConfig
 from tests.multinode import SlowOnce
 

@@ -49,7 +49,8 @@ def test_split_by_class_is_the_per_class_prepare_with_one_load(monkeypatch):
 
 @pytest.fixture(scope="module")
 def per_class_fleet(tmp_path_factory):
-    from simex_ray.plan import plan_fleet, train_fleet_local
+    from simex_ray.fleet.build import train_fleet_local
+    from simex_ray.fleet.plan import plan_fleet
     from simex_ray.training import TrainConfig
 
     out = tmp_path_factory.mktemp("per-class")
@@ -89,7 +90,8 @@ def test_sample_mse_pairing_of_a_dataset_with_itself_is_the_identity(per_class_f
 
 
 def test_embeddings_pairing_reads_the_whole_dataset_autoencoder(per_class_fleet, tmp_path, capsys):
-    from simex_ray.plan import plan_fleet, train_fleet_local
+    from simex_ray.fleet.build import train_fleet_local
+    from simex_ray.fleet.plan import plan_fleet
     from simex_ray.training import TrainConfig
 
     ae = tmp_path / "ae"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from simex_ray import data
-from simex_ray.baselines import leave_one_class_out
+from simex_ray.transfer.classifiers import leave_one_class_out
 from simex_ray.experiments import augment as aug
 from simex_ray.experiments import inter_class as ic
 from simex_ray.fleet import Fleet

@@ -14,7 +14,8 @@ import pytest
 
 from simex_ray import data
 from simex_ray.fleet import Fleet, read_manifest
-from simex_ray.plan import plan_fleet, train_fleet_local
+from simex_ray.fleet.build import train_fleet_local
+from simex_ray.fleet.plan import plan_fleet
 from simex_ray.training import TrainConfig
 
 pytestmark = pytest.mark.ray
@@ -106,7 +107,7 @@ def test_main_job_runs_on_the_session_ray(ray_cluster, tmp_path):
 
 def test_base_classifiers_on_ray_train_survive_a_crash_and_match_local(ray_cluster, tmp_path):
     """train_map: units packed into Train runs, one worker killed after a checkpoint, same results."""
-    from simex_ray.baselines import train_base
+    from simex_ray.transfer.classifiers import train_base
     from simex_ray.distributed.map import train_map
     from simex_ray.distributed.train import Resources
     from simex_ray.protocol import PAPER, load_splits

@@ -245,7 +245,9 @@ def test_replica_kill_keeps_the_service_answering(service):
 def test_member_update_redeploys_only_what_changed(service):
     from ray import serve
 
-    from simex_ray.plan import plan_fleet, train_fleet_local
+    from simex_ray.fleet.build import train_fleet_local
+
+    from simex_ray.fleet.plan import plan_fleet
     from simex_ray.training import TrainConfig
 
     before = {a: s.last_deployed_time_s for a, s in serve.status().applications.items()}

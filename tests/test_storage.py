@@ -18,7 +18,8 @@ import pytest
 
 from simex_ray import data, storage
 from simex_ray.fleet import MANIFEST, Fleet, FleetError, read_manifest
-from simex_ray.plan import FleetWriter, plan_fleet, train_fleet_local
+from simex_ray.fleet.build import train_fleet_local
+from simex_ray.fleet.plan import FleetWriter, plan_fleet
 from simex_ray.storage import check_shared, resolve
 from simex_ray.training import TrainConfig
 
@@ -46,7 +47,7 @@ def publish(trained, dest, names=None) -> FleetWriter:
 @pytest.fixture
 def fixed_clock(monkeypatch):
     """The manifest's 'updated' stamp, fixed: fleets written at different moments compare byte for byte."""
-    import simex_ray.fleet as fleet_mod
+    import simex_ray.fleet.manifest as fleet_mod
 
     monkeypatch.setattr(fleet_mod.time, "strftime", lambda fmt, *a: "2026-01-01T00:00:00+0000")
 

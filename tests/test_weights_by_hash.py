@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-import simex_ray.fleet as fleet_mod
+import simex_ray.fleet.fleet as fleet_mod
 from simex_ray import storage
 from simex_ray.fleet import (MANIFEST, Fleet, FleetError, Member, StaleWeightsError, read_manifest, save_weights,
                              slug, write_manifest)

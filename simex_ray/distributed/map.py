@@ -124,7 +124,8 @@ def train_map(resources=None, *, storage: str | None = None, on_unit: OnUnit | N
     unit it was in. ``fault={"unit": i, "marker": path}`` kills the worker
     once right after unit i's checkpoint (tests).
     """
-    from .train import Resources, TrainingError, _first_line, local_board, run_concurrently, shard
+    from ..errors import last_line
+    from .train import Resources, TrainingError, local_board, run_concurrently, shard
 
     res = resources or Resources()
 
@@ -182,7 +183,7 @@ def train_map(resources=None, *, storage: str | None = None, on_unit: OnUnit | N
         if errors or len(results) != total:
             missing = total - len(results)
             raise TrainingError(f"{missing} of {total} {fn.__name__} unit(s) failed on Ray Train"
-                                + (f": {_first_line(errors[0])}" if errors else ""))
+                                + (f": {last_line(errors[0])}" if errors else ""))
         return [results[i] for i in range(total)]
 
     return map_fn

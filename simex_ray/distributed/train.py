@@ -22,8 +22,9 @@ from typing import Any, Callable
 import ray
 import torch
 
+from ..errors import last_line
 from ..fleet import slug
-from ..plan import FleetWriter, MemberPlan
+from ..fleet.plan import FleetWriter, MemberPlan
 from ..training import TrainConfig, train_member
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ def _fit_run(index: int, key: str, plans: list[MemberPlan], storage: Path, res: 
             if attempt == res.max_failures or not _lost_actor(e):
                 raise
             log.warning("Train run %d lost an actor (%s); running it again from its checkpoint",
-                        index, _first_line(e))
+                        index, last_line(e))
     if result.checkpoint is None:
         raise RuntimeError(f"Train run {index} finished without a checkpoint")
     done, _ = _load_checkpoint(result.checkpoint)
@@ -280,7 +281,7 @@ def train_fleet(plans: list[MemberPlan], out, *, resources: Resources = Resource
             for p in g:
                 if not writer.has(p):
                     errors[p.name] = outcome
-            log.error("Train run failed: %s", _first_line(outcome))
+            log.error("Train run failed: %s", last_line(outcome))
         else:
             for name, state in outcome.items():
                 record(name, state)
@@ -289,7 +290,7 @@ def train_fleet(plans: list[MemberPlan], out, *, resources: Resources = Resource
     if errors:
         names = ", ".join(errors)
         raise TrainingError(f"{len(errors)} member(s) failed: {names}; re-run the same command to resume "
-                            f"(error: {_first_line(next(iter(errors.values())))})")
+                            f"(error: {last_line(next(iter(errors.values())))})")
     return writer
 
 
@@ -309,11 +310,6 @@ class TrainingError(RuntimeError):
     pass
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [l for l in str(e).splitlines() if l.strip()]
-    return lines[-1] if lines else type(e).__name__
-
-
 def _lost_actor(e: BaseException) -> bool:
     """A Train run that failed because an actor became unreachable (its node was lost)."""
     from ray.exceptions import RayActorError
@@ -326,20 +322,18 @@ def _lost_actor(e: BaseException) -> bool:
 def build_fleet(refs: list[str], out, config: TrainConfig, *, samples: int | None = None,
                 per_class: bool = False, seed: int = 0, data_dir=None, address: str | None = None,
                 resources: Resources = Resources(), storage: str | None = None,
-                on_progress: ProgressFn | None = None, use_ray: bool = True,
+                on_progress: ProgressFn | None = None,
                 log_to_driver: bool = False) -> tuple[list[MemberPlan], FleetWriter]:
-    """Specs -> trained fleet directory: the one path the CLI and the jobs share.
+    """Specs -> trained fleet directory on Ray Train: the path the CLI, the jobs and the studies share.
 
-    ``seed`` is the data seed (samples, splits, variants); ``config.seed`` the model seed.
+    ``seed`` is the data seed (samples, splits, variants); ``config.seed`` the model seed. Training
+    without Ray is :func:`simex_ray.fleet.build.build_fleet_local`, which imports no Ray.
     """
-    from ..plan import plan_fleet, train_fleet_local
+    from ..fleet.plan import fleet_extra, plan_fleet
     from .runtime import ray_session
 
     plans = plan_fleet(refs, config, samples=samples, per_class=per_class, seed=seed, data_dir=data_dir)
-    extra = {"refs": refs, "samples": samples, "per_class": per_class, "seed": config.seed, "data_seed": seed}
-    if not use_ray:
-        progress = (lambda n, m: on_progress(n, {**m, "epochs": config.epochs})) if on_progress else None
-        return plans, train_fleet_local(plans, out, on_epoch=progress, extra=extra)
+    extra = fleet_extra(refs, config, samples=samples, per_class=per_class, data_seed=seed)
     with ray_session(address, log_to_driver=log_to_driver):
         return plans, train_fleet(plans, out, resources=resources, storage=storage,
                                   on_progress=on_progress, extra=extra)

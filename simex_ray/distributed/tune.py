@@ -25,6 +25,7 @@ from ray.tune import Callback, Checkpoint, CheckpointConfig, FailureConfig, RunC
 from ray.tune.stopper import Stopper
 
 from ..experiments.stopping import FleetStepper, StabilityRule, StudyData, config_key, epoch_metrics
+from ..errors import last_line
 from ..training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def run_study(study: StudyData, configs: list[tuple[str, float]], seeds: list[in
     errors = [r.error for r in results if r.error is not None]
     if errors:
         raise StudyError(f"{len(errors)} trial(s) failed; re-run the same command to retry them "
-                         f"(first error: {_last_line(errors[0])})", rows)
+                         f"(first error: {last_line(errors[0])})", rows)
     rows.sort(key=lambda r: (r["optimizer"], r["lr"], r["seed"], r["epoch"]))
     return rows
 
@@ -189,11 +190,6 @@ class StudyError(RuntimeError):
     def __init__(self, message: str, rows: list[dict[str, Any]]):
         super().__init__(message)
         self.rows = rows
-
-
-def _last_line(e: BaseException) -> str:
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    return lines[-1] if lines else type(e).__name__
 
 
 def _reported_rows(result) -> list[dict[str, Any]]:

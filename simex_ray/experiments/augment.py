@@ -35,7 +35,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import data
-from ..baselines import LeNet5, evaluate_classifier, train_classifier
+from ..transfer.classifiers import LeNet5, evaluate_classifier, train_classifier
 from ..fleet import Fleet, slug
 from ..pairing import METHODS, class_matrix, greedy_pairs
 from ..protocol import MapFn, Progress, jsonable, run_units, settings_from_dict
@@ -172,7 +172,8 @@ FleetFn = Callable[[str, str, TrainConfig, "int | None", bool], None]
 def _reference_fleets(ref: str, cfg: AugmentConfig, *, fleet_dir, data_seed: int, model_seed: int, data_dir,
                       fleet_fn: FleetFn | None, keep: list, cache: dict) -> tuple[Fleet, Fleet]:
     """(per-class fleet, whole-dataset fleet) of ``ref``, trained into ``fleet_dir`` (kept for re-runs)."""
-    from ..plan import plan_fleet, train_fleet_local
+    from ..fleet.build import train_fleet_local
+    from ..fleet.plan import plan_fleet
 
     if fleet_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="simex-augment-")
@@ -371,9 +372,9 @@ def write_augment(result: dict[str, Any], out_dir) -> dict[str, Path]:
 def plot_augment(result: dict[str, Any], path) -> Path:
     """Fig. 7: a row per pairing method, a column per reference, a line per n (median, min-max band)."""
     from ..names import display_names
-    from ..plots import _pyplot, save_figure
+    from ..plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     methods = result["config"]["methods"]
     refs = result["references"]
     shown = display_names([result["target"], *refs])

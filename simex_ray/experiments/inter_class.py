@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from .. import data
-from ..baselines import leave_one_class_out, sample_distance
+from ..transfer.classifiers import leave_one_class_out
+from ..distances import sample_distance
 from ..fleet import Fleet
 from ..losses import check_loss
 from ..protocol import MapFn, Progress, jsonable, run_units, settings_from_dict
@@ -178,7 +179,8 @@ def per_class_fleet(spec: str, parts: list[data.ClassPart], cfg: InterClassConfi
     A directory with a manifest is used as it is, after checking that each
     member was trained on this study's training images of its class.
     """
-    from ..plan import plan_fleet, train_and_load
+    from ..fleet.build import train_and_load
+    from ..fleet.plan import plan_fleet
 
     names = [p.spec for p in parts]
     if fleet is not None and (Path(fleet) / "manifest.json").is_file():
@@ -349,9 +351,9 @@ MATRIX_TITLES = {"simex_mse": "SimEx-MSE Δ(test j | A(k))", "simex_issim": "Sim
 
 def plot_matrices(result: dict[str, Any], path) -> Path:
     """Fig. 8: one heatmap per matrix; distances dark = similar, confusions bright = confused."""
-    from ..plots import _pyplot, save_figure
+    from ..plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     names = list(result["matrices"])
     cols = 3
     nrows = (len(names) + cols - 1) // cols

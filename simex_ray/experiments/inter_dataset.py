@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from ..baselines import embedding_distance, normalize_by_base, sample_distance
+from ..distances import embedding_distance, sample_distance
+from ..transfer.learning import normalize_by_base
 from ..fleet import Fleet
-from ..ground_truth import GroundTruth, compute_ground_truth
+from ..transfer.ground_truth import GroundTruth, compute_ground_truth
 from ..losses import check_loss
 from ..protocol import (DEFAULT, MapFn, Progress, ProtocolConfig, Splits, canonical_refs, jsonable, load_splits)
 from ..ranking import agreement
@@ -52,7 +53,8 @@ def resolve_fleet(refs: list[str], *, fleet, loss: str, samples: int | None, epo
     those splits' training images (data fingerprints): a fleet trained on
     other samples would be scored on its own training images.
     """
-    from ..plan import plan_fleet, train_and_load
+    from ..fleet.build import train_and_load
+    from ..fleet.plan import plan_fleet
 
     if isinstance(fleet, Fleet):
         f = fleet
@@ -247,9 +249,9 @@ def inter_dataset(refs: list[str], *, loss: str = "mse", samples: int | None = N
 def rho_bars(result: dict[str, Any], path) -> Path:
     """Grouped bars of ρ per base (and the mean) for Δ and each baseline, vs accuracy and efficiency."""
     from ..names import display_names
-    from ..plots import _pyplot, save_figure
+    from ..plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     refs = result["references"]
     methods = {f"SimEx Δ ({result['loss']})": result, **result["baselines"]}
     groups = list(display_names(refs).values()) + ["mean"]

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ..baselines import TL_CONFIGS, tl_config, train_base, transfer
+from ..transfer.learning import TL_CONFIGS, tl_config, transfer
+from ..transfer.classifiers import train_base
 from ..losses import check_loss
 from ..names import display_names
 from ..protocol import DEFAULT, MapFn, Progress, ProtocolConfig, canonical_refs, jsonable, load_splits, run_units
@@ -125,14 +126,14 @@ def latency(refs: list[str], unknown: str, *, repeats: int = 5, samples: int | N
 
 def write_latency(result: dict[str, Any], out_dir) -> dict[str, Path]:
     """Write latency.json and latency.png (log-scale seconds, like the paper's Fig. 5)."""
-    from ..plots import _pyplot
+    from ..plots import pyplot
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "latency.json", "png": out / "latency.png"}
     paths["json"].write_text(json.dumps(jsonable(result), indent=2) + "\n")
 
-    plt = _pyplot()
+    plt = pyplot()
     names = ["SimEx"] + list(result["transfer_seconds"])
     secs = [result["simex_seconds"]] + list(result["transfer_seconds"].values())
     fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(names), 4), dpi=120)

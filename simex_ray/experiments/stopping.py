@@ -237,9 +237,9 @@ def plot_stopping(summary: Mapping[str, Any], path, *, title: str = "") -> Any:
     """ρ against training seconds per configuration (median, min/max bars over seeds), vertical
     lines at the base classifiers' training times and markers at the earliest stable point (Fig. 6)."""
     from ..names import display_names
-    from ..plots import _pyplot, save_figure
+    from ..plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
     for key, c in summary["configs"].items():
         cv = c["curve"]

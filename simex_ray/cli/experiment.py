@@ -1,6 +1,6 @@
 """`simex experiment transfer|inter-dataset|latency`: the paper's protocol I from the command line.
 
-The per-class studies (`inter-class`, `augment`) live in :mod:`.per_class_cli`.
+The per-class studies (`inter-class`, `augment`) live in :mod:`.per_class`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from .common import add_address_arg, add_data_dir_arg, add_loss_arg, stage_printer
+from .common import data_seed as resolve_data_seed
 
 DEFAULT_SAMPLES = 600
 
@@ -29,8 +32,8 @@ def add_common(p, *, refs_required: bool = True) -> None:
                    help="preset (default, paper, last-layer, few-shot, finetune) or a JSON file of ProtocolConfig "
                         "fields (default: the ground truth's, else 'few-shot' for transfer and 'default' otherwise)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--address", default=None, help="Ray cluster address; default: embedded local Ray")
+    add_data_dir_arg(p)
+    add_address_arg(p)
     p.add_argument("--no-ray", action="store_true", help="run everything in this process")
     p.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs per classifier/transfer task")
 
@@ -43,7 +46,7 @@ def add_parsers(sub) -> None:
 
     def with_fleet(p):
         add_common(p)
-        p.add_argument("--loss", choices=("mse", "issim"), default="mse")
+        add_loss_arg(p, default="mse")
         p.add_argument("--epochs", type=int, default=None, help="autoencoder epochs (default: the protocol's)")
         p.add_argument("--fleet", default=None, help="use this trained fleet instead of training one")
 
@@ -59,29 +62,12 @@ def add_parsers(sub) -> None:
     lt.add_argument("--unknown", required=True, help="the unknown dataset spec")
     lt.add_argument("--base", default=None, help="base dataset for transfer (default: first ref != unknown)")
     lt.add_argument("--repeats", type=int, default=5, help="repeated runs (default 5)")
-    from .per_class_cli import add_parsers as add_per_class
+    from .per_class import add_parsers as add_per_class
 
     add_per_class(verbs)
 
 
 UNIT_STAGES = {"train_base": "base-classifiers", "transfer": "transfer", "finetune": "transfer"}
-
-
-def progress(t0: float, names=()):
-    """A ``(stage, done, total)`` printer; stage names that are specs are shown by the display rule."""
-    from ..names import display_names
-
-    shown = display_names(names)
-    last: dict[str, int] = {}
-
-    def show(stage: str, done: int, total: int) -> None:
-        if last.get(stage) == done:
-            return
-        last[stage] = done
-        label = " ".join(shown.get(w, w) for w in stage.split(" "))
-        print(f"[{time.perf_counter() - t0:6.1f}s] {label:<24} {done:>4}/{total}", file=sys.stderr, flush=True)
-
-    return show
 
 
 def resolve_protocol(args, ground_truth=None):
@@ -103,23 +89,23 @@ def resolve_protocol(args, ground_truth=None):
 
 def cmd_experiment(args) -> int:
     if args.experiment in ("inter-class", "augment"):
-        from .per_class_cli import cmd
+        from .per_class import cmd
 
         return cmd(args)
     from ..data import split_specs
     from ..distributed.runtime import ray_session
-    from ..ground_truth import GroundTruth, compute_ground_truth
+    from ..transfer.ground_truth import GroundTruth, compute_ground_truth
     from ..protocol import PRESETS, canonical_refs
 
     gt = GroundTruth.load(args.ground_truth) if getattr(args, "ground_truth", None) else None
     protocol = resolve_protocol(args, gt)
     refs = canonical_refs(split_specs(args.refs))
     samples = args.samples if args.samples is not None else gt.samples if gt is not None else DEFAULT_SAMPLES
-    data_seed = args.data_seed if args.data_seed is not None else gt.data_seed if gt is not None else args.seed
+    data_seed = resolve_data_seed(args, gt.data_seed if gt is not None else None)
     if gt is not None:  # a mismatch is a one-line error before any slow work
         gt.check(refs=refs, samples=samples, data_seed=data_seed, protocol=protocol)
     out = Path(args.out)
-    show = progress(time.perf_counter(), refs)
+    show = stage_printer(time.perf_counter(), refs)
     fleet = getattr(args, "fleet", None)
     if args.experiment == "transfer":
         def run(map_fn, base_map_fn=None):
@@ -130,7 +116,7 @@ def cmd_experiment(args) -> int:
         def write(result, out_dir):
             return result.save(out_dir)
     elif args.experiment == "inter-dataset":
-        from .inter_dataset import inter_dataset, write_inter_dataset
+        from ..experiments.inter_dataset import inter_dataset, write_inter_dataset
 
         def run(map_fn, base_map_fn=None):
             return inter_dataset(refs, loss=args.loss, samples=samples, epochs=args.epochs, data_seed=data_seed,
@@ -139,8 +125,8 @@ def cmd_experiment(args) -> int:
                                  save_ground_truth=None if gt is not None else out / "ground_truth")
         write = write_inter_dataset
     else:
-        from ..baselines import TL_CONFIGS
-        from .latency import latency, write_latency
+        from ..transfer.learning import TL_CONFIGS
+        from ..experiments.latency import latency, write_latency
 
         # Fig. 5 times every TL config; a protocol file may narrow them.
         tl = tuple(TL_CONFIGS) if args.protocol in (None, *PRESETS) else protocol.tl_configs
@@ -184,7 +170,7 @@ def cmd_experiment(args) -> int:
 
 def summary(result) -> dict:
     """The headline numbers, printed as one JSON line on stdout."""
-    from ..ground_truth import GroundTruth
+    from ..transfer.ground_truth import GroundTruth
 
     if isinstance(result, GroundTruth):
         return {"references": result.references, "target": result.target_name, "snr": result.snr()["snr"],
@@ -201,3 +187,6 @@ def summary(result) -> dict:
         out["baselines"] = {name: {k: v for k, v in b.items() if k.startswith("rho_mean")}
                             for name, b in result["baselines"].items()}
     return out
+
+
+COMMANDS = {"experiment": cmd_experiment}

@@ -39,12 +39,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .baselines import finetune, tl_config, train_base, transfer, transfer_efficiency
-from .fleet import atomic_write_bytes
-from .protocol import (DEFAULT, MapFn, Progress, ProtocolConfig, Splits, canonical_refs, jsonable, load_splits,
+from ..fleet import atomic_write_bytes
+from ..protocol import (DEFAULT, MapFn, Progress, ProtocolConfig, Splits, canonical_refs, jsonable, load_splits,
                        run_units)
+from .classifiers import train_base
+from .learning import finetune, tl_config, transfer, transfer_efficiency
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("simex_ray.ground_truth")
 
 FILE = "ground_truth.json"
 FORMAT_VERSION = 1
@@ -229,7 +230,7 @@ class GroundTruth:
         """Write the directory (JSON atomically, then the table and the figure)."""
         import pandas as pd
 
-        from .plots import heatmap
+        from ..plots import heatmap
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

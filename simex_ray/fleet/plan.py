@@ -1,4 +1,4 @@
-"""Turn reference specs into fleet members and their data (Ray-free).
+"""Turn reference specs into fleet members and their data, and write finished members (Ray-free).
 
 Shared by the local trainer, the Ray Train adapter, and the experiments so
 the same flags always give the same members, data and manifest records.
@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import data, storage
-from .fleet import MANIFEST, FleetError, Member, calibration_of, mean_l2_norm, read_manifest, save_weights, \
-    write_manifest
-from .training import TrainConfig
+from .. import data, storage
+from ..training import TrainConfig
+from .manifest import MANIFEST, FleetError, Member, read_manifest, save_weights, write_manifest
+from .result import calibration_of, mean_l2_norm
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("simex_ray.plan")
 
 
 @dataclass
@@ -150,8 +150,8 @@ def own_calibration(member: Member, state_dict, x_test: np.ndarray) -> dict:
     """The member's δ distribution on its own held-out test split (the calibration sketch)."""
     import torch
 
-    from .models import create_autoencoder
-    from .scoring import ScoringEngine
+    from ..models import create_autoencoder
+    from ..scoring import ScoringEngine
 
     if not len(x_test):
         return {}
@@ -161,60 +161,7 @@ def own_calibration(member: Member, state_dict, x_test: np.ndarray) -> dict:
     return calibration_of(d)
 
 
-def train_fleet_local(plans: list[MemberPlan], out, *, on_epoch=None, extra: dict | None = None):
-    """Train every pending member in this process, one after another (no Ray).
-
-    ``on_epoch(member_name, metrics)`` is called after each epoch.
-    Returns the FleetWriter holding the manifest records.
-    """
-    from .training import train_member
-
-    import io
-
-    import torch
-
-    from .fleet import slug
-
-    writer = FleetWriter(out, extra, order=[p.name for p in plans])
-    for plan in writer.pending(plans):
-        config = TrainConfig.from_dict(plan.member.config)
-        # Like the Ray path: a checkpoint per epoch, so a re-run continues where this one stopped.
-        ckpt = writer.out.join("checkpoints", "local", f"{slug(plan.name)}-{plan.run_key}.pt")
-        resume = None
-        if ckpt.is_file():
-            try:
-                resume = torch.load(io.BytesIO(ckpt.read_bytes()), map_location="cpu", weights_only=True)
-            except Exception:  # noqa: BLE001 - a damaged checkpoint: start this member over
-                log.warning("%s: unreadable checkpoint %s; training from scratch", plan.name, ckpt)
-            if resume is not None and resume["epoch"] > config.epochs:
-                resume = None  # trained longer than now asked: start over rather than pretend
-
-        def save(epoch, metrics, state, name=plan.name, path=ckpt):
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            path.write_bytes_atomic(buf.getvalue())
-            if on_epoch is not None:
-                on_epoch(name, metrics)
-
-        model, history = train_member(plan.x_train, plan.x_test, config, resume=resume, on_epoch=save)
-        writer.add(plan, model.state_dict(), history)
-    return writer
-
-
-def train_and_load(plans: list[MemberPlan], out=None, *, on_epoch=None, extra: dict | None = None):
-    """:func:`train_fleet_local` into ``out`` (None: a temporary directory, removed) -> the loaded Fleet.
-
-    A fleet loaded from a temporary directory has ``path = None``.
-    """
-    import tempfile
-
-    from .fleet import Fleet
-
-    if out is not None:
-        train_fleet_local(plans, out, on_epoch=on_epoch, extra=extra)
-        return Fleet.load(out)
-    with tempfile.TemporaryDirectory(prefix="simex-fleet-") as tmp:
-        train_fleet_local(plans, tmp, on_epoch=on_epoch, extra=extra)
-        fleet = Fleet.load(tmp)
-    fleet.path = None
-    return fleet
+def fleet_extra(refs: list[str], config: TrainConfig, *, samples: int | None, per_class: bool,
+                data_seed: int) -> dict:
+    """What the manifest records about how the fleet was asked for (beside each member's own record)."""
+    return {"refs": refs, "samples": samples, "per_class": per_class, "seed": config.seed, "data_seed": data_seed}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -10,6 +9,9 @@ import signal
 import sys
 import time
 from pathlib import Path
+
+from .common import (add_data_args, add_device_arg, data_seed, format_score, non_negative_int, positive_int,
+                     read_unknown, split_members)
 
 log = logging.getLogger("simex.serve")
 
@@ -35,8 +37,7 @@ def add_parsers(sub) -> None:
                             "fused: one application holding the whole fleet (one hop past the ingress); "
                             "embedded: the ingress replicas hold the whole fleet (no hop past the proxy; "
                             "--replicas and --cpus-per-replica size them)")
-        p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
-                       help="where the scorers run (default cpu); cuda needs --gpus-per-replica")
+        add_device_arg(p, help="where the scorers run (default cpu); cuda needs --gpus-per-replica")
         p.add_argument("--gpus-per-replica", type=float, default=0.0, help="(default 0; fractions allowed)")
         p.add_argument("--ingress-replicas", type=int, default=1,
                        help="replicas of the HTTP ingress (default 1; 2 or more on a cluster, so a lost node "
@@ -82,20 +83,20 @@ def add_parsers(sub) -> None:
                        description="Send a dataset spec's images to POST /v1/score and print the ranking.")
     q.add_argument("--url", required=True, help="service URL, e.g. http://127.0.0.1:8000")
     q.add_argument("--data", required=True, help="dataset spec (as in `simex score`)")
-    q.add_argument("--samples", type=int, default=None, help="class-balanced subsample")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--data-dir", default=None)
+    q.add_argument("--split", choices=("all", "train", "test"), default="all",
+                   help="send all samples, or the train/test part of the 5:1 split `simex train` uses")
+    add_data_args(q)
     q.add_argument("--members", default=None, help="comma-separated subset of members")
     q.add_argument("--api-key", default=os.environ.get("SIMEX_API_KEY"))
-    q.add_argument("--batch", type=int, default=1024, help="images per request (default 1024)")
-    q.add_argument("--retries", type=int, default=3,
+    q.add_argument("--batch", type=positive_int, default=1024, help="images per request (default 1024)")
+    q.add_argument("--retries", type=non_negative_int, default=3,
                    help="retries of a request that got a 5xx or lost its connection (default 3)")
     q.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
 
 
 def settings_from(args):
-    from ...api import Limits
-    from .deploy import ServeSettings
+    from ..api import Limits
+    from ..distributed.serving.deploy import ServeSettings
 
     autoscaling = None
     if args.autoscale:
@@ -120,13 +121,13 @@ def settings_from(args):
 
 
 def _pidfile(port: int) -> Path:
-    from ...data import data_dir
+    from ..data import data_dir
 
     return data_dir() / f"serve-{port}.pid"
 
 
 def _manifest_stamp(fleet) -> tuple:
-    from ...storage import resolve
+    from ..storage import resolve
 
     info = resolve(fleet).join("manifest.json").info()  # a local path or a URI
     return (info.mtime_ns, info.size) if info.is_file else ()
@@ -138,13 +139,13 @@ def cmd_serve(args) -> int:
         return 0
     if args.serve_command == "stop":
         return _stop(args)
-    from ..runtime import ray_session
-    from ...fleet import Fleet
+    from ..distributed.runtime import ray_session
+    from ..fleet import Fleet
 
     settings = settings_from(args)
     Fleet.load(args.fleet)  # fail fast, before Ray starts, on a bad fleet
     if args.serve_command == "update":
-        from .deploy import deploy
+        from ..distributed.serving.deploy import deploy
 
         with ray_session(args.address):
             print(json.dumps(deploy(args.fleet, settings)))
@@ -163,8 +164,8 @@ def _config(args) -> str:
     """`simex serve config`: the Serve config as YAML text, or (kuberay) as a RayService's serveConfigV2."""
     import yaml
 
-    from ...storage import is_uri, normalize
-    from .deploy import serve_config
+    from ..distributed.serving.deploy import serve_config
+    from ..storage import is_uri, normalize
 
     kuberay = args.format == "kuberay"
     host = args.host or ("0.0.0.0" if kuberay else "127.0.0.1")
@@ -187,54 +188,18 @@ def _config(args) -> str:
 
 
 def _start(args, settings) -> int:
-    from ray import serve
+    from ..distributed.serving.service import serve_fleet
 
-    from ..runtime import ray_session
-    from .deploy import deploy, undeploy
-
-    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
-    t0 = time.perf_counter()
-    with ray_session(args.address):
-        serve.start(proxy_location=args.proxy_location, http_options={"host": args.host, "port": args.port})
-        print(f"deploying {args.fleet} ...", file=sys.stderr, flush=True)
-        deploy(args.fleet, settings)
-        print(f"serving {args.fleet} at {url} ({time.perf_counter() - t0:.0f}s); API docs at {url}/docs",
-              file=sys.stderr, flush=True)
-        if args.address:
-            return 0
-        pidfile = _pidfile(args.port)
-        pidfile.parent.mkdir(parents=True, exist_ok=True)
-        pidfile.write_text(str(os.getpid()))
-        stopping = []
-        signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-        stamp = _manifest_stamp(args.fleet)
-        print("press Ctrl-C or run `simex serve stop` to stop; the fleet is reloaded when it changes",
-              file=sys.stderr, flush=True)
-        try:
-            while not stopping:
-                time.sleep(1)
-                if (now := _manifest_stamp(args.fleet)) != stamp:
-                    stamp = now
-                    try:
-                        changes = deploy(args.fleet, settings)
-                        print(f"fleet changed: {json.dumps(changes)}", file=sys.stderr, flush=True)
-                    except Exception as e:  # noqa: BLE001 - keep serving the old fleet
-                        print(f"fleet changed but cannot be served ({e}); still serving the previous one",
-                              file=sys.stderr, flush=True)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            print("stopping ...", file=sys.stderr, flush=True)
-            undeploy()
-            serve.shutdown()
-            pidfile.unlink(missing_ok=True)
-    return 0
+    pidfile = None if args.address else _pidfile(args.port)
+    return serve_fleet(args.fleet, settings, host=args.host, port=args.port, address=args.address,
+                       proxy_location=args.proxy_location, pidfile=pidfile,
+                       manifest_stamp=lambda: _manifest_stamp(args.fleet))
 
 
 def _stop(args) -> int:
     if args.address:
-        from ..runtime import ray_session
-        from .deploy import undeploy
+        from ..distributed.runtime import ray_session
+        from ..distributed.serving.deploy import undeploy
 
         with ray_session(args.address):
             removed = undeploy()
@@ -260,86 +225,19 @@ def _stop(args) -> int:
 
 
 def cmd_query(args) -> int:
-    import numpy as np
+    from ..client import query
 
-    from ... import data
-
-    ds = data.load(args.data, seed=args.seed, data_dir=args.data_dir)
-    if args.samples:
-        ds = data.balanced_sample(ds, args.samples, seed=args.seed)
-    headers = {"content-type": "application/x-npy"}
-    if args.api_key:
-        headers["x-api-key"] = args.api_key
-    members = [m.strip() for m in args.members.split(",")] if args.members else None
-    url = args.url.rstrip("/") + "/v1/score"
-    sums: dict[str, dict[str, float]] = {}
-    loss, method, t0 = "", None, time.perf_counter()
-    for start in range(0, len(ds), args.batch):
-        part = ds.x[start:start + args.batch]
-        if members:
-            body = json.dumps({"images": part[:, 0].tolist(), "members": members}).encode()
-            h = {**headers, "content-type": "application/json"}
-        else:
-            buf = io.BytesIO()
-            np.save(buf, part)
-            body, h = buf.getvalue(), headers
-        r = _post(url, body, h, args.retries)
-        if r.status_code != 200:
-            try:
-                message = r.json().get("error", r.text)
-            except ValueError:
-                message = r.text[:200]
-            raise ConnectionError(f"{url} answered {r.status_code}: {message}")
-        out = r.json()
-        loss, method = out["loss"], out["ranking_method"]
-        # Every field is a mean over images: the whole dataset's is the batch-size weighted mean.
-        for field in FIELDS:
-            for name, v in out[field].items():
-                acc = sums.setdefault(field, {})
-                acc[name] = None if v is None or acc.get(name, 0.0) is None else acc.get(name, 0.0) + v * len(part)
-    result = _query_result(sums, len(ds), loss, method)
+    images, _ = read_unknown(args.data, split=args.split, samples=args.samples, seed=data_seed(args),
+                             data_dir=args.data_dir, stream=False)
+    t0 = time.perf_counter()
+    result = query(args.url, images, members=split_members(args.members), api_key=args.api_key, batch=args.batch,
+                   retries=args.retries)
     if args.json:
         print(json.dumps({"url": args.url, "data": args.data, **result.to_json(),
                           "seconds": time.perf_counter() - t0}))
         return 0
-    from ...cli import format_score
-
-    print(format_score(result, f"Δ({args.data} | Y) over {len(ds)} samples via {args.url}, loss {loss}"))
+    print(format_score(result, f"Δ({args.data} | Y) over {result.n} samples via {args.url}, loss {result.loss}"))
     return 0
 
 
-FIELDS = ("delta", "delta_normalized", "delta_calibrated", "in_distribution", "composition")
-
-
-RETRY_STATUS = (500, 502, 503, 504)  # a replica or node lost mid-request; scoring is idempotent
-
-
-def _post(url: str, body: bytes, headers: dict, retries: int):
-    """POST, retrying a lost connection or a 5xx up to ``retries`` times (0.5, 1, 2 ... s apart)."""
-    import requests
-
-    for attempt in range(retries + 1):
-        try:
-            r = requests.post(url, data=body, headers=headers, timeout=300)
-        except requests.RequestException as e:
-            if attempt == retries:
-                raise ConnectionError(f"cannot reach {url} ({type(e).__name__}); is `simex serve start` "
-                                      f"running?") from None
-            why = type(e).__name__
-        else:
-            if r.status_code not in RETRY_STATUS or attempt == retries:
-                return r
-            why = f"HTTP {r.status_code}"
-        wait = 0.5 * 2 ** attempt
-        print(f"{why} from {url}; retrying in {wait:.1f}s ({attempt + 1}/{retries})", file=sys.stderr, flush=True)
-        time.sleep(wait)
-    raise AssertionError("unreachable")
-
-
-def _query_result(sums: dict[str, dict[str, float]], n: int, loss: str, method: str):
-    from ...fleet import ScoreResult
-
-    mean = {f: {k: (None if v is None else v / n) for k, v in sums.get(f, {}).items()} for f in FIELDS}
-    return ScoreResult(n=n, loss=loss, delta=mean["delta"], delta_normalized=mean["delta_normalized"],
-                       delta_calibrated=mean["delta_calibrated"], in_distribution=mean["in_distribution"],
-                       composition=mean["composition"], method=method)
+COMMANDS = {"serve": cmd_serve, "query": cmd_query}

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from .common import add_address_arg, add_data_dir_arg, add_loss_arg
+
 
 def _floats(text: str) -> list[float]:
     try:
@@ -29,7 +31,7 @@ def add_parsers(sub) -> None:
                                      "Re-running the same command resumes an interrupted study.")
     s.add_argument("--ground-truth", required=True, help="directory from `simex experiment transfer`")
     s.add_argument("--refs", default=None, help="comma-separated specs (default: the ground truth's)")
-    s.add_argument("--loss", choices=("mse", "issim"), default="mse")
+    add_loss_arg(s, default="mse")
     s.add_argument("--optimizers", default="rmsprop", help="comma-separated (default rmsprop)")
     s.add_argument("--lrs", default="1e-3,2e-4", help="comma-separated learning rates (default 1e-3,2e-4)")
     s.add_argument("--configs", default=None,
@@ -50,8 +52,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial (default 2)")
     s.add_argument("--storage", default=None, help="where Tune keeps trials and checkpoints (default OUT); "
                                                    "on a multi-node cluster: shared storage or a URI")
-    s.add_argument("--address", default=None, help="Ray cluster address; default: embedded local Ray")
-    s.add_argument("--data-dir", default=None)
+    add_address_arg(s)
+    add_data_dir_arg(s)
     s.add_argument("--out", required=True, help="study directory: stopping.json/.parquet/.png (re-use to resume)")
 
 
@@ -97,9 +99,9 @@ def _check_settings(out: Path, settings: dict) -> None:
 def cmd_tune(args) -> int:
     from ..data import split_specs
     from ..distributed.runtime import ray_session
-    from ..ground_truth import GroundTruth
+    from ..transfer.ground_truth import GroundTruth
     from ..protocol import canonical_refs, jsonable
-    from .stopping import StabilityRule, study_data, summarize, write_study
+    from ..experiments.stopping import StabilityRule, study_data, summarize, write_study
 
     for flag in ("seeds", "max_epochs", "k"):
         if getattr(args, flag) < 1:
@@ -152,3 +154,6 @@ def cmd_tune(args) -> int:
     if failure is not None:
         raise failure
     return 0
+
+
+COMMANDS = {"tune": cmd_tune}

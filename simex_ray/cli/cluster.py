@@ -16,7 +16,7 @@ from pathlib import Path
 DEFAULT_DIR = "/tmp/simex-cluster"
 
 
-def add_parser(sub) -> None:
+def add_parsers(sub) -> None:
     c = sub.add_parser("cluster", help="a multi-node Ray on this machine (head + worker nodes, token auth)",
                        description="Start, inspect and stop a real multi-node Ray on one machine: a head with 0 "
                                    "CPUs and worker nodes started with `ray start`, token authentication on.")
@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_cluster(args) -> int:
-    from .local_cluster import STATE, MultiNodeCluster, node_pids
+    from ..local_cluster import STATE, MultiNodeCluster, node_pids
 
     base = Path(args.dir).resolve()
     verb = args.cluster_command
@@ -95,3 +95,5 @@ def cmd_cluster(args) -> int:
         print(f"cluster in {base} stopped ({n} processes)", file=sys.stderr)
     return 0
 
+
+COMMANDS = {"cluster": cmd_cluster}

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import numpy as np
 
+from .common import UsageError, add_device_arg, add_loss_arg
 
-def add_parser(sub) -> None:
-    from .pairing import METHODS
+
+def add_parsers(sub) -> None:
+    from ..pairing import METHODS
 
     p = sub.add_parser(
         "pair", help="pair the classes of labelled unknown data with a reference's classes (greedy, smallest Δ first)",
@@ -25,55 +26,21 @@ def add_parser(sub) -> None:
     p.add_argument("--ae", default=None, metavar="FLEET",
                    help="fleet holding the whole-dataset autoencoder A(Y), for --method embeddings "
                         "(`simex train --refs Y --out FLEET`)")
-    p.add_argument("--loss", choices=("mse", "issim"), default=None, help="override the fleet's Δ (simex only)")
+    add_loss_arg(p, help="override the fleet's Δ (simex only)")
     p.add_argument("--samples", type=int, default=None,
                    help="at most this many unknown samples per class (seeded; default all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and of sample-space pairs (default 0)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
-                   help="where the autoencoders run (default cpu)")
-
-
-def unknown_classes(ds, samples: int | None, seed: int) -> tuple[list[np.ndarray], list[str]]:
-    """One image array per class of ``ds`` (label order), each capped at ``samples`` (seeded)."""
-    from . import data
-
-    if ds.y is None:
-        raise data.SpecError(f"'{ds.spec}' has no labels; pairing matches classes, so the unknown data must be "
-                             f"labelled (npz key 'y', a 'label' column, or one folder per class)")
-    if samples is not None and samples < 1:
-        raise data.SpecError(f"--samples must be a positive integer, got {samples}")
-    xs, names = [], data.classes_of(ds)
-    if ds.classes and len(names) < len(ds.classes):
-        empty = [c for c in ds.classes if c not in names]
-        raise data.SpecError(f"'{ds.spec}': class(es) {', '.join(empty)} have no samples; every class needs at "
-                             f"least one to be paired (remove the empty class or add samples)")
-    for label in np.unique(ds.y).tolist():
-        idx = np.nonzero(ds.y == label)[0]
-        if samples is not None and len(idx) > samples:
-            idx = np.sort(np.random.default_rng(seed).choice(idx, size=samples, replace=False))
-        xs.append(ds.x[idx])
-    return xs, names
-
-
-def whole_dataset_autoencoder(path: str, reference: str, device):
-    """A(Y) from the fleet at ``path``: its member named exactly ``reference`` (not per-class)."""
-    from .fleet import Fleet, read_manifest
-
-    names = [m["name"] for m in read_manifest(path)["members"]]
-    if reference not in names:
-        raise ValueError(f"--ae {path} has no whole-dataset member '{reference}' (it has: {', '.join(names)}); "
-                         f"train one with `simex train --refs {reference} --out DIR`")
-    return Fleet.load(path, names=[reference], device=device).models[reference]
+    add_device_arg(p, help="where the autoencoders run (default cpu)")
 
 
 def cmd_pair(args) -> int:
-    from . import data
-    from .cli import UsageError
-    from .fleet import Fleet, read_manifest
-    from .pairing import pair, per_class_reference, reference_class_samples
-    from .scoring import resolve_device
+    from .. import data
+    from ..fleet import Fleet, read_manifest
+    from ..pairing import pair, per_class_reference, reference_class_samples, unknown_classes, \
+        whole_dataset_autoencoder
+    from ..scoring import resolve_device
 
     data.parse_spec(args.data)
     if args.method == "embeddings" and not args.ae:
@@ -120,3 +87,6 @@ def format_pairing(result, title: str) -> str:
     for n, (i, k, v) in enumerate(pairs, 1):
         lines.append(f"  {n:>2}. {result.unknown_classes[i]} -> {result.reference_classes[k]}  ({v:.5g})")
     return "\n".join(lines)
+
+
+COMMANDS = {"pair": cmd_pair}

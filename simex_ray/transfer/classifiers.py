@@ -1,26 +1,16 @@
-"""What SimEx is validated against, Ray-free: transfer learning and sample-space distances.
+"""The classifiers of the transfer ground truth, Ray-free: LeNet-5 and ResNet-18, trained, evaluated,
+and the leave-one-class-out classifiers of the inter-class study.
 
-The paper (arXiv 2001.04893, section 5) checks that Δ(X | Y) orders unknown
-datasets X the way transfer learning does: a LeNet-5 classifier B(Y) is trained
-on reference Y, its convolutions are frozen, its fully connected layers are
-retrained on X, and the accuracy on X's test split is the ground truth
-("smaller Δ should mean higher accuracy"). It also compares Δ with cheaper
-distances computed directly in sample space or in the autoencoder's code space.
-
-Every expensive unit here is a plain top-level function taking and returning
-picklable data (numpy arrays, state_dicts of CPU tensors, dicts), so a driver
-can run units in parallel (e.g. on Ray) without this module knowing:
-
-* :func:`train_base` trains B(Y) (one per reference and seed);
-* :func:`transfer` transfers a base state to another dataset under one
-  :class:`TLConfig` (one per unknown, base, config and seed).
+The paper (arXiv 2001.04893, section 5) trains a LeNet-5 classifier B(Y) on each reference Y
+(:func:`train_base`). Every expensive unit here is a plain top-level function taking and returning
+picklable data (numpy arrays, state_dicts of CPU tensors, dicts), so a driver can run units in
+parallel (e.g. on Ray) without this module knowing.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -28,40 +18,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import data
-from .losses import check_loss, per_sample_delta
-from .models import Act, lenet_features
-from .training import OPTIMIZERS as _AE_OPTIMIZERS
-from .training import as_tensor
+from .. import data
+from ..models import Act, lenet_features
+from ..training import OPTIMIZERS as AE_OPTIMIZERS
+from ..training import as_tensor
 
-log = logging.getLogger(__name__)
-
-__all__ = [
-    "CLASSIFIER_LRS",
-    "CLASSIFIERS",
-    "LeNet5",
-    "ResNet18",
-    "TLConfig",
-    "TL_CONFIGS",
-    "embedding_codes",
-    "embedding_distance",
-    "evaluate_classifier",
-    "finetune",
-    "first_classes",
-    "first_labels",
-    "leave_one_class_out",
-    "make_classifier",
-    "make_classifier_optimizer",
-    "nearest_code_distance",
-    "predict_proba",
-    "normalize_by_base",
-    "sample_distance",
-    "train_base",
-    "train_classifier",
-    "transfer",
-    "transfer_efficiency",
-    "tl_config",
-]
+log = logging.getLogger("simex_ray.baselines")
 
 N_CLASSES = 10
 
@@ -162,7 +124,7 @@ def make_classifier(architecture: str, n_classes: int, **kw: Any) -> nn.Module:
     return ctor(n_classes, **kw)
 
 
-def _n_classes_of(state: dict[str, torch.Tensor]) -> int:
+def n_classes_of(state: dict[str, torch.Tensor]) -> int:
     last = [k for k in state if k.startswith("head.") and k.endswith(".weight")][-1]
     return int(state[last].shape[0])
 
@@ -205,7 +167,7 @@ def make_classifier_optimizer(name: str, params, lr: float | None = None,
     """Optimizer by name with the classifier default lr (:data:`CLASSIFIER_LRS`)."""
     if name not in CLASSIFIER_LRS:
         raise ValueError(f"unknown optimizer '{name}'; known: {', '.join(CLASSIFIER_LRS)}")
-    ctor = _AE_OPTIMIZERS[name][0]
+    ctor = AE_OPTIMIZERS[name][0]
     lr = CLASSIFIER_LRS[name] if lr is None else lr
     if momentum:
         if name not in ("sgd", "rmsprop"):
@@ -214,7 +176,7 @@ def make_classifier_optimizer(name: str, params, lr: float | None = None,
     return ctor(params, lr=lr)
 
 
-def _set_trainable(model: LeNet5, trainable: str) -> list[nn.Parameter]:
+def set_trainable(model: LeNet5, trainable: str) -> list[nn.Parameter]:
     """Freeze everything except ``trainable`` ("all" | "head" | "last"); return the trained params."""
     if trainable == "all":
         keep = list(model.parameters())
@@ -257,7 +219,7 @@ def evaluate_classifier(model: nn.Module, x, y, batch_size: int = 1024) -> tuple
     return loss / len(x), correct / len(x)
 
 
-def _check_labels(y: np.ndarray, n_classes: int, what: str) -> np.ndarray:
+def check_labels(y: np.ndarray, n_classes: int, what: str) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1 or len(y) == 0:
         raise ValueError(f"{what}: need a non-empty 1-d label array, got shape {y.shape}")
@@ -290,10 +252,10 @@ def train_classifier(x_train, y_train, x_val, y_val, *, optimizer: str = "rmspro
         torch.manual_seed(seed)
         model = LeNet5(n_classes)
     n_classes = model.fc_layers[-1].out_features
-    y_train = _check_labels(y_train, n_classes, "training labels")
-    y_val = _check_labels(y_val, n_classes, "validation labels")
+    y_train = check_labels(y_train, n_classes, "training labels")
+    y_val = check_labels(y_val, n_classes, "validation labels")
     x, y = as_tensor(x_train), torch.as_tensor(y_train, dtype=torch.long)
-    params = _set_trainable(model, trainable)
+    params = set_trainable(model, trainable)
     opt = make_classifier_optimizer(optimizer, params, lr, momentum)
     best_loss, best_epoch, best_state, best_metrics = float("inf"), 0, None, {}
     history: list[dict[str, float]] = []
@@ -349,213 +311,9 @@ def train_base(x_train, y_train, x_val, y_val, x_test, y_test, *, optimizer: str
                                    seed=seed, n_classes=n_classes)
     model = LeNet5(n_classes)
     model.load_state_dict(state)
-    test_loss, test_acc = evaluate_classifier(model, x_test, _check_labels(y_test, n_classes, "test labels"))
+    test_loss, test_acc = evaluate_classifier(model, x_test, check_labels(y_test, n_classes, "test labels"))
     return {**info, "state": state, "test_loss": test_loss, "test_accuracy": test_acc, "n_test": int(len(y_test))}
 
-
-# --------------------------------------------------------------------------- transfer
-
-
-@dataclass(frozen=True)
-class TLConfig:
-    """One transfer-learning configuration: how the FC layers are retrained."""
-
-    name: str
-    optimizer: str
-    lr: float
-    momentum: float = 0.0
-
-    def __post_init__(self):
-        if self.optimizer not in CLASSIFIER_LRS:
-            raise ValueError(f"unknown optimizer '{self.optimizer}'; known: {', '.join(CLASSIFIER_LRS)}")
-        if not self.lr > 0:
-            raise ValueError(f"learning rate must be > 0, got {self.lr}")
-
-
-# The paper's TL-1..TL-5: TL-1 RMSprop at its default lr; TL-2..TL-4 three other
-# optimizers at their default lr; TL-5 = TL-1 with a tenth of the lr. The three
-# others are Adam (the common default), SGD with Nesterov-free momentum 0.9 at
-# lr 1e-2 (plain SGD at 1e-2 barely moves in the few epochs early stopping
-# allows on small data), and Adagrad at 1e-2.
-TL_CONFIGS: dict[str, TLConfig] = {
-    "TL-1": TLConfig("TL-1", "rmsprop", 1e-3),
-    "TL-2": TLConfig("TL-2", "adam", 1e-3),
-    "TL-3": TLConfig("TL-3", "sgd", 1e-2, momentum=0.9),
-    "TL-4": TLConfig("TL-4", "adagrad", 1e-2),
-    "TL-5": TLConfig("TL-5", "rmsprop", 1e-4),
-}
-
-
-def tl_config(config: str | TLConfig) -> TLConfig:
-    """A TLConfig, or one of :data:`TL_CONFIGS` by name; an unknown name lists the valid ones."""
-    if isinstance(config, TLConfig):
-        return config
-    try:
-        return TL_CONFIGS[config]
-    except KeyError:
-        raise ValueError(f"unknown transfer config '{config}'; known: {', '.join(TL_CONFIGS)}") from None
-
-
-FC_INITS = ("reinit", "base")
-FC_LAYERS = ("all", "last")
-
-
-def transfer(base_state: dict[str, torch.Tensor], x_train, y_train, x_val, y_val, x_test, y_test, *,
-             config: str | TLConfig = "TL-1", fc_init: str = "reinit", fc_layers: str = "all",
-             max_epochs: int = 30, patience: int = 5, batch_size: int = 32, seed: int = 0,
-             return_state: bool = False,
-             on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Unit of work "transfer B(Y) to X under config": accuracy on X's test split.
-
-    The convolutions (``features``) are frozen from ``base_state``. With
-    ``fc_layers="all"`` every FC layer is retrained, with ``"last"`` only the
-    last one (the earlier FC layers stay frozen from the base too).
-    ``fc_init="reinit"`` (the paper) re-initialises the retrained layers
-    (seeded), ``"base"`` starts them from the base weights. Training stops at
-    the minimum validation loss (see :func:`train_classifier`).
-    Returns config, accuracy, test_loss, seconds_to_best, seconds, epochs
-    (run), best_epoch, val_loss, val_accuracy, sizes, and ``state`` when
-    ``return_state``.
-    """
-    cfg = tl_config(config)
-    if fc_init not in FC_INITS:
-        raise ValueError(f"unknown fc_init '{fc_init}'; known: {', '.join(FC_INITS)}")
-    if fc_layers not in FC_LAYERS:
-        raise ValueError(f"unknown fc_layers '{fc_layers}'; known: {', '.join(FC_LAYERS)}")
-    n_classes = _n_classes_of(base_state)
-    model = LeNet5(n_classes)
-    model.load_state_dict(base_state)
-    retrained = model.fc_layers if fc_layers == "all" else model.fc_layers[-1:]
-    if fc_init == "reinit":
-        torch.manual_seed(seed)
-        for layer in retrained:
-            layer.reset_parameters()
-    state, info = train_classifier(
-        x_train, y_train, x_val, y_val, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-        max_epochs=max_epochs, patience=patience, batch_size=batch_size, seed=seed, model=model,
-        trainable="head" if fc_layers == "all" else "last", on_epoch=on_epoch)
-    test_loss, acc = evaluate_classifier(model, x_test, _check_labels(y_test, n_classes, "test labels"))
-    out = {"config": cfg.name, "optimizer": cfg.optimizer, "lr": cfg.lr, "accuracy": acc,
-           "test_loss": test_loss, "seconds_to_best": info["seconds_to_best"], "seconds": info["seconds"],
-           "epochs": info["epochs_run"], "best_epoch": info["best_epoch"], "val_loss": info["val_loss"],
-           "val_accuracy": info["val_accuracy"], "fc_init": fc_init, "fc_layers": fc_layers,
-           "n_train": info["n_train"], "n_val": info["n_val"], "n_test": int(len(y_test))}
-    if return_state:
-        out["state"] = state
-    return out
-
-
-def finetune(base_state: dict[str, torch.Tensor] | None, x_train, y_train, x_val, y_val, x_test, y_test, *,
-             config: str | TLConfig = "TL-2", epochs: int = 5, batch_size: int = 32, seed: int = 0,
-             n_classes: int = N_CLASSES) -> dict[str, Any]:
-    """Unit of work "fine-tune the whole of B(Y) on X for a fixed budget": accuracy on X's test split.
-
-    Every layer starts from ``base_state`` except the last FC layer, which is
-    re-initialised (seeded: X's classes are not Y's), and all of them train for
-    ``epochs`` epochs (the weights of the lowest validation loss are kept).
-    ``base_state=None`` trains the same network from scratch under the same
-    budget and seed: the difference of the two accuracies is the transfer gain.
-    """
-    cfg = tl_config(config)
-    torch.manual_seed(seed)
-    model = LeNet5(n_classes if base_state is None else _n_classes_of(base_state))
-    if base_state is not None:
-        model.load_state_dict(base_state)
-        torch.manual_seed(seed)
-        model.fc_layers[-1].reset_parameters()
-    state, info = train_classifier(
-        x_train, y_train, x_val, y_val, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-        max_epochs=epochs, patience=epochs, batch_size=batch_size, seed=seed, model=model, trainable="all")
-    n = model.fc_layers[-1].out_features
-    test_loss, acc = evaluate_classifier(model, x_test, _check_labels(y_test, n, "test labels"))
-    return {"config": cfg.name, "accuracy": acc, "test_loss": test_loss, "seconds_to_best": info["seconds_to_best"],
-            "seconds": info["seconds"], "epochs": info["epochs_run"], "best_epoch": info["best_epoch"],
-            "from_scratch": base_state is None, "n_train": info["n_train"], "n_test": int(len(y_test))}
-
-
-def normalize_by_base(accuracy, base_accuracy) -> np.ndarray:
-    """acc(X_i | B(Y_j)) / acc(Y_j | B(Y_j)): rows unknown X, columns base Y; (n, n)."""
-    acc = np.asarray(accuracy, dtype=float)
-    base = np.asarray(base_accuracy, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return acc / base[None, :]
-
-
-def transfer_efficiency(accuracy) -> np.ndarray:
-    """acc(X_i | B(Y_j)) / acc(X_i | B(X_i)): each row divided by its diagonal entry.
-
-    Removes how hard X itself is: 1 means B(Y)'s features serve X as well as
-    X's own (retrained the same way). Needs the references as both rows and
-    columns in the same order.
-    """
-    acc = np.asarray(accuracy, dtype=float)
-    if acc.ndim != 2 or acc.shape[0] != acc.shape[1]:
-        raise ValueError(f"transfer efficiency needs a square matrix, got shape {acc.shape}")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return acc / np.diag(acc)[:, None]
-
-
-# --------------------------------------------------------------------------- sample-space baselines
-
-
-def sample_distance(x_a, x_b, loss: str = "mse", n_pairs: int = 512, seed: int = 0) -> float:
-    """Mean δ(a, b) over ``n_pairs`` random pairs, a from ``x_a``, b from ``x_b`` (N, 1, 28, 28).
-
-    Pairs are drawn with replacement (seeded), so the cost is O(n_pairs)
-    whatever the set sizes; the same sets and seed give the same value.
-    """
-    check_loss(loss)
-    if len(x_a) == 0 or len(x_b) == 0:
-        raise ValueError("sample_distance needs two non-empty sets")
-    rng = np.random.default_rng(seed)
-    ia = rng.integers(0, len(x_a), size=n_pairs)
-    ib = rng.integers(0, len(x_b), size=n_pairs)
-    a, b = as_tensor(np.asarray(x_a)[ia]), as_tensor(np.asarray(x_b)[ib])
-    with torch.no_grad():
-        return float(per_sample_delta(a, b, loss).double().mean())
-
-
-@torch.no_grad()
-def _codes(autoencoder: nn.Module, x, batch_size: int = 512) -> torch.Tensor:
-    autoencoder.eval()
-    x = as_tensor(x)
-    return torch.cat([autoencoder.encode(b) for b in torch.split(x, batch_size)]).double()
-
-
-def embedding_codes(autoencoder: nn.Module, x, *, max_samples: int = 1000,
-                    rng: np.random.Generator | None = None) -> torch.Tensor:
-    """A(Y)'s bottleneck codes of ``x`` (subsampled to ``max_samples`` with ``rng``): (n, code) float64."""
-    x = np.asarray(x)
-    if len(x) == 0:
-        raise ValueError("embedding_distance needs two non-empty sets")
-    if len(x) > max_samples:
-        rng = rng if rng is not None else np.random.default_rng(0)
-        x = x[np.sort(rng.choice(len(x), size=max_samples, replace=False))]
-    return _codes(autoencoder, x)
-
-
-def nearest_code_distance(codes_unknown: torch.Tensor, codes_reference: torch.Tensor) -> float:
-    """Mean over unknown codes of the L2 distance to the closest reference code."""
-    d = torch.cdist(codes_unknown, codes_reference, compute_mode="donot_use_mm_for_euclid_dist")
-    return float(d.min(dim=1).values.mean())
-
-
-def embedding_distance(autoencoder: nn.Module, x_unknown, x_reference, *, max_samples: int = 1000,
-                       seed: int = 0) -> float:
-    """Mean nearest-code distance from the unknown to the reference, in A(Y)'s bottleneck.
-
-    Each unknown sample is encoded by the reference autoencoder; its distance
-    is the L2 distance to the closest code of a reference sample; the result
-    is the mean over unknown samples. Nearest-code rather than
-    distance-between-mean-codes: two sets with the same mean code but
-    different spread (digits vs digits on noise) would otherwise look
-    identical. Both sets are subsampled to ``max_samples`` (seeded) so the
-    cost stays O(max_samples²).
-    """
-    rng = np.random.default_rng(seed)
-    cu = embedding_codes(autoencoder, x_unknown, max_samples=max_samples, rng=rng)
-    cr = embedding_codes(autoencoder, x_reference, max_samples=max_samples, rng=rng)
-    return nearest_code_distance(cu, cr)
 
 
 def leave_one_class_out(architecture: str, left_out: int, x_train, y_train, x_val, y_val, x_eval, y_eval, *,

@@ -7,6 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+from .common import add_address_arg, add_data_dir_arg, add_loss_arg, stage_printer
+from .common import data_seed as resolve_data_seed
+
 
 def _common(p) -> None:
     p.add_argument("--out", required=True, help="output directory (re-use it to resume: trained fleets are kept)")
@@ -14,8 +17,8 @@ def _common(p) -> None:
                    help="sizes: default (minutes on 2 cores), paper, tiny, or a JSON file of settings")
     p.add_argument("--seed", type=int, default=0, help="model seed (default 0)")
     p.add_argument("--data-seed", type=int, default=None, help="data seed: samples and splits (default: --seed)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--address", default=None, help="Ray cluster address; default: embedded local Ray")
+    add_data_dir_arg(p)
+    add_address_arg(p)
     p.add_argument("--no-ray", action="store_true", help="run everything in this process")
     p.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs per autoencoder/classifier run (default 1)")
 
@@ -26,7 +29,7 @@ def add_parsers(verbs) -> None:
                                       "matrices and the confusion of leave-one-class-out LeNet-5 and ResNet-18 "
                                       "classifiers (Ray Train); Table 2 = mean Spearman ρ per class.")
     ic.add_argument("--data", required=True, help="a labelled dataset spec")
-    ic.add_argument("--loss", choices=("mse", "issim", "both"), default="both",
+    add_loss_arg(ic, default="both", extra=("both",),
                     help="autoencoder loss: one per-class fleet per loss, each a SimEx row of Table 2 (default both)")
     ic.add_argument("--samples-per-class", type=int, default=None,
                     help="images per class before the 5:1 split (default: the preset's)")
@@ -43,7 +46,7 @@ def add_parsers(verbs) -> None:
     ag.add_argument("--m", default=None, help="borrowed samples per class, comma-separated (default: the preset's)")
     ag.add_argument("--trials", type=int, default=None, help="trials per point (default: the preset's)")
     ag.add_argument("--methods", default=None, help="pairing methods, comma-separated (default all three)")
-    ag.add_argument("--loss", choices=("mse", "issim"), default="mse", help="autoencoder loss (default mse)")
+    add_loss_arg(ag, default="mse", help="autoencoder loss (default mse)")
     _common(ag)
 
 
@@ -51,12 +54,11 @@ def cmd(args) -> int:
     from ..data import split_specs
     from ..distributed.runtime import ray_session
     from ..protocol import jsonable
-    from .cli import progress
 
-    data_seed = args.seed if args.data_seed is None else args.data_seed
+    data_seed = resolve_data_seed(args)
     out = Path(args.out)
     if args.experiment == "inter-class":
-        from .inter_class import format_table2, inter_class, load_config, write_inter_class
+        from ..experiments.inter_class import format_table2, inter_class, load_config, write_inter_class
 
         cfg = load_config(args.preset)
         if args.samples_per_class is not None:
@@ -67,7 +69,7 @@ def cmd(args) -> int:
         if args.fleet and len(losses) > 1:
             raise ValueError("--fleet holds one loss's per-class fleet; pass --loss mse or --loss issim with it")
         fleets = {l: args.fleet or str(out / f"fleet-{l}") for l in losses}
-        show = progress(time.perf_counter(), [args.data])
+        show = stage_printer(time.perf_counter(), [args.data])
 
         def run(map_fn):
             return inter_class(args.data, losses=losses, config=cfg, data_seed=data_seed, model_seed=args.seed,
@@ -97,11 +99,11 @@ def cmd(args) -> int:
                                                            for a, c in result["classifiers"].items()},
                                    "seconds": result["seconds"]["total"]})))
     else:
-        from .augment import augment, format_augment, load_config as load_augment, write_augment
+        from ..experiments.augment import augment, format_augment, load_config as load_augment, write_augment
 
         cfg = load_augment(args.preset, n=args.n, m=args.m, trials=args.trials, methods=args.methods)
         refs = split_specs(args.refs)
-        show = progress(time.perf_counter(), [args.target, *refs])
+        show = stage_printer(time.perf_counter(), [args.target, *refs])
 
         def run(map_fn, fleet_fn=None):
             return augment(args.target, refs, config=cfg, loss=args.loss, data_seed=data_seed, model_seed=args.seed,

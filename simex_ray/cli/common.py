@@ -1,0 +1,226 @@
+"""What every `simex` verb shares: flag types and groups, the data-seed rule, reading unknown data,
+progress lines, the score table, and the one rule that turns a failure into one line and an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any, Callable
+
+from ..errors import one_line
+
+log = logging.getLogger("simex")
+
+
+class UsageError(Exception):
+    """A user mistake: reported as one line, exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def spec_help() -> str:
+    from .. import data
+
+    return data.spec_help()
+
+
+def add_seed_args(p: argparse.ArgumentParser, *, model_help: str | None = None,
+                  data_help: str | None = None) -> None:
+    p.add_argument("--seed", type=int, default=0,
+                   help=model_help or "model seed: initialisation and shuffling; also the data seed unless "
+                                      "--data-seed (default 0)")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help=data_help or "data seed: sampling, splits, variant images (default: --seed)")
+
+
+def add_data_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None,
+                   help="cache directory for downloaded datasets (default $SIMEX_DATA or ~/.cache/simex)")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--samples", type=positive_int, default=None,
+                   help="draw N class-balanced samples per dataset (seeded), split 5:1 train/test")
+    add_seed_args(p)
+    add_data_dir_arg(p)
+
+
+def add_device_arg(p: argparse.ArgumentParser, help: str = "where the autoencoders run (default cpu; "
+                                                            "auto = cuda when present)") -> None:
+    from ..scoring import DEVICES
+
+    p.add_argument("--device", choices=DEVICES, default="cpu", help=help)
+
+
+def add_loss_arg(p: argparse.ArgumentParser, *, default: str | None = None, extra: tuple[str, ...] = (),
+                 help: str | None = None) -> None:
+    from ..losses import LOSSES
+
+    p.add_argument("--loss", choices=(*LOSSES, *extra), default=default, help=help)
+
+
+def add_address_arg(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--address", default=default,
+                   help="Ray cluster address (e.g. auto, ray://host:10001); default: "
+                        + (default or "embedded local Ray"))
+
+
+def data_seed(args, fallback: int | None = None) -> int:
+    """--data-seed; else ``fallback`` (e.g. a ground truth's data seed); else --seed."""
+    if getattr(args, "data_seed", None) is not None:
+        return args.data_seed
+    return fallback if fallback is not None else args.seed
+
+
+def split_members(text: str | None) -> list[str] | None:
+    """A comma-separated --members flag: the names, or None for every member."""
+    names = [n.strip() for n in text.split(",") if n.strip()] if text else []
+    return names or None
+
+
+def read_unknown(spec: str, *, split: str = "all", samples: int | None = None, seed: int = 0, data_dir=None,
+                 stream: bool = True):
+    """Spec + split + samples -> (images, labels): the one rule of `simex score`, `matrix` and `query`.
+
+    ``split='all'`` reads every image (an uncompressed npz is streamed block by block, memory flat in N,
+    when ``stream`` and no ``samples``); ``train``/``test`` are the 5:1 split `simex train` uses.
+    ``images`` is an array (N, 1, 28, 28) or, when streamed, an iterable of such blocks.
+    """
+    from .. import data
+
+    data.parse_spec(spec)
+    if split not in ("all", "train", "test"):
+        raise UsageError(f"unknown split '{split}'; known: all, train, test")
+    if samples is not None and samples < 1:
+        raise UsageError(f"--samples must be a positive integer, got {samples}")
+    streamed = data.stream(spec) if stream and split == "all" and not samples else None
+    if streamed is not None:
+        return streamed.blocks(), streamed.y
+    if split == "all":
+        ds = data.load(spec, seed=seed, data_dir=data_dir)
+        if samples:
+            ds = data.balanced_sample(ds, samples, seed=seed)
+        return ds.x, ds.y
+    train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir)
+    ds = train if split == "train" else test
+    return ds.x, ds.y
+
+
+def clock(t0: float) -> str:
+    return f"[{time.perf_counter() - t0:6.1f}s]"
+
+
+def epoch_printer(t0: float, names=()) -> Callable[[str, dict], None]:
+    """An ``on_epoch(member, metrics)`` printer for fleet training."""
+    from ..names import display_names
+
+    shown = display_names(names)
+    width = max([len(v) for v in shown.values()] + [12])
+
+    def show(member: str, m: dict) -> None:
+        name = shown.get(member) or display_names([member, *shown])[member]
+        print(f"{clock(t0)} {name:<{width}} epoch {m['epoch']:>3}/{m['epochs']:<3} "
+              f"train Δ {m['train_delta']:.5f}  test Δ {m['test_delta']:.5f}", file=sys.stderr, flush=True)
+    return show
+
+
+def stage_printer(t0: float, names=()) -> Callable[[str, int, int], None]:
+    """A ``(stage, done, total)`` printer; stage names that are specs are shown by the display rule."""
+    from ..names import display_names
+
+    shown = display_names(names)
+    last: dict[str, int] = {}
+
+    def show(stage: str, done: int, total: int) -> None:
+        if last.get(stage) == done:
+            return
+        last[stage] = done
+        label = " ".join(shown.get(w, w) for w in stage.split(" "))
+        print(f"{clock(t0)} {label:<24} {done:>4}/{total}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def format_score(result, title: str) -> str:
+    """The score as a table: every measure, in the order of ``result.ranking``, and the composition."""
+    from ..names import display_names
+
+    def num(v, fmt="{:>10.5f}"):
+        return fmt.format(v) if v is not None else f"{'-':>10}"
+
+    shown = display_names(result.delta)
+    width = max(len(n) for n in shown.values())
+    lines = [title, f"{'rank':>4}  {'reference Y':<{width}}  {'Δ':>10}  {'Δ / |Y|':>10}  {'Δ / Δ(Y|Y)':>10}  "
+                    f"{'in dist.':>10}  {'nearest':>8}"]
+    for rank, name in enumerate(result.ranking, 1):
+        lines.append(f"{rank:>4}  {shown[name]:<{width}}  {num(result.delta[name])}  "
+                     f"{num(result.delta_normalized[name])}  {num(result.delta_calibrated.get(name))}  "
+                     f"{num(result.in_distribution.get(name), '{:>10.1%}')}  "
+                     f"{result.composition.get(name, 0):>8.1%}")
+    lines.append(f"most similar: {result.ranking[0]} (ranking: {result.method}; 'nearest' = share of samples "
+                 f"nearest to each reference)")
+    return "\n".join(lines)
+
+
+def run_cli(fn: Callable[[], int], prog: str, *, debug: bool = False) -> int:
+    """Run ``fn``; turn every failure into one line on stderr and an exit status."""
+    from ..data import DataUnavailable, SpecError
+    from ..fleet import FleetError
+
+    try:
+        return fn()
+    except (SpecError, UsageError, ValueError, KeyError) as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except (DataUnavailable, FleetError, ConnectionError, ProcessLookupError) as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - never show a raw traceback to a user
+        if debug:
+            raise
+        print(f"{prog}: error: {type(e).__name__}: {one_line(e)} (re-run with --debug for details)",
+              file=sys.stderr)
+        return 1
+
+
+def print_json(obj: Any) -> None:
+    import json
+
+    print(json.dumps(obj))

@@ -1,0 +1,214 @@
+"""`simex train`, `simex score`, `simex matrix`: build a fleet and score unknown data against it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from .common import (UsageError, add_address_arg, add_data_args, add_device_arg, add_loss_arg, data_seed,
+                     epoch_printer, format_score, positive_float, positive_int, read_unknown, spec_help,
+                     split_members)
+
+log = logging.getLogger("simex")
+
+TRAIN_DEFAULTS = {"loss": "mse", "epochs": 10, "optimizer": "adam", "lr": None, "batch_size": 16,
+                  "architecture": "lenet"}
+
+
+def add_train_args(p) -> None:
+    """Training and cluster flags, shared by `simex train` and the jobs."""
+    from ..models import architectures
+    from ..training import OPTIMIZERS
+
+    add_loss_arg(p, help="reconstruction error delta (default mse)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default 10)")
+    p.add_argument("--per-class", action="store_true", help="one member per class of each reference")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None, help="(default adam)")
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the optimizer's)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="(default 16)")
+    p.add_argument("--architecture", choices=architectures(), default=None, help="(default lenet)")
+    p.add_argument("--from-study", default=None, metavar="STOPPING_JSON",
+                   help="take optimizer, lr, epochs, loss, batch size and architecture from the best configuration "
+                        "of `simex tune stopping` (its stopping.json or directory); flags given explicitly win")
+    add_data_args(p)
+    add_address_arg(p)
+    p.add_argument("--storage", default=None, help="checkpoint storage path or URI (default OUT/checkpoints)")
+    p.add_argument("--runs", type=positive_int, default=None,
+                   help="concurrent Ray Train runs; members are dealt among them (default: cluster CPUs / "
+                        "--cpus-per-worker)")
+    p.add_argument("--cpus-per-worker", type=positive_float, default=1.0, help="CPUs per Train worker (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs (fractions allowed) per Train worker (default 0)")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a failed Train worker (default 2)")
+    p.add_argument("--no-ray", action="store_true", help="train in this process, one member after another")
+
+
+def add_parsers(sub) -> None:
+    from ..fleet import DEFAULT_RANKING, RANKINGS
+
+    t = sub.add_parser("train", help="train one autoencoder per reference (Ray Train)",
+                       description="Train one autoencoder per reference part on Ray Train. "
+                                   "Re-running the same command resumes.")
+    t.add_argument("--refs", required=True, help="comma-separated reference specs; " + spec_help())
+    t.add_argument("--out", required=True, help="fleet directory (created; re-use to resume)")
+    add_train_args(t)
+
+    s = sub.add_parser("score", help="rank the fleet's references by delta of unknown data",
+                       description="Delta(X|Y) of unknown data X against every member Y; smaller = more similar.")
+    s.add_argument("--fleet", required=True, help="fleet directory written by `simex train`")
+    s.add_argument("--data", required=True, help=spec_help())
+    s.add_argument("--split", choices=("all", "train", "test"), default="all",
+                   help="score all samples, or the train/test part of the same 5:1 split `simex train` uses")
+    s.add_argument("--members", default=None, help="comma-separated subset of members (default all)")
+    add_loss_arg(s, help="override the fleet's delta")
+    s.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    s.add_argument("--ranking", choices=RANKINGS, default=None,
+                   help=f"how `ranking` orders references (default: {DEFAULT_RANKING}); every ranking is in --json")
+    s.add_argument("--per-sample", default=None, metavar="OUT.parquet",
+                   help="write one row per sample: index, label, δ per member, nearest member, its score")
+    add_device_arg(s)
+    add_data_args(s)
+
+    m = sub.add_parser("matrix", help="delta of several unknown datasets against every member (+ heatmap)",
+                       description="Rows: unknown datasets (held-out test split by default); "
+                                   "columns: the fleet's references. Writes JSON, Parquet and a PNG heatmap.")
+    m.add_argument("--fleet", required=True, help="fleet directory written by `simex train`")
+    m.add_argument("--data", default=None, help="comma-separated specs (default: the fleet's own references)")
+    m.add_argument("--split", choices=("all", "train", "test"), default="test",
+                   help="which part of the 5:1 split to score (default test: samples no member trained on)")
+    add_loss_arg(m, help="override the fleet's delta")
+    m.add_argument("--out", default=None, help="write delta_matrix.{json,parquet,png} here")
+    m.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    add_device_arg(m)
+    add_data_args(m)
+
+
+def train_config(args):
+    """The TrainConfig of `simex train` and the jobs: flags, else --from-study, else the defaults."""
+    from pathlib import Path
+
+    from ..training import TrainConfig
+
+    study = {}
+    if getattr(args, "from_study", None):
+        from ..experiments.stopping import recommended_training
+
+        path = Path(args.from_study)
+        path = path / "stopping.json" if path.is_dir() else path
+        if not path.is_file():
+            raise UsageError(f"--from-study: {path} is missing; run `simex tune stopping --out DIR` first")
+        try:
+            study = recommended_training(json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"--from-study: {path} is not valid JSON ({e})") from None
+        log.info("from the study: %s, %d epochs (%s)", study["config"], study["epochs"],
+                 "its earliest stable epoch" if study["stable"] else "never stable: every epoch it ran")
+    kw = {}
+    for key, default in TRAIN_DEFAULTS.items():
+        given = getattr(args, key)
+        kw[key] = given if given is not None else study.get(key) if study.get(key) is not None else default
+    return TrainConfig(seed=args.seed, **kw)
+
+
+def resources_from(args):
+    from ..distributed.train import Resources
+
+    return Resources(cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                     runs=args.runs, max_failures=args.max_failures)
+
+
+def build_from(args, out=None):
+    """Train the fleet of `simex train` / jobs/main.py into ``out`` (default --out): on Ray Train, or here
+    with --no-ray (no Ray imported)."""
+    from ..data import split_specs
+
+    refs = split_specs(args.refs)
+    out = args.out if out is None else out
+    on_epoch = epoch_printer(time.perf_counter(), refs)
+    common = dict(samples=args.samples, per_class=args.per_class, seed=data_seed(args), data_dir=args.data_dir)
+    if args.no_ray:
+        from ..fleet.build import build_fleet_local
+
+        return build_fleet_local(refs, out, train_config(args), on_epoch=on_epoch, **common)
+    from ..distributed.train import build_fleet
+
+    return build_fleet(refs, out, train_config(args), address=args.address, resources=resources_from(args),
+                       storage=args.storage, on_progress=on_epoch, log_to_driver=getattr(args, "debug", False),
+                       **common)
+
+
+def cmd_train(args) -> int:
+    from ..names import display_names
+
+    t0 = time.perf_counter()
+    plans, writer = build_from(args)
+    print(f"fleet {args.out}: {len(writer.members)} member(s) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    shown = display_names(p.name for p in plans)
+    width = max(len(v) for v in shown.values())
+    for name in (p.name for p in plans):
+        m = writer.members[name]
+        print(f"  {shown[name]:<{width}} train Δ {m.metrics.get('train_delta', float('nan')):.5f}  "
+              f"test Δ {m.metrics.get('test_delta', float('nan')):.5f}", file=sys.stderr)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .. import data
+    from ..fleet import DEFAULT_RANKING, Fleet, atomic_write_bytes
+    from ..scoring import resolve_device
+
+    data.parse_spec(args.data)  # a bad spec or fleet fails before any data is read
+    fleet = Fleet.load(args.fleet, names=split_members(args.members), device=resolve_device(args.device))
+    images, labels = read_unknown(args.data, split=args.split, samples=args.samples, seed=data_seed(args),
+                                  data_dir=args.data_dir)
+    t0 = time.perf_counter()
+    result = fleet.score(images, loss=args.loss, method=args.ranking or DEFAULT_RANKING,
+                         per_sample=args.per_sample is not None)
+    elapsed = time.perf_counter() - t0
+    if args.per_sample:
+        import io
+
+        buf = io.BytesIO()
+        result.per_sample_table(list(result.delta), labels).to_parquet(buf, index=False)
+        atomic_write_bytes(args.per_sample, buf.getvalue())  # a local path or a URI
+    if args.json:
+        print(json.dumps({"fleet": str(args.fleet), "data": args.data, **result.to_json(), "seconds": elapsed}))
+        return 0
+    print(format_score(result, f"Δ({args.data} | Y) over {result.n} samples, loss {result.loss}, "
+                               f"fleet {args.fleet} ({elapsed:.2f}s)"))
+    return 0
+
+
+def cmd_matrix(args) -> int:
+    from ..data import split_specs
+    from ..experiments.matrix import delta_matrix, format_matrix, write_matrix
+    from ..fleet import Fleet, read_manifest
+    from ..scoring import resolve_device
+
+    fleet = Fleet.load(args.fleet, device=resolve_device(args.device))
+    if args.data:
+        unknown = split_specs(args.data)
+    else:  # the fleet's own references, with the samples/seed it was trained with
+        manifest = read_manifest(args.fleet)
+        unknown = manifest.get("refs") or sorted({m.spec for m in fleet.members.values()})
+        if args.samples is None:
+            args.samples = manifest.get("samples")
+        if args.data_seed is None and manifest.get("data_seed") is not None:
+            args.data_seed = manifest["data_seed"]
+    result = delta_matrix(fleet, unknown, samples=args.samples, seed=data_seed(args), split=args.split,
+                          loss=args.loss, data_dir=args.data_dir)
+    result["fleet"] = str(args.fleet)
+    if args.out:
+        paths = write_matrix(result, args.out)
+        print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"Δ(X | Y), loss {result['loss']}, {result['split']} split ('*' = most similar reference)")
+        print(format_matrix(result))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "score": cmd_score, "matrix": cmd_matrix}

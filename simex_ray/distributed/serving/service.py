@@ -1,0 +1,61 @@
+"""`simex serve start`: start Serve, deploy a fleet, and (embedded) keep serving it in the foreground,
+redeploying when its manifest changes, until Ctrl-C, SIGTERM or `simex serve stop`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from ray import serve
+
+from ..runtime import ray_session
+from .deploy import ServeSettings, deploy, undeploy
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def serve_fleet(fleet: str, settings: ServeSettings, *, host: str, port: int, address: str | None,
+                proxy_location: str, pidfile: Path | None, manifest_stamp: Callable[[], tuple]) -> int:
+    """Deploy ``fleet``; with ``address`` return at once, else serve here until stopped."""
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    t0 = time.perf_counter()
+    with ray_session(address):
+        serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
+        say(f"deploying {fleet} ...")
+        deploy(fleet, settings)
+        say(f"serving {fleet} at {url} ({time.perf_counter() - t0:.0f}s); API docs at {url}/docs")
+        if address:
+            return 0
+        if pidfile is not None:
+            pidfile.parent.mkdir(parents=True, exist_ok=True)
+            pidfile.write_text(str(os.getpid()))
+        stopping = []
+        signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+        stamp = manifest_stamp()
+        say("press Ctrl-C or run `simex serve stop` to stop; the fleet is reloaded when it changes")
+        try:
+            while not stopping:
+                time.sleep(1)
+                if (now := manifest_stamp()) != stamp:
+                    stamp = now
+                    try:
+                        changes = deploy(fleet, settings)
+                        say(f"fleet changed: {json.dumps(changes)}")
+                    except Exception as e:  # noqa: BLE001 - keep serving the old fleet
+                        say(f"fleet changed but cannot be served ({e}); still serving the previous one")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            say("stopping ...")
+            undeploy()
+            serve.shutdown()
+            if pidfile is not None:
+                pidfile.unlink(missing_ok=True)
+    return 0

@@ -1,0 +1,78 @@
+"""Train a fleet in this process, one member after another (no Ray): the local path of `simex train
+--no-ray`, of the experiments' small fleets, and of every test that needs a fleet."""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+
+import torch
+
+from ..training import TrainConfig, train_member
+from .fleet import Fleet
+from .manifest import slug
+from .plan import FleetWriter, MemberPlan, fleet_extra, plan_fleet
+
+log = logging.getLogger("simex_ray.plan")
+
+
+def train_fleet_local(plans: list[MemberPlan], out, *, on_epoch=None, extra: dict | None = None):
+    """Train every pending member in this process, one after another (no Ray).
+
+    ``on_epoch(member_name, metrics)`` is called after each epoch.
+    Returns the FleetWriter holding the manifest records.
+    """
+    writer = FleetWriter(out, extra, order=[p.name for p in plans])
+    for plan in writer.pending(plans):
+        config = TrainConfig.from_dict(plan.member.config)
+        # Like the Ray path: a checkpoint per epoch, so a re-run continues where this one stopped.
+        ckpt = writer.out.join("checkpoints", "local", f"{slug(plan.name)}-{plan.run_key}.pt")
+        resume = None
+        if ckpt.is_file():
+            try:
+                resume = torch.load(io.BytesIO(ckpt.read_bytes()), map_location="cpu", weights_only=True)
+            except Exception:  # noqa: BLE001 - a damaged checkpoint: start this member over
+                log.warning("%s: unreadable checkpoint %s; training from scratch", plan.name, ckpt)
+            if resume is not None and resume["epoch"] > config.epochs:
+                resume = None  # trained longer than now asked: start over rather than pretend
+
+        def save(epoch, metrics, state, name=plan.name, path=ckpt):
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            path.write_bytes_atomic(buf.getvalue())
+            if on_epoch is not None:
+                on_epoch(name, metrics)
+
+        model, history = train_member(plan.x_train, plan.x_test, config, resume=resume, on_epoch=save)
+        writer.add(plan, model.state_dict(), history)
+    return writer
+
+
+def train_and_load(plans: list[MemberPlan], out=None, *, on_epoch=None, extra: dict | None = None):
+    """:func:`train_fleet_local` into ``out`` (None: a temporary directory, removed) -> the loaded Fleet.
+
+    A fleet loaded from a temporary directory has ``path = None``.
+    """
+    if out is not None:
+        train_fleet_local(plans, out, on_epoch=on_epoch, extra=extra)
+        return Fleet.load(out)
+    with tempfile.TemporaryDirectory(prefix="simex-fleet-") as tmp:
+        train_fleet_local(plans, tmp, on_epoch=on_epoch, extra=extra)
+        fleet = Fleet.load(tmp)
+    fleet.path = None
+    return fleet
+
+
+def build_fleet_local(refs: list[str], out, config: TrainConfig, *, samples: int | None = None,
+                      per_class: bool = False, seed: int = 0, data_dir=None, on_epoch=None
+                      ) -> tuple[list[MemberPlan], FleetWriter]:
+    """Specs -> trained fleet directory, in this process: `simex train --no-ray`.
+
+    ``seed`` is the data seed (samples, splits, variants); ``config.seed`` the model seed.
+    ``on_epoch(member, metrics)`` gets the metrics with ``epochs`` added, as the Ray path reports them.
+    """
+    plans = plan_fleet(refs, config, samples=samples, per_class=per_class, seed=seed, data_dir=data_dir)
+    extra = fleet_extra(refs, config, samples=samples, per_class=per_class, data_seed=seed)
+    progress = (lambda n, m: on_epoch(n, {**m, "epochs": config.epochs})) if on_epoch else None
+    return plans, train_fleet_local(plans, out, on_epoch=progress, extra=extra)

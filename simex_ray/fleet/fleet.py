@@ -1,0 +1,150 @@
+"""A fleet in memory: one trained autoencoder per reference part, loaded and verified; ``score`` needs no Ray."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from .. import storage
+from ..errors import one_line
+from ..losses import check_loss
+from ..models import create_autoencoder
+from ..training import TrainConfig
+from .manifest import MANIFEST, RELOADS, FleetError, Member, StaleWeightsError, read_manifest
+from .result import DEFAULT_RANKING, RANKINGS, ScoreResult, score_result
+
+class Fleet:
+    """Trained autoencoders keyed by member name; ``score`` needs no Ray.
+
+    >>> fleet = Fleet.load("F")
+    >>> fleet.score(x).ranking   # x: (N, 1, 28, 28) float in [0, 1]
+    """
+
+    def __init__(self, members: dict[str, Member], models: dict[str, torch.nn.Module],
+                 path: Path | str | None = None, device: torch.device | str = "cpu"):
+        if set(members) != set(models):
+            raise ValueError("members and models must have the same names")
+        self.members, self.models, self.path, self.device = members, models, path, torch.device(device)
+        self._engine = None  # built on first use (``engine``)
+
+    @classmethod
+    def load(cls, fleet_dir: storage.PathLike, *, device: str | torch.device = "cpu",
+             names: Iterable[str] | None = None) -> "Fleet":
+        """Read the manifest and every (or the named) member, verifying sha256.
+
+        ``fleet_dir``: a local path or a URI (``file://``, ``s3://``, ``gs://``); ``path`` is then
+        a Path or the URI string."""
+        loc = storage.resolve(fleet_dir)
+        manifest = read_manifest(loc)
+        device = torch.device(device)
+        members = {m["name"]: Member.from_json(m) for m in manifest["members"]}
+        if not members:
+            raise FleetError(f"{loc.join(MANIFEST)} lists no members; train some with `simex train`")
+        if names is not None:
+            names = list(names)
+            unknown = [n for n in names if n not in members]
+            if unknown:
+                raise FleetError(f"unknown member(s) {', '.join(unknown)}; fleet has: {', '.join(members)}")
+            members = {n: members[n] for n in names}
+        models = {}
+        for name in list(members):
+            members[name], models[name] = _load_current(loc, members[name], device)
+        return cls(members, models, loc.user_path, device)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.members)
+
+    @property
+    def loss(self) -> str:
+        losses = {m.loss for m in self.members.values()}
+        return losses.pop() if len(losses) == 1 else "mixed"
+
+    @property
+    def engine(self):
+        """The :class:`~simex_ray.scoring.ScoringEngine` over every member (built once)."""
+        from ..scoring import ScoringEngine
+
+        if self._engine is None:
+            self._engine = ScoringEngine(self.models, {n: m.loss for n, m in self.members.items()},
+                                         device=self.device)
+        return self._engine
+
+    def per_sample_delta(self, name: str, x, loss: str | None = None) -> np.ndarray:
+        """δ of each sample of ``x`` (N, 1, 28, 28) through member ``name``: (N,)."""
+        return self.engine.per_sample(x, [name], loss)[0]
+
+    def score(self, x, *, loss: str | None = None, members: Iterable[str] | None = None,
+              method: str = DEFAULT_RANKING, per_sample: bool = False) -> ScoreResult:
+        """Δ(X | Y_k) for every member k, every ranking and the composition (see :class:`ScoreResult`).
+
+        ``x``: (N, 1, 28, 28) floats in [0, 1], or an iterable of such blocks.
+        ``per_sample`` keeps the (members, N) δ and each sample's nearest member.
+        """
+        if loss is not None:
+            check_loss(loss)
+        if method not in RANKINGS:
+            raise ValueError(f"unknown ranking '{method}'; known: {', '.join(RANKINGS)}")
+        names = list(members) if members is not None else self.names
+        unknown = [n for n in names if n not in self.members]
+        if unknown:
+            raise KeyError(f"unknown member(s) {', '.join(unknown)}; fleet has: {', '.join(self.names)}")
+        d = self.engine.per_sample(x, names, loss)
+        if d.shape[1] == 0:
+            raise ValueError("cannot score an empty batch")
+        return score_result(d, [self.members[n] for n in names], loss or self.loss, method, per_sample)
+
+
+def _load_current(loc: storage.Location, member: Member, device) -> tuple[Member, torch.nn.Module]:
+    """``member``'s model; when its weight file is gone or changed because the fleet was retrained
+    since the manifest was read, the member's current record and model (the manifest read again)."""
+    for _ in range(RELOADS):
+        try:
+            return member, load_member_model(loc, member, device)
+        except StaleWeightsError:
+            current = next((m for m in read_manifest(loc)["members"] if m.get("name") == member.name), None)
+            if current is None:
+                raise FleetError(f"member '{member.name}' is no longer in {loc.join(MANIFEST)} (the fleet "
+                                 f"changed while loading); load it again") from None
+            fresh = Member.from_json(current)
+            if (fresh.weights, fresh.sha256) == (member.weights, member.sha256):
+                raise  # the manifest still lists this very file: it is missing or damaged
+            member = fresh
+    return member, load_member_model(loc, member, device)
+
+
+def load_member_model(fleet_dir: storage.PathLike, member: Member, device="cpu") -> torch.nn.Module:
+    """The model of one manifest record, its weight file verified against the record's sha256
+    (raises :class:`StaleWeightsError` when the file is missing or differs)."""
+    path = storage.resolve(fleet_dir).join(member.weights)
+    try:
+        # One read: the bytes whose sha256 is checked are the bytes that are loaded.
+        blob = path.read_bytes() if member.weights and path.is_file() else None
+    except FileNotFoundError:  # collected between the check and the read
+        blob = None
+    except OSError as e:
+        raise FleetError(f"weight file {path} of member '{member.name}' cannot be read "
+                         f"({one_line(e)}); check the path and its credentials") from None
+    if blob is None:
+        raise StaleWeightsError(f"weight file {path} of member '{member.name}' is missing; "
+                                f"re-run `simex train` with the same --out to rebuild it")
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != member.sha256:
+        raise StaleWeightsError(f"weight file {path} of member '{member.name}' is corrupted (sha256 mismatch); "
+                                f"delete it and re-run `simex train` with the same --out")
+    try:
+        # weights_only: a fleet may come from elsewhere; never unpickle code.
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        model = create_autoencoder(TrainConfig.from_dict(member.config).architecture)
+        model.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad file
+        raise FleetError(f"weight file {path} of member '{member.name}' cannot be loaded ({type(e).__name__}); "
+                         f"delete it and re-run `simex train`") from None
+    return model.to(device).eval()
+
+

@@ -1,0 +1,261 @@
+"""The fleet on disk: the manifest, content-addressed weight files, their integrity, and collection.
+
+Directory layout::
+
+    FLEET/manifest.json                   members, configs, fingerprints, metrics, sha256
+    FLEET/weights/<member>-<sha16>.pt     one state_dict per member (torch.save), named by its content
+    FLEET/checkpoints/                    per-epoch training checkpoints (resume)
+
+FLEET is a local path or a URI (``file://``, ``s3://``, ``gs://``): every read and write goes
+through :mod:`simex_ray.storage` (``pyarrow.fs``). Writes are atomic on every filesystem
+(local: temporary file + fsync + ``os.replace``; object stores: temporary key, then moved),
+weights are written before the manifest that lists them, and loading verifies every weight
+file's sha256 and uses ``torch.load(weights_only=True)``.
+
+Retraining in place. A weight file's name carries the first 16 hex digits of its sha256, so a
+retrained member gets a new file and never overwrites the one an older manifest lists: a reader
+holding that manifest finds the bytes it expects, or no file at all, never different bytes. The
+same weights get the same name and are not written again.
+
+Collection, one generation of grace. After :func:`write_manifest` publishes a manifest it deletes
+the weight files under ``weights/`` that neither the new manifest nor the one it replaced lists, so
+a reader that read the previous manifest still finds its files. A reader further behind finds a file
+gone; :meth:`Fleet.load` then re-reads the manifest and loads that member's current record (a few
+times at most, and only while the manifest keeps changing), or fails with one line when the manifest
+still lists the missing file or no longer has the member. Only names this module writes are
+collected: ``<slug>-<sha16>.pt``, and the older ``<slug>.pt`` of a member either manifest has;
+anything else (temporary files of writes in flight, a user's files) is kept. Weights written by this
+process and not yet listed in a manifest are kept too (threads adding members), and nothing is
+collected when the previous manifest cannot be read. Collection assumes one writing process per
+fleet at a time, as the manifest itself does (it is rewritten whole).
+
+Fleets whose manifest lists ``weights/<slug>.pt`` (written before content-hashed names) load as
+before: the manifest holds each path. The format stays 1: the ``weights`` field is still a path
+relative to the fleet, which readers without this change read the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .. import storage
+from ..errors import one_line
+
+log = logging.getLogger("simex_ray.fleet")
+
+MANIFEST = "manifest.json"
+WEIGHTS = "weights"
+FORMAT_VERSION = 1
+HASH_CHARS = 16  # of the sha256 in a weight file's name
+RELOADS = 3  # re-reads of the manifest while loading a member whose file was collected
+
+_HASHED = re.compile(rf"^[A-Za-z0-9_-][A-Za-z0-9._-]*-[0-9a-f]{{8}}-[0-9a-f]{{{HASH_CHARS}}}\.pt$")
+_manifest_lock = threading.Lock()
+_unpublished: set[str] = set()  # weight files this process wrote that no manifest lists yet
+
+
+class FleetError(RuntimeError):
+    """A fleet directory that cannot be used; the message names the file and the fix."""
+
+
+class StaleWeightsError(FleetError):
+    """A member's weight file is missing or differs from the manifest's sha256: the fleet may have
+    been retrained since the manifest was read (:meth:`Fleet.load` reads it again)."""
+
+
+@dataclass
+class Member:
+    """One reference part and its trained autoencoder's record in the manifest."""
+
+    name: str  # the reference spec, with '#class' for per-class members
+    spec: str  # the reference spec without the class selector
+    config: dict[str, Any]  # resolved TrainConfig
+    fingerprint: str  # sha256 of the reference training data
+    weights: str = ""  # path relative to the fleet directory
+    sha256: str = ""
+    class_: str | None = None
+    data_seed: int | None = None  # drew the member's samples, split and variant images (config["seed"]: the model's)
+    n_train: int = 0
+    n_test: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)  # train_delta, test_delta, ref_mean_l2, ...
+    history: list[dict] = field(default_factory=list)
+    # The member's own held-out δ distribution: {"quantiles": 101 values at 0%, 1%, ..., 100%,
+    # "mean": Δ(Y_test | A(Y)), "n": test images}; empty for fleets trained before it existed.
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> str:
+        return self.config["loss"]
+
+    @property
+    def architecture(self) -> str:
+        return self.config["architecture"]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["class"] = d.pop("class_")
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Member":
+        """A manifest record; keys that are not Member fields (added by a caller) are ignored."""
+        d = dict(d)
+        d["class_"] = d.pop("class", None)
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def slug(name: str) -> str:
+    """A file-system-safe, unique file stem for a member name."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[-60:]
+    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def sha256_file(path: storage.PathLike) -> str:
+    """sha256 of a file: a local path, a URI or a :class:`~simex_ray.storage.Location`."""
+    return storage.resolve(path).sha256()
+
+
+def atomic_write_bytes(path: storage.PathLike, data: bytes) -> None:
+    """Replace a file (a local path, a URI or a Location) atomically on its filesystem."""
+    storage.resolve(path).write_bytes_atomic(data)
+
+
+def save_weights(fleet_dir: storage.PathLike, member: Member, state_dict: dict[str, torch.Tensor]) -> Member:
+    """Write one member's weights atomically, named by their sha256; fills ``member.weights`` and
+    ``sha256``. A file of that name and size already holds these bytes, so it is not written again.
+
+    Publish the manifest that lists them (:func:`write_manifest`) only after this returns.
+    """
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
+    blob = buf.getvalue()
+    digest = hashlib.sha256(blob).hexdigest()
+    rel = f"{WEIGHTS}/{slug(member.name)}-{digest[:HASH_CHARS]}.pt"
+    path = storage.resolve(fleet_dir).join(rel)
+    with _manifest_lock:  # before the file exists, so a collection in another thread keeps it
+        _unpublished.add(path.path)
+    if path.size() != len(blob):  # None when there is no such file
+        path.write_bytes_atomic(blob)
+    member.weights, member.sha256 = rel, digest
+    return member
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+
+
+def read_manifest(fleet_dir: storage.PathLike) -> dict[str, Any]:
+    loc = storage.resolve(fleet_dir)
+    path = loc.join(MANIFEST)
+    try:
+        if not loc.is_dir():
+            raise FleetError(f"fleet directory {loc} does not exist; create one with `simex train --out {loc}`")
+        if not path.is_file():
+            raise FleetError(f"{path} is missing; {loc} is not a fleet (create one with `simex train`)")
+        text = path.read_text()
+        for _ in range(3 if not loc.is_local else 0):  # a read torn by a concurrent publish: read again
+            if _parses(text):
+                break
+            time.sleep(0.05)
+            text = path.read_text()
+    except OSError as e:  # unreachable store, no permission, ...
+        raise FleetError(f"cannot read {path} ({one_line(e)}); check the path and its credentials") \
+            from None
+    try:
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FleetError(f"{path} is corrupted ({e}); re-run `simex train` to rewrite it") from None
+    if not isinstance(manifest, dict) or "members" not in manifest:
+        raise FleetError(f"{path} has no 'members'; re-run `simex train` to rewrite it")
+    version = manifest.get("format", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FleetError(f"{path} has format {version}, newer than this simex reads ({FORMAT_VERSION}); "
+                         f"upgrade simex-ray, or retrain the fleet with this version")
+    return manifest
+
+
+def write_manifest(fleet_dir: storage.PathLike, members: Iterable[Member], **extra: Any) -> Path | str:
+    """Publish the manifest atomically: call it after every weight file it lists is written.
+
+    Then collects the weight files neither it nor the manifest it replaced lists (module docstring).
+    Returns its path (a Path for a local fleet, the URI otherwise)."""
+    members = list(members)
+    losses = sorted({m.loss for m in members})
+    manifest = {
+        "format": FORMAT_VERSION,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "loss": losses[0] if len(losses) == 1 else "mixed",
+        "members": [m.to_json() for m in members],
+        **extra,
+    }
+    fleet = storage.resolve(fleet_dir)
+    loc = fleet.join(MANIFEST)
+    with _manifest_lock:
+        previous = _previous_members(fleet)
+        loc.write_bytes_atomic((json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+        listed = [m.to_json() for m in members]
+        _unpublished.difference_update(fleet.join(m["weights"]).path for m in listed if m["weights"])
+        if previous is not None:
+            collect_weights(fleet, listed + previous)
+    return loc.user_path
+
+
+def _previous_members(fleet: storage.Location) -> list[dict[str, Any]] | None:
+    """The members of the manifest about to be replaced ([] when there is none); None when it
+    cannot be read, so nothing is collected."""
+    try:
+        if not fleet.join(MANIFEST).exists():
+            return []
+        return list(read_manifest(fleet)["members"])
+    except (FleetError, OSError) as e:
+        log.warning("%s; weight files are not collected this time", one_line(e))
+        return None
+
+
+def collect_weights(fleet_dir: storage.PathLike, members: Iterable[dict[str, Any]]) -> list[str]:
+    """Delete the weight files under ``weights/`` that no record in ``members`` (manifest records)
+    lists, that this process is not about to publish, and whose name this module writes; returns
+    their relative paths. A failed deletion is logged, never raised: the manifest is published."""
+    fleet = storage.resolve(fleet_dir)
+    members = list(members)
+    listed = {posixpath.normpath(m.get("weights") or "") for m in members}
+    legacy = {f"{slug(m['name'])}.pt" for m in members if "name" in m}  # weights/<slug>.pt, older fleets
+    removed = []
+    try:
+        names = fleet.join(WEIGHTS).listdir()
+    except OSError as e:
+        log.warning("cannot list %s (%s); weight files are not collected", fleet.join(WEIGHTS),
+                    one_line(e))
+        return removed
+    for name in names:
+        rel = f"{WEIGHTS}/{name}"
+        path = fleet.join(rel)
+        if rel in listed or path.path in _unpublished or not (_HASHED.match(name) or name in legacy):
+            continue
+        try:
+            if path.is_file():
+                path.remove()
+                removed.append(rel)
+        except OSError as e:
+            log.warning("cannot remove unused weight file %s (%s)", path, one_line(e))
+    if removed:
+        log.info("%s: removed %d unused weight file(s)", fleet, len(removed))
+    return removed
+
