@@ -17,12 +17,12 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from . import data
+from .settings import load_settings
 from .transfer.learning import FC_INITS, FC_LAYERS, TL_CONFIGS, tl_config
 from .transfer.classifiers import N_CLASSES, first_classes, first_labels
 from .training import TrainConfig
@@ -160,44 +160,10 @@ PRESETS: dict[str, ProtocolConfig] = {"paper": PAPER, "default": DEFAULT, "last-
 STUDY_PROTOCOL = "few-shot"
 
 
-def settings_from_dict(cls, d: dict[str, Any], what: str):
-    """A frozen settings dataclass from a JSON object: unknown keys are a one-line error naming the
-    known ones; lists become tuples."""
-    if not isinstance(d, dict):
-        raise ValueError(f"need a JSON object of {what} settings")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown {what} setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
 def load_protocol(text: str) -> ProtocolConfig:
     """A preset name, or a JSON file of ProtocolConfig fields (``"base": PRESET`` starts from
     that preset, the paper's otherwise). Errors are one line and name the valid choices."""
-    if text in PRESETS:
-        return PRESETS[text]
-    path = Path(text)
-    if not path.is_file():
-        raise ValueError(f"unknown protocol '{text}'; presets: {', '.join(PRESETS)}, or a JSON file")
-    try:
-        fields = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"protocol file {text}: not valid JSON ({e})") from None
-    if not isinstance(fields, dict):
-        raise ValueError(f"protocol file {text}: need a JSON object of ProtocolConfig fields")
-    base = fields.pop("base", "paper")
-    if base not in PRESETS:
-        raise ValueError(f"protocol file {text}: unknown base '{base}'; presets: {', '.join(PRESETS)}")
-    names = {f.name for f in dataclasses.fields(ProtocolConfig)}
-    unknown = sorted(set(fields) - names)
-    if unknown:
-        raise ValueError(f"protocol file {text}: unknown field(s) {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(names))}")
-    try:
-        return ProtocolConfig.from_dict({**PRESETS[base].to_dict(), **fields})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"protocol file {text}: {e}") from None
+    return load_settings(text, PRESETS, what="protocol", base="paper")
 
 
 def run_units(fn: Callable[..., Any], kwargs_list: list[dict[str, Any]], *, stage: str,

@@ -136,6 +136,18 @@ def read_unknown(spec: str, *, split: str = "all", samples: int | None = None, s
     return ds.x, ds.y
 
 
+def ray_trainer(*, cpus_per_task: float, data_seed: int, data_dir, show: Callable[[str, int, int], None]):
+    """The studies' :data:`~simex_ray.experiments.fleets.FleetTrainer` on Ray Train (inside a Ray session):
+    each fleet trained, or resumed, by :func:`simex_ray.distributed.train.build_fleet`."""
+    from ..distributed.train import Resources, build_fleet
+
+    def train(refs, path, config, samples, per_class):
+        build_fleet(refs, path, config, samples=samples, per_class=per_class, seed=data_seed, data_dir=data_dir,
+                    resources=Resources(cpus_per_worker=cpus_per_task),
+                    on_progress=lambda n, m: show(f"AE {n}", m["epoch"], m["epochs"]))
+    return train
+
+
 def clock(t0: float) -> str:
     return f"[{time.perf_counter() - t0:6.1f}s]"
 

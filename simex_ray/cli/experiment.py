@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_address_arg, add_data_dir_arg, add_loss_arg, stage_printer
+from .common import add_address_arg, add_data_dir_arg, add_loss_arg, ray_trainer, stage_printer
 from .common import data_seed as resolve_data_seed
 
 DEFAULT_SAMPLES = 600
@@ -107,8 +107,12 @@ def cmd_experiment(args) -> int:
     out = Path(args.out)
     show = stage_printer(time.perf_counter(), refs)
     fleet = getattr(args, "fleet", None)
+
+    def fleet_dir(trainer):  # on Ray, autoencoders train into OUT/fleet (re-used on a re-run); here, a temporary one
+        return str(out / "fleet") if trainer is not None else None
+
     if args.experiment == "transfer":
-        def run(map_fn, base_map_fn=None):
+        def run(map_fn, base_map_fn=None, trainer=None):
             return compute_ground_truth(refs, samples=samples, data_seed=data_seed, model_seed=args.seed,
                                         data_dir=args.data_dir, protocol=protocol, map_fn=map_fn,
                                         base_map_fn=base_map_fn, on_progress=show)
@@ -118,11 +122,12 @@ def cmd_experiment(args) -> int:
     elif args.experiment == "inter-dataset":
         from ..experiments.inter_dataset import inter_dataset, write_inter_dataset
 
-        def run(map_fn, base_map_fn=None):
+        def run(map_fn, base_map_fn=None, trainer=None):
             return inter_dataset(refs, loss=args.loss, samples=samples, epochs=args.epochs, data_seed=data_seed,
                                  model_seed=args.seed, data_dir=args.data_dir, protocol=protocol, map_fn=map_fn,
                                  base_map_fn=base_map_fn, on_progress=show, fleet=fleet, ground_truth=gt,
-                                 save_ground_truth=None if gt is not None else out / "ground_truth")
+                                 save_ground_truth=None if gt is not None else out / "ground_truth",
+                                 fleet_dir=fleet_dir(trainer), trainer=trainer)
         write = write_inter_dataset
     else:
         from ..transfer.learning import TL_CONFIGS
@@ -131,26 +136,22 @@ def cmd_experiment(args) -> int:
         # Fig. 5 times every TL config; a protocol file may narrow them.
         tl = tuple(TL_CONFIGS) if args.protocol in (None, *PRESETS) else protocol.tl_configs
 
-        def run(map_fn, base_map_fn=None):  # timed units run one at a time, in this process: same machine, no contention
+        def run(map_fn, base_map_fn=None, trainer=None):  # timed units run one at a time, here: no contention
             return latency(refs, args.unknown, repeats=args.repeats, samples=samples, epochs=args.epochs,
                            data_seed=data_seed, model_seed=args.seed, data_dir=args.data_dir, loss=args.loss,
-                           base=args.base, tl_configs=tl, protocol=protocol, on_progress=show, fleet=fleet)
+                           base=args.base, tl_configs=tl, protocol=protocol, on_progress=show, fleet=fleet,
+                           fleet_dir=fleet_dir(trainer), trainer=trainer)
         write = write_latency
 
     if args.no_ray:
         result = run(None)
     else:
         from ..distributed.map import ray_map, train_map
-        from ..distributed.train import Resources, build_fleet
+        from ..distributed.train import Resources
 
         with ray_session(args.address):
-            if fleet is None and args.experiment != "transfer":
-                # autoencoders on Ray Train, into OUT/fleet (re-used on a re-run)
-                fleet = str(out / "fleet")
-                build_fleet(refs, fleet, protocol.ae_config(args.loss, args.epochs, args.seed),
-                            samples=samples, seed=data_seed, data_dir=args.data_dir,
-                            resources=Resources(cpus_per_worker=args.cpus_per_task),
-                            on_progress=lambda n, m: show(f"AE {n}", m["epoch"], m["epochs"]))
+            trainer = ray_trainer(cpus_per_task=args.cpus_per_task, data_seed=data_seed, data_dir=args.data_dir,
+                                  show=show)
             needs_classifiers = args.experiment != "inter-dataset" or gt is None
 
             def unit(fn_name: str, done: int, total: int) -> None:
@@ -159,7 +160,7 @@ def cmd_experiment(args) -> int:
             # Base classifiers on Ray Train (checkpointed per classifier), transfers as Ray tasks.
             result = run(ray_map(args.cpus_per_task, on_unit=unit) if needs_classifiers else None,
                          train_map(Resources(cpus_per_worker=args.cpus_per_task), on_unit=unit)
-                         if needs_classifiers else None)
+                         if needs_classifiers else None, trainer=trainer)
     paths = write(result, out)
     from ..protocol import jsonable
 

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_address_arg, add_data_dir_arg, add_loss_arg, stage_printer
+from .common import add_address_arg, add_data_dir_arg, add_loss_arg, ray_trainer, stage_printer
 from .common import data_seed as resolve_data_seed
 
 
@@ -53,6 +53,7 @@ def add_parsers(verbs) -> None:
 def cmd(args) -> int:
     from ..data import split_specs
     from ..distributed.runtime import ray_session
+    from ..losses import LOSSES
     from ..protocol import jsonable
 
     data_seed = resolve_data_seed(args)
@@ -65,31 +66,28 @@ def cmd(args) -> int:
             import dataclasses
 
             cfg = dataclasses.replace(cfg, samples_per_class=args.samples_per_class)
-        losses = ("mse", "issim") if args.loss == "both" else (args.loss,)
+        losses = LOSSES if args.loss == "both" else (args.loss,)
         if args.fleet and len(losses) > 1:
             raise ValueError("--fleet holds one loss's per-class fleet; pass --loss mse or --loss issim with it")
         fleets = {l: args.fleet or str(out / f"fleet-{l}") for l in losses}
         show = stage_printer(time.perf_counter(), [args.data])
 
-        def run(map_fn):
+        def run(map_fn, trainer=None):
             return inter_class(args.data, losses=losses, config=cfg, data_seed=data_seed, model_seed=args.seed,
-                               data_dir=args.data_dir, fleets=fleets, map_fn=map_fn, on_progress=show)
+                               data_dir=args.data_dir, fleets=fleets, map_fn=map_fn, on_progress=show,
+                               trainer=trainer)
 
         if args.no_ray:
             result = run(None)
         else:
             from ..distributed.map import train_map
-            from ..distributed.train import Resources, build_fleet
+            from ..distributed.train import Resources
 
-            with ray_session(args.address):
-                for loss, path in fleets.items():  # per-class autoencoders on Ray Train (kept for a re-run)
-                    if path != args.fleet or not (Path(path) / "manifest.json").is_file():  # a given fleet is used as it is
-                        build_fleet([args.data], path, cfg.ae_config(loss, args.seed), samples=cfg.samples_per_class,
-                                    per_class=True, seed=data_seed, data_dir=args.data_dir,
-                                    resources=Resources(cpus_per_worker=args.cpus_per_task),
-                                    on_progress=lambda n, m, l=loss: show(f"AE {l} {n}", m["epoch"], m["epochs"]))
+            with ray_session(args.address):  # per-class autoencoders on Ray Train, kept for a re-run
                 result = run(train_map(Resources(cpus_per_worker=args.cpus_per_task),
-                                       on_unit=lambda fn, d, t: show("classifiers", d, t)))
+                                       on_unit=lambda fn, d, t: show("classifiers", d, t)),
+                             ray_trainer(cpus_per_task=args.cpus_per_task, data_seed=data_seed,
+                                         data_dir=args.data_dir, show=show))
         paths = write_inter_class(result, out)
         print(format_table2(result), file=sys.stderr)
         print(json.dumps(jsonable({"data": result["data"], "table2": result["table2"],
@@ -105,24 +103,20 @@ def cmd(args) -> int:
         refs = split_specs(args.refs)
         show = stage_printer(time.perf_counter(), [args.target, *refs])
 
-        def run(map_fn, fleet_fn=None):
+        def run(map_fn, trainer=None):
             return augment(args.target, refs, config=cfg, loss=args.loss, data_seed=data_seed, model_seed=args.seed,
-                           data_dir=args.data_dir, fleet_dir=out / "fleets", map_fn=map_fn, fleet_fn=fleet_fn,
+                           data_dir=args.data_dir, fleet_dir=out / "fleets", map_fn=map_fn, trainer=trainer,
                            on_progress=show)
 
         if args.no_ray:
             result = run(None)
         else:
             from ..distributed.map import ray_map
-            from ..distributed.train import Resources, build_fleet
-
-            def fleet_fn(spec, path, train_config, samples, per_class):
-                build_fleet([spec], path, train_config, samples=samples, per_class=per_class, seed=data_seed,
-                            data_dir=args.data_dir, resources=Resources(cpus_per_worker=args.cpus_per_task),
-                            on_progress=lambda n, m: show(f"AE {n}", m["epoch"], m["epochs"]))
 
             with ray_session(args.address):
-                result = run(ray_map(args.cpus_per_task, on_unit=lambda fn, d, t: show("trials", d, t)), fleet_fn)
+                result = run(ray_map(args.cpus_per_task, on_unit=lambda fn, d, t: show("trials", d, t)),
+                             ray_trainer(cpus_per_task=args.cpus_per_task, data_seed=data_seed,
+                                         data_dir=args.data_dir, show=show))
         paths = write_augment(result, out)
         print(format_augment(result), file=sys.stderr)
         print(json.dumps(jsonable({"target": result["target"], "references": result["references"],

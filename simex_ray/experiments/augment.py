@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -38,9 +38,11 @@ from .. import data
 from ..transfer.classifiers import LeNet5, evaluate_classifier, train_classifier
 from ..fleet import Fleet, slug
 from ..pairing import METHODS, class_matrix, greedy_pairs
-from ..protocol import MapFn, Progress, jsonable, run_units, settings_from_dict
+from ..protocol import MapFn, Progress, jsonable, run_units
+from ..settings import load_settings, settings_from_dict
 from ..ranking import nanmean, spearman
 from ..training import TrainConfig
+from .fleets import FleetTrainer, local_trainer
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +110,7 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
 def load_config(name_or_path: str | None, *, n: str | None = None, m: str | None = None, trials: int | None = None,
                 methods: str | None = None) -> AugmentConfig:
     """A preset or a JSON file of :class:`AugmentConfig` fields, then the command-line overrides."""
-    if name_or_path is None or name_or_path in PRESETS:
-        cfg = PRESETS[name_or_path or "default"]
-    else:
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise ValueError(f"unknown preset '{name_or_path}'; known: {', '.join(PRESETS)}, or a JSON file of settings")
-        try:
-            cfg = AugmentConfig.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"{path}: not a JSON object of augment settings ({e})") from None
+    cfg = load_settings(name_or_path, PRESETS, what="augment")
     over: dict[str, Any] = {}
     if (v := _ints(n, "n")) is not None:
         over["n"] = v
@@ -166,15 +159,10 @@ def augmented_accuracy(x_target, target_idx, target_y, x_ref, ref_idx, ref_y, x_
 # --------------------------------------------------------------------------- the study
 
 
-FleetFn = Callable[[str, str, TrainConfig, "int | None", bool], None]
-
-
-def _reference_fleets(ref: str, cfg: AugmentConfig, *, fleet_dir, data_seed: int, model_seed: int, data_dir,
-                      fleet_fn: FleetFn | None, keep: list, cache: dict) -> tuple[Fleet, Fleet]:
-    """(per-class fleet, whole-dataset fleet) of ``ref``, trained into ``fleet_dir`` (kept for re-runs)."""
-    from ..fleet.build import train_fleet_local
-    from ..fleet.plan import plan_fleet
-
+def reference_fleets(ref: str, cfg: AugmentConfig, *, fleet_dir, model_seed: int, trainer: FleetTrainer,
+                     keep: list) -> tuple[Fleet, Fleet]:
+    """(per-class fleet, whole-dataset fleet) of ``ref``, trained (or resumed) into ``fleet_dir`` (kept for
+    re-runs; None: a temporary directory kept alive by ``keep``)."""
     if fleet_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="simex-augment-")
         keep.append(tmp)
@@ -183,13 +171,7 @@ def _reference_fleets(ref: str, cfg: AugmentConfig, *, fleet_dir, data_seed: int
     out = []
     for per_class, samples, tag in ((True, cfg.ae_samples_per_class, "per-class"), (False, cfg.ae_samples, "whole")):
         path = str(Path(fleet_dir) / f"{slug(ref)}-{tag}")
-        if fleet_fn is not None:
-            fleet_fn(ref, path, train_config, samples, per_class)
-        else:
-            plans = plan_fleet([ref], train_config, samples=samples, per_class=per_class, seed=data_seed,
-                               data_dir=data_dir, cache=cache)
-            train_fleet_local(plans, path, extra={"refs": [ref], "samples": samples, "per_class": per_class,
-                                                  "seed": model_seed, "data_seed": data_seed})
+        trainer([ref], path, train_config, samples, per_class)  # resumes: finished members are kept
         out.append(Fleet.load(path))
     return out[0], out[1]
 
@@ -208,13 +190,12 @@ def _target_split(ds: data.Dataset, test_per_class: int, seed: int) -> tuple[lis
 
 def augment(target: str, refs: list[str], *, config: AugmentConfig | None = None, loss: str | None = None,
             data_seed: int = 0, model_seed: int = 0, data_dir=None, fleet_dir=None,
-            map_fn: MapFn | None = None, fleet_fn: FleetFn | None = None,
+            map_fn: MapFn | None = None, trainer: FleetTrainer | None = None,
             on_progress: Progress | None = None) -> dict[str, Any]:
     """Fig. 7 for ``target`` and each of ``refs``; every pairing method of ``config``.
 
-    ``fleet_fn(spec, path, train_config, samples, per_class)`` trains a fleet
-    (e.g. on Ray Train); without it fleets train here. ``map_fn`` runs the
-    training units (e.g. as Ray tasks).
+    ``trainer`` trains the reference fleets (e.g. on Ray Train; default: here, see :mod:`.fleets`).
+    ``map_fn`` runs the training units (e.g. as Ray tasks).
     """
     cfg = config or PRESETS["default"]
     if loss is not None:
@@ -237,14 +218,14 @@ def augment(target: str, refs: list[str], *, config: AugmentConfig | None = None
     x_test, y_test = tgt.x[test_rows], y_index[test_rows]
     keep: list = []
     seconds: dict[str, float] = {}
+    trainer = trainer or local_trainer(data_seed=data_seed, data_dir=data_dir, cache=cache)
     try:
         # Reference side: fleets, class row indices, the normalised Δ of the target.
         refs_info: dict[str, dict[str, Any]] = {}
         for r, ref in enumerate(refs):
             t0 = time.perf_counter()
-            per_class, whole = _reference_fleets(ref, cfg, fleet_dir=fleet_dir, data_seed=data_seed,
-                                                 model_seed=model_seed, data_dir=data_dir, fleet_fn=fleet_fn,
-                                                 keep=keep, cache=cache)
+            per_class, whole = reference_fleets(ref, cfg, fleet_dir=fleet_dir, model_seed=model_seed,
+                                                trainer=trainer, keep=keep)
             seconds[f"fleets {ref}"] = time.perf_counter() - t0
             ds = data.load(ref, seed=data_seed, data_dir=data_dir, cache=cache)
             if ds.y is None:

@@ -45,10 +45,12 @@ from .. import data
 from ..transfer.classifiers import leave_one_class_out
 from ..distances import sample_distance
 from ..fleet import Fleet
-from ..losses import check_loss
-from ..protocol import MapFn, Progress, jsonable, run_units, settings_from_dict
+from ..losses import LOSSES, check_loss
+from ..protocol import MapFn, Progress, jsonable, run_units
+from ..settings import load_settings, settings_from_dict
 from ..ranking import nanmean, spearman
 from ..training import TrainConfig
+from .fleets import FleetTrainer, is_complete, local_trainer, provide_fleet
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +120,7 @@ PRESETS: dict[str, InterClassConfig] = {
 
 def load_config(name_or_path: str | None) -> InterClassConfig:
     """A preset by name, or a JSON file of :class:`InterClassConfig` fields (missing ones: the default's)."""
-    if name_or_path is None:
-        return PRESETS["default"]
-    if name_or_path in PRESETS:
-        return PRESETS[name_or_path]
-    path = Path(name_or_path)
-    if not path.is_file():
-        raise ValueError(f"unknown preset '{name_or_path}'; known: {', '.join(PRESETS)}, or a JSON file of settings")
-    try:
-        return InterClassConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ValueError(f"{path}: not a JSON object of inter-class settings ({e})") from None
+    return load_settings(name_or_path, PRESETS, what="inter-class")
 
 
 # --------------------------------------------------------------------------- the study
@@ -172,51 +164,39 @@ def _cap_per_class(x, y, cap: int | None, seed: int) -> tuple[np.ndarray, np.nda
 
 def per_class_fleet(spec: str, parts: list[data.ClassPart], cfg: InterClassConfig, loss: str, *, fleet,
                     data_seed: int, model_seed: int, data_dir, on_progress: Progress | None = None,
-                    cache: dict | None = None
+                    cache: dict | None = None, trainer: FleetTrainer | None = None
                     ) -> tuple[Fleet, list[str], float]:
-    """(fleet, member names in class order, training seconds): the given per-class fleet, or one trained here.
+    """(fleet, member names in class order, training seconds): the given per-class fleet, or one trained.
 
-    A directory with a manifest is used as it is, after checking that each
-    member was trained on this study's training images of its class.
+    A directory whose manifest lists every class's member is used as it is, after checking that each
+    member was trained on this study's training images of its class; otherwise ``trainer`` (default:
+    here) trains or resumes the fleet into it.
     """
-    from ..fleet.build import train_and_load
-    from ..fleet.plan import plan_fleet
-
     names = [p.spec for p in parts]
-    if fleet is not None and (Path(fleet) / "manifest.json").is_file():
-        f = Fleet.load(fleet)
-        missing = [n for n in names if n not in f.members]
-        if missing:
-            raise ValueError(f"fleet {fleet} has no member(s) {', '.join(missing)}; train a per-class fleet with "
-                             f"`simex train --per-class --refs {spec}`")
-        for p in parts:
-            if f.members[p.spec].fingerprint != data.fingerprint(p.train):
-                raise ValueError(f"fleet member '{p.spec}' was trained on other images than this study's training "
-                                 f"split; pass the --samples-per-class/--data-seed it was trained with, or let the "
-                                 f"study train its own fleet")
-        return f, names, sum(float(f.members[n].metrics.get("elapsed_s", 0.0)) for n in names)
-    plans = plan_fleet([spec], cfg.ae_config(loss, model_seed), samples=cfg.samples_per_class, per_class=True,
-                       seed=data_seed, data_dir=data_dir, cache=cache)
-    done = [0]
-
-    def on_epoch(name, metrics):
-        if on_progress is not None and metrics["epoch"] == cfg.ae_epochs:
-            done[0] += 1
-            on_progress(f"AE {loss}", done[0], len(plans))
-
-    extra = {"refs": [spec], "samples": cfg.samples_per_class, "per_class": True, "seed": model_seed,
-             "data_seed": data_seed, "experiment": "inter_class"}
-    t0 = time.perf_counter()
-    f = train_and_load(plans, fleet, on_epoch=on_epoch, extra=extra)
-    return f, names, time.perf_counter() - t0
+    if not is_complete(fleet, names):  # trained, or resumed, into ``fleet`` (None: a temporary directory)
+        trainer = trainer or local_trainer(data_seed=data_seed, data_dir=data_dir, cache=cache,
+                                           on_progress=on_progress, stage=f"AE {loss}",
+                                           extra={"experiment": "inter_class"})
+        f, seconds, _ = provide_fleet([spec], fleet, cfg.ae_config(loss, model_seed), samples=cfg.samples_per_class,
+                                      per_class=True, trainer=trainer, names=names)
+        return f, names, seconds
+    f = Fleet.load(fleet)
+    for p in parts:
+        if f.members[p.spec].fingerprint != data.fingerprint(p.train):
+            raise ValueError(f"fleet member '{p.spec}' was trained on other images than this study's training "
+                             f"split; pass the --samples-per-class/--data-seed it was trained with, or let the "
+                             f"study train its own fleet")
+    return f, names, sum(float(f.members[n].metrics.get("elapsed_s", 0.0)) for n in names)
 
 
-def inter_class(spec: str, *, losses: tuple[str, ...] = ("mse", "issim"), config: InterClassConfig | None = None,
+def inter_class(spec: str, *, losses: tuple[str, ...] = LOSSES, config: InterClassConfig | None = None,
                 data_seed: int = 0, model_seed: int = 0, data_dir=None, fleets: dict[str, Any] | None = None,
-                map_fn: MapFn | None = None, on_progress: Progress | None = None) -> dict[str, Any]:
+                map_fn: MapFn | None = None, on_progress: Progress | None = None,
+                trainer: FleetTrainer | None = None) -> dict[str, Any]:
     """Table 2 and the Fig. 8 matrices for one labelled dataset ``spec``.
 
-    ``fleets``: {loss: fleet directory (used if trained, trained into if not) or None (temporary)}.
+    ``fleets``: {loss: fleet directory (used if trained, trained into if not) or None (temporary)};
+    ``trainer`` trains them (default: here; see :mod:`.fleets`).
     ``map_fn`` runs the classifier units (e.g. on Ray Train); without it they run here, in turn.
     """
     cfg = config or PRESETS["default"]
@@ -240,7 +220,7 @@ def inter_class(spec: str, *, losses: tuple[str, ...] = ("mse", "issim"), config
     for loss in losses:
         f, names, train_s = per_class_fleet(spec, parts, cfg, loss, fleet=fleets.get(loss), data_seed=data_seed,
                                             model_seed=model_seed, data_dir=data_dir, on_progress=on_progress,
-                                            cache=cache)
+                                            cache=cache, trainer=trainer)
         t0 = time.perf_counter()
         matrices[f"simex_{loss}"] = np.stack([f.engine.per_sample(p.test.x, names, loss).mean(axis=1)
                                               for p in parts], axis=1)
@@ -248,7 +228,7 @@ def inter_class(spec: str, *, losses: tuple[str, ...] = ("mse", "issim"), config
         seconds[f"ae_train_{loss}"] = train_s
 
     # Sample space, both δ.
-    for loss in ("mse", "issim"):
+    for loss in LOSSES:
         t0 = time.perf_counter()
         matrices[f"sample_{loss}"] = np.array([[sample_distance(a.test.x, b.test.x, loss, n_pairs=cfg.sample_pairs,
                                                                 seed=data_seed) for b in parts] for a in parts])

@@ -33,49 +33,39 @@ from ..transfer.ground_truth import GroundTruth, compute_ground_truth
 from ..losses import check_loss
 from ..protocol import (DEFAULT, MapFn, Progress, ProtocolConfig, Splits, canonical_refs, jsonable, load_splits)
 from ..ranking import agreement
+from .fleets import FleetTrainer, local_trainer, provide_fleet
 
 log = logging.getLogger(__name__)
 
 
 def resolve_fleet(refs: list[str], *, fleet, loss: str, samples: int | None, epochs: int | None,
                   data_seed: int, model_seed: int, data_dir, protocol: ProtocolConfig,
-                  splits: dict[str, Splits] | None = None,
-                  on_progress: Progress | None = None) -> tuple[Fleet, dict[str, Any]]:
+                  splits: dict[str, Splits] | None = None, on_progress: Progress | None = None,
+                  fleet_dir=None, trainer: FleetTrainer | None = None) -> tuple[Fleet, dict[str, Any]]:
     """A Fleet covering ``refs``: the given one, the one in a given directory, or a newly trained one.
 
-    A directory with a manifest is used as it is (never retrained); an empty or
-    missing directory, or ``None`` (a temporary directory), is trained into with
-    ``plan_fleet`` + ``train_fleet_local``. Returns (fleet, info) where info
-    holds ``trained`` and ``train_seconds`` (wall time of this call's training,
-    else the members' recorded ``elapsed_s`` sum).
+    ``fleet`` (a Fleet, or a directory with a manifest) is used as it is, never retrained. Without
+    it, the fleet is trained, or resumed, into ``fleet_dir`` (None: a temporary directory) by
+    ``trainer`` (default: here, one member after another); see :func:`.fleets.provide_fleet`.
+    Returns (fleet, info) where info holds ``trained`` and ``train_seconds`` (wall time of this
+    call's training, else the members' recorded ``elapsed_s`` sum).
 
     With ``splits``, a given fleet's members must have been trained on exactly
     those splits' training images (data fingerprints): a fleet trained on
     other samples would be scored on its own training images.
     """
-    from ..fleet.build import train_and_load
-    from ..fleet.plan import plan_fleet
-
     if isinstance(fleet, Fleet):
         f = fleet
     elif fleet is not None and (Path(fleet) / "manifest.json").is_file():
         f = Fleet.load(fleet)
     else:
         cfg = protocol.ae_config(loss, epochs, model_seed)
-        plans = plan_fleet(refs, cfg, samples=samples, seed=data_seed, data_dir=data_dir)
-        done = [0]
-
-        def on_epoch(name, metrics):
-            if on_progress is not None and metrics["epoch"] == cfg.epochs:
-                done[0] += 1
-                on_progress("autoencoders", done[0], len(plans))
-
-        extra = {"refs": refs, "samples": samples, "seed": model_seed, "data_seed": data_seed,
-                 "experiment": "inter_dataset"}
-        t0 = time.perf_counter()
-        f = train_and_load(plans, fleet, on_epoch=on_epoch, extra=extra)
-        seconds = time.perf_counter() - t0
-        return _check_covers(f, refs), {"trained": True, "train_seconds": seconds, "config": cfg.to_dict()}
+        trainer = trainer or local_trainer(data_seed=data_seed, data_dir=data_dir, on_progress=on_progress,
+                                           extra={"experiment": "inter_dataset"})
+        f, seconds, trained = provide_fleet(refs, fleet if fleet is not None else fleet_dir, cfg, samples=samples,
+                                            trainer=trainer)
+        if trained:
+            return _check_covers(f, refs), {"trained": True, "train_seconds": seconds, "config": cfg.to_dict()}
     f = _check_covers(f, refs)
     if splits is not None:
         check_fingerprints(f, splits)
@@ -142,7 +132,7 @@ def inter_dataset(refs: list[str], *, loss: str = "mse", samples: int | None = N
                   protocol: ProtocolConfig = DEFAULT, map_fn: MapFn | None = None,
                   base_map_fn: MapFn | None = None, on_progress: Progress | None = None,
                   fleet=None, ground_truth: GroundTruth | None = None,
-                  save_ground_truth=None) -> dict[str, Any]:
+                  save_ground_truth=None, fleet_dir=None, trainer: FleetTrainer | None = None) -> dict[str, Any]:
     """Run paper protocol I on ``refs``; see the module docstring.
 
     ``samples``: class-balanced samples per dataset before the 5:1 split (None:
@@ -152,7 +142,8 @@ def inter_dataset(refs: list[str], *, loss: str = "mse", samples: int | None = N
     :class:`Fleet` or fleet directory to use instead of training one (its
     members must be named like the canonical refs and trained on these
     splits). ``ground_truth``: a cached ground truth to reuse (no classifier
-    is trained); it must match refs, samples, data seed and protocol.
+    is trained); it must match refs, samples, data seed and protocol. Without ``fleet``, one is trained
+    (or resumed) into ``fleet_dir`` by ``trainer`` (see :func:`resolve_fleet`).
     ``save_ground_truth``: a directory to write a newly computed one to.
     ``map_fn`` runs the transfer units, ``base_map_fn`` the base classifiers.
     All matrices: rows = unknown X, columns = reference / base Y, both in
@@ -177,7 +168,8 @@ def inter_dataset(refs: list[str], *, loss: str = "mse", samples: int | None = N
     t0 = time.perf_counter()
     f, fleet_info = resolve_fleet(refs, fleet=fleet, loss=loss, samples=samples, epochs=epochs,
                                   data_seed=data_seed, model_seed=model_seed, data_dir=data_dir,
-                                  protocol=protocol, splits=splits, on_progress=on_progress)
+                                  protocol=protocol, splits=splits, on_progress=on_progress,
+                                  fleet_dir=fleet_dir, trainer=trainer)
     timings["autoencoders_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -31,6 +31,7 @@ from ..transfer.classifiers import train_base
 from ..losses import check_loss
 from ..names import display_names
 from ..protocol import DEFAULT, MapFn, Progress, ProtocolConfig, canonical_refs, jsonable, load_splits, run_units
+from .fleets import FleetTrainer
 from .inter_dataset import resolve_fleet
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def latency(refs: list[str], unknown: str, *, repeats: int = 5, samples: int | N
             epochs: int | None = None, data_seed: int = 0, model_seed: int = 0, data_dir=None, loss: str = "mse",
             base: str | None = None, tl_configs: tuple[str, ...] = tuple(TL_CONFIGS),
             protocol: ProtocolConfig = DEFAULT, map_fn: MapFn | None = None,
-            on_progress: Progress | None = None, fleet=None) -> dict[str, Any]:
+            on_progress: Progress | None = None, fleet=None, fleet_dir=None, trainer: FleetTrainer | None = None) -> dict[str, Any]:
     """Time SimEx on ``unknown`` against transfer learning from ``base`` (default: the
     first reference that is not the unknown).
 
@@ -66,7 +67,8 @@ def latency(refs: list[str], unknown: str, *, repeats: int = 5, samples: int | N
     b_split = load_splits(base, samples=samples, data_seed=data_seed, data_dir=data_dir, protocol=sampled)
     f, fleet_info = resolve_fleet(refs, fleet=fleet, loss=loss, samples=samples, epochs=epochs,
                                   data_seed=data_seed, model_seed=model_seed, data_dir=data_dir, protocol=protocol,
-                                  splits={base: b_split}, on_progress=on_progress)
+                                  splits={base: b_split}, on_progress=on_progress, fleet_dir=fleet_dir,
+                                  trainer=trainer)
     x_all = np.concatenate([x_split.ae_train, x_split.ae_test])  # every sampled unknown image
 
     f.per_sample_delta(base, x_all[:64], loss)  # warm-up: first-call allocations are not the steady cost
