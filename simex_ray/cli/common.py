@@ -18,34 +18,22 @@ class UsageError(Exception):
     """A user mistake: reported as one line, exit status 2."""
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def number_type(cast: Callable[[str], Any], *, minimum: float, strict: bool, what: str):
+    """An argparse ``type`` reading a number above ``minimum`` (``strict``) or at least ``minimum``."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'") from None
+        if not (value > minimum if strict else value >= minimum):  # `not` also refuses NaN
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+positive_int = number_type(int, minimum=0, strict=True, what="a positive integer")
+non_negative_int = number_type(int, minimum=0, strict=False, what="a non-negative integer")
+positive_float = number_type(float, minimum=0, strict=True, what="a positive number")
 
 
 def spec_help() -> str:
