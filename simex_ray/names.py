@@ -8,14 +8,23 @@ that tells it apart from the other paths shown with it (``a.npz``,
 prefixes and class selectors (``rotated:a.npz#3``). Where that still leaves
 two names alike (``npz:d`` and ``folder:d``), the scheme stays; failing that,
 the full spec. JSON output always keeps the full spec.
+
+The file schemes are the ones registered in :mod:`simex_ray.data.spec`
+(:func:`~simex_ray.data.spec.file_schemes`), so a new file source is shortened too.
 """
 
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Iterable
 
-_FILE = re.compile(r"(?P<scheme>npz|pkl|idx|folder|parquet):(?P<path>[^#]+)")
+from .data.spec import file_schemes
+
+
+@lru_cache(maxsize=8)
+def _file_pattern(schemes: tuple[str, ...]) -> re.Pattern:
+    return re.compile(rf"(?P<scheme>{'|'.join(map(re.escape, schemes))}):(?P<path>[^#]+)")
 
 
 def _shortest_suffixes(paths: list[str]) -> dict[str, str]:
@@ -35,15 +44,16 @@ def _shortest_suffixes(paths: list[str]) -> dict[str, str]:
 
 def display_names(names: Iterable[str]) -> dict[str, str]:
     """{full name: short display name}, unique and in the given order."""
+    file_re = _file_pattern(file_schemes())
     names = list(dict.fromkeys(names))
-    paths = sorted({m.group("path") for n in names for m in _FILE.finditer(n)})
+    paths = sorted({m.group("path") for n in names for m in file_re.finditer(n)})
     short = _shortest_suffixes(paths)
     for keep_scheme in (False, True):
         def sub(m: re.Match) -> str:
             tail = short[m.group("path")]
             return f"{m.group('scheme')}:{tail}" if keep_scheme else tail
 
-        shown = {n: _FILE.sub(sub, n) for n in names}
+        shown = {n: file_re.sub(sub, n) for n in names}
         if len(set(shown.values())) == len(shown):
             return shown
     return {n: n for n in names}

