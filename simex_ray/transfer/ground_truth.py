@@ -44,10 +44,13 @@ from ..protocol import (DEFAULT, MapFn, Progress, ProtocolConfig, Splits, canoni
                        run_units)
 from .classifiers import train_base
 from .learning import finetune, tl_config, transfer, transfer_efficiency
+from .library import FILE as LIBRARY_FILE
+from .library import Classifier, LibraryWriter, classifier_name
 
 log = logging.getLogger("simex_ray.ground_truth")
 
 FILE = "ground_truth.json"
+LIBRARY = "library"  # GT/library: the base classifiers B(Y), one per reference and classifier seed
 FORMAT_VERSION = 1
 
 
@@ -96,6 +99,17 @@ class GroundTruth:
     sizes: dict[str, dict[str, int]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     path: Path | None = None
+    # Not in the JSON: the trained base classifiers [(library record, state_dict)], written by
+    # :meth:`save` as the classifier library GT/library (:mod:`.library`).
+    bases: list[tuple[Classifier, dict[str, Any]]] = field(default_factory=list, repr=False)
+
+    @property
+    def library(self) -> Path | None:
+        """The classifier library saved beside this ground truth (None for ones written before it existed)."""
+        if self.path is None:
+            return None
+        lib = Path(self.path) / LIBRARY
+        return lib if (lib / LIBRARY_FILE).is_file() else None
 
     # ------------------------------------------------------------------ derived
 
@@ -236,6 +250,11 @@ class GroundTruth:
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / FILE, "parquet": out / "ground_truth.parquet",
                  "png": out / "transfer_accuracy.png"}
+        if self.bases:  # the base classifiers, kept as a library (before the JSON that marks completion)
+            writer = LibraryWriter(out / LIBRARY, extra={"ground_truth": FILE})
+            for record, state in self.bases:
+                writer.add(record, state)
+            paths["library"] = out / LIBRARY / LIBRARY_FILE
         rows = []
         eff = self.efficiency
         for i, x in enumerate(self.references):
@@ -370,7 +389,24 @@ def compute_ground_truth(refs: Sequence[str], *, samples: int | None = None, dat
         base_seconds_to_best=mean_over_seeds("seconds_to_best"), transfer_seconds_to_best_per_config=sec_cfg,
         gain=gain, gain_per_seed=gain_seed, scratch_accuracy=scratch,
         sizes={r: splits[r].sizes() for r in refs}, timings=timings)
+    gt.bases = [(base_record(y, s, base_at[(s, y)], splits[y], protocol, data_seed=data_seed, samples=samples),
+                 base_at[(s, y)]["state"]) for s in clf_seeds for y in refs]
     snr = gt.snr()
     log.info("ground truth (%s): SNR %.2f, own base best in %d/%d rows (%.0fs)", gt.target_name, snr["snr"],
              snr["own_base_best"], n, timings["total_s"])
     return gt
+
+
+def base_settings(protocol: ProtocolConfig) -> dict[str, Any]:
+    """How every base classifier of ``protocol`` is trained (a library record's ``config``)."""
+    return {"optimizer": protocol.base_optimizer, "lr": protocol.base_lr, "max_epochs": protocol.clf_max_epochs,
+            "patience": protocol.clf_patience, "batch_size": protocol.clf_batch_size}
+
+
+def base_record(spec: str, seed: int, result: dict[str, Any], splits: Splits, protocol: ProtocolConfig, *,
+                data_seed: int, samples: int | None) -> Classifier:
+    """The library record of B(spec) from :func:`train_base`'s result."""
+    return Classifier(name=classifier_name(spec, seed), spec=spec, seed=seed, n_classes=protocol.n_classes,
+                      fingerprint=splits.fingerprints()["clf_train"], data_seed=data_seed, samples=samples,
+                      config=base_settings(protocol), accuracy=float(result["test_accuracy"]),
+                      val_accuracy=float(result["val_accuracy"]), seconds=float(result["seconds"]))

@@ -1,0 +1,233 @@
+"""A library of pretrained base classifiers B(Y), on disk beside the fleet (Ray-free).
+
+The paper's first scenario (section 3.1): a provider keeps one classifier per reference dataset and a
+customer asks which one to transfer from. The ground truth trains exactly these classifiers; the
+library keeps them, with the fleet's conventions::
+
+    LIB/library.json                        kind, format, one record per classifier
+    LIB/weights/<name>-<sha16>.pt           one state_dict per classifier, named by its content
+
+A record holds the reference spec, the classifier seed, the architecture, the number of classes, the
+fingerprint of its training split, its training settings, its held-out accuracy and training time,
+and the sha256 of its weight file. Writes are atomic, weights before the record that lists them;
+loading checks the sha256 of the bytes it loads and uses ``torch.load(weights_only=True)``.
+LIB is a local path or a URI (``file://``, ``s3://``, ``gs://``), as for fleets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from .. import storage
+from ..errors import one_line
+from ..fleet.manifest import HASH_CHARS, slug
+from .classifiers import LeNet5, predict_proba
+
+FILE = "library.json"
+KIND = "simex-classifier-library"
+FORMAT_VERSION = 1
+ARCHITECTURES = ("lenet5",)
+
+
+class LibraryError(RuntimeError):
+    """A classifier library that cannot be used; the message names the file and the fix."""
+
+
+@dataclass
+class Classifier:
+    """One base classifier B(Y)'s record in ``library.json``."""
+
+    name: str  # "<spec>@s<seed>": one reference, one classifier seed
+    spec: str
+    seed: int
+    n_classes: int
+    fingerprint: str  # sha256 of the classifier's training split (data.fingerprint)
+    architecture: str = "lenet5"
+    data_seed: int | None = None
+    samples: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # optimizer, lr, max_epochs, patience, batch_size
+    accuracy: float = float("nan")  # on the reference's held-out test split
+    val_accuracy: float = float("nan")
+    seconds: float = float("nan")
+    weights: str = ""  # relative to the library
+    sha256: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Classifier":
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def classifier_name(spec: str, seed: int) -> str:
+    return f"{spec}@s{seed}"
+
+
+def read_library(path: storage.PathLike) -> dict[str, Any]:
+    """The parsed ``library.json`` of ``path``, checked for kind and format."""
+    loc = storage.resolve(path)
+    file = loc.join(FILE)
+    try:
+        text = file.read_bytes().decode() if file.is_file() else None
+    except OSError as e:
+        raise LibraryError(f"cannot read {file} ({one_line(e)}); check the path and its credentials") from None
+    if text is None:
+        raise LibraryError(f"{file} is missing; build a library with `simex train-bases --refs ... --out {path}` "
+                           f"or `simex experiment transfer --out DIR` (its DIR/library)")
+    try:
+        d = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LibraryError(f"{file} is corrupted ({one_line(e)}); rebuild it with `simex train-bases`") from None
+    if not isinstance(d, dict) or d.get("kind") != KIND:
+        raise LibraryError(f"{file} is not a simex classifier library")
+    if d.get("format") != FORMAT_VERSION:
+        raise LibraryError(f"{file} has format {d.get('format')}, this simex reads {FORMAT_VERSION}")
+    return d
+
+
+class LibraryWriter:
+    """Adds finished classifiers to a library, rewriting ``library.json`` each time (weights first).
+
+    Records already in the library are kept, so building it in several runs, or resuming one, never
+    loses finished work; a record with the same name is replaced.
+    """
+
+    def __init__(self, out: storage.PathLike, extra: dict[str, Any] | None = None):
+        self.out = storage.resolve(out)
+        self.extra = extra or {}
+        self._lock = threading.Lock()
+        self.classifiers: dict[str, Classifier] = {}
+        if self.out.join(FILE).exists():
+            try:
+                self.classifiers = {c["name"]: Classifier.from_json(c) for c in read_library(self.out)["classifiers"]}
+            except LibraryError:
+                self.classifiers = {}
+
+    def has(self, name: str, fingerprint: str, config: dict[str, Any]) -> bool:
+        """True when ``name`` is already trained on this data with this config, and its weights are intact."""
+        c = self.classifiers.get(name)
+        if c is None or c.fingerprint != fingerprint or c.config != config or not c.weights:
+            return False
+        path = self.out.join(c.weights)
+        return path.is_file() and path.sha256() == c.sha256
+
+    def add(self, record: Classifier, state: dict[str, torch.Tensor]) -> Classifier:
+        buf = io.BytesIO()
+        torch.save({k: torch.as_tensor(v).detach().cpu() for k, v in state.items()}, buf)
+        blob = buf.getvalue()
+        digest = hashlib.sha256(blob).hexdigest()
+        rel = f"weights/{slug(record.name)}-{digest[:HASH_CHARS]}.pt"
+        path = self.out.join(rel)
+        if path.size() != len(blob):  # the same bytes are never written twice
+            path.write_bytes_atomic(blob)
+        record.weights, record.sha256 = rel, digest
+        with self._lock:
+            self.classifiers[record.name] = record
+            doc = {"kind": KIND, "format": FORMAT_VERSION,
+                   "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.extra,
+                   "classifiers": [c.to_json() for c in self.classifiers.values()]}
+            self.out.join(FILE).write_bytes_atomic((json.dumps(doc, indent=2) + "\n").encode())
+        return record
+
+
+class Library:
+    """The classifiers of a library, loaded on demand; ``features``/``probabilities`` need no Ray.
+
+    >>> lib = Library.load("LIB")
+    >>> lib.probabilities("mnist@s0", x)   # x: (N, 1, 28, 28) in [0, 1] -> (N, C) softmax
+    """
+
+    def __init__(self, path: storage.PathLike, classifiers: dict[str, Classifier]):
+        self.path, self.classifiers = path, classifiers
+        self._models: dict[str, LeNet5] = {}
+
+    @classmethod
+    def load(cls, path: storage.PathLike) -> "Library":
+        records = {c["name"]: Classifier.from_json(c) for c in read_library(path)["classifiers"]}
+        if not records:
+            raise LibraryError(f"{storage.resolve(path).join(FILE)} lists no classifiers")
+        return cls(path, records)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.classifiers)
+
+    @property
+    def references(self) -> list[str]:
+        """The reference specs, each once, in library order."""
+        return list(dict.fromkeys(c.spec for c in self.classifiers.values()))
+
+    def for_reference(self, spec: str, seed: int | None = None) -> Classifier:
+        """The classifier of ``spec`` (its lowest seed unless ``seed``)."""
+        found = sorted((c for c in self.classifiers.values() if c.spec == spec and (seed is None or c.seed == seed)),
+                       key=lambda c: c.seed)
+        if not found:
+            raise LibraryError(f"the library has no classifier for '{spec}'; it has: {', '.join(self.references)}")
+        return found[0]
+
+    def model(self, name: str) -> LeNet5:
+        """B(Y) by name, its weight file checked against the record's sha256 (loaded once)."""
+        if name not in self._models:
+            c = self.classifiers.get(name)
+            if c is None:
+                raise LibraryError(f"unknown classifier '{name}'; the library has: {', '.join(self.names)}")
+            path = storage.resolve(self.path).join(c.weights)
+            try:
+                blob = path.read_bytes() if c.weights and path.is_file() else None
+            except OSError as e:
+                raise LibraryError(f"weight file {path} of '{name}' cannot be read ({one_line(e)})") from None
+            if blob is None:
+                raise LibraryError(f"weight file {path} of '{name}' is missing; re-run `simex train-bases` with "
+                                   f"the same --out to rebuild it")
+            if hashlib.sha256(blob).hexdigest() != c.sha256:
+                raise LibraryError(f"weight file {path} of '{name}' is corrupted (sha256 mismatch); delete it and "
+                                   f"re-run `simex train-bases`")
+            if c.architecture not in ARCHITECTURES:
+                raise LibraryError(f"'{name}' has architecture '{c.architecture}'; this simex reads "
+                                   f"{', '.join(ARCHITECTURES)}")
+            model = LeNet5(c.n_classes)
+            try:
+                model.load_state_dict(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
+            except Exception as e:  # noqa: BLE001 - any failure here is a bad file
+                raise LibraryError(f"weight file {path} of '{name}' cannot be loaded ({type(e).__name__})") from None
+            self._models[name] = model.eval()
+        return self._models[name]
+
+    def features(self, name: str, x, batch_size: int = 512) -> np.ndarray:
+        """B(Y)'s penultimate features (the 84-dim FC layer after its activation): (N, 84) float64."""
+        return penultimate_features(self.model(name), x, batch_size)
+
+    def probabilities(self, name: str, x) -> np.ndarray:
+        """B(Y)'s softmax over its own classes: (N, C) float64."""
+        return predict_proba(self.model(name), x)
+
+    def select(self, names: Iterable[str]) -> "Library":
+        names = list(names)
+        unknown = [n for n in names if n not in self.classifiers]
+        if unknown:
+            raise LibraryError(f"unknown classifier(s) {', '.join(unknown)}; the library has: {', '.join(self.names)}")
+        return Library(self.path, {n: self.classifiers[n] for n in names})
+
+
+@torch.no_grad()
+def penultimate_features(model: LeNet5, x, batch_size: int = 512) -> np.ndarray:
+    """The input of the last linear layer (after its activation): what a linear probe on B(Y) sees."""
+    from ..training import as_tensor
+
+    model.eval()
+    x = as_tensor(x)
+    body = model.head[:-1]  # Flatten, FC120, act, FC84, act
+    if len(x) == 0:
+        return np.zeros((0, model.head[-1].in_features))
+    return torch.cat([body(model.features(b)) for b in torch.split(x, batch_size)]).double().numpy()
