@@ -164,6 +164,12 @@ def cmd_experiment(args) -> int:
     paths = write(result, out)
     from ..protocol import jsonable
 
+    if isinstance(result, dict) and result.get("selection_table"):
+        from ..experiments.inter_dataset import format_selection_table
+
+        print("methods side by side (ρ against the same ground truth):", file=sys.stderr)
+        print(format_selection_table(result["selection_table"]), file=sys.stderr)
+
     print(json.dumps(jsonable(summary(result))))
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     return 0
@@ -187,6 +193,8 @@ def summary(result) -> dict:
     if "baselines" in result:
         out["baselines"] = {name: {k: v for k, v in b.items() if k.startswith("rho_mean")}
                             for name, b in result["baselines"].items()}
+    if result.get("selection_table"):
+        out["selection_table"] = result["selection_table"]
     return out
 
 

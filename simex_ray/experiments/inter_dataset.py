@@ -33,6 +33,8 @@ from ..transfer.ground_truth import GroundTruth, compute_ground_truth
 from ..losses import check_loss
 from ..protocol import (DEFAULT, MapFn, Progress, ProtocolConfig, Splits, canonical_refs, jsonable, load_splits)
 from ..ranking import agreement
+from ..transfer.library import Library
+from ..transfer.selection import METHODS, SIMEX, needs_labels, select
 from .fleets import FleetTrainer, local_trainer, provide_fleet
 
 log = logging.getLogger(__name__)
@@ -199,6 +201,12 @@ def inter_dataset(refs: list[str], *, loss: str = "mse", samples: int | None = N
     targets = gt.targets()
     main = agreement(delta_used, targets, refs)
     baselines = {name: {"matrix": m.tolist(), **agreement(m, targets, refs)} for name, m in baseline_mats.items()}
+    t0 = time.perf_counter()
+    estimators = estimator_matrices(gt, refs, splits, protocol, on_progress=on_progress)
+    for e in estimators.values():  # higher = better transfer: as a distance, its negative
+        e.update(agreement(-np.asarray(e["matrix"]), targets, refs))
+    timings["estimators_s"] = time.perf_counter() - t0
+    table = selection_table(main, timings["delta_s"], baselines, timings["baselines_s"], estimators)
     timings["total_s"] = time.perf_counter() - t_all
     log.info("inter_dataset %s: rho_mean %.3f (strict %.3f), normalized %.3f (%.0fs)", loss, main["rho_mean"],
              main["rho_mean_strict"], main["rho_mean_normalized"], timings["total_s"])
@@ -230,9 +238,67 @@ def inter_dataset(refs: list[str], *, loss: str = "mse", samples: int | None = N
         "base_seconds": dict(gt.base_seconds),
         **main,
         "baselines": baselines,
+        "estimators": estimators,
+        "selection_table": table,
         "sizes": {r: splits[r].sizes() for r in refs},
         "timings": timings,
     }
+
+
+def estimator_matrices(gt: GroundTruth, refs: list[str], splits: dict[str, Splits], protocol: ProtocolConfig, *,
+                       on_progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+    """Every transferability estimator for every (X, B(Y)): {method: {matrix, needs_labels, seconds}}.
+
+    B(Y) is the ground truth's base classifier of its first classifier seed (from its library, or the
+    ones it just trained); X is X's labelled transfer-training split, the images and labels the
+    transfer itself learns from (never the evaluation split). Empty for a ground truth without a library.
+    """
+    if gt.bases:
+        library = Library.in_memory(gt.bases)
+    elif gt.library is not None:
+        library = Library.load(gt.library)
+    else:
+        log.info("the ground truth has no classifier library (written before libraries existed): no estimators")
+        return {}
+    seed = gt.model_seed + gt.protocol["seeds"][0]
+    bases = [library.for_reference(y, seed=seed).name for y in refs]
+    methods = [m for m in METHODS if m != SIMEX]
+    n = len(refs)
+    out = {m: {"matrix": np.zeros((n, n)), "needs_labels": needs_labels(m), "seconds": 0.0} for m in methods}
+    for i, x in enumerate(refs):
+        kw = splits[x].clf_kwargs(protocol.transfer_samples)
+        sel = select(library, kw["x_train"], kw["y_train"], methods=methods, classifiers=bases)
+        for m in methods:
+            out[m]["matrix"][i] = [sel.scores[m][b] for b in bases]
+            out[m]["seconds"] += sel.seconds[m]
+        if on_progress is not None:
+            on_progress("estimators", i + 1, n)
+    for e in out.values():
+        e["matrix"] = e["matrix"].tolist()
+    return out
+
+
+def selection_table(main: dict[str, Any], delta_seconds: float, baselines: dict[str, dict[str, Any]],
+                    baseline_seconds: float, estimators: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per method: needs labels, ρ (paper and strict, per base and per unknown), seconds for the matrix."""
+    def row(method, r, labels, seconds):
+        return {"method": method, "needs_labels": labels, "rho_mean": r["rho_mean"],
+                "rho_mean_strict": r["rho_mean_strict"], "rho_mean_per_unknown": r["rho_mean_per_unknown"],
+                "seconds": seconds}
+
+    rows = [row("simex", main, False, delta_seconds)]
+    # The paper's baselines share one timer; each gets an equal share.
+    rows += [row(name, b, False, baseline_seconds / max(1, len(baselines))) for name, b in baselines.items()]
+    rows += [row(name, e, e["needs_labels"], e["seconds"]) for name, e in estimators.items()]
+    return rows
+
+
+def format_selection_table(table: list[dict[str, Any]]) -> str:
+    lines = [f"{'method':<14} {'labels':>6} {'ρ':>7} {'ρ strict':>9} {'ρ/unknown':>10} {'seconds':>9}"]
+    for r in table:
+        lines.append(f"{r['method']:<14} {'yes' if r['needs_labels'] else 'no':>6} {r['rho_mean']:>7.3f} "
+                     f"{r['rho_mean_strict']:>9.3f} {r['rho_mean_per_unknown']:>10.3f} {r['seconds']:>9.3f}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- output

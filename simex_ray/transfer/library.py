@@ -159,6 +159,16 @@ class Library:
             raise LibraryError(f"{storage.resolve(path).join(FILE)} lists no classifiers")
         return cls(path, records)
 
+    @classmethod
+    def in_memory(cls, bases: Iterable[tuple[Classifier, dict[str, torch.Tensor]]]) -> "Library":
+        """A library of classifiers just trained (records and state_dicts), not written anywhere."""
+        lib = cls(None, {})
+        for record, state in bases:
+            model = LeNet5(record.n_classes)
+            model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+            lib.classifiers[record.name], lib._models[record.name] = record, model.eval()
+        return lib
+
     @property
     def names(self) -> list[str]:
         return list(self.classifiers)
@@ -217,7 +227,9 @@ class Library:
         unknown = [n for n in names if n not in self.classifiers]
         if unknown:
             raise LibraryError(f"unknown classifier(s) {', '.join(unknown)}; the library has: {', '.join(self.names)}")
-        return Library(self.path, {n: self.classifiers[n] for n in names})
+        lib = Library(self.path, {n: self.classifiers[n] for n in names})
+        lib._models = {n: m for n, m in self._models.items() if n in lib.classifiers}
+        return lib
 
 
 @torch.no_grad()

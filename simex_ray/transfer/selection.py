@@ -1,0 +1,104 @@
+"""Which pretrained classifier should I transfer from? Every method scores every classifier of a library
+for one dataset, higher = better (Ray-free).
+
+``simex`` is label-free: -Δ(X | A(Y)) through the fleet member of the classifier's reference Y. The
+transferability estimators of :mod:`.estimators` read the frozen classifier B(Y)'s penultimate features
+and softmax on X; most need X's labels (LogME, LEEP, NCE, H-score, GBC, k-NN), three do not (entropy,
+nuclear norm, silhouette). Forward passes are shared: each classifier runs once over X, whatever the
+number of methods.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .estimators import ESTIMATORS, estimate
+from .library import Library
+
+SIMEX = "simex"
+METHODS = (SIMEX, *ESTIMATORS)
+
+
+def needs_labels(method: str) -> bool:
+    return method != SIMEX and ESTIMATORS[method].needs_labels
+
+
+def check_methods(methods: Sequence[str], *, labelled: bool, fleet: bool) -> list[str]:
+    """The methods, validated: an unknown one, a label-using one without labels, or simex without a fleet
+    is a one-line error naming the fix."""
+    methods = list(dict.fromkeys(methods))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}, all")
+    if not labelled and (using := [m for m in methods if needs_labels(m)]):
+        free = [m for m in METHODS if not needs_labels(m)]
+        raise ValueError(f"method(s) {', '.join(using)} need the data's labels, and it has none; label it (npz key "
+                         f"'y', a 'label' column, one folder per class) or use a label-free method: "
+                         f"{', '.join(free)}")
+    if SIMEX in methods and not fleet:
+        raise ValueError("method simex needs the fleet of autoencoders of the library's references: pass --fleet")
+    return methods
+
+
+@dataclass
+class Selection:
+    """Scores of every classifier under every method for one dataset; higher = better transfer."""
+
+    scores: dict[str, dict[str, float]]  # method -> classifier -> score
+    seconds: dict[str, float]  # method -> wall time for all classifiers (its share of forward passes included)
+    n: int
+    labelled: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def ranking(self, method: str) -> list[str]:
+        s = self.scores[method]
+        return sorted(s, key=lambda c: (-s[c] if np.isfinite(s[c]) else np.inf, c))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"n": self.n, "labelled": self.labelled,
+                "ranking": {m: self.ranking(m) for m in self.scores},
+                "scores": {m: {c: (float(v) if np.isfinite(v) else None) for c, v in s.items()}
+                           for m, s in self.scores.items()},
+                "needs_labels": {m: needs_labels(m) for m in self.scores},
+                "seconds": self.seconds, **self.extra}
+
+
+def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, methods: Sequence[str] = METHODS,
+           classifiers: Sequence[str] | None = None, fleet=None, loss: str | None = None,
+           options: dict[str, dict[str, Any]] | None = None) -> Selection:
+    """Score ``classifiers`` (default: every one in ``library``) for images ``x`` (N, 1, 28, 28) with labels
+    ``y`` (needed by the label-using methods). ``fleet``: a :class:`~simex_ray.fleet.Fleet` whose members
+    are named by the classifiers' reference specs (for ``simex``). ``options``: per-method keyword options."""
+    methods = check_methods(methods, labelled=y is not None, fleet=fleet is not None)
+    names = list(classifiers) if classifiers is not None else library.names
+    options = options or {}
+    scores = {m: {} for m in methods}
+    seconds = {m: 0.0 for m in methods}
+    estimators = [m for m in methods if m != SIMEX]
+    if SIMEX in methods:
+        t0 = time.perf_counter()
+        specs = list(dict.fromkeys(library.classifiers[c].spec for c in names))
+        missing = [s for s in specs if s not in fleet.members]
+        if missing:
+            raise ValueError(f"the fleet has no member for {', '.join(missing)}; train one with "
+                             f"`simex train --refs {','.join(missing)}`")
+        delta = fleet.engine.per_sample(x, specs, loss).mean(axis=1)
+        by_spec = dict(zip(specs, delta))
+        scores[SIMEX] = {c: -float(by_spec[library.classifiers[c].spec]) for c in names}
+        seconds[SIMEX] = time.perf_counter() - t0
+    for c in names:
+        if not estimators:
+            break
+        t0 = time.perf_counter()
+        feats = library.features(c, x) if any(ESTIMATORS[m].needs == "features" for m in estimators) else None
+        probs = library.probabilities(c, x) if any(ESTIMATORS[m].needs != "features" for m in estimators) else None
+        forward = time.perf_counter() - t0
+        for m in estimators:
+            t1 = time.perf_counter()
+            scores[m][c] = estimate(m, features=feats, probs=probs, labels=y, **options.get(m, {}))
+            seconds[m] += time.perf_counter() - t1 + forward
+    return Selection(scores, seconds, int(len(x)), y is not None)
