@@ -102,3 +102,39 @@ def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, meth
             scores[m][c] = estimate(m, features=feats, probs=probs, labels=y, **options.get(m, {}))
             seconds[m] += time.perf_counter() - t1 + forward
     return Selection(scores, seconds, int(len(x)), y is not None)
+
+
+def verify(library: Library, candidates: Sequence[str], spec: str, *, samples: int | None, data_seed: int,
+           data_dir=None, protocol=None, tl_configs: Sequence[str] | None = None, map_fn=None,
+           on_progress=None) -> dict[str, Any]:
+    """The ground truth on demand: transfer each candidate classifier to ``spec`` for real.
+
+    Each candidate B(Y) is transferred under the protocol's transfer settings (default: the ``default``
+    preset, every TL config of it) with its classifier seed, on ``spec``'s labelled splits; the score is
+    the mean held-out accuracy. ``map_fn`` runs the transfers (e.g. as Ray tasks). Returns
+    ``{"accuracy": {classifier: acc}, "ranking": best first, "best": ..., "protocol": ..., "seconds": ...}``.
+    """
+    from ..protocol import DEFAULT, load_splits, run_units
+    from .learning import tl_config, transfer
+
+    protocol = protocol or DEFAULT
+    t0 = time.perf_counter()
+    splits = load_splits(spec, samples=samples, data_seed=data_seed, data_dir=data_dir, protocol=protocol)
+    configs = list(tl_configs or protocol.tl_configs)
+    units, keys = [], []
+    for name in candidates:
+        c = library.classifiers[name]
+        state = {k: v.detach().clone() for k, v in library.model(name).state_dict().items()}
+        for cfg in configs:
+            keys.append(name)
+            units.append(dict(base_state=state, **splits.clf_kwargs(protocol.transfer_samples), config=tl_config(cfg),
+                              fc_init=protocol.fc_init, fc_layers=protocol.fc_layers,
+                              max_epochs=protocol.clf_max_epochs, patience=protocol.clf_patience,
+                              batch_size=protocol.clf_batch_size, seed=c.seed))
+    results = run_units(transfer, units, stage="verify", map_fn=map_fn, on_progress=on_progress)
+    accuracy: dict[str, float] = {name: 0.0 for name in candidates}
+    for name, r in zip(keys, results):
+        accuracy[name] += r["accuracy"] / len(configs)
+    ranking = sorted(accuracy, key=lambda n: (-accuracy[n], n))
+    return {"accuracy": accuracy, "ranking": ranking, "best": ranking[0], "tl_configs": configs,
+            "transfer_samples": protocol.transfer_samples, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,197 @@
+"""`simex select` (which of my classifiers should I transfer from?) and `simex train-bases` (build the
+classifier library)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from .common import (UsageError, add_address_arg, add_data_args, add_device_arg, add_loss_arg, data_seed,
+                     positive_float, positive_int, read_unknown, spec_help, stage_printer)
+
+
+def add_parsers(sub) -> None:
+    from ..transfer.selection import METHODS
+
+    s = sub.add_parser("select", help="rank a library's pretrained classifiers for a dataset (which to transfer from)",
+                       description="Score every classifier of a library (from `simex train-bases` or `simex "
+                                   "experiment transfer`'s OUT/ground_truth/library) for unknown data: simex "
+                                   "(-Δ through the fleet, no labels) and the transferability estimators (LogME, "
+                                   "LEEP, NCE, H-score, GBC, k-NN need labels; entropy, nuclear-norm and silhouette "
+                                   "do not). Higher score = better transfer.")
+    s.add_argument("--library", required=True, help="classifier library directory or URI")
+    s.add_argument("--data", required=True, help=spec_help())
+    s.add_argument("--fleet", default=None, help="fleet of the library's references (for --method simex)")
+    s.add_argument("--method", default="all",
+                   help=f"comma-separated methods of {', '.join(METHODS)}, or all (default: every method the "
+                        f"data and flags allow: label-using ones when the data has labels, simex with --fleet)")
+    s.add_argument("--split", choices=("all", "train", "test"), default="all",
+                   help="score all samples, or the train/test part of the 5:1 split")
+    s.add_argument("--verify", type=positive_int, default=None, metavar="K",
+                   help="transfer the top K classifiers of the first method for real and report their accuracy "
+                        "(needs labels; Ray tasks unless --no-ray)")
+    s.add_argument("--no-ray", action="store_true", help="run --verify's transfers in this process")
+    add_address_arg(s)
+    add_loss_arg(s, help="override the fleet's delta (simex)")
+    s.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    add_device_arg(s)
+    add_data_args(s)
+
+    b = sub.add_parser("train-bases", help="train a library of base classifiers B(Y), one per reference (Ray Train)",
+                       description="Train one LeNet-5 classifier per reference and classifier seed on its labelled "
+                                   "5:1 split, as the transfer ground truth does, and keep them as a library. "
+                                   "Re-running the same command resumes: finished classifiers are kept.")
+    b.add_argument("--refs", required=True, help="comma-separated labelled reference specs; " + spec_help())
+    b.add_argument("--out", required=True, help="library directory or URI (created; re-use to resume)")
+    b.add_argument("--seeds", type=positive_int, default=1, help="classifier seeds per reference (default 1)")
+    b.add_argument("--protocol", default=None,
+                   help="preset or JSON file whose classifier settings to use (default: 'default')")
+    b.add_argument("--cpus-per-task", type=positive_float, default=1.0, help="CPUs per classifier run (default 1)")
+    b.add_argument("--no-ray", action="store_true", help="train in this process, one classifier after another")
+    add_address_arg(b)
+    add_data_args(b)
+
+
+def resolve_methods(text: str, *, labelled: bool, fleet: bool) -> list[str]:
+    from ..transfer.selection import METHODS, SIMEX, needs_labels
+
+    if text.strip() == "all":
+        return [m for m in METHODS if (m != SIMEX or fleet) and (labelled or not needs_labels(m))]
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def cmd_select(args) -> int:
+    from .. import data
+    from ..transfer.library import Library
+    from ..transfer.selection import select, verify
+
+    data.parse_spec(args.data)
+    library = Library.load(args.library)
+    fleet = None
+    if args.fleet:
+        from ..fleet import Fleet
+        from ..scoring import resolve_device
+
+        fleet = Fleet.load(args.fleet, device=resolve_device(args.device))
+    seed = data_seed(args)
+    x, y = read_unknown(args.data, split=args.split, samples=args.samples, seed=seed, data_dir=args.data_dir,
+                        stream=False)
+    methods = resolve_methods(args.method, labelled=y is not None, fleet=fleet is not None)
+    if not methods:
+        raise UsageError("no method applies: the data has no labels and no --fleet was given; pass --fleet for "
+                         "simex, or use a label-free method (entropy, nuclear-norm, silhouette)")
+    if args.verify and y is None:
+        raise UsageError("--verify transfers the classifiers for real, which needs the data's labels")
+    t0 = time.perf_counter()
+    result = select(library, x, y, methods=methods, fleet=fleet, loss=args.loss)
+    out = {"library": str(args.library), "data": args.data, **result.to_json(),
+           "classifiers": {n: library.classifiers[n].spec for n in library.names}}
+    if args.verify:
+        first = methods[0]
+        candidates = result.ranking(first)[:args.verify]
+        show = stage_printer(time.perf_counter(), [args.data])
+        if args.no_ray:
+            verified = verify(library, candidates, args.data, samples=args.samples, data_seed=seed,
+                              data_dir=args.data_dir, on_progress=show)
+        else:
+            from ..distributed.map import ray_map
+            from ..distributed.runtime import ray_session
+
+            with ray_session(args.address):
+                verified = verify(library, candidates, args.data, samples=args.samples, data_seed=seed,
+                                  data_dir=args.data_dir, map_fn=ray_map(1.0), on_progress=show)
+        verified["method"] = first
+        verified["predicted_best"] = candidates[0]
+        verified["predicted_best_came"] = verified["ranking"].index(candidates[0]) + 1
+        out["verified"] = verified
+    out["seconds_total"] = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(format_selection(out))
+    return 0
+
+
+def format_selection(out: dict) -> str:
+    from ..names import display_names
+
+    methods = list(out["ranking"])
+    shown = display_names(out["classifiers"].values())
+    names = list(out["classifiers"])
+    label = {n: f"{shown[out['classifiers'][n]]}@{n.rsplit('@', 1)[-1]}" for n in names}
+    width = max(len(v) for v in label.values())
+    first = methods[0]
+    lines = [f"which classifier to transfer from, for {out['data']} ({out['n']} samples; higher = better; "
+             f"ordered by {first})",
+             f"{'classifier':<{width}}  " + "  ".join(f"{m:>12}" for m in methods)]
+    for n in out["ranking"][first]:
+        cells = [out["scores"][m].get(n) for m in methods]
+        lines.append(f"{label[n]:<{width}}  " + "  ".join(f"{'-':>12}" if v is None else f"{v:>12.4g}" for v in cells))
+    lines.append("needs labels: " + ", ".join(m for m in methods if out["needs_labels"][m]) or "none")
+    for m in methods:
+        lines.append(f"  best by {m:<12} {label[out['ranking'][m][0]]}  ({out['seconds'][m]:.2f}s)")
+    if "verified" in out:
+        v = out["verified"]
+        lines.append(f"verified by transfer ({', '.join(v['tl_configs'])}): " + ", ".join(
+            f"{label[n]} {v['accuracy'][n]:.3f}" for n in v["ranking"]))
+        lines.append(f"predicted best by {v['method']} ({label[v['predicted_best']]}) came "
+                     f"{v['predicted_best_came']} of {len(v['ranking'])}")
+    return "\n".join(lines)
+
+
+def cmd_train_bases(args) -> int:
+    from ..data import split_specs
+    from ..protocol import DEFAULT, load_protocol, load_splits, run_units
+    from ..transfer.classifiers import train_base
+    from ..transfer.ground_truth import base_record, base_settings
+    from ..transfer.library import LibraryWriter, classifier_name
+
+    protocol = load_protocol(args.protocol) if args.protocol else DEFAULT
+    refs = split_specs(args.refs)
+    seed = data_seed(args)
+    show = stage_printer(time.perf_counter(), refs)
+    writer = LibraryWriter(args.out, extra={"refs": refs, "samples": args.samples, "data_seed": seed})
+    todo = []
+    for ref in refs:
+        splits = load_splits(ref, samples=args.samples, data_seed=seed, data_dir=args.data_dir, protocol=protocol)
+        for s in range(args.seed, args.seed + args.seeds):
+            if writer.has(classifier_name(ref, s), splits.fingerprints()["clf_train"], base_settings(protocol)):
+                print(f"{classifier_name(ref, s)}: already trained, skipping", file=sys.stderr)
+                continue
+            todo.append((ref, s, splits))
+    kwargs = [dict(**sp.clf_kwargs(), optimizer=protocol.base_optimizer, lr=protocol.base_lr,
+                   max_epochs=protocol.clf_max_epochs, patience=protocol.clf_patience,
+                   batch_size=protocol.clf_batch_size, seed=s, n_classes=protocol.n_classes) for _, s, sp in todo]
+
+    def keep(part, results):
+        for (ref, s, sp), r in zip(part, results):
+            writer.add(base_record(ref, s, r, sp, protocol, data_seed=seed, samples=args.samples), r["state"])
+
+    t0 = time.perf_counter()
+    if args.no_ray:  # one at a time, each kept as soon as it is trained
+        for k, (unit, kw) in enumerate(zip(todo, kwargs)):
+            keep([unit], [train_base(**kw)])
+            show("base-classifiers", k + 1, len(todo))
+    elif todo:
+        from ..distributed.map import train_map
+        from ..distributed.runtime import ray_session
+        from ..distributed.train import Resources
+
+        with ray_session(args.address):
+            res = Resources(cpus_per_worker=args.cpus_per_task)
+            step = max(1, res.concurrent_runs(len(todo)))
+            for start in range(0, len(todo), step):  # each group kept as it finishes: a crash loses one group
+                part = slice(start, start + step)
+                keep(todo[part], run_units(train_base, kwargs[part], stage="base-classifiers",
+                                           map_fn=train_map(res, on_unit=lambda fn, d, t: None)))
+                show("base-classifiers", min(start + step, len(todo)), len(todo))
+    lib = writer.classifiers
+    print(f"library {args.out}: {len(lib)} classifier(s), {len(todo)} trained now in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)
+    for c in lib.values():
+        print(f"  {c.name:<32} accuracy {c.accuracy:.3f}  ({c.seconds:.1f}s)", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"select": cmd_select, "train-bases": cmd_train_bases}
