@@ -91,6 +91,7 @@ def latency(refs: list[str], unknown: str, *, repeats: int = 5, samples: int | N
                batch_size=protocol.clf_batch_size, seed=model_seed) for c in configs]
     results = run_units(transfer, kw, stage="transfer", map_fn=map_fn, on_progress=on_progress)
     transfer_seconds = {c.name: r["seconds_to_best"] for c, r in zip(configs, results)}
+    estimator_seconds = time_estimators(b, base, x_split, protocol, repeats=repeats, model_seed=model_seed)
     fastest = min(transfer_seconds, key=transfer_seconds.get)
     speedup = transfer_seconds[fastest] / simex if simex > 0 else float("inf")
     log.info("latency %s via %s: simex %.4fs, fastest transfer %s %.2fs, speedup %.0fx",
@@ -116,6 +117,11 @@ def latency(refs: list[str], unknown: str, *, repeats: int = 5, samples: int | N
         "transfer_accuracy": {c.name: r["accuracy"] for c, r in zip(configs, results)},
         "fastest_transfer": fastest,
         "speedup": speedup,
+        # Each estimator on the (X, B(base)) pair: B's forward pass over X's labelled transfer-training
+        # split and the estimator itself, median of ``repeats``; beside SimEx's Δ and the transfers.
+        "estimator_seconds": estimator_seconds,
+        "estimator_speedup": {m: transfer_seconds[fastest] / t if t > 0 else float("inf")
+                              for m, t in estimator_seconds.items()},
         "autoencoder_train_seconds": fleet_info["train_seconds"],
         "autoencoders_trained_here": fleet_info["trained"],
         "classifier_train_seconds": b["seconds"],
@@ -124,6 +130,27 @@ def latency(refs: list[str], unknown: str, *, repeats: int = 5, samples: int | N
         "protocol": protocol.to_dict(),
         "sizes": {"unknown": x_split.sizes(), "base": b_split.sizes()},
     }
+
+
+def time_estimators(base_result: dict[str, Any], base: str, x_split, protocol: ProtocolConfig, *, repeats: int,
+                    model_seed: int) -> dict[str, float]:
+    """{method: median seconds} of every transferability estimator for one (X, B(base)) pair."""
+    from ..transfer.library import Classifier, Library, classifier_name
+    from ..transfer.selection import METHODS, SIMEX, select
+
+    record = Classifier(name=classifier_name(base, model_seed), spec=base, seed=model_seed,
+                        n_classes=protocol.n_classes, fingerprint="")
+    kw = x_split.clf_kwargs(protocol.transfer_samples)
+    out = {}
+    for m in (m for m in METHODS if m != SIMEX):
+        times = []
+        for _ in range(repeats):
+            lib = Library.in_memory([(record, base_result["state"])])  # no cached model: each run pays its load
+            t0 = time.perf_counter()
+            select(lib, kw["x_train"], kw["y_train"], methods=[m])
+            times.append(time.perf_counter() - t0)
+        out[m] = statistics.median(times)
+    return out
 
 
 def write_latency(result: dict[str, Any], out_dir) -> dict[str, Path]:
@@ -136,10 +163,11 @@ def write_latency(result: dict[str, Any], out_dir) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(jsonable(result), indent=2) + "\n")
 
     plt = pyplot()
-    names = ["SimEx"] + list(result["transfer_seconds"])
-    secs = [result["simex_seconds"]] + list(result["transfer_seconds"].values())
+    estimators = result.get("estimator_seconds", {})
+    names = ["SimEx"] + list(estimators) + list(result["transfer_seconds"])
+    secs = [result["simex_seconds"]] + list(estimators.values()) + list(result["transfer_seconds"].values())
     fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(names), 4), dpi=120)
-    colors = ["tab:green"] + ["tab:blue"] * (len(names) - 1)
+    colors = ["tab:green"] + ["tab:orange"] * len(estimators) + ["tab:blue"] * len(result["transfer_seconds"])
     ax.bar(names, secs, color=colors)
     if result.get("simex_seconds_stats"):
         s = result["simex_seconds_stats"]
@@ -148,6 +176,7 @@ def write_latency(result: dict[str, Any], out_dir) -> dict[str, Path]:
     for k, v in enumerate(secs):
         ax.text(k, v, f"{v:.3g}s", ha="center", va="bottom", fontsize=8)
     ax.set_yscale("log")
+    ax.tick_params(axis="x", labelrotation=45)
     ax.set_ylabel("seconds (log scale)")
     shown = display_names([result["unknown"], result["base"]])
     ax.set_title(f"{shown[result['unknown']]} via {shown[result['base']]} (n = {result['n_unknown']}): speedup "
