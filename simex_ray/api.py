@@ -121,6 +121,28 @@ def select_members(requested: list[str] | None, available: list[str]) -> list[st
     return list(dict.fromkeys(requested))
 
 
+# What POST /v1/score answers beyond the score contract (SCORE_FIELDS): (type, default, description).
+RESPONSE_EXTRAS: dict[str, tuple[Any, Any, str]] = {
+    "latency_ms": (float, ..., "time spent in the service"),
+    "per_sample": (dict[str, Any] | None, None, "with ?per_sample=true: δ per member and the nearest member, "
+                                                "per image"),
+}
+
+
+def score_response_model():
+    """The pydantic model of POST /v1/score's answer, built from the score contract
+    (:data:`~simex_ray.fleet.result.SCORE_CONTRACT`: every field, its type and description) and
+    :data:`RESPONSE_EXTRAS`, so the HTTP answer cannot drop a field ``simex score --json`` has."""
+    from pydantic import Field, create_model
+
+    from .fleet.result import SCORE_CONTRACT
+
+    fields = {key: (kind, Field(description=text)) for key, (kind, _, text) in SCORE_CONTRACT.items()}
+    fields.update({key: (kind, Field(default, description=text))
+                   for key, (kind, default, text) in RESPONSE_EXTRAS.items()})
+    return create_model("ScoreResponse", **fields)
+
+
 def score_response(per_sample: np.ndarray, members: list[dict[str, Any]], loss: str, latency_ms: float, *,
                    method: str | None = None, with_samples: bool = False) -> dict[str, Any]:
     """The response of POST /v1/score: the same fields as `simex score --json` (every Δ, ranking and the

@@ -1,6 +1,6 @@
 """A client of the scoring service: send images to ``POST /v1/score`` in batches, merge the answers.
 
-Ray-free and torch-free; what `simex query` runs.
+Ray-free; what `simex query` runs.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import numpy as np
 log = logging.getLogger("simex_ray.client")
 
 RETRY_STATUS = (500, 502, 503, 504)  # a replica or node lost mid-request; scoring is idempotent
-# Fields of the answer that are means over images: a dataset's is the batch-size weighted mean of its batches'.
-MEAN_FIELDS = ("delta", "delta_normalized", "delta_calibrated", "in_distribution", "composition")
 
 
 def post(url: str, body: bytes, headers: dict, retries: int):
@@ -43,16 +41,20 @@ def post(url: str, body: bytes, headers: dict, retries: int):
 
 def query(url: str, images: np.ndarray, *, members: list[str] | None = None, api_key: str | None = None,
           batch: int = 1024, retries: int = 3):
-    """Score ``images`` (N, 1, 28, 28) through the service at ``url``: the :class:`ScoreResult` of all N."""
-    from .fleet import ScoreResult
+    """Score ``images`` (N, 1, 28, 28) through the service at ``url``: the :class:`ScoreResult` of all N,
+    every field of the score contract (the batches' answers merged by
+    :func:`~simex_ray.fleet.result.merge_results`: means weighted by batch size, typicality and every
+    ranking computed again from the merged values)."""
+    from .fleet.result import ScoreResult, merge_results
 
+    if batch < 1:
+        raise ValueError(f"batch must be a positive number of images, got {batch}")
     headers = {"content-type": "application/x-npy"}
     if api_key:
         headers["x-api-key"] = api_key
     endpoint = url.rstrip("/") + "/v1/score"
-    sums: dict[str, dict[str, float | None]] = {}
-    loss, method, n = "", None, len(images)
-    for start in range(0, n, batch):
+    parts = []
+    for start in range(0, len(images), batch):
         part = images[start:start + batch]
         if members:
             body = json.dumps({"images": part[:, 0].tolist(), "members": members}).encode()
@@ -68,13 +70,11 @@ def query(url: str, images: np.ndarray, *, members: list[str] | None = None, api
             except ValueError:
                 message = r.text[:200]
             raise ConnectionError(f"{endpoint} answered {r.status_code}: {message}")
-        out = r.json()
-        loss, method = out["loss"], out["ranking_method"]
-        for field in MEAN_FIELDS:
-            acc = sums.setdefault(field, {})
-            for name, v in out[field].items():
-                acc[name] = None if v is None or acc.get(name, 0.0) is None else acc.get(name, 0.0) + v * len(part)
-    mean = {f: {k: (None if v is None else v / n) for k, v in sums.get(f, {}).items()} for f in MEAN_FIELDS}
-    return ScoreResult(n=n, loss=loss, delta=mean["delta"], delta_normalized=mean["delta_normalized"],
-                       delta_calibrated=mean["delta_calibrated"], in_distribution=mean["in_distribution"],
-                       composition=mean["composition"], method=method)
+        try:
+            parts.append(ScoreResult.from_json(r.json()))
+        except ValueError as e:  # an older service without every field, or not a score answer
+            raise ConnectionError(f"{endpoint} answered without the score contract ({e}); "
+                                  f"is it a simex-ray service of this version?") from None
+    if not parts:
+        raise ValueError("no images to score")
+    return merge_results(parts)

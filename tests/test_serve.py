@@ -16,7 +16,7 @@ import requests
 
 from simex_ray import data
 from simex_ray.api import Limits
-from simex_ray.fleet import Fleet, read_manifest, write_manifest, Member
+from simex_ray.fleet import SCORE_FIELDS, Fleet, read_manifest, write_manifest, Member
 
 pytestmark = pytest.mark.ray
 
@@ -37,10 +37,10 @@ def service(ray_cluster, tiny_fleet, tmp_path_factory):
     class Service:
         url = f"http://127.0.0.1:{port}"
 
-        def redeploy(self, **changes):
+        def redeploy(self, manifest=None, **changes):
             from dataclasses import replace
 
-            return deploy(fleet, replace(settings, **changes))
+            return deploy(fleet, replace(settings, **changes), manifest=manifest)
 
     Service.fleet = fleet
     yield Service()
@@ -65,6 +65,24 @@ def assert_same_answer(after: dict, before: dict) -> None:
         for name, d in before[field].items():
             assert after[field][name] == pytest.approx(d, rel=1e-5), field
     assert after["ranking"] == before["ranking"]
+
+
+def assert_same_score(got: dict, expected: dict, tolerance: float = 1e-6) -> None:
+    """Two answers for the same images agree on every field of the score contract (SCORE_FIELDS):
+    numbers to ``tolerance``, rankings and everything else exactly. Fails when either lacks a field."""
+    for answer in (got, expected):
+        assert set(SCORE_FIELDS) <= set(answer), f"fields missing: {sorted(set(SCORE_FIELDS) - set(answer))}"
+    for field in SCORE_FIELDS:
+        want, have = expected[field], got[field]
+        if isinstance(want, dict):
+            assert set(have) == set(want), field
+            for name, v in want.items():
+                if v is None:
+                    assert have[name] is None, (field, name)
+                else:
+                    assert have[name] == pytest.approx(v, rel=tolerance, abs=tolerance), (field, name)
+        else:
+            assert have == want, field
 
 
 def held_out():
@@ -95,12 +113,7 @@ def test_http_scores_equal_simex_score(service):
         out = r.json()
         assert out["n"] == 50 and out["loss"] == "mse" and out["latency_ms"] > 0
         assert out["ranking"] == expected["ranking"] == ["digits", "bgrand:digits"]
-        for field in ("delta", "delta_normalized", "delta_calibrated", "in_distribution", "composition"):
-            for name, d in expected[field].items():
-                assert out[field][name] == pytest.approx(d, rel=tolerance, abs=tolerance), field
-        for field in ("ranking_method", "ranking_raw", "ranking_normalized", "ranking_calibrated",
-                      "ranking_in_distribution"):
-            assert out[field] == expected[field], field
+        assert_same_score(out, expected, tolerance)  # every field of the contract, typicality included
         assert "per_sample" not in out
     only = post_json(service, {"images": x[:, 0].tolist(), "members": ["digits"]}).json()
     assert list(only["delta"]) == ["digits"]
@@ -354,3 +367,41 @@ def test_embedded_layout_scores_in_the_ingress_like_the_member_apps(service):
     finally:
         service.redeploy()
     assert [a for a in serve.status().applications if a.startswith("simex-m-")]
+
+
+def test_deploy_checks_the_manifest_once_and_serves_that_copy(service, monkeypatch):
+    """The driver reads and checks the manifest once (sha256 of every weight file, no model built) and
+    deploys exactly that copy: the ingress aggregates with its records, not with a manifest rewritten
+    on disk after the check (a retrain in between is not served unchecked)."""
+    import simex_ray.fleet.fleet as fleet_module
+    from simex_ray.fleet.manifest import verify_fleet
+
+    built = []
+    real = fleet_module.create_autoencoder
+    monkeypatch.setattr(fleet_module, "create_autoencoder", lambda *a, **k: built.append(a) or real(*a, **k))
+    x = held_out()
+    before = post_npy(service, x).json()
+    path = service.fleet / "manifest.json"
+    original = path.read_text()
+    checked = verify_fleet(service.fleet)
+    assert checked == json.loads(original) and built == []  # hashed, not loaded
+    tampered = json.loads(original)
+    digits = next(m for m in tampered["members"] if m["name"] == "digits")
+    digits["spec"], digits["calibration"]["mean"] = "tampered", digits["calibration"]["mean"] * 4
+    path.write_text(json.dumps(tampered))
+    try:
+        # Other limits, so the ingress is reconfigured (and would read a manifest if it still did).
+        changes = service.redeploy(manifest=checked, limits=Limits(max_images=500, max_body_bytes=4 << 20))
+        assert built == [], "the driver built models while deploying"
+        assert changes["added"] == changes["removed"] == [] and len(changes["kept"]) == 2
+        assert post_npy(service, np.zeros((501, 28, 28), np.uint8)).status_code == 413  # the new config is live
+        members = requests.get(service.url + "/v1/members", timeout=30).json()["members"]
+        assert {m["name"]: m["spec"] for m in members}["digits"] == "digits"
+        now = post_npy(service, x).json()
+        assert_same_answer(now, before)  # delta_calibrated from the checked calibration, not the tampered one
+        assert now["typicality"] == pytest.approx(before["typicality"], rel=1e-5, abs=1e-6)
+    finally:
+        path.write_text(original)
+        service.redeploy()
+    assert built == []
+    assert post_npy(service, np.zeros((510, 28, 28), np.uint8)).status_code == 200

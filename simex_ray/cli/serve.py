@@ -127,9 +127,14 @@ def _pidfile(port: int) -> Path:
 
 
 def _manifest_stamp(fleet) -> tuple:
+    """(mtime, size) of the fleet's manifest; () when there is none or it cannot be read now (reading
+    the manifest itself then says why)."""
     from ..storage import resolve
 
-    info = resolve(fleet).join("manifest.json").info()  # a local path or a URI
+    try:
+        info = resolve(fleet).join("manifest.json").info()  # a local path or a URI
+    except OSError:
+        return ()
     return (info.mtime_ns, info.size) if info.is_file else ()
 
 
@@ -140,18 +145,22 @@ def cmd_serve(args) -> int:
     if args.serve_command == "stop":
         return _stop(args)
     from ..distributed.runtime import ray_session
-    from ..fleet import Fleet
+    from ..fleet.manifest import verify_fleet
 
     settings = settings_from(args)
-    Fleet.load(args.fleet)  # fail fast, before Ray starts, on a bad fleet
+    # (start) taken before the check, so a change made after it is redeployed
+    stamp = _manifest_stamp(args.fleet) if args.serve_command == "start" else None
+    # Read and checked once, before Ray starts (sha256 of every weight file, no model built);
+    # exactly this manifest is deployed.
+    manifest = verify_fleet(args.fleet)
     if args.serve_command == "update":
         from ..distributed.serving.deploy import deploy
 
         with ray_session(args.address):
-            print(json.dumps(deploy(args.fleet, settings)))
+            print(json.dumps(deploy(args.fleet, settings, manifest=manifest)))
         return 0
     _check_exposure(args.host, settings, args.no_auth)
-    return _start(args, settings)
+    return _start(args, settings, manifest, stamp)
 
 
 def _check_exposure(host: str, settings, no_auth: bool) -> None:
@@ -187,13 +196,13 @@ def _config(args) -> str:
     return "serveConfigV2: |\n" + "".join(f"  {line}\n" for line in text.splitlines())
 
 
-def _start(args, settings) -> int:
+def _start(args, settings, manifest: dict, stamp: tuple | None) -> int:
     from ..distributed.serving.service import serve_fleet
 
     pidfile = None if args.address else _pidfile(args.port)
     return serve_fleet(args.fleet, settings, host=args.host, port=args.port, address=args.address,
                        proxy_location=args.proxy_location, pidfile=pidfile,
-                       manifest_stamp=lambda: _manifest_stamp(args.fleet))
+                       manifest_stamp=lambda: _manifest_stamp(args.fleet), manifest=manifest, stamp=stamp)
 
 
 def _stop(args) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 from typing import Iterable
@@ -11,11 +10,10 @@ import numpy as np
 import torch
 
 from .. import storage
-from ..errors import one_line
 from ..losses import check_loss
 from ..models import create_autoencoder
 from ..training import TrainConfig
-from .manifest import MANIFEST, RELOADS, FleetError, Member, StaleWeightsError, read_manifest
+from .manifest import MANIFEST, RELOADS, FleetError, Member, StaleWeightsError, read_manifest, read_weights
 from .result import DEFAULT_RANKING, RANKINGS, ScoreResult, score_result
 
 class Fleet:
@@ -54,6 +52,20 @@ class Fleet:
         models = {}
         for name in list(members):
             members[name], models[name] = _load_current(loc, members[name], device)
+        return cls(members, models, loc.user_path, device)
+
+    @classmethod
+    def from_records(cls, fleet_dir: storage.PathLike, records: Iterable[dict], *,
+                     device: str | torch.device = "cpu") -> "Fleet":
+        """The members of these manifest records (a manifest already read and checked, e.g. by
+        :func:`~simex_ray.fleet.manifest.verify_fleet`), each weight file verified as it is loaded; the
+        manifest itself is not read. A file that changed since raises :class:`StaleWeightsError`."""
+        loc = storage.resolve(fleet_dir)
+        device = torch.device(device)
+        members = {r["name"]: Member.from_json(r) for r in records}
+        if not members:
+            raise FleetError(f"no members to load from {loc}")
+        models = {name: load_member_model(loc, m, device) for name, m in members.items()}
         return cls(members, models, loc.user_path, device)
 
     @property
@@ -122,21 +134,7 @@ def load_member_model(fleet_dir: storage.PathLike, member: Member, device="cpu")
     """The model of one manifest record, its weight file verified against the record's sha256
     (raises :class:`StaleWeightsError` when the file is missing or differs)."""
     path = storage.resolve(fleet_dir).join(member.weights)
-    try:
-        # One read: the bytes whose sha256 is checked are the bytes that are loaded.
-        blob = path.read_bytes() if member.weights and path.is_file() else None
-    except FileNotFoundError:  # collected between the check and the read
-        blob = None
-    except OSError as e:
-        raise FleetError(f"weight file {path} of member '{member.name}' cannot be read "
-                         f"({one_line(e)}); check the path and its credentials") from None
-    if blob is None:
-        raise StaleWeightsError(f"weight file {path} of member '{member.name}' is missing; "
-                                f"re-run `simex train` with the same --out to rebuild it")
-    digest = hashlib.sha256(blob).hexdigest()
-    if digest != member.sha256:
-        raise StaleWeightsError(f"weight file {path} of member '{member.name}' is corrupted (sha256 mismatch); "
-                                f"delete it and re-run `simex train` with the same --out")
+    blob = read_weights(fleet_dir, member)  # one read: the bytes whose sha256 is checked are the bytes loaded
     try:
         # weights_only: a fleet may come from elsewhere; never unpickle code.
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)

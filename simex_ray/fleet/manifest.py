@@ -153,6 +153,73 @@ def save_weights(fleet_dir: storage.PathLike, member: Member, state_dict: dict[s
     return member
 
 
+def _stale(path: storage.Location, member: Member, missing: bool) -> StaleWeightsError:
+    if missing:
+        return StaleWeightsError(f"weight file {path} of member '{member.name}' is missing; "
+                                 f"re-run `simex train` with the same --out to rebuild it")
+    return StaleWeightsError(f"weight file {path} of member '{member.name}' is corrupted (sha256 mismatch); "
+                             f"delete it and re-run `simex train` with the same --out")
+
+
+def _unreadable(path: storage.Location, member: Member, e: OSError) -> FleetError:
+    return FleetError(f"weight file {path} of member '{member.name}' cannot be read ({one_line(e)}); "
+                      f"check the path and its credentials")
+
+
+def read_weights(fleet_dir: storage.PathLike, member: Member) -> bytes:
+    """The bytes of ``member``'s weight file, checked against the record's sha256 in the same read (the
+    bytes checked are the bytes returned); :class:`StaleWeightsError` when missing or different."""
+    path = storage.resolve(fleet_dir).join(member.weights)
+    try:
+        blob = path.read_bytes() if member.weights and path.is_file() else None
+    except FileNotFoundError:  # collected between the check and the read
+        blob = None
+    except OSError as e:
+        raise _unreadable(path, member, e) from None
+    if blob is None:
+        raise _stale(path, member, missing=True)
+    if hashlib.sha256(blob).hexdigest() != member.sha256:
+        raise _stale(path, member, missing=False)
+    return blob
+
+
+def verify_weights(fleet_dir: storage.PathLike, member: Member) -> None:
+    """Check that ``member``'s weight file exists and matches its sha256, hashing it as a stream (no
+    model built, the file never held whole); raises like :func:`read_weights`."""
+    path = storage.resolve(fleet_dir).join(member.weights)
+    try:
+        digest = path.sha256() if member.weights and path.is_file() else None
+    except FileNotFoundError:
+        digest = None
+    except OSError as e:
+        raise _unreadable(path, member, e) from None
+    if digest is None:
+        raise _stale(path, member, missing=True)
+    if digest != member.sha256:
+        raise _stale(path, member, missing=False)
+
+
+def verify_fleet(fleet_dir: storage.PathLike) -> dict[str, Any]:
+    """Read the manifest once and check every weight file it lists (present, sha256 equal; bytes hashed,
+    no model built): the manifest a deployment hands on as it is, so what is served is what was checked.
+
+    When a file was collected because the fleet was retrained meanwhile, the new manifest is read and
+    checked instead (a few times at most, only while it keeps changing)."""
+    loc = storage.resolve(fleet_dir)
+    for attempt in range(RELOADS + 1):
+        manifest = read_manifest(loc)
+        if not manifest["members"]:
+            raise FleetError(f"{loc.join(MANIFEST)} lists no members; train some with `simex train`")
+        try:
+            for record in manifest["members"]:
+                verify_weights(loc, Member.from_json(record))
+            return manifest
+        except StaleWeightsError:
+            if attempt == RELOADS or read_manifest(loc) == manifest:
+                raise  # the manifest still lists that very file: it is missing or damaged
+    raise AssertionError("unreachable")
+
+
 def _parses(text: str) -> bool:
     try:
         json.loads(text)

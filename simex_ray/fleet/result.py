@@ -7,7 +7,7 @@ HTTP response of ``POST /v1/score`` and ``simex query --json`` are all derived f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -36,11 +36,45 @@ def percentile_in(calibration: dict[str, Any], delta: np.ndarray) -> np.ndarray:
     return np.interp(delta, q, QUANTILES, left=0.0, right=1.0)
 
 
-# The answer contract: every key of ``ScoreResult.to_json`` in order. The CLI JSON, the HTTP response
-# model and `simex query` are derived from this list (a test fails if any of them drops a field).
-SCORE_FIELDS = ("n", "loss", "ranking_method", "ranking", "delta", "ranking_raw", "delta_normalized",
-                "ranking_normalized", "delta_calibrated", "ranking_calibrated", "in_distribution",
-                "ranking_in_distribution", "typicality", "ranking_typicality", "composition")
+# The answer contract: one row per key of ``ScoreResult.to_json``, in its order:
+#   (JSON type, how a whole dataset's value follows from its batches', description).
+# The HTTP response model (``api.score_response_model``) is built from the types, and
+# :func:`merge_results` (what `simex query` runs on its batch answers) from the second column:
+#   "sum": added; "same": one value for every batch; "mean": the batch-size weighted mean of the
+#   batches' values (a per-member mean or share over images); "derived": computed from the merged
+#   values, never averaged (typicality from delta_calibrated, every ranking by ScoreResult).
+# ``ScoreResult.to_json`` writes exactly these keys, in this order; a row naming no value of ScoreResult,
+# or with an unknown merge, fails at import (``_check_contract``).
+SCORE_CONTRACT: dict[str, tuple[Any, str, str]] = {
+    "n": (int, "sum", "number of images scored"),
+    "loss": (str, "same", "reconstruction error δ: mse or issim"),
+    "ranking_method": (str, "same", "how `ranking` orders members: " + ", ".join(RANKINGS)),
+    "ranking": (list[str], "derived", "members, most similar first"),
+    "delta": (dict[str, float], "mean", "Δ(X | member) per member; smaller = more similar"),
+    "ranking_raw": (list[str], "derived", "members by Δ, smallest first"),
+    "delta_normalized": (dict[str, float], "mean", "Δ / the reference's mean L2 sample norm"),
+    "ranking_normalized": (list[str], "derived", "members by normalized Δ, smallest first"),
+    "delta_calibrated": (dict[str, float | None], "mean",
+                         "Δ / Δ(Y_test | Y), the reference's own held-out Δ (1 = like its own unseen data); "
+                         "null for a member without a calibration sketch"),
+    "ranking_calibrated": (list[str], "derived", "members by calibrated Δ, smallest first"),
+    "in_distribution": (dict[str, float | None], "mean",
+                        "share of images whose δ is below the reference's own 95th percentile"),
+    "ranking_in_distribution": (list[str], "derived", "members by in_distribution, largest first"),
+    "typicality": (dict[str, float | None], "derived",
+                   "|log(Δ / Δ(Y_test | Y))|: 0 = reconstructs exactly like the reference's own unseen data"),
+    "ranking_typicality": (list[str], "derived", "members by typicality, smallest first"),
+    "composition": (dict[str, float], "mean", "share of images nearest to each member"),
+}
+SCORE_FIELDS = tuple(SCORE_CONTRACT)
+MERGES = ("sum", "same", "mean", "derived")
+
+
+def typicality_of(delta_calibrated: dict[str, float | None]) -> dict[str, float | None]:
+    """|log(Δ / Δ(Y_test | Y))| per member from its calibrated Δ (None stays None): the one rule, used
+    by :func:`score_result` and by :func:`merge_results`. It is not a mean over images."""
+    with np.errstate(divide="ignore"):
+        return {name: (None if v is None else float(abs(np.log(v)))) for name, v in delta_calibrated.items()}
 
 
 @dataclass
@@ -98,14 +132,33 @@ class ScoreResult:
         return self.ranking_by("normalized")
 
     def to_json(self) -> dict[str, Any]:
-        return {"n": self.n, "loss": self.loss, "ranking_method": self.method, "ranking": self.ranking,
-                "delta": self.delta, "ranking_raw": self.ranking_raw,
-                "delta_normalized": self.delta_normalized, "ranking_normalized": self.ranking_normalized,
-                "delta_calibrated": self.delta_calibrated, "ranking_calibrated": self.ranking_by("calibrated"),
-                "in_distribution": self.in_distribution,
-                "ranking_in_distribution": self.ranking_by("in_distribution"),
-                "typicality": self.typicality, "ranking_typicality": self.ranking_by("typicality"),
-                "composition": self.composition}
+        """Every key of :data:`SCORE_FIELDS`, in order (the answer contract)."""
+        return {key: self.field_value(key) for key in SCORE_FIELDS}
+
+    def field_value(self, key: str) -> Any:
+        """The value of one answer field: ``ranking_method`` is :attr:`method`, ``ranking_<m>`` the
+        ranking by method m, anything else the attribute of that name."""
+        if key == "ranking_method":
+            return self.method
+        if key == "ranking":
+            return self.ranking
+        if key.startswith("ranking_"):
+            return self.ranking_by(key[len("ranking_"):])
+        return getattr(self, key)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ScoreResult":
+        """The result a :meth:`to_json` answer (or a POST /v1/score answer) describes. Only the measured
+        fields are needed: the "derived" ones of :data:`SCORE_CONTRACT` (typicality, when absent, and
+        every ranking) are computed again from them."""
+        needed = [k for k, (_, merge, _) in SCORE_CONTRACT.items() if merge != "derived"]
+        missing = [k for k in needed if k not in d]
+        if missing:
+            raise ValueError(f"a score answer lacks {', '.join(missing)}")
+        values = {k: dict(d[k]) for k in needed if k in cls.__dataclass_fields__ and k not in ("n", "loss")}
+        typicality = dict(d["typicality"]) if d.get("typicality") is not None else \
+            typicality_of(values["delta_calibrated"])
+        return cls(n=int(d["n"]), loss=d["loss"], method=d["ranking_method"], typicality=typicality, **values)
 
     def per_sample_table(self, names: list[str], labels=None):
         """One row per sample: index, label, δ per member, nearest member, its calibrated score."""
@@ -121,6 +174,47 @@ class ScoreResult:
         table["nearest"] = self.nearest
         table[f"nearest_{self.method}"] = self.nearest_score
         return pd.DataFrame(table)
+
+
+def _check_contract() -> None:
+    """Every row of SCORE_CONTRACT names a value ScoreResult has and a known merge (at import: a row
+    without one fails here, not in a user's answer)."""
+    fields = set(ScoreResult.__dataclass_fields__)
+    for key, (_, merge, _) in SCORE_CONTRACT.items():
+        ranking = key.startswith("ranking_") and key[len("ranking_"):] in RANKINGS
+        if not (key in fields or key in ("ranking", "ranking_method") or ranking):
+            raise ImportError(f"SCORE_CONTRACT field '{key}' is not a value of ScoreResult")
+        if merge not in MERGES:
+            raise ImportError(f"SCORE_CONTRACT field '{key}' has an unknown merge '{merge}'; known: "
+                              f"{', '.join(MERGES)}")
+
+
+_check_contract()
+
+
+def merge_results(parts: Iterable[ScoreResult]) -> ScoreResult:
+    """One dataset's result from the results of its batches (disjoint parts, the same members): ``n``
+    added, every "mean" field of :data:`SCORE_CONTRACT` the batch-size weighted mean (None when any
+    batch has None), typicality recomputed from the merged calibrated Δ (:func:`typicality_of`), the
+    rankings derived by :class:`ScoreResult`. Per-sample values are not kept."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("no results to merge")
+    n = sum(p.n for p in parts)
+    means = {}
+    for key in (k for k, (_, merge, _) in SCORE_CONTRACT.items() if merge == "mean"):
+        acc: dict[str, float | None] = {}
+        for p in parts:
+            for name, v in getattr(p, key).items():
+                acc[name] = None if v is None or acc.get(name, 0.0) is None else acc.get(name, 0.0) + v * p.n
+        means[key] = {name: (None if v is None else v / n) for name, v in acc.items()}
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.loss, p.method) != (first.loss, first.method):
+            raise ValueError(f"cannot merge results of different losses or rankings "
+                             f"({first.loss}/{first.method} and {p.loss}/{p.method})")
+    return ScoreResult(n=n, loss=first.loss, method=first.method, typicality=typicality_of(means["delta_calibrated"]),
+                       **means)
 
 
 def per_sample_scores(method: str, per_sample: np.ndarray, members: list["Member"]) -> np.ndarray | None:
@@ -155,9 +249,7 @@ def score_result(per_sample: np.ndarray, members: list["Member"], loss: str, met
     for m, row in zip(members, d):
         in_dist[m.name] = (float(np.mean(row < m.calibration["quantiles"][int(IN_DISTRIBUTION_LEVEL * 100)]))
                            if m.calibration else None)
-    with np.errstate(divide="ignore"):
-        typical = {m.name: (float(abs(np.log(delta[m.name] / m.calibration["mean"]))) if m.calibration else None)
-                   for m in members}
+    typical = typicality_of(calibrated)
     scores = per_sample_scores(method, d, members)
     used = method
     if scores is None:  # a member without a calibration sketch: rank by raw Δ

@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from ray import serve
 
 from ... import __version__
 from ...api import JSON, NPY, ApiError, Limits, check_api_key, check_body_size, parse_flag, parse_ranking, \
-    parse_score_request, score_response, select_members
-from ...fleet import Fleet, FleetError, read_manifest
+    parse_score_request, score_response, score_response_model, select_members
+from ...errors import one_line
+from ...fleet import Fleet, FleetError, StaleWeightsError, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,17 @@ INGRESS_APP = "simex"
 class MemberScorer:
     """One member's autoencoder; concurrent requests are batched into one forward pass."""
 
-    def __init__(self, fleet: str, member: str, sha256: str, threads: int = 1, device: str = "cpu"):
+    def __init__(self, fleet: str, member: str, sha256: str, threads: int = 1, device: str = "cpu",
+                 record: dict | None = None):
         import torch
 
         torch.set_num_threads(threads)
-        self.fleet = Fleet.load(fleet, names=[member], device=device)
-        self.member = member
-        if self.fleet.members[member].sha256 != sha256:
+        if record is None:  # deployed from a Serve config file: the manifest is read here
+            record = next((m for m in read_manifest(fleet)["members"] if m.get("name") == member), None)
+        if record is None or record.get("name") != member or record.get("sha256") != sha256:
             raise FleetError(f"member '{member}' in {fleet} changed while deploying (sha256 differs); redeploy")
+        self.fleet = load_records(fleet, [record], device)
+        self.member = member
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def score(self, batches: list[np.ndarray]) -> list[np.ndarray]:
@@ -57,6 +61,15 @@ class MemberScorer:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def load_records(fleet: str, records: list[dict], device: str = "cpu") -> Fleet:
+    """The models of these manifest records (the deployment's checked manifest), nothing else read;
+    a weight file changed since it was checked is a one-line error."""
+    try:
+        return Fleet.from_records(fleet, records, device=device)
+    except StaleWeightsError as e:
+        raise FleetError(f"{fleet} changed since it was checked ({one_line(e)}); redeploy") from None
 
 
 async def _split(batches: list[np.ndarray], fn) -> list[np.ndarray]:
@@ -76,13 +89,16 @@ async def _split(batches: list[np.ndarray], fn) -> list[np.ndarray]:
 class FleetScorer:
     """The whole fleet in one replica on the fused scoring engine: one request, one hop."""
 
-    def __init__(self, fleet: str, digest: str, threads: int = 1, device: str = "cpu"):
+    def __init__(self, fleet: str, digest: str, threads: int = 1, device: str = "cpu",
+                 records: list[dict] | None = None):
         import torch
 
         torch.set_num_threads(threads)
-        self.fleet = Fleet.load(fleet, device=device)
-        if fleet_digest([m.to_json() for m in self.fleet.members.values()]) != digest:  # what was loaded
+        if records is None:  # deployed from a Serve config file: the manifest is read here
+            records = read_manifest(fleet)["members"]
+        if fleet_digest(records) != digest:
             raise FleetError(f"{fleet} changed while deploying (member hashes differ); redeploy")
+        self.fleet = load_records(fleet, records, device)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def score(self, batches: list[np.ndarray]) -> list[np.ndarray]:
@@ -122,45 +138,29 @@ def _scorer_options(args: dict[str, Any], default_cpus: float) -> dict[str, Any]
 def fleet_app(args: dict[str, Any]):
     """Application builder for the fused whole-fleet scorer (also the `import_path` in Serve configs).
 
-    args: fleet, digest, and optionally num_replicas / autoscaling_config, num_cpus, num_gpus, device.
+    args: fleet, digest, and optionally num_replicas / autoscaling_config, num_cpus, num_gpus, device,
+    records (the checked manifest's members; without them each replica reads the manifest).
     """
     threads = max(1, round(float(args.get("num_cpus", 1))))
     return FleetScorer.options(**_scorer_options(args, 1.0)).bind(str(args["fleet"]), args["digest"], threads,
-                                               args.get("device", "cpu"))
+                                                                  args.get("device", "cpu"), args.get("records"))
 
 
 def member_app(args: dict[str, Any]):
     """Application builder for one member (also the `import_path` in Serve config files).
 
     args: fleet, member, sha256, and optionally num_replicas (int), autoscaling_config
-    (dict), num_cpus, num_gpus (per replica), device.
+    (dict), num_cpus, num_gpus (per replica), device, record (the member's record in the checked
+    manifest; without it each replica reads the manifest).
     """
-    return MemberScorer.options(**_scorer_options(args, 0.25)).bind(str(args["fleet"]), args["member"], args["sha256"], 1,
-                                                args.get("device", "cpu"))
+    return MemberScorer.options(**_scorer_options(args, 0.25)).bind(
+        str(args["fleet"]), args["member"], args["sha256"], 1, args.get("device", "cpu"), args.get("record"))
 
 
 # ------------------------------------------------------------------ ingress
 
-class ScoreResponse(BaseModel):
-    n: int = Field(description="number of images scored")
-    loss: str = Field(description="reconstruction error δ: mse or issim")
-    ranking_method: str = Field(description="how `ranking` orders members: raw, normalized, calibrated, "
-                                            "in_distribution")
-    ranking: list[str] = Field(description="members, most similar first")
-    delta: dict[str, float] = Field(description="Δ(X | member) per member; smaller = more similar")
-    ranking_raw: list[str]
-    delta_normalized: dict[str, float] = Field(description="Δ / the reference's mean L2 sample norm")
-    ranking_normalized: list[str]
-    delta_calibrated: dict[str, float | None] = Field(description="Δ / Δ(Y_test | Y), the reference's own "
-                                                                  "held-out Δ (1 = like its own unseen data)")
-    ranking_calibrated: list[str]
-    in_distribution: dict[str, float | None] = Field(description="share of images whose δ is below the "
-                                                                 "reference's own 95th percentile")
-    ranking_in_distribution: list[str]
-    composition: dict[str, float] = Field(description="share of images nearest to each member")
-    latency_ms: float = Field(description="time spent in the service")
-    per_sample: dict[str, Any] | None = Field(default=None, description="with ?per_sample=true: δ per member "
-                                                                        "and the nearest member, per image")
+# Every field of the score contract (simex_ray.fleet.result.SCORE_CONTRACT), then latency_ms and per_sample.
+ScoreResponse = score_response_model()
 
 
 class ErrorResponse(BaseModel):
@@ -217,8 +217,10 @@ class Ingress:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """config: fleet, members {name: {app, sha256}}, fused (the whole-fleet app, or None),
-        api_key_sha256, max_images, max_body_bytes."""
-        manifest = read_manifest(config["fleet"])
+        api_key_sha256, max_images, max_body_bytes; from :func:`deploy` also records and loss (the checked
+        manifest's members and loss; without them, as from a Serve config file, the manifest is read here)."""
+        manifest = ({"members": config["records"], "loss": config.get("loss", "mse")} if "records" in config
+                    else read_manifest(config["fleet"]))
         records = {m["name"]: m for m in manifest["members"]}
         self.members = {name: {**records[name], **spec} for name, spec in config["members"].items()
                         if name in records}
@@ -230,10 +232,11 @@ class Ingress:
                 import torch
 
                 torch.set_num_threads(max(1, int(config.get("threads", 1))))
-                fleet = Fleet.load(config["fleet"], device=config.get("device", "cpu"))
-                if fleet_digest([m.to_json() for m in fleet.members.values()]) != key[1]:
+                listed = [m for m in manifest["members"] if m["name"] in config["members"]]
+                if fleet_digest(listed) != key[1]:
                     raise FleetError(f"{config['fleet']} changed while deploying (member hashes differ); redeploy")
-                self.local, self.local_key = fleet, key
+                self.local = load_records(config["fleet"], listed, config.get("device", "cpu"))
+                self.local_key = key
             self.order = list(self.local.members)
         else:
             self.local = self.local_key = None

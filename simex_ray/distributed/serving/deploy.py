@@ -12,7 +12,8 @@ from ray import serve
 
 from ... import storage
 from ...api import Limits, key_digest
-from ...fleet import Fleet, read_manifest, slug
+from ...fleet import read_manifest, slug
+from ...fleet.manifest import verify_fleet
 from .app import INGRESS_APP, fleet_app, fleet_digest, ingress_app, member_app
 
 log = logging.getLogger(__name__)
@@ -69,13 +70,21 @@ def _fleet_args(fleet: Path, members: list[dict], s: ServeSettings) -> dict[str,
     return {"fleet": str(fleet), "digest": fleet_digest(members), **_scaling(s)}
 
 
+def served_record(record: dict) -> dict:
+    """What a replica needs of a checked manifest record: all of it but the training history."""
+    return {k: v for k, v in record.items() if k != "history"}
+
+
 def _wanted(fleet: Path, members: list[dict], s: ServeSettings) -> dict[str, Any]:
-    """{application name: its application} that serve this fleet under ``s.mode``."""
+    """{application name: its application} that serve this fleet under ``s.mode``; each replica gets its
+    own members' records of the checked manifest, and loads only their weights."""
     if s.mode == "embedded":
         return {}  # the ingress holds the fleet
+    records = [served_record(m) for m in members]
     if s.mode == "fused":
-        return {fleet_app_name(members): fleet_app(_fleet_args(fleet, members, s))}
-    return {member_app_name(m["name"], m["sha256"]): member_app(_member_args(fleet, m, s)) for m in members}
+        return {fleet_app_name(members): fleet_app({**_fleet_args(fleet, members, s), "records": records})}
+    return {member_app_name(m["name"], m["sha256"]): member_app({**_member_args(fleet, m, s), "record": r})
+            for m, r in zip(members, records)}
 
 
 def _ingress_args(fleet: Path, members: list[dict], s: ServeSettings) -> dict[str, Any]:
@@ -100,8 +109,14 @@ def _embedded_args(s: ServeSettings) -> dict[str, Any]:
     return args
 
 
-def deploy(fleet_dir, settings: ServeSettings = ServeSettings()) -> dict[str, list[str]]:
+def deploy(fleet_dir, settings: ServeSettings = ServeSettings(), manifest: dict | None = None
+           ) -> dict[str, list[str]]:
     """Make the running service match the fleet: returns which scorer apps were added/kept/removed.
+
+    ``manifest``: the fleet's manifest as :func:`~simex_ray.fleet.manifest.verify_fleet` returned it
+    (read once and checked, no model built); without it, that is done here. Exactly that manifest is
+    deployed: each scorer replica loads only its own members' weights by their records in it, and the
+    ingress aggregates with its records (losses, calibration) without reading the manifest again.
 
     Order keeps requests flowing: new member apps first, then the ingress is
     pointed at the new set (a user_config change: no restart), then apps of
@@ -113,8 +128,9 @@ def deploy(fleet_dir, settings: ServeSettings = ServeSettings()) -> dict[str, li
     # Replicas load the fleet on whichever node they land on: across machines it must be shared.
     hosts = len({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})
     storage.check_shared(fleet, hosts, flag="--fleet")
-    Fleet.load(fleet)  # every weight file present and intact, or a clear error now
-    members = read_manifest(fleet)["members"]
+    if manifest is None:
+        manifest = verify_fleet(fleet)  # every weight file present and intact, or a clear error now
+    members = manifest["members"]
     wanted = _wanted(fleet, members, settings)
     running = set(serve.status().applications)
     existing = {a for a in running if a.startswith((MEMBER_PREFIX, FLEET_PREFIX))}
@@ -122,7 +138,9 @@ def deploy(fleet_dir, settings: ServeSettings = ServeSettings()) -> dict[str, li
     if new:
         log.info("deploying %d scorer app(s): %s", len(new), ", ".join(new))
         serve.run_many([RunTarget(wanted[a], name=a, route_prefix=None) for a in new])
-    serve.run(ingress_app(_ingress_args(fleet, members, settings)), name=INGRESS_APP, route_prefix="/")
+    ingress = {**_ingress_args(fleet, members, settings), "records": [served_record(m) for m in members],
+               "loss": manifest.get("loss", "mse")}
+    serve.run(ingress_app(ingress), name=INGRESS_APP, route_prefix="/")
     removed = sorted(existing - set(wanted))
     for app in removed:
         log.info("removing member app %s", app)

@@ -22,14 +22,20 @@ def say(text: str) -> None:
 
 
 def serve_fleet(fleet: str, settings: ServeSettings, *, host: str, port: int, address: str | None,
-                proxy_location: str, pidfile: Path | None, manifest_stamp: Callable[[], tuple]) -> int:
-    """Deploy ``fleet``; with ``address`` return at once, else serve here until stopped."""
+                proxy_location: str, pidfile: Path | None, manifest_stamp: Callable[[], tuple],
+                manifest: dict | None = None, stamp: tuple | None = None) -> int:
+    """Deploy ``fleet``; with ``address`` return at once, else serve here until stopped.
+
+    ``manifest``: the fleet's manifest as the caller checked it (``verify_fleet``), deployed as it is;
+    ``stamp``: ``manifest_stamp()`` taken before that check, so a change after it is redeployed."""
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     t0 = time.perf_counter()
+    if stamp is None:
+        stamp = manifest_stamp()
     with ray_session(address):
         serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
         say(f"deploying {fleet} ...")
-        deploy(fleet, settings)
+        deploy(fleet, settings, manifest=manifest)
         say(f"serving {fleet} at {url} ({time.perf_counter() - t0:.0f}s); API docs at {url}/docs")
         if address:
             return 0
@@ -38,7 +44,6 @@ def serve_fleet(fleet: str, settings: ServeSettings, *, host: str, port: int, ad
             pidfile.write_text(str(os.getpid()))
         stopping = []
         signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-        stamp = manifest_stamp()
         say("press Ctrl-C or run `simex serve stop` to stop; the fleet is reloaded when it changes")
         try:
             while not stopping:

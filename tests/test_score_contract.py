@@ -1,0 +1,117 @@
+"""The score contract: one field list (SCORE_FIELDS). `simex score --json`, POST /v1/score and
+`simex query --json` answer every field of it, and the same values for the same images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from simex_ray.api import RESPONSE_EXTRAS, score_response, score_response_model
+from simex_ray.fleet import SCORE_FIELDS, FleetError, Member, ScoreResult, calibration_of, score_result
+from simex_ray.fleet.manifest import verify_fleet
+from simex_ray.fleet.result import SCORE_CONTRACT, merge_results, typicality_of
+from tests.test_serve import assert_same_score, held_out, post_npy, service  # noqa: F401 - service: a fixture
+
+
+def simex(*args):
+    return subprocess.run([sys.executable, "-m", "simex_ray.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def members(k: int = 3, seed: int = 0) -> list[Member]:
+    """Manifest records with a calibration sketch and a normaliser each, as `simex train` writes them."""
+    rng = np.random.default_rng(seed)
+    return [Member(name=f"m{i}", spec=f"m{i}", config={"loss": "mse", "architecture": "lenet"}, fingerprint="",
+                   metrics={"ref_mean_l2": 1.0 + i}, calibration=calibration_of(rng.gamma(2.0, 0.01 * (i + 1), 200)))
+            for i in range(k)]
+
+
+def per_sample(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).gamma(2.0, [[0.01], [0.02], [0.03]], (3, n))
+
+
+def test_score_fields_are_exactly_the_keys_of_score_result():
+    result = score_result(per_sample(20), members(), "mse")
+    assert tuple(result.to_json()) == SCORE_FIELDS == tuple(SCORE_CONTRACT)
+    assert {"typicality", "ranking_typicality"} <= set(SCORE_FIELDS)
+
+
+def test_http_response_model_is_built_from_the_score_fields_and_keeps_them():
+    """FastAPI serialises the answer through this model and drops what it does not declare."""
+    model = score_response_model()
+    assert tuple(model.model_fields) == SCORE_FIELDS + tuple(RESPONSE_EXTRAS)
+    answer = score_response(per_sample(20), [m.to_json() for m in members()], "mse", latency_ms=1.5)
+    served = json.loads(model.model_validate(answer).model_dump_json(exclude_none=True))
+    assert_same_score(served, answer, 0.0)
+    assert served["typicality"] == answer["typicality"] and served["latency_ms"] == 1.5
+
+
+def test_merged_batches_are_the_whole_and_typicality_is_not_averaged():
+    """`simex query` merges batch answers: means weighted by batch size, typicality from the merged Δ."""
+    d, ms = per_sample(50), members()
+    whole = score_result(d, ms, "mse").to_json()
+    cuts = [(0, 7), (7, 30), (30, 50)]
+    parts = [ScoreResult.from_json(json.loads(json.dumps(score_result(d[:, a:b], ms, "mse").to_json())))
+             for a, b in cuts]
+    merged = merge_results(parts)
+    assert_same_score(merged.to_json(), whole, 1e-12)
+    averaged = {name: sum(p.typicality[name] * p.n for p in parts) / 50 for name in whole["typicality"]}
+    assert averaged != pytest.approx(whole["typicality"], rel=1e-3)  # so averaging it would be wrong
+    assert merged.typicality == typicality_of(merged.delta_calibrated)
+    # An answer without typicality (an older service) still gives every field.
+    old = {k: v for k, v in whole.items() if k not in ("typicality", "ranking_typicality")}
+    assert_same_score(ScoreResult.from_json(old).to_json(), whole, 1e-12)
+
+
+def test_verify_fleet_hashes_every_weight_file_without_building_a_model(tiny_fleet, tmp_path, monkeypatch):
+    import simex_ray.fleet.fleet as fleet_module
+
+    def no_model(*a, **k):
+        raise AssertionError("verify_fleet built a model")
+
+    monkeypatch.setattr(fleet_module, "create_autoencoder", no_model)
+    monkeypatch.setattr(fleet_module.torch, "load", no_model)
+    fleet = shutil.copytree(tiny_fleet, tmp_path / "fleet")
+    manifest = verify_fleet(fleet)
+    assert manifest == json.loads((fleet / "manifest.json").read_text())
+    weights = fleet / manifest["members"][1]["weights"]
+    weights.write_bytes(weights.read_bytes()[:-4] + b"oops")
+    with pytest.raises(FleetError, match=f"{weights.name}.*corrupted"):
+        verify_fleet(fleet)
+    weights.unlink()
+    with pytest.raises(FleetError, match=f"{weights.name}.*missing"):
+        verify_fleet(fleet)
+
+
+@pytest.mark.parametrize("flag", ["--samples", "--batch"])
+def test_query_rejects_zero_counts_as_usage_errors(flag):
+    proc = simex("query", "--url", "http://127.0.0.1:9", "--data", "digits", flag, "0")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert errors == [f"simex query: error: argument {flag}: expected a positive integer, got 0"], proc.stderr
+
+
+@pytest.mark.ray
+def test_cli_http_and_query_answer_every_field_alike(service):  # noqa: F811 - the fixture
+    """The same 50 held-out images through `simex score --json`, POST /v1/score and `simex query --json`
+    (one batch, and four batches merged)."""
+    data = ("--data", "digits", "--split", "test", "--samples", "300")
+    cli = simex("score", "--fleet", service.fleet, *data, "--json")
+    assert cli.returncode == 0, cli.stderr
+    expected = json.loads(cli.stdout)
+    assert expected["n"] == 50 and {"fleet", "data", "seconds"} <= set(expected)
+    http = post_npy(service, held_out())
+    assert http.status_code == 200, http.text
+    assert "latency_ms" in http.json()
+    assert_same_score(http.json(), expected)
+    for batch in (50, 16):  # 16: batches of 16, 16, 16 and 2, merged by the client
+        query = simex("query", "--url", service.url, *data, "--batch", batch, "--json")
+        assert query.returncode == 0, query.stderr
+        out = json.loads(query.stdout)
+        assert {"url", "data", "seconds"} <= set(out)
+        assert_same_score(out, expected)
