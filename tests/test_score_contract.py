@@ -15,7 +15,7 @@ from simex_ray.api import RESPONSE_EXTRAS, score_response, score_response_model
 from simex_ray.fleet import SCORE_FIELDS, FleetError, Member, ScoreResult, calibration_of, score_result
 from simex_ray.fleet.manifest import verify_fleet
 from simex_ray.fleet.result import SCORE_CONTRACT, merge_results, typicality_of
-from tests.test_serve import assert_same_score, held_out, post_npy, service  # noqa: F401 - service: a fixture
+from tests.test_serve import assert_same_score
 
 
 def simex(*args):
@@ -94,24 +94,3 @@ def test_query_rejects_zero_counts_as_usage_errors(flag):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert errors == [f"simex query: error: argument {flag}: expected a positive integer, got 0"], proc.stderr
-
-
-@pytest.mark.ray
-def test_cli_http_and_query_answer_every_field_alike(service):  # noqa: F811 - the fixture
-    """The same 50 held-out images through `simex score --json`, POST /v1/score and `simex query --json`
-    (one batch, and four batches merged)."""
-    data = ("--data", "digits", "--split", "test", "--samples", "300")
-    cli = simex("score", "--fleet", service.fleet, *data, "--json")
-    assert cli.returncode == 0, cli.stderr
-    expected = json.loads(cli.stdout)
-    assert expected["n"] == 50 and {"fleet", "data", "seconds"} <= set(expected)
-    http = post_npy(service, held_out())
-    assert http.status_code == 200, http.text
-    assert "latency_ms" in http.json()
-    assert_same_score(http.json(), expected)
-    for batch in (50, 16):  # 16: batches of 16, 16, 16 and 2, merged by the client
-        query = simex("query", "--url", service.url, *data, "--batch", batch, "--json")
-        assert query.returncode == 0, query.stderr
-        out = json.loads(query.stdout)
-        assert {"url", "data", "seconds"} <= set(out)
-        assert_same_score(out, expected)

@@ -405,3 +405,28 @@ def test_deploy_checks_the_manifest_once_and_serves_that_copy(service, monkeypat
         service.redeploy()
     assert built == []
     assert post_npy(service, np.zeros((510, 28, 28), np.uint8)).status_code == 200
+
+
+def cli_run(*args):
+    return subprocess.run([sys.executable, "-m", "simex_ray.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_http_and_query_answer_every_field_alike(service):
+    """The same 50 held-out images through `simex score --json`, POST /v1/score and `simex query --json`
+    (one batch, and four batches merged)."""
+    data = ("--data", "digits", "--split", "test", "--samples", "300")
+    cli = cli_run("score", "--fleet", service.fleet, *data, "--json")
+    assert cli.returncode == 0, cli.stderr
+    expected = json.loads(cli.stdout)
+    assert expected["n"] == 50 and {"fleet", "data", "seconds"} <= set(expected)
+    http = post_npy(service, held_out())
+    assert http.status_code == 200, http.text
+    assert "latency_ms" in http.json()
+    assert_same_score(http.json(), expected)
+    for batch in (50, 16):  # 16: batches of 16, 16, 16 and 2, merged by the client
+        query = cli_run("query", "--url", service.url, *data, "--batch", batch, "--json")
+        assert query.returncode == 0, query.stderr
+        out = json.loads(query.stdout)
+        assert {"url", "data", "seconds"} <= set(out)
+        assert_same_score(out, expected)
