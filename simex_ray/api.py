@@ -58,37 +58,63 @@ def check_body_size(length: int | None, limits: Limits) -> None:
 def parse_score_request(body: bytes, content_type: str | None, limits: Limits = Limits()
                         ) -> tuple[np.ndarray, list[str] | None]:
     """Body -> (images float32 (N, 1, 28, 28) in [0, 1], requested members or None)."""
+    raw, payload = read_payload(body, content_type, limits)
+    members = payload.get("members")
+    if members is not None and (not isinstance(members, list) or not all(isinstance(m, str) for m in members)):
+        raise ApiError(422, '"members" must be a list of member names')
+    return validate_images(raw, limits), members
+
+
+def parse_select_request(body: bytes, content_type: str | None, limits: Limits = Limits()
+                         ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """Body of ``POST /v1/select`` -> (images, labels (N,) int or None, methods or None).
+
+    Labels (needed by the label-using estimators) and methods come in a JSON body; an .npy body is
+    images only."""
+    raw, payload = read_payload(body, content_type, limits)
+    x = validate_images(raw, limits)
+    labels = payload.get("labels")
+    if labels is not None:
+        if not isinstance(labels, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+            raise ApiError(422, '"labels" must be a list of integer class labels, one per image')
+        if len(labels) != len(x):
+            raise ApiError(422, f'"labels" has {len(labels)} entries for {len(x)} images; give one per image')
+        labels = np.asarray(labels, dtype=np.int64)
+    methods = payload.get("methods")
+    if methods is not None and (not isinstance(methods, list) or not methods
+                                or not all(isinstance(m, str) for m in methods)):
+        raise ApiError(422, '"methods" must be a non-empty list of method names')
+    return x, labels, methods
+
+
+def read_payload(body: bytes, content_type: str | None, limits: Limits) -> tuple[Any, dict[str, Any]]:
+    """(the raw images, the rest of a JSON body) of a request; an .npy body has no rest."""
     check_body_size(len(body), limits)
     kind = (content_type or "").split(";")[0].strip().lower()
-    members = None
     if kind == NPY:
         try:
-            raw = np.load(io.BytesIO(body), allow_pickle=False)
+            return np.load(io.BytesIO(body), allow_pickle=False), {}
         except Exception as e:  # noqa: BLE001 - any parse failure is the client's
             raise ApiError(400, f"body is not a valid .npy array ({type(e).__name__}); "
                                 f"write it with numpy.save") from None
-    elif kind == JSON:
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an integer over 4300 digits
-            raise ApiError(400, f"malformed JSON: {one_line(e, limit=200)}") from None
-        except RecursionError:
-            raise ApiError(400, "malformed JSON: nested too deeply") from None
-        if not isinstance(payload, dict) or "images" not in payload:
-            raise ApiError(422, 'JSON body must be an object with an "images" field')
-        members = payload.get("members")
-        if members is not None and (not isinstance(members, list) or not all(isinstance(m, str) for m in members)):
-            raise ApiError(422, '"members" must be a list of member names')
-        raw = payload["images"]
-        if not isinstance(raw, list):
-            raise ApiError(422, '"images" must be a nested list of shape (N,28,28) or (N,1,28,28)')
-        try:
-            raw = np.array(raw)
-        except (ValueError, RecursionError):
-            raise ApiError(422, '"images" is ragged; every image must be 28x28') from None
-    else:
+    if kind != JSON:
         raise ApiError(415, f"unsupported content type '{kind or 'none'}'; use {JSON} or {NPY}")
-    return validate_images(raw, limits), members
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an integer over 4300 digits
+        raise ApiError(400, f"malformed JSON: {one_line(e, limit=200)}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply") from None
+    if not isinstance(payload, dict) or "images" not in payload:
+        raise ApiError(422, 'JSON body must be an object with an "images" field')
+    raw = payload.pop("images")
+    if not isinstance(raw, list):
+        raise ApiError(422, '"images" must be a nested list of shape (N,28,28) or (N,1,28,28)')
+    try:
+        raw = np.array(raw)
+    except (ValueError, RecursionError):
+        raise ApiError(422, '"images" is ragged; every image must be 28x28') from None
+    return raw, payload
 
 
 def validate_images(raw: np.ndarray, limits: Limits = Limits()) -> np.ndarray:

@@ -430,3 +430,39 @@ def test_cli_http_and_query_answer_every_field_alike(service):
         out = json.loads(query.stdout)
         assert {"url", "data", "seconds"} <= set(out)
         assert_same_score(out, expected)
+
+
+def test_select_over_http_answers_like_the_cli(service, tmp_path):
+    """POST /v1/select on the same deployment as /v1/score: the same scores as `simex select --json`."""
+    library = tmp_path / "lib"
+    built = cli_run("train-bases", "--refs", "digits,bgrand:digits", "--samples", 240, "--no-ray", "--out", library)
+    assert built.returncode == 0, built.stderr
+    images, labels = data.prepare("digits", samples=300, seed=0)[1].x, data.prepare("digits", samples=300, seed=0)[1].y
+    none = requests.post(service.url + "/v1/select", json={"images": images[:, 0].tolist()}, timeout=60)
+    assert none.status_code == 404 and "--library" in none.json()["error"]
+    try:
+        service.redeploy(library=str(library))
+        methods = ["simex", "logme", "knn", "entropy"]
+        r = requests.post(service.url + "/v1/select", timeout=120, json={
+            "images": images[:, 0].tolist(), "labels": labels.tolist(), "methods": methods})
+        assert r.status_code == 200, r.text
+        http = r.json()
+        cli = cli_run("select", "--library", library, "--fleet", service.fleet, "--data", "digits", "--split", "test",
+                      "--samples", 300, "--method", ",".join(methods), "--json")
+        assert cli.returncode == 0, cli.stderr
+        expected = json.loads(cli.stdout)
+        assert http["ranking"] == expected["ranking"] and http["needs_labels"] == expected["needs_labels"]
+        for m in methods:
+            for name, v in expected["scores"][m].items():
+                assert http["scores"][m][name] == pytest.approx(v, rel=1e-5, abs=1e-9), (m, name)
+        # Without labels only label-free methods run by default; asking for a label-using one is a 422.
+        free = requests.post(service.url + "/v1/select", json={"images": images[:, 0].tolist()}, timeout=60).json()
+        assert set(free["ranking"]) == {"simex", "entropy", "nuclear-norm", "silhouette"}
+        bad = requests.post(service.url + "/v1/select", json={"images": images[:, 0].tolist(), "methods": ["logme"]},
+                            timeout=60)
+        assert bad.status_code == 422 and "labels" in bad.json()["error"]
+        short = requests.post(service.url + "/v1/select", timeout=60,
+                              json={"images": images[:, 0].tolist(), "labels": [0, 1]})
+        assert short.status_code == 422 and "one per image" in short.json()["error"]
+    finally:
+        service.redeploy()

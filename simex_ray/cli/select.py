@@ -54,10 +54,10 @@ def add_parsers(sub) -> None:
 
 
 def resolve_methods(text: str, *, labelled: bool, fleet: bool) -> list[str]:
-    from ..transfer.selection import METHODS, SIMEX, needs_labels
+    from ..transfer.selection import available_methods
 
     if text.strip() == "all":
-        return [m for m in METHODS if (m != SIMEX or fleet) and (labelled or not needs_labels(m))]
+        return available_methods(labelled=labelled, fleet=fleet)
     return [m.strip() for m in text.split(",") if m.strip()]
 
 

@@ -39,6 +39,9 @@ def add_parsers(sub) -> None:
                             "--replicas and --cpus-per-replica size them)")
         add_device_arg(p, help="where the scorers run (default cpu); cuda needs --gpus-per-replica")
         p.add_argument("--gpus-per-replica", type=float, default=0.0, help="(default 0; fractions allowed)")
+        p.add_argument("--library", default=None,
+                       help="a classifier library (`simex train-bases`) to answer POST /v1/select: which "
+                            "classifier to transfer from")
         p.add_argument("--ingress-replicas", type=int, default=1,
                        help="replicas of the HTTP ingress (default 1; 2 or more on a cluster, so a lost node "
                             "does not take the only one)")
@@ -117,7 +120,19 @@ def settings_from(args):
     return ServeSettings(replicas=args.replicas, autoscaling=autoscaling, cpus_per_replica=args.cpus_per_replica,
                          api_key=args.api_key or None, mode=args.mode, device=device,
                          gpus_per_replica=args.gpus_per_replica, ingress_replicas=args.ingress_replicas,
-                         limits=Limits(max_images=args.max_images, max_body_bytes=int(args.max_body_mb * 2**20)))
+                         limits=Limits(max_images=args.max_images, max_body_bytes=int(args.max_body_mb * 2**20)),
+                         library=library_location(args.library))
+
+
+def library_location(path: str | None) -> str | None:
+    """--library, checked here (before Ray starts) and made absolute for the replicas."""
+    if path is None:
+        return None
+    from ..storage import normalize
+    from ..transfer.library import Library
+
+    Library.load(path)  # a missing or foreign library is a one-line error now, not a failed deployment
+    return normalize(path)
 
 
 def _pidfile(port: int) -> Path:

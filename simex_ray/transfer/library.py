@@ -29,7 +29,7 @@ import torch
 
 from .. import storage
 from ..errors import one_line
-from ..fleet.manifest import HASH_CHARS, slug
+from ..fleet.manifest import HASH_CHARS, FleetError, slug
 from .classifiers import LeNet5, predict_proba
 
 FILE = "library.json"
@@ -38,8 +38,9 @@ FORMAT_VERSION = 1
 ARCHITECTURES = ("lenet5",)
 
 
-class LibraryError(RuntimeError):
-    """A classifier library that cannot be used; the message names the file and the fix."""
+class LibraryError(FleetError):
+    """A classifier library that cannot be used; the message names the file and the fix (a FleetError: the
+    CLI reports it in one line, exit status 1)."""
 
 
 @dataclass

@@ -27,6 +27,12 @@ def needs_labels(method: str) -> bool:
     return method != SIMEX and ESTIMATORS[method].needs_labels
 
 
+def available_methods(*, labelled: bool, fleet: bool) -> list[str]:
+    """Every method the data and the deployment allow: label-using ones only with labels, simex only
+    with a fleet."""
+    return [m for m in METHODS if (m != SIMEX or fleet) and (labelled or not needs_labels(m))]
+
+
 def check_methods(methods: Sequence[str], *, labelled: bool, fleet: bool) -> list[str]:
     """The methods, validated: an unknown one, a label-using one without labels, or simex without a fleet
     is a one-line error naming the fix."""
@@ -69,11 +75,12 @@ class Selection:
 
 def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, methods: Sequence[str] = METHODS,
            classifiers: Sequence[str] | None = None, fleet=None, loss: str | None = None,
-           options: dict[str, dict[str, Any]] | None = None) -> Selection:
+           deltas: dict[str, float] | None = None, options: dict[str, dict[str, Any]] | None = None) -> Selection:
     """Score ``classifiers`` (default: every one in ``library``) for images ``x`` (N, 1, 28, 28) with labels
     ``y`` (needed by the label-using methods). ``fleet``: a :class:`~simex_ray.fleet.Fleet` whose members
-    are named by the classifiers' reference specs (for ``simex``). ``options``: per-method keyword options."""
-    methods = check_methods(methods, labelled=y is not None, fleet=fleet is not None)
+    are named by the classifiers' reference specs (for ``simex``), or ``deltas``: Δ(X | A(spec)) already
+    computed (e.g. by a Serve layout). ``options``: per-method keyword options."""
+    methods = check_methods(methods, labelled=y is not None, fleet=fleet is not None or deltas is not None)
     names = list(classifiers) if classifiers is not None else library.names
     options = options or {}
     scores = {m: {} for m in methods}
@@ -82,12 +89,14 @@ def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, meth
     if SIMEX in methods:
         t0 = time.perf_counter()
         specs = list(dict.fromkeys(library.classifiers[c].spec for c in names))
-        missing = [s for s in specs if s not in fleet.members]
+        missing = [s for s in specs if s not in (fleet.members if fleet is not None else deltas)]
         if missing:
             raise ValueError(f"the fleet has no member for {', '.join(missing)}; train one with "
                              f"`simex train --refs {','.join(missing)}`")
-        delta = fleet.engine.per_sample(x, specs, loss).mean(axis=1)
-        by_spec = dict(zip(specs, delta))
+        if fleet is not None:
+            by_spec = dict(zip(specs, fleet.engine.per_sample(x, specs, loss).mean(axis=1)))
+        else:
+            by_spec = {s: deltas[s] for s in specs}
         scores[SIMEX] = {c: -float(by_spec[library.classifiers[c].spec]) for c in names}
         seconds[SIMEX] = time.perf_counter() - t0
     for c in names:

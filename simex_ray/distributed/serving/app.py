@@ -28,7 +28,7 @@ from ray import serve
 
 from ... import __version__
 from ...api import JSON, NPY, ApiError, Limits, check_api_key, check_body_size, parse_flag, parse_ranking, \
-    parse_score_request, score_response, score_response_model, select_members
+    parse_score_request, parse_select_request, score_response, score_response_model, select_members
 from ...errors import one_line
 from ...fleet import Fleet, FleetError, StaleWeightsError, read_manifest
 
@@ -185,6 +185,26 @@ SCORE_BODY = {
         },
     }
 }
+SELECT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            JSON: {"schema": {
+                "type": "object", "required": ["images"],
+                "properties": {
+                    "images": {"type": "array", "description":
+                               "shape (N,28,28) or (N,1,28,28); floats in [0,1] or integers 0..255"},
+                    "labels": {"type": "array", "items": {"type": "integer"},
+                               "description": "one class label per image (needed by logme, leep, nce, hscore, "
+                                              "gbc, knn)"},
+                    "methods": {"type": "array", "items": {"type": "string"},
+                                "description": "default: every method the labels and the fleet allow"},
+                }}},
+            NPY: {"schema": {"type": "string", "format": "binary",
+                             "description": "numpy.save of a (N,28,28) or (N,1,28,28) array (no labels)"}},
+        },
+    }
+}
 ERRORS = {code: {"model": ErrorResponse, "description": why} for code, why in {
     400: "malformed JSON or .npy", 401: "missing or wrong API key", 404: "unknown member",
     413: "too many images or body too large", 415: "unsupported content type",
@@ -214,6 +234,7 @@ class Ingress:
         self.handles: dict[str, Any] = {}
         self.fused, self.order, self.local, self.local_key = None, [], None, None
         self.api_key, self.limits, self.loss, self.fleet = None, Limits(), "mse", ""
+        self.library, self.library_path = None, None
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """config: fleet, members {name: {app, sha256}}, fused (the whole-fleet app, or None),
@@ -247,6 +268,13 @@ class Ingress:
         self.limits = Limits(int(config.get("max_images", Limits.max_images)),
                              int(config.get("max_body_bytes", Limits.max_body_bytes)))
         self.loss, self.fleet = manifest.get("loss", "mse"), config["fleet"]
+        if config.get("library") != self.library_path:  # the classifier library of /v1/select, checked once
+            from ...transfer.library import Library
+
+            self.library = Library.load(config["library"]) if config.get("library") else None
+            for name in self.library.names if self.library is not None else ():
+                self.library.model(name)  # sha256-checked now: a bad library fails the deployment, not a request
+            self.library_path = config.get("library")
         log.info("serving %d member(s) from %s", len(self.members), self.fleet)
 
     async def _read_body(self, request: Request) -> bytes:
@@ -278,16 +306,50 @@ class Ingress:
         x, requested = parse_score_request(await self._read_body(request),
                                            request.headers.get("content-type"), self.limits)
         names = select_members(requested, list(self.members))
-        if self.local is not None:  # no hop: every member in fleet order, then the requested rows
-            d = await self._score_here(x)
-            d = d[[self.order.index(n) for n in names]]
-        elif self.fused is not None:  # one hop: every member in manifest order, then the requested rows
-            d = await self._call(self.fused, "the fleet scorer", x)
-            d = d[[self.order.index(n) for n in names]]
-        else:
-            d = np.stack(await asyncio.gather(*(self._call(self.handles[n], f"member '{n}'", x) for n in names)))
+        d = await self._per_sample(x, names)
         return score_response(d, [self.records[n] for n in names], self.loss, 1000 * (time.perf_counter() - t0),
                               method=method, with_samples=with_samples)
+
+    async def _per_sample(self, x: np.ndarray, names: list[str]) -> np.ndarray:
+        """Per-sample δ of ``names`` from the layout's scorers: (len(names), N)."""
+        if self.local is not None:  # no hop: every member in fleet order, then the requested rows
+            d = await self._score_here(x)
+            return d[[self.order.index(n) for n in names]]
+        if self.fused is not None:  # one hop: every member in manifest order, then the requested rows
+            d = await self._call(self.fused, "the fleet scorer", x)
+            return d[[self.order.index(n) for n in names]]
+        return np.stack(await asyncio.gather(*(self._call(self.handles[n], f"member '{n}'", x) for n in names)))
+
+    @api.post("/v1/select", responses=ERRORS, openapi_extra=SELECT_BODY,
+              summary="rank the library's classifiers for a batch of images: which to transfer from")
+    async def select(self, request: Request):
+        from ...transfer.selection import SIMEX, available_methods, check_methods, select
+
+        t0 = time.perf_counter()
+        check_api_key(self.api_key, request.headers.get("x-api-key"))
+        if self.library is None:
+            raise ApiError(404, "this service has no classifier library; start it with `simex serve start "
+                                "--library LIB`")
+        x, labels, methods = parse_select_request(await self._read_body(request),
+                                                  request.headers.get("content-type"), self.limits)
+        specs = [s for s in self.library.references if s in self.members]
+        try:
+            methods = check_methods(methods or available_methods(labelled=labels is not None, fleet=bool(specs)),
+                                    labelled=labels is not None, fleet=bool(specs))
+        except ValueError as e:
+            raise ApiError(422, one_line(e)) from None
+        deltas = None
+        if SIMEX in methods:
+            deltas = dict(zip(specs, (await self._per_sample(x, specs)).mean(axis=1).tolist()))
+        classifiers = [n for n, c in self.library.classifiers.items() if SIMEX not in methods or c.spec in specs]
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: select(self.library, x, labels, methods=methods, classifiers=classifiers,
+                                     deltas=deltas))
+        except ValueError as e:  # e.g. labels of a single class: an estimator is undefined
+            raise ApiError(422, one_line(e)) from None
+        return {**result.to_json(), "classifiers": {n: self.library.classifiers[n].spec for n in classifiers},
+                "latency_ms": 1000 * (time.perf_counter() - t0)}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _score_here(self, batches: list[np.ndarray]) -> list[np.ndarray]:

@@ -34,6 +34,7 @@ class ServeSettings:
     mode: str = "members"  # or "fused": one application holding the whole fleet
     device: str = "cpu"
     gpus_per_replica: float = 0.0
+    library: str | None = None  # a classifier library for POST /v1/select (absolute path or URI)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -97,6 +98,7 @@ def _ingress_args(fleet: Path, members: list[dict], s: ServeSettings) -> dict[st
         "max_images": s.limits.max_images,
         "max_body_bytes": s.limits.max_body_bytes,
         "num_replicas": s.ingress_replicas,
+        **({"library": s.library} if s.library else {}),
         **(_embedded_args(s) if s.mode == "embedded" else {}),
     }
 
