@@ -10,7 +10,9 @@ variants that are cheap at query time, beside the label-free scores the product 
   (f = B(Y)'s penultimate features, A(Y) the reference's autoencoder);
 - simex+silhouette: the mean of the two ranks (Δ through A(Y), and the k-means silhouette of X in B(Y)'s
   features), per unknown X;
-- simex x nuclear-norm: -Δ scaled by the nuclear norm of B(Y)'s softmax on X.
+- simex x nuclear-norm: -Δ scaled by the nuclear norm of B(Y)'s softmax on X;
+- simex-calibrated: -Δ(X | A(Y)) / Δ(Y_test | A(Y)), each autoencoder on the scale of its own held-out
+  data (the `calibrated` ranking of `simex score`), and the same scaled by the nuclear norm.
 
 Each is reported as ρ (paper), ρ strict and ρ per unknown against the ground truth's accuracy, for each
 data seed, next to simex, silhouette, entropy, nuclear-norm and the best label-using estimator.
@@ -56,11 +58,15 @@ def variants(out: str, seed: str) -> dict[str, np.ndarray]:
             fr = lib.features(b, reconstruct(fleet.models[y], x))
             feat_delta[i, j] = -np.mean(np.sum((f - fr) ** 2, axis=1)) / np.mean(np.sum(f ** 2, axis=1))
     simex = -np.asarray(inter["delta"])  # higher = better, as every estimator
+    own = np.array([fleet.members[y].calibration["mean"] for y in refs])  # Δ(Y_test | A(Y))
+    calibrated = simex / own[None, :]  # -Δ / Δ(Y_test | A(Y)): each autoencoder on its own scale
     est = {k: np.asarray(v["matrix"]) for k, v in inter["estimators"].items()}
     ranks = lambda m: np.vstack([rankdata(row) for row in m])  # per unknown X, over bases
     out_m = {"simex": simex, "feature-delta": feat_delta,
              "simex+silhouette": (ranks(simex) + ranks(est["silhouette"])) / 2,
-             "simex x nuclear-norm": simex / est["nuclear-norm"]}
+             "simex x nuclear-norm": simex / est["nuclear-norm"],
+             "simex-calibrated": calibrated,
+             "simex-calibrated x nuclear-norm": calibrated / est["nuclear-norm"]}
     for k in ("silhouette", "entropy", "nuclear-norm", "logme", "knn"):
         out_m[k] = est[k]
     return out_m, gt
@@ -74,10 +80,10 @@ def main(out: str, seeds: list[str]) -> None:
             a = agreement(-m, gt.targets(), gt.references)
             rows.setdefault(name, []).append(f"{a['rho_mean']:>6.2f} {a['rho_mean_strict']:>6.2f} "
                                              f"{a['rho_mean_per_unknown']:>6.2f}")
-    print(f"{'score':<22}" + "".join(f" | {'ρ':>6} {'strict':>6} {'/unkn':>6}" for _ in seeds)
+    print(f"{'score':<32}" + "".join(f" | {'ρ':>6} {'strict':>6} {'/unkn':>6}" for _ in seeds)
           + f"   (data seeds {', '.join(seeds)})")
     for name, cells in rows.items():
-        print(f"{name:<22}" + "".join(f" | {c}" for c in cells))
+        print(f"{name:<32}" + "".join(f" | {c}" for c in cells))
 
 
 if __name__ == "__main__":
