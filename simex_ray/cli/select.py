@@ -128,7 +128,7 @@ def format_selection(out: dict) -> str:
     for n in out["ranking"][first]:
         cells = [out["scores"][m].get(n) for m in methods]
         lines.append(f"{label[n]:<{width}}  " + "  ".join(f"{'-':>12}" if v is None else f"{v:>12.4g}" for v in cells))
-    lines.append("needs labels: " + ", ".join(m for m in methods if out["needs_labels"][m]) or "none")
+    lines.append("needs labels: " + (", ".join(m for m in methods if out["needs_labels"][m]) or "none"))
     for m in methods:
         lines.append(f"  best by {m:<12} {label[out['ranking'][m][0]]}  ({out['seconds'][m]:.2f}s)")
     if "verified" in out:
