@@ -168,43 +168,24 @@ class ErrorResponse(BaseModel):
     status: int
 
 
-SCORE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            JSON: {"schema": {
-                "type": "object", "required": ["images"],
-                "properties": {
-                    "images": {"type": "array", "description":
-                               "shape (N,28,28) or (N,1,28,28); floats in [0,1] or integers 0..255"},
-                    "members": {"type": "array", "items": {"type": "string"},
-                                "description": "score only these members (default: all)"},
-                }}},
-            NPY: {"schema": {"type": "string", "format": "binary",
-                             "description": "numpy.save of a (N,28,28) or (N,1,28,28) array"}},
-        },
-    }
-}
-SELECT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            JSON: {"schema": {
-                "type": "object", "required": ["images"],
-                "properties": {
-                    "images": {"type": "array", "description":
-                               "shape (N,28,28) or (N,1,28,28); floats in [0,1] or integers 0..255"},
-                    "labels": {"type": "array", "items": {"type": "integer"},
-                               "description": "one class label per image (needed by logme, leep, nce, hscore, "
-                                              "gbc, knn)"},
-                    "methods": {"type": "array", "items": {"type": "string"},
-                                "description": "default: every method the labels and the fleet allow"},
-                }}},
-            NPY: {"schema": {"type": "string", "format": "binary",
-                             "description": "numpy.save of a (N,28,28) or (N,1,28,28) array (no labels)"}},
-        },
-    }
-}
+def request_body(fields: dict[str, Any], npy_note: str = "") -> dict[str, Any]:
+    """The OpenAPI request body of an endpoint taking images: JSON with ``images`` and ``fields``, or .npy."""
+    images = {"type": "array", "description": "shape (N,28,28) or (N,1,28,28); floats in [0,1] or integers 0..255"}
+    return {"requestBody": {"required": True, "content": {
+        JSON: {"schema": {"type": "object", "required": ["images"], "properties": {"images": images, **fields}}},
+        NPY: {"schema": {"type": "string", "format": "binary",
+                         "description": "numpy.save of a (N,28,28) or (N,1,28,28) array" + npy_note}},
+    }}}
+
+
+SCORE_BODY = request_body({"members": {"type": "array", "items": {"type": "string"},
+                                       "description": "score only these members (default: all)"}})
+SELECT_BODY = request_body({
+    "labels": {"type": "array", "items": {"type": "integer"},
+               "description": "one class label per image (needed by logme, leep, nce, hscore, gbc, knn)"},
+    "methods": {"type": "array", "items": {"type": "string"},
+                "description": "default: every method the labels and the fleet allow"},
+}, npy_note=" (no labels)")
 ERRORS = {code: {"model": ErrorResponse, "description": why} for code, why in {
     400: "malformed JSON or .npy", 401: "missing or wrong API key", 404: "unknown member",
     413: "too many images or body too large", 415: "unsupported content type",
