@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -34,6 +35,10 @@ from pathlib import Path
 
 STATE = "cluster.json"  # in the cluster's directory: ports, nodes and their processes
 WORKER_PORTS = 60  # per node
+# What `_node_args` gives every node (its own ports): replaced when a node is started again.
+NODE_ARGS = ("--disable-usage-stats", "--node-manager-port", "--object-manager-port", "--metrics-export-port",
+             "--runtime-env-agent-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+             "--min-worker-port", "--max-worker-port", "--object-store-memory")
 SOCKET_SUFFIX = "session_2026-11-30_06-24-49_783743_4194304/sockets/plasma_store"  # the longest Ray makes: ports the raylet hands to its worker processes
 
 
@@ -89,7 +94,7 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def _proc_info(pid: int) -> tuple[str, int, str] | None:
+def proc_info(pid: int) -> tuple[str, int, str] | None:
     """(command line, process group, start time) of a live process, else None."""
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -113,7 +118,7 @@ def node_pids(node: Node) -> set[int]:
     me = os.getpid()
     procs = {}
     for d in os.listdir("/proc"):
-        if d.isdigit() and int(d) != me and (info := _proc_info(int(d))):
+        if d.isdigit() and int(d) != me and (info := proc_info(int(d))):
             procs[int(d)] = info
     roots = {pid for pid, (cmd, _, _) in procs.items() if marker in cmd}
     roots |= {pid for pid, started in node.seen.items() if pid in procs and procs[pid][2] == started}
@@ -131,7 +136,8 @@ def node_pids(node: Node) -> set[int]:
     return found
 
 
-def _kill(pids: set[int]) -> None:
+def kill_pids(pids: set[int]) -> None:
+    """SIGKILL each of ``pids`` that is still there."""
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -151,10 +157,20 @@ class MultiNodeCluster:
     workers: int = 2
     cpus: int = 1  # `ray start --num-cpus` takes whole CPUs; workers may ask for fractions
     object_store_mb: int = 150
-    # Node deaths are noticed after period * threshold; Ray's defaults make that ~15-30 s.
+    # A killed node is noticed after period * threshold (its port refuses at once); Ray's defaults make
+    # that ~15-30 s. The timeout only bounds a check that gets no answer: a live node on a busy machine
+    # can take seconds to answer, and must not be declared dead for it.
     health_check_period_ms: int = 1000
     health_check_failure_threshold: int = 3
+    health_check_timeout_ms: int = 10_000
     start_timeout_s: float = 120
+    # `ray start` gives a node's raylet a fixed 30 s to register with the GCS. On a loaded machine it
+    # may miss that ("... or the GCS has become overloaded"): the node is then given ``late_register_s``
+    # more to register, else killed and started again (fresh ports, one at a time), up to
+    # ``start_attempts`` times in all.
+    start_attempts: int = 3
+    late_register_s: float = 60
+    start_backoff_s: float = 5  # before the 2nd attempt; doubled before each later one
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="simex-mn-")))
     nodes: list[Node] = field(default_factory=list)
 
@@ -167,7 +183,7 @@ class MultiNodeCluster:
         self.env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path),
                     "OMP_NUM_THREADS": "1", "RAY_worker_maximum_startup_concurrency": "16",
                     "RAY_health_check_period_ms": str(self.health_check_period_ms),
-                    "RAY_health_check_timeout_ms": str(self.health_check_period_ms),
+                    "RAY_health_check_timeout_ms": str(self.health_check_timeout_ms),
                     "RAY_health_check_initial_delay_ms": "1000",
                     "RAY_health_check_failure_threshold": str(self.health_check_failure_threshold)}
         self.gcs_port, self.dashboard_port = free_port(), free_port()
@@ -218,16 +234,65 @@ class MultiNodeCluster:
         return proc
 
     def _wait(self, node: Node, proc: subprocess.Popen) -> None:
+        """Wait for ``ray start`` of ``node``; a RuntimeError (with its output) if it failed."""
         try:
             rc = proc.wait(timeout=max(1.0, node.start_s + self.start_timeout_s - time.time()))
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = None
-        node.start_s = time.time() - node.start_s
         node_pids(node)  # remember its processes
-        if rc != 0:
+        if rc != 0 and not self._registered_late(node):
+            node.start_s = time.time() - node.start_s
             raise RuntimeError(f"`ray start` of {node.name} failed ({rc}); its output is in {node.log}: "
                                f"{node.log.read_text()[-3000:]}")
+        node.start_s = time.time() - node.start_s
+
+    def _registered_late(self, node: Node) -> bool:
+        """A worker node whose `ray start` gave up on it while its raylet (still running) was slow to
+        register: wait up to ``late_register_s`` for the GCS to list it alive."""
+        if node is self.nodes[0] or not node_pids(node):
+            return False
+        resource = next(json.loads(a.split("=", 1)[1]) for a in node.args if a.startswith("--resources="))
+        deadline = time.time() + self.late_register_s
+        while time.time() < deadline and node_pids(node):
+            try:
+                if any(set(resource) <= set(info.get("resources_total", {})) for info in self.alive_nodes()):
+                    return True
+            except Exception:  # noqa: BLE001 - the dashboard is busy too: ask again
+                pass
+            time.sleep(1)
+        return False
+
+    def _start(self, nodes: list[Node]) -> None:
+        """Start ``nodes`` (together: each `ray start` mostly waits). One that fails is killed and
+        started again, alone and on fresh ports, after a pause that grows: up to ``start_attempts``."""
+        failed, errors = nodes, []
+        for attempt in range(1, self.start_attempts + 1):
+            if attempt > 1:
+                time.sleep(self.start_backoff_s * 2 ** (attempt - 2))  # let the machine breathe
+                for node in failed:
+                    self._reset(node)
+            together = {node.name: self._launch(node) for node in failed} if attempt == 1 else {}
+            errors = []
+            for node in failed:
+                try:
+                    self._wait(node, together[node.name] if together else self._launch(node))
+                except RuntimeError as e:
+                    errors.append((node, e))
+            if not errors:
+                return
+            failed = [node for node, _ in errors]
+            print(f"`ray start` of {', '.join(n.name for n in failed)} failed (attempt {attempt} of "
+                  f"{self.start_attempts}): {str(errors[0][1]).strip().splitlines()[-1][:300]}",
+                  file=sys.stderr, flush=True)
+        raise errors[0][1]
+
+    def _reset(self, node: Node) -> None:
+        """Kill what a failed `ray start` left of ``node`` and give it fresh ports and a clean temp dir."""
+        kill_pids(node_pids(node))
+        shutil.rmtree(node.temp_dir, ignore_errors=True)
+        node.args = [a for a in node.args if a.split("=", 1)[0] not in NODE_ARGS] + self._node_args(self._taken)
+        node.seen.clear()
 
     def start(self) -> None:
         # Ray puts unix sockets under each node's temp dir: the whole path must fit in 107 bytes.
@@ -242,7 +307,7 @@ class MultiNodeCluster:
                                                   f"--ray-client-server-port={free_port()}",
                                                   *self._node_args(self._taken)])
         self.nodes.append(head)
-        self._wait(head, self._launch(head))
+        self._start([head])
         self.add_workers(self.workers)
 
     def add_workers(self, n: int = 1) -> list[int]:
@@ -256,9 +321,7 @@ class MultiNodeCluster:
                                     f"--resources={json.dumps({f'simex_node_{i}': 1})}",
                                     *self._node_args(self._taken)]))
             new.append(i)
-        started = [(self.nodes[i + 1], self._launch(self.nodes[i + 1])) for i in new]
-        for node, proc in started:
-            self._wait(node, proc)
+        self._start([self.nodes[i + 1] for i in new])
         self.wait_for_nodes(sum(not node.killed for node in self.nodes))
         return new
 
@@ -275,10 +338,10 @@ class MultiNodeCluster:
         node.killed = True
         # Twice: a worker forked while the first sweep ran is caught by the second.
         killed = node_pids(node)
-        _kill(killed)
+        kill_pids(killed)
         time.sleep(0.5)
         again = node_pids(node)
-        _kill(again)
+        kill_pids(again)
         return killed | again
 
     def shutdown(self, remove: bool = True) -> None:
@@ -294,7 +357,7 @@ class MultiNodeCluster:
             left = set()
             for node in reversed(self.nodes):
                 pids = node_pids(node)
-                _kill(pids)
+                kill_pids(pids)
                 left |= pids
             if not left:
                 break
@@ -344,8 +407,12 @@ class MultiNodeCluster:
                                     f"`simex cluster up --dir {base}`") from None
         self = cls.__new__(cls)
         self.base, self.workers, self.cpus = base, 0, state["cpus"]
-        self.object_store_mb, self.start_timeout_s = state["object_store_mb"], 120
-        self.health_check_period_ms, self.health_check_failure_threshold = 1000, 3
+        self.object_store_mb, self.start_timeout_s = state["object_store_mb"], cls.start_timeout_s
+        self.start_attempts, self.late_register_s = cls.start_attempts, cls.late_register_s
+        self.start_backoff_s = cls.start_backoff_s
+        self.health_check_period_ms = cls.health_check_period_ms
+        self.health_check_failure_threshold = cls.health_check_failure_threshold
+        self.health_check_timeout_ms = cls.health_check_timeout_ms
         self.token_path = base / "auth_token"
         self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, **state["env"]}
         self.gcs_port, self.dashboard_port = state["gcs_port"], state["dashboard_port"]

@@ -194,8 +194,9 @@ def sha256(path_or_uri: PathLike) -> str:
     return resolve(path_or_uri).sha256()
 
 
-def _write_stream(f, data: bytes) -> None:
-    """Write ``data`` to an open stream in chunks (one place, so tests can interrupt a write)."""
+def write_stream(f, data: bytes) -> None:
+    """Write ``data`` to an open stream in chunks. Every atomic write goes through here: the seam at
+    which a test interrupts a write midway."""
     view = memoryview(data)
     for start in range(0, len(view), CHUNK):
         f.write(view[start:start + CHUNK])
@@ -207,7 +208,7 @@ def _write_local(path: str, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            _write_stream(f, data)
+            write_stream(f, data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -221,8 +222,8 @@ def _write_object(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     tmp = posixpath.join(parent, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         with fs.open_output_stream(tmp) as f:
-            _write_stream(f, data)
-        _move(fs, tmp, path)
+            write_stream(f, data)
+        move(fs, tmp, path)
     except BaseException:
         try:
             fs.delete_file(tmp)
@@ -234,7 +235,9 @@ def _write_object(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         raise OSError(f"{path}: wrote {len(data)} bytes but the store holds {size}; write it again")
 
 
-def _move(fs: pafs.FileSystem, src: str, dst: str) -> None:
+def move(fs: pafs.FileSystem, src: str, dst: str) -> None:
+    """Move ``src`` to ``dst`` within one store (copy then delete where the store has no server-side
+    move). The step that publishes an object write: the seam at which a test watches the order."""
     try:
         fs.move(src, dst)
     except NotImplementedError:  # a store without a server-side move

@@ -76,12 +76,27 @@ def test_prepare_tops_up_the_test_split_from_unsampled_rows(tmp_path):
     assert len(te_all) == 500 - 100  # everything outside the training split
 
 
-def test_tl_configs_are_the_papers_five():
-    assert list(TL_CONFIGS) == ["TL-1", "TL-2", "TL-3", "TL-4", "TL-5"]
-    tl1, tl5 = TL_CONFIGS["TL-1"], TL_CONFIGS["TL-5"]
-    assert (tl1.optimizer, tl1.lr) == ("rmsprop", 1e-3)
-    assert tl5.optimizer == tl1.optimizer and tl5.lr == pytest.approx(tl1.lr * 0.1)
-    assert len({TL_CONFIGS[k].optimizer for k in ("TL-1", "TL-2", "TL-3", "TL-4")}) == 4
+def test_each_tl_config_retrains_with_its_own_optimizer(base, digits_splits, monkeypatch):
+    from simex_ray.transfer import classifiers
+
+    built, real = [], classifiers.make_classifier_optimizer
+
+    def spy(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(classifiers, "make_classifier_optimizer", spy)
+    kinds = {"rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
+             "adagrad": torch.optim.Adagrad}
+    s = {k: v[:48] for k, v in digits_splits.items()}
+    for name, cfg in TL_CONFIGS.items():
+        built.clear()
+        r = transfer(base["state"], **s, config=name, max_epochs=1, patience=1)
+        (opt,) = built
+        group = opt.param_groups[0]
+        assert type(opt) is kinds[cfg.optimizer] and group["lr"] == cfg.lr, name
+        assert group.get("momentum", 0.0) == cfg.momentum and r["config"] == name, name
+    assert len({(c.optimizer, c.lr, c.momentum) for c in TL_CONFIGS.values()}) == len(TL_CONFIGS)  # all differ
     with pytest.raises(ValueError, match="known: TL-1"):
         tl_config("TL-9")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -90,10 +91,31 @@ def test_train_and_score_npz_files_the_project_never_saw(tmp_path):
         assert (tmp_path / "m" / f"delta_matrix.{ext}").stat().st_size > 0
 
 
-def test_help_lists_every_verb():
+VERBS = {"train", "score", "matrix", "pair", "select", "train-bases", "serve", "query", "experiment", "tune",
+         "cluster"}
+
+
+def _verbs(parser):
+    import argparse
+
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_help_lists_every_verb(capsys):
+    from simex_ray.cli import build_parser
+
+    verbs = _verbs(build_parser())
+    assert set(verbs) == VERBS  # exactly these verbs, none missing, none extra
+    for verb in sorted(VERBS):
+        with pytest.raises(SystemExit) as done:
+            build_parser().parse_args([verb, "--help"])
+        assert done.value.code == 0, verb
+        assert capsys.readouterr().out.startswith(f"usage: simex {verb}"), verb
+    # The entry point's own help lists every verb, one per line under COMMAND.
     out = simex("--help").stdout
-    for verb in ("train", "score", "matrix"):
-        assert verb in out
+    listed = re.findall(r"^    ([\w-]+)\s", out.split("COMMAND\n", 1)[1], flags=re.M)
+    assert set(listed) == VERBS
 
 
 def rho_mean(result):

@@ -19,11 +19,16 @@ from pathlib import Path
 import pytest
 
 from .conftest import make_ground_truth
-from simex_ray.local_cluster import MultiNodeCluster, _kill
+from simex_ray.local_cluster import MultiNodeCluster, kill_pids
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 REFS = "digits,bgrand:digits,rotated:digits"
+# Deadlines of the Serve test, sized from measured spread (docs/testing.md): deploying took ~40 s idle and
+# up to ~150 s on a loaded 2-core machine; recovery after a node loss 2 s idle, 120 s loaded.
+SERVE_DEPLOY_S = 600
+SERVE_RECOVERY_S = 300
+REQUEST_TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +37,45 @@ def cluster():
         yield c
     left = c.pids()
     assert not left, f"processes of the test cluster still alive: {sorted(left)}"
+
+
+FAKE_RAY = """#!/bin/bash
+# `ray start` that fails the first $FAILS times it is asked to start the node with resource simex_node_1.
+echo "$*" >> "$CALLS"
+if [[ "$*" == *simex_node_1* ]] && (( $(grep -c simex_node_1 "$CALLS") <= FAILS )); then
+    echo "Exception: The current node timed out during startup."; exit 1
+fi
+"""
+
+
+def test_a_node_whose_ray_start_fails_is_started_again_on_fresh_ports(tmp_path):
+    """No Ray here: a stand-in `ray` on PATH. A node whose `ray start` fails (as under load, when the
+    raylet misses `ray start`'s 30 s to register) is started again, alone, on ports no node had;
+    after ``start_attempts`` failures the error names the node and carries its output."""
+    import os
+
+    from simex_ray.local_cluster import NODE_ARGS, Node
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "ray").write_text(FAKE_RAY)
+    (tmp_path / "bin" / "ray").chmod(0o755)
+    c = MultiNodeCluster(workers=2, base=tmp_path, start_backoff_s=0, start_attempts=3)
+    c.env.update(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", CALLS=str(tmp_path / "calls"), FAILS="1")
+    c._taken = {c.gcs_port, c.dashboard_port}
+    c.nodes = [Node("head", tmp_path / "head", [])] + [
+        Node(f"worker{i}", tmp_path / f"worker{i}", [f"--resources={json.dumps({f'simex_node_{i}': 1})}",
+                                                      *c._node_args(c._taken)]) for i in range(2)]
+    c._start(c.nodes[1:])
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [("simex_node_1" in call) for call in calls] == [False, True, True]  # worker1 once more
+    ports = lambda call: {a for a in call.split() if a.split("=", 1)[0] in NODE_ARGS and "port" in a}
+    assert ports(calls[1]) and ports(calls[2]) and not ports(calls[1]) & ports(calls[2])
+    assert not ports(calls[2]) & ports(calls[0])  # nor worker0's
+
+    c.env["FAILS"] = "99"
+    with pytest.raises(RuntimeError, match="`ray start` of worker1 failed .*timed out during startup"):
+        c._start([c.nodes[2]])
+    assert len((tmp_path / "calls").read_text().splitlines()) == 3 + 3  # three attempts, then the error
 
 
 def submit(cluster, *entrypoint, wait: bool = True):
@@ -307,10 +351,10 @@ def _epochs_run(output: str) -> dict[str, list[int]]:
 
 
 def _driver_pids(cluster, needle: str) -> list[int]:
-    from simex_ray.local_cluster import _proc_info, node_pids
+    from simex_ray.local_cluster import node_pids, proc_info
 
     return [pid for pid in node_pids(cluster.nodes[0])
-            if (info := _proc_info(pid)) and needle in info[0] and "ray job submit" not in info[0]]
+            if (info := proc_info(pid)) and needle in info[0] and "ray job submit" not in info[0]]
 
 
 def test_driver_lost_across_nodes_then_rerun_resumes(cluster, tmp_path):
@@ -333,7 +377,7 @@ def test_driver_lost_across_nodes_then_rerun_resumes(cluster, tmp_path):
             time.sleep(0.1)
         drivers = _driver_pids(cluster, "simex train")
         assert drivers, "the job's driver process was not found on the head"
-        _kill(set(drivers))
+        kill_pids(set(drivers))
         t_kill = time.time() - t0
         first, _ = job.communicate(timeout=120)
     finally:
@@ -362,51 +406,78 @@ class Traffic(threading.Thread):
     """``clients`` threads posting the same batch to /v1/score back to back; every answer is recorded
     as (sent at, seconds, HTTP status or the exception's name, the Δ row or the error body)."""
 
-    def __init__(self, url: str, body: bytes, clients: int = 3):
+    def __init__(self, url: str, body: bytes, clients: int = 3, timeout_s: float = REQUEST_TIMEOUT_S):
         super().__init__(daemon=True)
-        self.url, self.body, self.clients = url, body, clients
+        self.url, self.body, self.clients, self.timeout_s = url, body, clients, timeout_s
         self.stop, self.records, self.t0 = threading.Event(), [], time.time()
 
-    def _client(self):
+    def _client(self, c: int):
         import requests
 
         session = requests.Session()
         while not self.stop.is_set():
             sent = time.time()
             try:
-                r = session.post(self.url + "/v1/score", data=self.body, timeout=30,
+                r = session.post(self.url + "/v1/score", data=self.body, timeout=self.timeout_s,
                                  headers={"Content-Type": "application/x-npy"})
                 try:
                     answer = r.json()
                 except ValueError:  # not JSON: what the proxy sent instead
                     answer = {"body": r.text[:300]}
                 self.records.append((sent - self.t0, time.time() - sent, r.status_code,
-                                     answer.get("delta") if r.status_code == 200 else answer))
+                                     answer.get("delta") if r.status_code == 200 else answer, c))
             except Exception as e:  # noqa: BLE001 - a dropped connection is an answer we count
-                self.records.append((sent - self.t0, time.time() - sent, type(e).__name__, None))
+                self.records.append((sent - self.t0, time.time() - sent, type(e).__name__, None, c))
                 time.sleep(0.05)
 
     def run(self):
-        threads = [threading.Thread(target=self._client, daemon=True) for _ in range(self.clients)]
+        threads = [threading.Thread(target=self._client, args=(c,), daemon=True) for c in range(self.clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
 
+    def settled_since(self, t: float, n: int) -> float | None:
+        """Since when (traffic seconds) every request answers: when the last request to fail after
+        ``t`` got its failure (``t`` if none), once every client has had ``n`` requests sent later
+        answered 200 (so none of them is still waiting on a request that may yet fail); else None."""
+        records = list(self.records)
+        since = max((r[0] + r[1] for r in records if r[2] != 200 and r[0] + r[1] >= t), default=t)
+        done = [sum(r[0] > since and r[4] == c for r in records) for c in range(self.clients)]
+        return since if min(done) >= n else None
 
-def _replica_nodes(cluster) -> dict[str, list]:
-    """Serve deployment -> the worker node index (None: head) of each live replica."""
+
+def _replica_nodes(cluster) -> dict[str, list] | None:
+    """Serve deployment -> the worker node index (None: head) of each live replica; None if the
+    dashboard did not answer (it is busy on a loaded machine: ask again)."""
     placed: dict[str, list] = {}
-    for a in cluster.list_state("actors", state="ALIVE"):
+    try:
+        actors = cluster.list_state("actors", state="ALIVE")
+    except Exception:  # noqa: BLE001 - timed out or refused for now
+        return None
+    for a in actors:
         if a["class_name"].startswith("ServeReplica:"):
             placed.setdefault(a["class_name"].split(":", 2)[2], []).append(cluster.worker_index(a["node_id"]))
     return placed
 
 
+def _wait_for(what: str, deadline_s: float, check, every: float = 0.5):
+    """Poll ``check()`` until it returns something other than None/False; fail after ``deadline_s``."""
+    t0 = time.time()
+    while (value := check()) in (None, False):
+        assert time.time() - t0 < deadline_s, f"{what}: not within {deadline_s:.0f} s"
+        time.sleep(every)
+    return value
+
+
 def test_serve_keeps_answering_when_a_worker_node_is_lost(cluster, tmp_path):
     """Two replicas of the ingress and of each member, spread over the two worker nodes; the HTTP
-    proxy on the head. One worker node is killed under steady traffic: measure the failed share and
-    how long until every request succeeds again, and check the replicas are rescheduled."""
+    proxy on the head. One worker node is killed under steady traffic. The service recovers by itself:
+    the lost replicas are rescheduled on the surviving node and every request answers 200 again, with
+    the same Δ as before the loss; meanwhile a request either gets that same answer or fails as a
+    service error (5xx, or a connection the proxy dropped) - never a different answer, never a 4xx.
+    The failed share and the recovery time are measured and printed, not bounded: they depend on how
+    busy the machine is (docs/testing.md)."""
     import io as _io
 
     import numpy as np
@@ -423,55 +494,58 @@ def test_serve_keeps_answering_when_a_worker_node_is_lost(cluster, tmp_path):
     proc = subprocess.run(["simex", "serve", "start", "--fleet", str(fleet), "--address", cluster.address,
                            "--port", str(port), "--replicas", "2", "--ingress-replicas", "2",
                            "--cpus-per-replica", "0.1"], env=cluster.env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=SERVE_DEPLOY_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     t_deploy = time.time() - t0
-    placed = _replica_nodes(cluster)
-    assert sorted(placed) == ["Ingress", "MemberScorer", "MemberScorer"] or len(placed) >= 2, placed
+    placed = _wait_for("the replicas listed", 60, lambda: _replica_nodes(cluster))
+    assert len(placed) >= 2, placed
+    wanted = {k: len(v) for k, v in placed.items()}
     buf = _io.BytesIO()
     np.save(buf, load("rotated:digits").x[:64])
     traffic = Traffic(f"http://127.0.0.1:{port}", buf.getvalue())
     traffic.start()
-    time.sleep(8)
-    # The node with the most replicas (each node holds some, by Serve's spread scheduling).
-    counts = {}
-    for nodes in placed.values():
-        for i in nodes:
-            if i is not None:
-                counts[i] = counts.get(i, 0) + 1
-    victim = max(counts, key=counts.get)
-    t_kill = time.time() - traffic.t0
-    cluster.kill_node(victim)
-    # Serve reschedules the lost replicas on the surviving node (it has room for all of them).
-    wanted, t_restored = {k: len(v) for k, v in placed.items()}, None
-    while time.time() - traffic.t0 < t_kill + 90:
-        after = _replica_nodes(cluster)
-        if t_restored is None and {k: len(v) for k, v in after.items()} == wanted and \
-                all(i != victim for nodes in after.values() for i in nodes):
-            t_restored = time.time() - traffic.t0 - t_kill
-        if t_restored is not None and time.time() - traffic.t0 > t_kill + 15:
-            break
-        time.sleep(1)
-    traffic.stop.set()
-    traffic.join(timeout=60)
-    records = sorted(traffic.records)
+    try:
+        # Steady traffic first: ten answers, all 200.
+        _wait_for("10 answers before the kill", SERVE_RECOVERY_S, lambda: len(traffic.records) >= 10)
+        # The node with the most replicas (each node holds some, by Serve's spread scheduling).
+        counts: dict[int, int] = {}
+        for nodes in placed.values():
+            for i in nodes:
+                if i is not None:
+                    counts[i] = counts.get(i, 0) + 1
+        victim = max(counts, key=counts.get)
+        t_kill = time.time() - traffic.t0
+        cluster.kill_node(victim)
+
+        def restored():
+            after = _replica_nodes(cluster)
+            return after is not None and {k: len(v) for k, v in after.items()} == wanted and \
+                all(i != victim for nodes in after.values() for i in nodes) and after
+
+        # Serve reschedules the lost replicas on the surviving node (it has room for all of them) ...
+        after = _wait_for("the lost replicas rescheduled", SERVE_RECOVERY_S, restored, every=1)
+        t_restored = time.time() - traffic.t0 - t_kill
+        # ... and then every request answers again: each client's next five, sent after the last failure.
+        since = _wait_for("every request answered again", SERVE_RECOVERY_S,
+                          lambda: traffic.settled_since(t_kill, 5))
+    finally:
+        traffic.stop.set()
+        traffic.join(timeout=2 * REQUEST_TIMEOUT_S)
+    records = sorted(traffic.records, key=lambda r: r[0])
     before = [r for r in records if r[0] + r[1] < t_kill]
     during = [r for r in records if r[0] + r[1] >= t_kill]
     failed = [r for r in during if r[2] != 200]
-    last_failure = max((r[0] + r[1] for r in failed), default=t_kill) - t_kill
-    statuses = sorted({f"{r[2]} {json.dumps(r[3])[:160]}" for r in failed})
+    kinds = sorted({f"{r[2]} {json.dumps(r[3])[:160]}" for r in failed})
     print(f"deployed in {t_deploy:.0f}s; replicas (deployment: worker nodes) {placed}; killed node {victim} "
-          f"at {t_kill:.1f}s of traffic; before: {len(before)} requests, all 200: "
-          f"{all(r[2] == 200 for r in before)}; after the kill: {len(during)} requests, {len(failed)} failed "
-          f"({100 * len(failed) / max(1, len(during)):.1f}%, {statuses}), every request succeeded again "
-          f"{last_failure:.1f}s after the kill; replicas back ({after}) {t_restored}s after the kill")
-    assert before and all(r[2] == 200 for r in before)
+          f"at {t_kill:.1f}s of traffic; before: {len(before)} requests; after the kill: {len(during)} requests, "
+          f"{len(failed)} failed ({100 * len(failed) / max(1, len(during)):.1f}%, slowest "
+          f"{max((r[1] for r in during), default=0):.1f}s, {kinds}); every request answered again from "
+          f"{since - t_kill:.1f}s after the kill; replicas back ({after}) {t_restored:.1f}s after the kill")
+    # Before the loss the service was healthy.
+    assert before and all(r[2] == 200 for r in before), kinds
     reference = before[0][3]
-    # The service kept answering: requests succeed again soon, with the same answer as before.
-    settled = [r for r in during if r[0] > t_kill + last_failure]
-    assert len(settled) >= 10 and all(r[2] == 200 and r[3] == reference for r in settled)
-    assert last_failure < 30
-    # Failures during the loss are clean service errors, never a hang.
-    assert all(r[1] < 30 for r in records)
-    # The lost replicas were rescheduled on the surviving node.
-    assert t_restored is not None, after
+    # Every answer, before, during and after the loss, is the same Δ: a failure is never a wrong ranking.
+    assert all(r[3] == reference for r in records if r[2] == 200)
+    # A failure is a service error the client may retry: 5xx (the member or proxy unavailable), or the
+    # connection dropped or timed out while the proxy waited on a lost replica. Never a 4xx.
+    assert all(r[2] in ("ConnectionError", "ReadTimeout") or 500 <= r[2] < 600 for r in failed), kinds

@@ -72,14 +72,21 @@ def test_engine_streams_blocks_and_chunks_give_the_same_values():
     np.testing.assert_allclose(blocks, whole, rtol=1e-6)
 
 
-def test_device_names():
+def test_device_names(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto").type in ("cpu", "cuda")
     with pytest.raises(ValueError, match="known: cpu, cuda, auto"):
         resolve_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA device"):
-            resolve_device("cuda")
+    # "auto" is cuda exactly when torch sees a GPU; "cuda" without one is a one-line error naming the fix.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError) as err:
+            resolve_device(name)
+        message = str(err.value)
+        assert "\n" not in message and "no CUDA device" in message and "--device cpu" in message
 
 
 def _member(name, own):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -102,6 +101,13 @@ def test_a_configuration_never_stable_recommends_every_epoch_it_ran(tmp_path):
     with pytest.raises(ValueError, match="no best configuration"):
         recommended_training(summarize([], StabilityRule()))
     assert plot_stopping(s, tmp_path / "s.png").stat().st_size > 1000
-    assert math.isnan(summarize(_rows("sgd", 1e-3, [[None, None]], 1.0), StabilityRule())["configs"]
-                      ["sgd lr=0.001"]["curve"]["rho_median"][0] or float("nan"))
+    # An epoch where no seed has a rho is null in the curve (0 seeds), never a number; a seed with no rho
+    # at an epoch is left out of that epoch's spread rather than counted as 0.
+    undefined = summarize(_rows("sgd", 1e-3, [[None, None]], 1.0), StabilityRule())["configs"]["sgd lr=0.001"]
+    assert undefined["curve"]["rho_median"] == [None, None] and undefined["curve"]["n_seeds"] == [0, 0]
+    assert undefined["final_rho"] is None and undefined["earliest_stable_epoch"] is None
+    partial = summarize(_rows("sgd", 1e-3, [[None, 0.5], [0.3, 0.7]], 1.0), StabilityRule())["configs"]["sgd lr=0.001"]
+    assert partial["curve"]["n_seeds"] == [1, 2]
+    assert partial["curve"]["rho_median"] == [0.3, pytest.approx(0.6)]
+    assert (partial["curve"]["rho_min"], partial["curve"]["rho_max"]) == ([0.3, 0.5], [0.3, 0.7])
     json.dumps(s)  # the summary is plain JSON

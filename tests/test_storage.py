@@ -153,7 +153,7 @@ def test_in_process_training_to_a_file_uri_resumes_from_its_checkpoints(tmp_path
 
 def _interrupt_second_weight_write(monkeypatch):
     """The second weight file's write fails half-way (weights are torch zip archives: 'PK')."""
-    real, weights = storage._write_stream, []
+    real, weights = storage.write_stream, []
 
     def write(f, blob):
         if bytes(blob[:2]) == b"PK":
@@ -163,7 +163,7 @@ def _interrupt_second_weight_write(monkeypatch):
                 raise OSError("disk went away")
         return real(f, blob)
 
-    monkeypatch.setattr(storage, "_write_stream", write)
+    monkeypatch.setattr(storage, "write_stream", write)
 
 
 def test_an_interrupted_write_never_publishes_a_manifest_naming_a_missing_weight(trained, where, monkeypatch):
@@ -189,7 +189,7 @@ def test_a_failed_first_weight_leaves_no_manifest(trained, where, monkeypatch):
     def fail(f, blob):
         raise OSError("no space left")
 
-    monkeypatch.setattr(storage, "_write_stream", fail)
+    monkeypatch.setattr(storage, "write_stream", fail)
     with pytest.raises(OSError):
         publish(trained, where)
     assert not resolve(where).join(MANIFEST).exists()
@@ -300,14 +300,14 @@ def test_an_s3_reader_never_sees_a_manifest_before_its_weights(trained, s3):
 
 def test_object_store_writes_go_through_a_temporary_key_then_the_manifest_last(trained, s3, monkeypatch):
     """The order of what becomes visible under its final name: each weight file, then the manifest."""
-    real_move, order = storage._move, []
+    real_move, order = storage.move, []
 
     def move(fs, src, dst):
         assert src.split("/")[-1].startswith(".") and src.endswith(".tmp")
         real_move(fs, src, dst)
         order.append(dst.split("/", 2)[2])
 
-    monkeypatch.setattr(storage, "_move", move)
+    monkeypatch.setattr(storage, "move", move)
     publish(trained, "s3://bucket/ordered")
     manifest = read_manifest("s3://bucket/ordered")
     w = [m["weights"] for m in manifest["members"]]

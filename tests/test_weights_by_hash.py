@@ -53,8 +53,8 @@ def test_names_carry_the_hash_and_identical_weights_reuse_the_file(where, monkey
         assert m.weights == f"weights/{slug(m.name)}-{m.sha256[:16]}.pt"
         assert loc.join(m.weights).sha256() == m.sha256
     writes = []
-    real = storage._write_stream
-    monkeypatch.setattr(storage, "_write_stream",
+    real = storage.write_stream
+    monkeypatch.setattr(storage, "write_stream",
                         lambda f, blob: (writes.append(bytes(blob[:2])), real(f, blob))[1])
     again = save_weights(where, member("digits"), weights(1))
     assert (again.weights, again.sha256) == (a.weights, a.sha256) and b"PK" not in writes  # not written again
