@@ -158,6 +158,12 @@ def test_latency_timings_and_speedup(tmp_path):
     assert r["speedup"] == pytest.approx(min(r["transfer_seconds"].values()) / r["simex_seconds"])
     assert r["autoencoder_train_seconds"] > 0 and r["classifier_train_seconds"] > 0
     assert all(1 <= e <= 2 for e in r["transfer_epochs"].values())
+    # Every transferability estimator is timed on the same (X, B(base)) pair, beside SimEx and transfer.
+    from simex_ray.transfer.estimators import ESTIMATORS
+
+    assert set(r["estimator_seconds"]) == set(ESTIMATORS) and min(r["estimator_seconds"].values()) > 0
+    fastest = min(r["transfer_seconds"].values())
+    assert r["estimator_speedup"]["logme"] == pytest.approx(fastest / r["estimator_seconds"]["logme"])
     paths = write_latency(r, tmp_path)
     assert json.loads(paths["json"].read_text())["speedup"] == pytest.approx(r["speedup"])
     assert paths["png"].stat().st_size > 0
