@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -153,3 +154,24 @@ def test_inter_dataset_job_on_the_cluster(ray_cluster, tmp_path):
     assert (tmp_path / "out" / "fleet" / "manifest.json").is_file()
     for png in ("delta.png", "transfer_accuracy.png", "transfer_efficiency.png", "rho.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
+
+
+def test_train_bases_on_ray_train_equals_training_here(ray_cluster, tmp_path):
+    """`simex train-bases --address`: the classifiers trained on Ray Train are the ones trained in this
+    process (same data, seeds and settings: same test accuracy, same outputs)."""
+    from simex_ray.transfer.library import Library
+
+    common = ("--refs", "digits,bgrand:digits", "--samples", 240, "--protocol", "few-shot")
+    run("-m", "simex_ray.cli", "train-bases", *common, "--address", ray_cluster.address, "--cpus-per-task", 0.5,
+        "--out", tmp_path / "ray")
+    # One thread here too, as a 0.5-CPU Train worker has: the same float reductions, the same training.
+    here_run = subprocess.run([sys.executable, "-m", "simex_ray.cli", "train-bases", *map(str, common), "--no-ray",
+                               "--out", str(tmp_path / "here")], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert here_run.returncode == 0, here_run.stderr[-2000:]
+    on_ray, here = Library.load(tmp_path / "ray"), Library.load(tmp_path / "here")
+    assert on_ray.names == here.names == ["digits@s0", "bgrand:digits@s0"]
+    x = data.prepare("digits", samples=240, seed=0)[1].x
+    for name in here.names:
+        assert on_ray.classifiers[name].accuracy == pytest.approx(here.classifiers[name].accuracy)
+        np.testing.assert_allclose(on_ray.probabilities(name, x), here.probabilities(name, x), atol=1e-5)
