@@ -133,23 +133,35 @@ def atomic_write_bytes(path: storage.PathLike, data: bytes) -> None:
     storage.resolve(path).write_bytes_atomic(data)
 
 
+def write_state(directory: storage.PathLike, name: str, state_dict: dict[str, torch.Tensor],
+                on_path=None) -> tuple[str, str]:
+    """Write a state_dict atomically under ``directory/weights``, named by its sha256: (relative path,
+    sha256). A file of that name and size already holds these bytes, so it is not written again.
+    ``on_path(location)`` is called before the file exists (fleets register it against collection).
+    The one content-addressed write of fleets and classifier libraries."""
+    buf = io.BytesIO()
+    torch.save({k: torch.as_tensor(v).detach().cpu() for k, v in state_dict.items()}, buf)
+    blob = buf.getvalue()
+    digest = hashlib.sha256(blob).hexdigest()
+    rel = f"{WEIGHTS}/{slug(name)}-{digest[:HASH_CHARS]}.pt"
+    path = storage.resolve(directory).join(rel)
+    if on_path is not None:
+        on_path(path)
+    if path.size() != len(blob):  # None when there is no such file
+        path.write_bytes_atomic(blob)
+    return rel, digest
+
+
 def save_weights(fleet_dir: storage.PathLike, member: Member, state_dict: dict[str, torch.Tensor]) -> Member:
-    """Write one member's weights atomically, named by their sha256; fills ``member.weights`` and
-    ``sha256``. A file of that name and size already holds these bytes, so it is not written again.
+    """Write one member's weights (:func:`write_state`); fills ``member.weights`` and ``sha256``.
 
     Publish the manifest that lists them (:func:`write_manifest`) only after this returns.
     """
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
-    blob = buf.getvalue()
-    digest = hashlib.sha256(blob).hexdigest()
-    rel = f"{WEIGHTS}/{slug(member.name)}-{digest[:HASH_CHARS]}.pt"
-    path = storage.resolve(fleet_dir).join(rel)
-    with _manifest_lock:  # before the file exists, so a collection in another thread keeps it
-        _unpublished.add(path.path)
-    if path.size() != len(blob):  # None when there is no such file
-        path.write_bytes_atomic(blob)
-    member.weights, member.sha256 = rel, digest
+    def unpublished(path):
+        with _manifest_lock:  # before the file exists, so a collection in another thread keeps it
+            _unpublished.add(path.path)
+
+    member.weights, member.sha256 = write_state(fleet_dir, member.name, state_dict, on_path=unpublished)
     return member
 
 

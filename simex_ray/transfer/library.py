@@ -29,7 +29,7 @@ import torch
 
 from .. import storage
 from ..errors import one_line
-from ..fleet.manifest import HASH_CHARS, FleetError, slug
+from ..fleet.manifest import FleetError, write_state
 from .classifiers import LeNet5, predict_proba
 
 FILE = "library.json"
@@ -124,15 +124,7 @@ class LibraryWriter:
         return path.is_file() and path.sha256() == c.sha256
 
     def add(self, record: Classifier, state: dict[str, torch.Tensor]) -> Classifier:
-        buf = io.BytesIO()
-        torch.save({k: torch.as_tensor(v).detach().cpu() for k, v in state.items()}, buf)
-        blob = buf.getvalue()
-        digest = hashlib.sha256(blob).hexdigest()
-        rel = f"weights/{slug(record.name)}-{digest[:HASH_CHARS]}.pt"
-        path = self.out.join(rel)
-        if path.size() != len(blob):  # the same bytes are never written twice
-            path.write_bytes_atomic(blob)
-        record.weights, record.sha256 = rel, digest
+        record.weights, record.sha256 = write_state(self.out, record.name, state)  # the same bytes: not again
         with self._lock:
             self.classifiers[record.name] = record
             doc = {"kind": KIND, "format": FORMAT_VERSION,
