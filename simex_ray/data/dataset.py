@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import squash
+from ..formats import ImageFormat, format_of
 
 
 class SpecError(ValueError):
@@ -27,7 +28,7 @@ class DataUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Dataset:
-    """Images ``x`` float32 (N, 1, 28, 28) in [0, 1], labels ``y`` int64 (N,) or None."""
+    """Images ``x`` float32 (N, C, H, W) in [0, 1], labels ``y`` int64 (N,) or None."""
 
     x: np.ndarray
     y: np.ndarray | None
@@ -36,6 +37,10 @@ class Dataset:
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
+
+    @property
+    def format(self) -> ImageFormat:
+        return format_of(self.x)
 
     def subset(self, idx: np.ndarray, spec: str | None = None) -> "Dataset":
         """Rows ``idx`` of this dataset (same classes; spec unchanged unless given)."""

@@ -1,60 +1,57 @@
-"""Conversion of any image array to SimEx's unit images: float32 (N, 1, 28, 28) in [0, 1]."""
+"""Conversion of any image array to SimEx's unit images: float32 (N, C, H, W) in [0, 1], C 1 or 3.
+
+Sources read images at their *native* format (:func:`to_unit_images` with ``fmt=None``: grey stays
+one channel, colour three, alpha composited over black, size kept); a fleet's format is applied by
+:func:`simex_ray.formats.convert`, the one conversion rule, when the data meets the fleet.
+"""
 
 from __future__ import annotations
 
 import io
+import logging
 import pathlib
+import warnings
+from collections import Counter
 from typing import Any
 
 import numpy as np
 
+from ..formats import LEGACY, FormatError, ImageFormat, convert, format_of, resize, resize_matrix
 from .dataset import SpecError
 
-__all__ = ["SIZE", "check_labels", "decode_image", "flat_to_square", "resize", "resize_matrix", "to_unit_images"]
+__all__ = ["SIZE", "check_labels", "decode_image", "flat_to_square", "resize", "resize_matrix", "stack_images",
+           "to_unit_images"]
 
-SIZE = 28
+log = logging.getLogger("simex_ray.data")
 
-
-def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) linear resampling weights: box (area) when shrinking, bilinear when growing."""
-    if n_in == n_out:
-        return np.eye(n_out, dtype=np.float32)
-    scale = n_in / n_out
-    m = np.zeros((n_out, n_in), dtype=np.float64)
-    if scale > 1:  # area: output pixel = mean of the input interval it covers (antialiased)
-        for i in range(n_out):
-            lo, hi = i * scale, (i + 1) * scale
-            for j in range(int(np.floor(lo)), min(int(np.ceil(hi)), n_in)):
-                m[i, j] = min(hi, j + 1) - max(lo, j)
-        m /= m.sum(axis=1, keepdims=True)
-    else:  # bilinear, half-pixel centres (align_corners=False)
-        for i in range(n_out):
-            src = min(max((i + 0.5) * scale - 0.5, 0.0), n_in - 1)
-            j0 = int(np.floor(src))
-            j1 = min(j0 + 1, n_in - 1)
-            w = src - j0
-            m[i, j0] += 1 - w
-            m[i, j1] += w
-    return m.astype(np.float32)
+SIZE = 28  # side of the legacy format (LEGACY, 1x28x28)
 
 
-def resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Resize float (N, H, W) -> (N, h, w) with separable antialiased weights."""
-    if x.shape[1:] == (h, w):
-        return x
-    rh = resize_matrix(x.shape[1], h)
-    rw = resize_matrix(x.shape[2], w)
-    return np.einsum("ij,njk,lk->nil", rh, x, rw, optimize=True).astype(np.float32)
+def _channels_last(a: np.ndarray, name: str) -> np.ndarray:
+    """(N,H,W), (N,H,W,C) or (N,C,H,W) with C in 1..4 -> (N,H,W,C)."""
+    if a.ndim == 3:
+        return a[..., None]
+    if a.ndim != 4:
+        raise SpecError(f"{name}: expected (N,H,W), (N,H,W,C) or (N,C,H,W) images, got shape {a.shape}")
+    first, last = a.shape[1] in (1, 2, 3, 4), a.shape[-1] in (1, 2, 3, 4)
+    if last and not first:
+        return a
+    if first and not last:
+        return np.moveaxis(a, 1, -1)
+    if first and last:  # ambiguous (e.g. 3x3 images): a channels axis of 1 decides, else channels last
+        return np.moveaxis(a, 1, -1) if a.shape[1] == 1 and a.shape[-1] != 1 else a
+    raise SpecError(f"{name}: shape {a.shape} has no 1/3/4-channel axis; use (N,H,W), (N,H,W,C) or (N,C,H,W)")
 
 
-def to_unit_images(arr: Any, *, name: str = "images") -> np.ndarray:
-    """Convert images to float32 (N, 1, 28, 28) in [0, 1].
+def to_unit_images(arr: Any, *, name: str = "images", fmt: ImageFormat | None = LEGACY,
+                   strict: bool = False) -> np.ndarray:
+    """Convert images to float32 (N, C, H, W) in [0, 1].
 
-    Accepts (N,H,W), (N,H,W,C) with C in 1/3/4, or (N,C,H,W) with C in 1/3/4;
-    integers 0..255 or floats in [0, 1]. Colour -> luminance (ITU-R 601);
-    alpha composites over black. Other sizes are resized (area when shrinking).
-    Raises SpecError (one line) on bad ndim, empty input, NaN/inf, out-of-range
-    values or non-numeric dtype.
+    Accepts (N,H,W), (N,H,W,C) or (N,C,H,W) with C in 1 (grey), 2 (grey + alpha), 3 (RGB) or 4
+    (RGBA); integers 0..255 or floats in [0, 1]. Alpha composites over black. ``fmt=None`` keeps the
+    native format (C 1 or 3, size unchanged); a format converts by the rule of
+    :mod:`simex_ray.formats` (``strict``: refuse instead). Raises SpecError (one line) on bad ndim,
+    empty input, NaN/inf, out-of-range values or non-numeric dtype.
     """
     try:
         a = np.asarray(arr)
@@ -64,21 +61,7 @@ def to_unit_images(arr: Any, *, name: str = "images") -> np.ndarray:
         a = a.astype(np.float32)
     if a.dtype.kind not in "uif":
         raise SpecError(f"{name}: dtype {a.dtype} is not numeric; pass uint8 0..255 or float in [0,1]")
-    if a.ndim == 4:
-        if a.shape[-1] in (1, 3, 4) and a.shape[1] not in (1, 3, 4):
-            pass  # NHWC
-        elif a.shape[1] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
-            a = np.moveaxis(a, 1, -1)
-        elif a.shape[1] == 1:
-            a = np.moveaxis(a, 1, -1)
-        elif a.shape[-1] in (1, 3, 4):
-            pass
-        else:
-            raise SpecError(
-                f"{name}: shape {a.shape} has no 1/3/4-channel axis; use (N,H,W), (N,H,W,C) or (N,1,H,W)"
-            )
-    elif a.ndim != 3:
-        raise SpecError(f"{name}: expected (N,H,W), (N,H,W,C) or (N,1,H,W) images, got shape {a.shape}")
+    a = _channels_last(a, name)
     if a.size == 0:
         raise SpecError(f"{name}: no images (shape {a.shape}); pass at least one non-empty image")
     if a.dtype.kind == "f":
@@ -94,17 +77,30 @@ def to_unit_images(arr: Any, *, name: str = "images") -> np.ndarray:
         if lo < 0 or hi > 255:
             raise SpecError(f"{name}: integer values must be in 0..255, got {lo}..{hi}; convert to uint8 or float in [0,1]")
         x = a.astype(np.float32) / np.float32(255.0)
-    if x.ndim == 4:
-        c = x.shape[-1]
-        if c == 1:
-            x = x[..., 0]
-        else:
-            gray = x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
-            if c == 4:
-                gray = gray * x[..., 3]
-            x = gray.astype(np.float32)
-    x = resize(x, SIZE, SIZE)
-    return np.clip(x, 0.0, 1.0, out=x)[:, None, :, :]
+    c = x.shape[-1]
+    if c in (2, 4):  # alpha composited over black
+        x = x[..., :-1] * x[..., -1:]
+    x = np.ascontiguousarray(np.moveaxis(x, -1, 1), dtype=np.float32)  # (N, C, H, W), C 1 or 3
+    if fmt is None:
+        return x
+    try:
+        return convert(x, fmt, strict=strict, name=name)
+    except FormatError as e:
+        raise SpecError(str(e)) from None
+
+
+def stack_images(images: list[np.ndarray], where: str) -> np.ndarray:
+    """Native images of possibly different formats (each (n, C, H, W)) as one array.
+
+    When they differ, every image is converted by the rule to the most common format (ties: the
+    larger), with a warning naming the formats found."""
+    formats = Counter(format_of(x) for x in images for _ in range(len(x)))
+    if len(formats) > 1:
+        target = max(formats, key=lambda f: (formats[f], f.pixels, f.channels))
+        found = ", ".join(f"{f} ({n})" for f, n in formats.most_common(6))
+        log.warning("%s: images differ in format (%s); converting them all to %s", where, found, target)
+        images = [convert(x, target) for x in images]
+    return np.concatenate(images)
 
 
 def check_labels(y: Any, n: int, where: str) -> np.ndarray:
@@ -133,20 +129,29 @@ def flat_to_square(x: np.ndarray, where: str) -> np.ndarray:
     return x
 
 
-def decode_image(src: bytes | pathlib.Path, where: str) -> np.ndarray:
-    """Decode one image file/bytes -> float32 (1, 1, 28, 28)."""
+def decode_image(src: bytes | pathlib.Path, where: str, fmt: ImageFormat | None = None) -> np.ndarray:
+    """Decode one image file/bytes -> float32 (1, C, H, W) at its native format (``fmt``: converted).
+
+    Grey modes (1, L, LA, I;16) give one channel, the rest RGB; Pillow's decompression-bomb guard
+    is on and its warning is an error here."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-            im.seek(0)  # first frame of animated gif
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                a = np.asarray(im.convert("RGBA"))
-            elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                a = np.asarray(im, dtype=np.float64)
-                a = a / 65535.0 if a.max() > 255 else a / 255.0  # 16-bit greyscale
-            else:
-                a = np.asarray(im.convert("L"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+                im.seek(0)  # first frame of animated gif
+                alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+                grey = im.mode in ("1", "L", "LA", "I;16", "I;16B", "I;16L", "I", "F")
+                if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                    a = np.asarray(im, dtype=np.float64)
+                    a = np.clip(a / 65535.0 if a.max() > 255 else a / 255.0, 0.0, 1.0)  # 16-bit greyscale
+                elif grey:
+                    a = np.asarray(im.convert("LA" if alpha else "L"))
+                else:
+                    a = np.asarray(im.convert("RGBA" if alpha else "RGB"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SpecError(f"{where}: refused, image too large ({e}); resize it before sending") from None
     except Exception as e:
         raise SpecError(f"{where}: cannot decode image ({type(e).__name__}: {e}); use png/jpg/bmp/gif") from None
-    return to_unit_images(a[None], name=where)
+    return to_unit_images(a[None], name=where, fmt=fmt)

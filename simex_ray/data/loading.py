@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 
 from . import dataset
+from ..formats import LEGACY, FormatError, ImageFormat, convert
 from .dataset import Dataset, SpecError, classes_of
 from .spec import Spec, parse_spec, source, suggest
 from .variants import apply_variant
@@ -50,8 +51,11 @@ def select_class(ds: Dataset, c: str, canonical: str) -> Dataset:
 
 
 def load(spec: str, *, data_dir: str | os.PathLike | None = None, seed: int = 0,
-         cache: dict | None = None) -> Dataset:
-    """Load a spec -> Dataset (x float32 (N,1,28,28) in [0,1]); same spec+seed -> same arrays.
+         cache: dict | None = None, fmt: ImageFormat | None = LEGACY, strict: bool = False) -> Dataset:
+    """Load a spec -> Dataset (x float32 (N,C,H,W) in [0,1]); same spec+seed -> same arrays.
+
+    ``fmt``: the format to convert to by the rule of :mod:`simex_ray.formats` (default the legacy
+    1×28×28; ``None`` keeps the source's native format); ``strict`` refuses any conversion.
 
     ``cache``: a dict the caller keeps across calls; each base dataset (file
     read, variant derived) is then built once and every ``SPEC#CLASS`` is cut
@@ -67,5 +71,16 @@ def load(spec: str, *, data_dir: str | os.PathLike | None = None, seed: int = 0,
             cache[key] = ds
     if p.cls is not None:
         ds = select_class(ds, p.cls, p.canonical)
+    if fmt is not None:
+        try:
+            ds = replace(ds, x=convert(ds.x, fmt, strict=strict, name=p.canonical))
+        except FormatError as e:
+            raise SpecError(str(e)) from None
     log.debug("loaded %s: %d images", p.canonical, len(ds))
     return replace(ds, spec=p.canonical)
+
+
+def native_format(spec: str, *, data_dir: str | os.PathLike | None = None, seed: int = 0,
+                  cache: dict | None = None) -> ImageFormat:
+    """The format ``spec``'s images have before any conversion."""
+    return load(spec, data_dir=data_dir, seed=seed, cache=cache, fmt=None).format

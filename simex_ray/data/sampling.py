@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..formats import LEGACY, ImageFormat
 from .dataset import Dataset, SpecError, classes_of
 from .loading import load
 from .spec import with_class
@@ -87,15 +88,17 @@ def prepare(
     data_dir: str | os.PathLike | None = None,
     test_samples: int | None = None,
     cache: dict | None = None,
+    fmt: ImageFormat | None = LEGACY,
+    strict: bool = False,
 ) -> tuple[Dataset, Dataset]:
-    """load -> balanced_sample(samples) if given -> 5:1 stratified (train, test).
+    """load -> balanced_sample(samples) if given -> 5:1 stratified (train, test); ``fmt``, ``strict``: see load.
 
     ``test_samples`` tops the test split up to that many images with a
     class-balanced draw from the rows that ``samples`` left out (never from
     the training split), for evaluations that need less noise than a sixth of
     a small sample gives. The train split is the same with or without it.
     """
-    ds = load(spec, data_dir=data_dir, seed=seed, cache=cache)
+    ds = load(spec, data_dir=data_dir, seed=seed, cache=cache, fmt=fmt, strict=strict)
     idx = balanced_indices(ds, samples, seed=seed) if samples else np.arange(len(ds))
     train, test = train_test_split(ds if len(idx) == len(ds) else ds.subset(idx), 1 / 6, seed=seed)
     if test_samples is not None and test_samples > len(test):
@@ -148,9 +151,11 @@ def split_by_class(ds: Dataset, *, samples: int | None = None, seed: int = 0) ->
 
 
 def prepare_by_class(spec: str, *, samples: int | None = None, seed: int = 0,
-                     data_dir: str | os.PathLike | None = None, cache: dict | None = None) -> list[ClassPart]:
-    """load(spec) once -> :func:`split_by_class`."""
-    return split_by_class(load(spec, data_dir=data_dir, seed=seed, cache=cache), samples=samples, seed=seed)
+                     data_dir: str | os.PathLike | None = None, cache: dict | None = None,
+                     fmt: ImageFormat | None = LEGACY, strict: bool = False) -> list[ClassPart]:
+    """load(spec) once -> :func:`split_by_class` (``fmt``, ``strict``: see :func:`load`)."""
+    ds = load(spec, data_dir=data_dir, seed=seed, cache=cache, fmt=fmt, strict=strict)
+    return split_by_class(ds, samples=samples, seed=seed)
 
 
 def fingerprint(ds: Dataset) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .. import storage
+from ..formats import ImageFormat
 from ..losses import check_loss
 from ..models import create_autoencoder
 from ..training import TrainConfig
@@ -71,6 +72,17 @@ class Fleet:
     @property
     def names(self) -> list[str]:
         return list(self.members)
+
+    @property
+    def image_format(self) -> ImageFormat:
+        """The one format every member takes (a fleet of mixed formats cannot be scored as one)."""
+        formats = {m.image_format for m in self.members.values()}
+        if len(formats) != 1:
+            found = ", ".join(f"{f} ({', '.join(n for n, m in self.members.items() if m.image_format == f)})"
+                              for f in sorted(formats))
+            raise FleetError(f"fleet {self.path} mixes image formats: {found}; score each format's members "
+                             f"on their own with --members")
+        return formats.pop()
 
     @property
     def loss(self) -> str:
@@ -138,7 +150,8 @@ def load_member_model(fleet_dir: storage.PathLike, member: Member, device="cpu")
     try:
         # weights_only: a fleet may come from elsewhere; never unpickle code.
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-        model = create_autoencoder(TrainConfig.from_dict(member.config).architecture)
+        cfg = TrainConfig.from_dict(member.config)
+        model = create_autoencoder(cfg.architecture, cfg.image_format)
         model.load_state_dict(state)
     except Exception as e:  # noqa: BLE001 - any failure here is a bad file
         raise FleetError(f"weight file {path} of member '{member.name}' cannot be loaded ({type(e).__name__}); "

@@ -52,6 +52,7 @@ import torch
 
 from .. import storage
 from ..errors import one_line
+from ..formats import LEGACY, ImageFormat
 
 log = logging.getLogger("simex_ray.fleet")
 
@@ -102,6 +103,11 @@ class Member:
     @property
     def architecture(self) -> str:
         return self.config["architecture"]
+
+    @property
+    def image_format(self) -> ImageFormat:
+        """The member's format; a record that names none (a fleet from before formats) is 1×28×28."""
+        return ImageFormat.parse(self.config.get("image_format", LEGACY))
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -155,7 +155,7 @@ def own_calibration(member: Member, state_dict, x_test: np.ndarray) -> dict:
 
     if not len(x_test):
         return {}
-    model = create_autoencoder(member.architecture)
+    model = create_autoencoder(member.architecture, member.image_format)
     model.load_state_dict({k: torch.as_tensor(v).cpu() for k, v in state_dict.items()})
     d = ScoringEngine({member.name: model}, {member.name: member.loss}).per_sample(x_test)[0]
     return calibration_of(d)

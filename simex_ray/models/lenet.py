@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..formats import LEGACY, ImageFormat
 from .layers import Act
 from .registry import register_autoencoder
 
@@ -28,9 +29,11 @@ class LeNetAutoencoder(nn.Module):
     1e-3); ELU never did and reached about half the error.
     """
 
-    def __init__(self, code_size: int = 84):
+    def __init__(self, code_size: int = 84, image_format: ImageFormat = LEGACY):
         super().__init__()
-        self.code_size = code_size
+        if self.refuses(image_format):
+            raise ValueError(self.refuses(image_format))
+        self.code_size, self.image_format = code_size, LEGACY
         self.features = lenet_features()
         self.bottleneck = nn.Sequential(
             nn.Flatten(), nn.Linear(16 * 5 * 5, 120), Act(), nn.Linear(120, code_size)
@@ -43,6 +46,13 @@ class LeNetAutoencoder(nn.Module):
             nn.Upsample(scale_factor=2), nn.ConvTranspose2d(6, 1, 5, padding=2),  # (N, 1, 28, 28)
             nn.Sigmoid(),
         )
+
+    @classmethod
+    def refuses(cls, fmt: ImageFormat) -> str | None:
+        if fmt != LEGACY:
+            return (f"architecture 'lenet' is the paper's {LEGACY} autoencoder and cannot take {fmt}; "
+                    f"use --arch conv (any format), or --image-format {LEGACY} to convert the data")
+        return None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, 28, 28) -> (N, code_size)."""

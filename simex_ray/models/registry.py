@@ -1,10 +1,17 @@
-"""The autoencoder registry: an architecture is one module that registers its class under a name."""
+"""The autoencoder registry: an architecture is one module that registers its class under a name.
+
+An architecture's class is built as ``cls(image_format=fmt, **kwargs)`` and may define
+``refuses(fmt) -> str | None``, a classmethod naming (in one line) why it cannot take a format;
+without it, an architecture takes every format.
+"""
 
 from __future__ import annotations
 
 from typing import Callable
 
 from torch import nn
+
+from ..formats import LEGACY, FormatError, ImageFormat
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -26,12 +33,30 @@ def architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_autoencoder(name: str = "lenet", **kwargs) -> nn.Module:
-    """Build an architecture by registry name; an unknown name lists the valid ones."""
+def _class(name: str):
     try:
-        cls = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"unknown architecture '{name}'; known: {', '.join(architectures())}"
-        ) from None
-    return cls(**kwargs)
+        raise ValueError(f"unknown architecture '{name}'; known: {', '.join(architectures())}") from None
+
+
+def refusal(name: str, image_format: ImageFormat | str = LEGACY) -> str | None:
+    """Why architecture ``name`` cannot take ``image_format`` (one line), or None when it can."""
+    refuses = getattr(_class(name), "refuses", None)
+    return refuses(ImageFormat.parse(image_format)) if refuses is not None else None
+
+
+def default_architecture(image_format: ImageFormat | str = LEGACY) -> str:
+    """``lenet`` (the paper's) at 1×28×28, ``conv`` at every other format."""
+    return "lenet" if ImageFormat.parse(image_format) == LEGACY else "conv"
+
+
+def create_autoencoder(name: str = "lenet", image_format: ImageFormat | str = LEGACY, **kwargs) -> nn.Module:
+    """Build an architecture by registry name for ``image_format``; an unknown name lists the valid
+    ones, a format the architecture cannot take raises a one-line :class:`FormatError`."""
+    cls = _class(name)
+    fmt = ImageFormat.parse(image_format)
+    why = refusal(name, fmt)
+    if why:
+        raise FormatError(why)
+    return cls(image_format=fmt, **kwargs)

@@ -82,7 +82,7 @@ def load_torchvision(name: str, root: pathlib.Path) -> Dataset:
         imgs = imgs.transpose(0, 2, 1)  # raw EMNIST is stored transposed
         y = y - 1  # letters are labelled 1..26
         classes = tuple("abcdefghijklmnopqrstuvwxyz")
-    return Dataset(to_unit_images(imgs, name=name), y, name, classes)
+    return Dataset(to_unit_images(imgs, name=name, fmt=None), y, name, classes)
 
 
 def sklearn_file(*parts: str) -> pathlib.Path | None:

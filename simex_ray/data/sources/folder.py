@@ -1,4 +1,7 @@
-"""``folder:DIR``: one sub-folder per class of image files (sorted names -> labels, ``classes`` = names)."""
+"""``folder:DIR``: one sub-folder per class of image files (sorted names -> labels, ``classes`` = names).
+
+Images keep their native size and colour; a folder of mixed formats is brought to its most common
+one (:func:`~simex_ray.data.images.stack_images`)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import pathlib
 import numpy as np
 
 from ..dataset import Dataset, SpecError, need_path
-from ..images import decode_image
+from ..images import decode_image, stack_images
 from ..spec import register_file
 
 log = logging.getLogger("simex_ray.data")
@@ -31,7 +34,7 @@ def load_folder(path: pathlib.Path, spec: str) -> Dataset:
             ys.append(label)
     if not xs:
         raise SpecError(f"{spec}: no images (png/jpg/jpeg/bmp/gif) in the class sub-folders of '{path}'")
-    return Dataset(np.concatenate(xs), np.asarray(ys, dtype=np.int64), spec, tuple(d.name for d in subdirs))
+    return Dataset(stack_images(xs, spec), np.asarray(ys, dtype=np.int64), spec, tuple(d.name for d in subdirs))
 
 
 register_file("folder", "DIR", load_folder,

@@ -39,7 +39,7 @@ def load_idx(path: pathlib.Path, spec: str) -> Dataset:
     for ip in imgs:
         stem = ip.name.lower().removesuffix(".gz").replace("images", "labels").replace("idx3", "idx1")
         lp = by_name.get(stem) or by_name.get(stem + ".gz")
-        x = to_unit_images(_read_idx(ip, spec), name=f"{spec} {ip.name}")
+        x = to_unit_images(_read_idx(ip, spec), name=f"{spec} {ip.name}", fmt=None)
         xs.append(x)
         ys.append(None if lp is None else check_labels(_read_idx(lp, spec), len(x), f"{spec} {lp.name}"))
     if any(y is None for y in ys) and not all(y is None for y in ys):

@@ -24,7 +24,7 @@ def load_npz(path: pathlib.Path, spec: str) -> Dataset:
         safe_io.check_npz(path, ("x", "y"))  # declared sizes vs the file and the cap, before np.load allocates
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):  # a bare .npy file: the images, no labels
-            return Dataset(to_unit_images(loaded, name=f"{spec} (.npy)"), None, spec)
+            return Dataset(to_unit_images(loaded, name=f"{spec} (.npy)", fmt=None), None, spec)
         with loaded as z:
             keys = list(z.keys())
             if "x" not in keys:
@@ -37,7 +37,7 @@ def load_npz(path: pathlib.Path, spec: str) -> Dataset:
         raise SpecError(f"{spec}: {e}") from None
     except Exception as e:
         raise SpecError(f"{spec}: cannot read npz ({type(e).__name__}: {e}); save with np.savez(path, x=images, y=labels)") from None
-    x = to_unit_images(x_raw, name=f"{spec} key 'x'")
+    x = to_unit_images(x_raw, name=f"{spec} key 'x'", fmt=None)
     y = None if y_raw is None else check_labels(y_raw, len(x), f"{spec} key 'y'")
     return Dataset(x, y, spec)
 

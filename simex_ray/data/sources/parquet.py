@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 
 from ..dataset import Dataset, SpecError, need_path
-from ..images import check_labels, decode_image, flat_to_square, to_unit_images
+from ..images import check_labels, decode_image, flat_to_square, stack_images, to_unit_images
 from ..spec import register_file
 
 
@@ -38,7 +38,7 @@ def load_parquet(path: pathlib.Path, spec: str) -> Dataset:
             xs.append(decode_image(src, f"{spec} row {i}"))
         if not xs:
             raise SpecError(f"{spec}: parquet has no rows")
-        x = np.concatenate(xs)
+        x = stack_images(xs, spec)
     elif "pixels" in cols:
         vals = table.column("pixels").to_pylist()
         try:
@@ -47,7 +47,7 @@ def load_parquet(path: pathlib.Path, spec: str) -> Dataset:
             raw = np.asarray(vals, dtype=object)
         if raw.dtype == object:
             raise SpecError(f"{spec}: column 'pixels' rows differ in size; every image must have the same shape")
-        x = to_unit_images(flat_to_square(raw, f"{spec} column 'pixels'"), name=f"{spec} column 'pixels'")
+        x = to_unit_images(flat_to_square(raw, f"{spec} column 'pixels'"), name=f"{spec} column 'pixels'", fmt=None)
     else:
         raise SpecError(f"{spec}: no column 'image' (encoded PNG/JPEG bytes) or 'pixels' (columns: {', '.join(cols)})")
     y = None

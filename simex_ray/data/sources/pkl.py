@@ -45,7 +45,7 @@ def load_pkl(path: pathlib.Path, spec: str) -> Dataset:
     for i, (x, y) in enumerate(pairs):
         try:
             x = flat_to_square(np.asarray(x), f"{spec} part {i}")
-            xs.append(to_unit_images(x, name=f"{spec} part {i}"))
+            xs.append(to_unit_images(x, name=f"{spec} part {i}", fmt=None))
             ys.append(None if y is None else check_labels(y, len(x), f"{spec} part {i} labels"))
         except SpecError:
             raise
