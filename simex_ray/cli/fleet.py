@@ -7,14 +7,15 @@ import logging
 import sys
 import time
 
-from .common import (UsageError, add_address_arg, add_data_args, add_device_arg, add_loss_arg, data_seed,
+from .common import (UsageError, add_address_arg, add_data_args, add_device_arg, add_loss_arg,
+                     add_strict_format_arg, data_seed, fleet_format_note,
                      epoch_printer, format_score, positive_float, positive_int, read_unknown, spec_help,
                      split_members)
 
 log = logging.getLogger("simex")
 
 TRAIN_DEFAULTS = {"loss": "mse", "epochs": 10, "optimizer": "adam", "lr": None, "batch_size": 16,
-                  "architecture": "lenet"}
+                  "architecture": None}  # None: lenet at 1x28x28, conv at any other format
 
 
 def add_train_args(p) -> None:
@@ -28,7 +29,12 @@ def add_train_args(p) -> None:
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None, help="(default adam)")
     p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the optimizer's)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="(default 16)")
-    p.add_argument("--architecture", choices=architectures(), default=None, help="(default lenet)")
+    p.add_argument("--architecture", "--arch", choices=architectures(), default=None,
+                   help="autoencoder (default: lenet, the paper's, at 1x28x28; conv at any other format)")
+    p.add_argument("--image-format", default="auto", metavar="auto|CxHxW",
+                   help="the fleet's image format, e.g. 3x32x32 (default auto: the references' common native "
+                        "format); data in another format is converted by the rule (docs/specs.md)")
+    add_strict_format_arg(p)
     p.add_argument("--from-study", default=None, metavar="STOPPING_JSON",
                    help="take optimizer, lr, epochs, loss, batch size and architecture from the best configuration "
                         "of `simex tune stopping` (its stopping.json or directory); flags given explicitly win")
@@ -63,6 +69,7 @@ def add_parsers(sub) -> None:
                    help="score all samples, or the train/test part of the same 5:1 split `simex train` uses")
     s.add_argument("--members", default=None, help="comma-separated subset of members (default all)")
     add_loss_arg(s, help="override the fleet's delta")
+    add_strict_format_arg(s)
     s.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     s.add_argument("--ranking", choices=RANKINGS, default=None,
                    help=f"how `ranking` orders references (default: {DEFAULT_RANKING}); every ranking is in --json")
@@ -79,14 +86,18 @@ def add_parsers(sub) -> None:
     m.add_argument("--split", choices=("all", "train", "test"), default="test",
                    help="which part of the 5:1 split to score (default test: samples no member trained on)")
     add_loss_arg(m, help="override the fleet's delta")
+    add_strict_format_arg(m)
     m.add_argument("--out", default=None, help="write delta_matrix.{json,parquet,png} here")
     m.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     add_device_arg(m)
     add_data_args(m)
 
 
-def train_config(args):
-    """The TrainConfig of `simex train` and the jobs: flags, else --from-study, else the defaults."""
+def train_config(args, image_format=None):
+    """The TrainConfig of `simex train` and the jobs: flags, else --from-study, else the defaults.
+
+    ``image_format``: the fleet's resolved format (default: the legacy 1x28x28); the architecture
+    defaults to the one for that format."""
     from pathlib import Path
 
     from ..training import TrainConfig
@@ -109,7 +120,12 @@ def train_config(args):
     for key, default in TRAIN_DEFAULTS.items():
         given = getattr(args, key)
         kw[key] = given if given is not None else study.get(key) if study.get(key) is not None else default
-    return TrainConfig(seed=args.seed, **kw)
+    from ..formats import LEGACY
+    from ..models import default_architecture
+
+    fmt = image_format or LEGACY
+    kw["architecture"] = kw["architecture"] or default_architecture(fmt)
+    return TrainConfig(seed=args.seed, image_format=str(fmt), **kw)
 
 
 def resources_from(args):
@@ -122,19 +138,34 @@ def resources_from(args):
 def build_from(args, out=None):
     """Train the fleet of `simex train` / jobs/main.py into ``out`` (default --out): on Ray Train, or here
     with --no-ray (no Ray imported)."""
-    from ..data import split_specs
+    from ..data import parse_spec, split_specs
+    from ..fleet.plan import conversions, resolve_format
 
     refs = split_specs(args.refs)
+    for spec in refs:  # a bad spec fails before any data is read
+        parse_spec(spec)
     out = args.out if out is None else out
+    cache: dict = {}
+    requested = getattr(args, "image_format", "auto")
+    fmt = resolve_format(refs, requested, seed=data_seed(args), data_dir=args.data_dir, cache=cache)
+    config = train_config(args, fmt)
+    converted = conversions(refs, fmt, seed=data_seed(args), data_dir=args.data_dir, cache=cache)
+    how = "the references' native format" if str(requested).strip().lower() == "auto" else "--image-format"
+    print(f"image format {fmt} ({how}), architecture {config.architecture}", file=sys.stderr)
+    if converted and getattr(args, "strict_format", False):
+        raise UsageError(f"--strict-format: {'; '.join(f'{k}: {v}' for k, v in converted.items())}")
+    for spec, step in converted.items():
+        print(f"  converting {spec}: {step}", file=sys.stderr)
     on_epoch = epoch_printer(time.perf_counter(), refs)
-    common = dict(samples=args.samples, per_class=args.per_class, seed=data_seed(args), data_dir=args.data_dir)
+    common = dict(samples=args.samples, per_class=args.per_class, seed=data_seed(args), data_dir=args.data_dir,
+                  cache=cache)
     if args.no_ray:
         from ..fleet.build import build_fleet_local
 
-        return build_fleet_local(refs, out, train_config(args), on_epoch=on_epoch, **common)
+        return build_fleet_local(refs, out, config, on_epoch=on_epoch, **common)
     from ..distributed.train import build_fleet
 
-    return build_fleet(refs, out, train_config(args), address=args.address, resources=resources_from(args),
+    return build_fleet(refs, out, config, address=args.address, resources=resources_from(args),
                        storage=args.storage, on_progress=on_epoch, log_to_driver=getattr(args, "debug", False),
                        **common)
 
@@ -161,8 +192,10 @@ def cmd_score(args) -> int:
 
     data.parse_spec(args.data)  # a bad spec or fleet fails before any data is read
     fleet = Fleet.load(args.fleet, names=split_members(args.members), device=resolve_device(args.device))
+    fmt = fleet.image_format
     images, labels = read_unknown(args.data, split=args.split, samples=args.samples, seed=data_seed(args),
-                                  data_dir=args.data_dir)
+                                  data_dir=args.data_dir, fmt=fmt, strict=args.strict_format)
+    converted = fleet_format_note(args.data, fmt, seed=data_seed(args), data_dir=args.data_dir)
     t0 = time.perf_counter()
     result = fleet.score(images, loss=args.loss, method=args.ranking or DEFAULT_RANKING,
                          per_sample=args.per_sample is not None)
@@ -174,8 +207,11 @@ def cmd_score(args) -> int:
         result.per_sample_table(list(result.delta), labels).to_parquet(buf, index=False)
         atomic_write_bytes(args.per_sample, buf.getvalue())  # a local path or a URI
     if args.json:
-        print(json.dumps({"fleet": str(args.fleet), "data": args.data, **result.to_json(), "seconds": elapsed}))
+        print(json.dumps({"fleet": str(args.fleet), "data": args.data, "image_format": str(fmt),
+                          "conversion": converted, **result.to_json(), "seconds": elapsed}))
         return 0
+    if converted:
+        print(f"converted {args.data}: {converted}", file=sys.stderr)
     print(format_score(result, f"Δ({args.data} | Y) over {result.n} samples, loss {result.loss}, "
                                f"fleet {args.fleet} ({elapsed:.2f}s)"))
     return 0
@@ -198,7 +234,7 @@ def cmd_matrix(args) -> int:
         if args.data_seed is None and manifest.get("data_seed") is not None:
             args.data_seed = manifest["data_seed"]
     result = delta_matrix(fleet, unknown, samples=args.samples, seed=data_seed(args), split=args.split,
-                          loss=args.loss, data_dir=args.data_dir)
+                          loss=args.loss, data_dir=args.data_dir, strict=args.strict_format)
     result["fleet"] = str(args.fleet)
     if args.out:
         paths = write_matrix(result, args.out)

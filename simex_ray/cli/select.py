@@ -76,7 +76,7 @@ def cmd_select(args) -> int:
         fleet = Fleet.load(args.fleet, device=resolve_device(args.device))
     seed = data_seed(args)
     x, y = read_unknown(args.data, split=args.split, samples=args.samples, seed=seed, data_dir=args.data_dir,
-                        stream=False)
+                        stream=False, fmt=fleet.image_format if fleet is not None else None)
     methods = resolve_methods(args.method, labelled=y is not None, fleet=fleet is not None)
     if not methods:
         raise UsageError("no method applies: the data has no labels and no --fleet was given; pass --fleet for "

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..formats import LEGACY, ImageFormat, format_of
 from . import safe_io
 from .dataset import SpecError, need_path
 from .images import check_labels, to_unit_images
@@ -35,8 +36,8 @@ class Stream:
     def __len__(self) -> int:
         return int(self.shape[0])
 
-    def blocks(self, size: int = 8192):
-        """float32 (n, 1, 28, 28) blocks in [0, 1], in file order."""
+    def blocks(self, size: int = 8192, fmt: ImageFormat | None = LEGACY, strict: bool = False):
+        """float32 (n, C, H, W) blocks in [0, 1] in ``fmt`` (see :func:`~simex_ray.data.load`), in file order."""
         per = int(np.prod(self.shape[1:], dtype=np.int64))
         with open(self.path, "rb") as f:
             f.seek(self.offset)
@@ -46,7 +47,12 @@ class Stream:
                 if raw.size != n * per:
                     raise SpecError(f"{self.spec}: file ends after {start + raw.size // max(per, 1)} of "
                                     f"{len(self)} images; the file is truncated")
-                yield to_unit_images(raw.reshape((n, *self.shape[1:])), name=f"{self.spec} images {start}..")
+                yield to_unit_images(raw.reshape((n, *self.shape[1:])), name=f"{self.spec} images {start}..",
+                                     fmt=fmt, strict=strict)
+
+    def native_format(self) -> ImageFormat:
+        """The stored images' format (read from the first image only)."""
+        return format_of(next(self.blocks(1, fmt=None)))
 
 
 def stream(spec: str) -> Stream | None:

@@ -323,16 +323,19 @@ def build_fleet(refs: list[str], out, config: TrainConfig, *, samples: int | Non
                 per_class: bool = False, seed: int = 0, data_dir=None, address: str | None = None,
                 resources: Resources = Resources(), storage: str | None = None,
                 on_progress: ProgressFn | None = None,
-                log_to_driver: bool = False) -> tuple[list[MemberPlan], FleetWriter]:
+                log_to_driver: bool = False, strict: bool = False,
+                cache: dict | None = None) -> tuple[list[MemberPlan], FleetWriter]:
     """Specs -> trained fleet directory on Ray Train: the path the CLI, the jobs and the studies share.
 
     ``seed`` is the data seed (samples, splits, variants); ``config.seed`` the model seed. Training
-    without Ray is :func:`simex_ray.fleet.build.build_fleet_local`, which imports no Ray.
+    without Ray is :func:`simex_ray.fleet.build.build_fleet_local`, which imports no Ray. Images are
+    converted to ``config.image_format`` by the rule; ``strict`` refuses instead.
     """
     from ..fleet.plan import fleet_extra, plan_fleet
     from .runtime import ray_session
 
-    plans = plan_fleet(refs, config, samples=samples, per_class=per_class, seed=seed, data_dir=data_dir)
+    plans = plan_fleet(refs, config, samples=samples, per_class=per_class, seed=seed, data_dir=data_dir,
+                       strict=strict, cache=cache)
     extra = fleet_extra(refs, config, samples=samples, per_class=per_class, data_seed=seed)
     with ray_session(address, log_to_driver=log_to_driver):
         return plans, train_fleet(plans, out, resources=resources, storage=storage,

@@ -15,14 +15,16 @@ import numpy as np
 
 from .. import data
 from ..fleet import Fleet
+from ..formats import conversion
 
 log = logging.getLogger(__name__)
 
 
 def delta_matrix(fleet: Fleet, unknown: list[str], *, samples: int | None = None, seed: int = 0,
                  split: str = "test", loss: str | None = None, data_dir=None,
-                 on_row: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
-    """Delta(X_i | Y_j) for each unknown spec i and member j."""
+                 on_row: Callable[[str, dict], None] | None = None, strict: bool = False) -> dict[str, Any]:
+    """Delta(X_i | Y_j) for each unknown spec i and member j; each unknown converted to the fleet's
+    format by the rule (``strict``: refused), what was converted listed under ``conversions``."""
     if split not in ("test", "train", "all"):
         raise ValueError(f"unknown split '{split}'; known: test, train, all")
     for spec in unknown:
@@ -30,13 +32,19 @@ def delta_matrix(fleet: Fleet, unknown: list[str], *, samples: int | None = None
     members = fleet.names
     delta, normalized, rankings, sizes = [], [], {}, {}
     cache: dict = {}  # each base dataset read and derived once, however many 'SPEC#c' rows cut from it
+    fmt = fleet.image_format
+    conv = dict(fmt=fmt, strict=strict)
+    conversions = {}
     for spec in unknown:
+        step = conversion(data.native_format(spec, seed=seed, data_dir=data_dir, cache=cache), fmt)
+        if step:
+            conversions[spec] = step
         if split == "all":
-            ds = data.load(spec, seed=seed, data_dir=data_dir, cache=cache)
+            ds = data.load(spec, seed=seed, data_dir=data_dir, cache=cache, **conv)
             if samples:
                 ds = data.balanced_sample(ds, samples, seed=seed)
         else:
-            train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir, cache=cache)
+            train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir, cache=cache, **conv)
             ds = test if split == "test" else train
         result = fleet.score(ds.x, loss=loss)
         delta.append([result.delta[m] for m in members])
@@ -50,6 +58,8 @@ def delta_matrix(fleet: Fleet, unknown: list[str], *, samples: int | None = None
         "references": members,
         "loss": loss or fleet.loss,
         "split": split,
+        "image_format": str(fmt),
+        "conversions": conversions,
         "seed": seed,
         "n": sizes,
         "delta": delta,

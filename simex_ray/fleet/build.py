@@ -65,14 +65,16 @@ def train_and_load(plans: list[MemberPlan], out=None, *, on_epoch=None, extra: d
 
 
 def build_fleet_local(refs: list[str], out, config: TrainConfig, *, samples: int | None = None,
-                      per_class: bool = False, seed: int = 0, data_dir=None, on_epoch=None
-                      ) -> tuple[list[MemberPlan], FleetWriter]:
+                      per_class: bool = False, seed: int = 0, data_dir=None, on_epoch=None,
+                      strict: bool = False, cache: dict | None = None) -> tuple[list[MemberPlan], FleetWriter]:
     """Specs -> trained fleet directory, in this process: `simex train --no-ray`.
 
     ``seed`` is the data seed (samples, splits, variants); ``config.seed`` the model seed.
     ``on_epoch(member, metrics)`` gets the metrics with ``epochs`` added, as the Ray path reports them.
+    Images are converted to ``config.image_format`` by the rule; ``strict`` refuses instead.
     """
-    plans = plan_fleet(refs, config, samples=samples, per_class=per_class, seed=seed, data_dir=data_dir)
+    plans = plan_fleet(refs, config, samples=samples, per_class=per_class, seed=seed, data_dir=data_dir,
+                       strict=strict, cache=cache)
     extra = fleet_extra(refs, config, samples=samples, per_class=per_class, data_seed=seed)
     progress = (lambda n, m: on_epoch(n, {**m, "epochs": config.epochs})) if on_epoch else None
     return plans, train_fleet_local(plans, out, on_epoch=progress, extra=extra)

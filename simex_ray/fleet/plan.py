@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import data, storage
+from ..formats import FormatError, ImageFormat, conversion
 from ..training import TrainConfig
 from .manifest import MANIFEST, FleetError, Member, read_manifest, save_weights, write_manifest
 from .result import calibration_of, mean_l2_norm
@@ -52,10 +53,39 @@ def _record(name: str, spec: str, class_: str | None, train: data.Dataset, test:
     return MemberPlan(member, train.x, test.x)
 
 
+def resolve_format(refs: list[str], requested: str = "auto", *, seed: int = 0, data_dir=None,
+                   cache: dict | None = None) -> ImageFormat:
+    """The fleet's format: ``requested`` (CxHxW), or with ``auto`` the references' common native format;
+    references of different native formats refuse in one line that names them."""
+    if str(requested).strip().lower() != "auto":
+        return ImageFormat.parse(requested)
+    found: dict[ImageFormat, list[str]] = {}
+    for spec in refs:
+        found.setdefault(data.native_format(spec, seed=seed, data_dir=data_dir, cache=cache), []).append(spec)
+    if len(found) > 1:
+        named = "; ".join(f"{f}: {', '.join(specs)}" for f, specs in sorted(found.items()))
+        raise FormatError(f"the references differ in image format ({named}); pick one with --image-format "
+                          f"CxHxW (e.g. {max(found, key=lambda f: len(found[f]))}) and the rest are converted")
+    return next(iter(found))
+
+
+def conversions(refs: list[str], fmt: ImageFormat, *, seed: int = 0, data_dir=None,
+                cache: dict | None = None) -> dict[str, str]:
+    """{reference: what the conversion rule does to it} for each reference not already in ``fmt``."""
+    out = {}
+    for spec in refs:
+        step = conversion(data.native_format(spec, seed=seed, data_dir=data_dir, cache=cache), fmt)
+        if step:
+            out[spec] = step
+    return out
+
+
 def plan_fleet(refs: list[str], config: TrainConfig, *, samples: int | None = None,
-               per_class: bool = False, seed: int = 0, data_dir=None, cache: dict | None = None) -> list[MemberPlan]:
+               per_class: bool = False, seed: int = 0, data_dir=None, cache: dict | None = None,
+               strict: bool = False) -> list[MemberPlan]:
     """Load every reference and split it 5:1; one plan per member (``cache``: see :func:`data.load`).
 
+    Images are converted to ``config.image_format`` by the rule (``strict``: refuse instead).
     With ``per_class`` each labelled reference yields one member per class,
     named ``SPEC#CLASS``; ``samples`` is then drawn per class. ``seed`` is the
     data seed (samples, splits, variants); ``config.seed`` the model seed.
@@ -63,12 +93,14 @@ def plan_fleet(refs: list[str], config: TrainConfig, *, samples: int | None = No
     for spec in refs:  # fail on grammar before any slow loading
         data.parse_spec(spec)
     plans: list[MemberPlan] = []
+    cache = {} if cache is None else cache
+    fmt = dict(fmt=config.format, strict=strict)
     for spec in refs:
         if not per_class:
-            train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir, cache=cache)
+            train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir, cache=cache, **fmt)
             plans.append(_record(train.spec, spec, None, train, test, config, seed))
             continue
-        for part in data.prepare_by_class(spec, samples=samples, seed=seed, data_dir=data_dir, cache=cache):
+        for part in data.prepare_by_class(spec, samples=samples, seed=seed, data_dir=data_dir, cache=cache, **fmt):
             plans.append(_record(part.spec, spec, part.name, part.train, part.test, config, seed))
     names = [p.name for p in plans]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -81,7 +113,7 @@ def is_trained(existing: Member | None, plan: MemberPlan) -> bool:
     """True when ``existing`` already holds this plan's finished training."""
     return (existing is not None and existing.sha256 != ""
             and existing.fingerprint == plan.member.fingerprint
-            and existing.config == plan.member.config)
+            and TrainConfig.from_dict(existing.config) == TrainConfig.from_dict(plan.member.config))
 
 
 class FleetWriter:
