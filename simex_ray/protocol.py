@@ -22,6 +22,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import data
+from .formats import ImageFormat
+from .models import default_architecture
 from .settings import load_settings
 from .transfer.learning import FC_INITS, FC_LAYERS, TL_CONFIGS, tl_config
 from .transfer.classifiers import N_CLASSES, first_classes, first_labels
@@ -63,7 +65,9 @@ class ProtocolConfig:
     ae_optimizer: str = "rmsprop"
     ae_lr: float | None = 2e-4
     ae_batch_size: int = 16
-    ae_architecture: str = "lenet"
+    ae_architecture: str = "auto"  # auto: lenet (the paper's) at 1x28x28, conv at any other format
+    # every image (autoencoders, classifiers, baselines) in this format, converted by the rule
+    image_format: str = "1x28x28"
     # classifiers and transfer
     tl_configs: tuple[str, ...] = tuple(TL_CONFIGS)
     fc_init: str = "reinit"
@@ -91,6 +95,7 @@ class ProtocolConfig:
     baselines: tuple[str, ...] = BASELINES
 
     def __post_init__(self):
+        object.__setattr__(self, "image_format", str(ImageFormat.parse(self.image_format)))
         for name in self.tl_configs:
             tl_config(name)
         if not self.tl_configs:
@@ -117,8 +122,14 @@ class ProtocolConfig:
 
     def ae_config(self, loss: str = "mse", epochs: int | None = None, seed: int = 0) -> TrainConfig:
         """The autoencoders' TrainConfig; ``seed`` is the model seed."""
-        return TrainConfig(architecture=self.ae_architecture, loss=loss, epochs=epochs or self.ae_epochs,
-                           batch_size=self.ae_batch_size, optimizer=self.ae_optimizer, lr=self.ae_lr, seed=seed)
+        arch = default_architecture(self.image_format) if self.ae_architecture == "auto" else self.ae_architecture
+        return TrainConfig(architecture=arch, loss=loss, epochs=epochs or self.ae_epochs,
+                           batch_size=self.ae_batch_size, optimizer=self.ae_optimizer, lr=self.ae_lr, seed=seed,
+                           image_format=self.image_format)
+
+    @property
+    def format(self) -> ImageFormat:
+        return ImageFormat.parse(self.image_format)
 
     def ground_truth_fields(self) -> dict[str, Any]:
         """The fields a transfer-learning ground truth depends on (JSON-ready)."""
@@ -228,7 +239,7 @@ def load_splits(spec: str, *, samples: int | None, data_seed: int, data_dir=None
     ``protocol.test_samples``); classifiers get the first ``n_classes`` classes and a
     stratified validation split carved from train."""
     train, test = data.prepare(spec, samples=samples, seed=data_seed, data_dir=data_dir,
-                               test_samples=protocol.test_samples)
+                               test_samples=protocol.test_samples, fmt=protocol.format)
     out = Splits(train.spec, train.x, test.x, ae_train_fingerprint=data.fingerprint(train))
     if classifier:
         labels = first_labels(train, protocol.n_classes)

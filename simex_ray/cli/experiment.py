@@ -31,6 +31,8 @@ def add_common(p, *, refs_required: bool = True) -> None:
     p.add_argument("--protocol", default=None,
                    help="preset (default, paper, last-layer, few-shot, finetune) or a JSON file of ProtocolConfig "
                         "fields (default: the ground truth's, else 'few-shot' for transfer and 'default' otherwise)")
+    p.add_argument("--image-format", default=None, metavar="CxHxW",
+                   help="every image in this format, converted by the rule (default: the protocol's, 1x28x28)")
     p.add_argument("--out", required=True, help="output directory")
     add_data_dir_arg(p)
     add_address_arg(p)
@@ -84,6 +86,10 @@ def resolve_protocol(args, ground_truth=None):
         protocol = DEFAULT
     if args.test_samples is not None:
         protocol = dataclasses.replace(protocol, test_samples=args.test_samples)
+    if getattr(args, "image_format", None):
+        from ..formats import ImageFormat
+
+        protocol = dataclasses.replace(protocol, image_format=str(ImageFormat.parse(args.image_format)))
     return protocol
 
 
