@@ -58,3 +58,44 @@ def save_figure(fig, path) -> Path:
     fig.savefig(path)
     pyplot().close(fig)
     return path
+
+
+def image_grid(rows: Sequence[np.ndarray], path, *, row_labels: Sequence[str], cell_labels=None,
+               title: str | None = None, cell_inches: float = 1.15) -> Path:
+    """A grid of images: one row per array (k, C, H, W) of floats in [0, 1], at most k columns.
+
+    C = 3 is shown as RGB, C = 1 with a grey colormap (black 0, white 1; never rescaled, so rows
+    compare). ``row_labels``: one per row, left of it; ``cell_labels``: per row a list of texts
+    shown under each image (None: none). Rows may be shorter than the longest (blank cells).
+    """
+    plt = pyplot()
+    rows = [np.asarray(r, dtype=np.float32) for r in rows]
+    if len(row_labels) != len(rows):
+        raise ValueError(f"{len(rows)} rows but {len(row_labels)} row labels")
+    for r in rows:
+        if r.ndim != 4 or r.shape[1] not in (1, 3):
+            raise ValueError(f"each row must be images (k, C, H, W) with C 1 or 3, got shape {r.shape}")
+    ncols = max(1, *(len(r) for r in rows)) if rows else 1
+    h, w = rows[0].shape[2:] if rows else (1, 1)
+    aspect = h / w
+    fig, axes = plt.subplots(len(rows), ncols, squeeze=False, dpi=100,
+                             figsize=(1.8 + cell_inches * ncols, 0.5 + (cell_inches * aspect + 0.35) * len(rows)))
+    for i, row in enumerate(rows):
+        for j in range(ncols):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(row):
+                ax.set_axis_off()
+                continue
+            img = np.clip(row[j], 0.0, 1.0)
+            if img.shape[0] == 3:
+                ax.imshow(img.transpose(1, 2, 0), interpolation="nearest")
+            else:
+                ax.imshow(img[0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            if cell_labels is not None and cell_labels[i] is not None:
+                ax.set_xlabel(cell_labels[i][j], fontsize=8)
+        axes[i, 0].set_ylabel(row_labels[i], rotation=0, ha="right", va="center", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)

@@ -73,6 +73,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     s.add_argument("--ranking", choices=RANKINGS, default=None,
                    help=f"how `ranking` orders references (default: {DEFAULT_RANKING}); every ranking is in --json")
+    s.add_argument("--show", default=None, metavar="OUT.png",
+                   help="draw 8 sampled inputs and their reconstructions through the top 3 references, with δ")
     s.add_argument("--per-sample", default=None, metavar="OUT.parquet",
                    help="write one row per sample: index, label, δ per member, nearest member, its score")
     add_device_arg(s)
@@ -87,7 +89,8 @@ def add_parsers(sub) -> None:
                    help="which part of the 5:1 split to score (default test: samples no member trained on)")
     add_loss_arg(m, help="override the fleet's delta")
     add_strict_format_arg(m)
-    m.add_argument("--out", default=None, help="write delta_matrix.{json,parquet,png} here")
+    m.add_argument("--out", default=None,
+                   help="write delta_matrix.{json,parquet,png} here, and reconstructions/<unknown>.png for each unknown")
     m.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     add_device_arg(m)
     add_data_args(m)
@@ -206,6 +209,14 @@ def cmd_score(args) -> int:
         buf = io.BytesIO()
         result.per_sample_table(list(result.delta), labels).to_parquet(buf, index=False)
         atomic_write_bytes(args.per_sample, buf.getvalue())  # a local path or a URI
+    if args.show:
+        from ..fleet.show import show_reconstructions
+
+        if not hasattr(images, "__len__"):  # a stream, used up by scoring: read it again
+            images = read_unknown(args.data, split=args.split, samples=args.samples, seed=data_seed(args),
+                                  data_dir=args.data_dir, fmt=fmt, strict=args.strict_format)[0]
+        path = show_reconstructions(fleet, images, result, args.show, title=args.data)
+        print(f"wrote {path}", file=sys.stderr)
     if args.json:
         print(json.dumps({"fleet": str(args.fleet), "data": args.data, "image_format": str(fmt),
                           "conversion": converted, **result.to_json(), "seconds": elapsed}))
@@ -233,12 +244,22 @@ def cmd_matrix(args) -> int:
             args.samples = manifest.get("samples")
         if args.data_seed is None and manifest.get("data_seed") is not None:
             args.data_seed = manifest["data_seed"]
+    on_scored = None
+    if args.out:
+        from pathlib import Path
+
+        from ..fleet.show import show_path, show_reconstructions
+
+        def on_scored(spec, x, res):
+            show_reconstructions(fleet, x, res, show_path(Path(args.out) / "reconstructions", spec), title=spec)
+
     result = delta_matrix(fleet, unknown, samples=args.samples, seed=data_seed(args), split=args.split,
-                          loss=args.loss, data_dir=args.data_dir, strict=args.strict_format)
+                          loss=args.loss, data_dir=args.data_dir, strict=args.strict_format, on_scored=on_scored)
     result["fleet"] = str(args.fleet)
     if args.out:
         paths = write_matrix(result, args.out)
-        print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+        print("wrote " + ", ".join(str(p) for p in paths.values()) + f" and {args.out}/reconstructions/*.png",
+              file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     else:

@@ -47,6 +47,8 @@ def add_parsers(sub) -> None:
     b.add_argument("--seeds", type=positive_int, default=1, help="classifier seeds per reference (default 1)")
     b.add_argument("--protocol", default=None,
                    help="preset or JSON file whose classifier settings to use (default: 'default')")
+    b.add_argument("--image-format", default="auto", metavar="auto|CxHxW",
+                   help="the classifiers' image format (default auto: the references' common native format)")
     b.add_argument("--cpus-per-task", type=positive_float, default=1.0, help="CPUs per classifier run (default 1)")
     b.add_argument("--no-ray", action="store_true", help="train in this process, one classifier after another")
     add_address_arg(b)
@@ -75,8 +77,12 @@ def cmd_select(args) -> int:
 
         fleet = Fleet.load(args.fleet, device=resolve_device(args.device))
     seed = data_seed(args)
+    fmt = library.image_format(next(iter(library.classifiers)))
+    if fleet is not None and fleet.image_format != fmt:
+        raise UsageError(f"the library's classifiers take {fmt} but the fleet's autoencoders {fleet.image_format}; "
+                         f"select with a fleet of the library's format (or without --fleet)")
     x, y = read_unknown(args.data, split=args.split, samples=args.samples, seed=seed, data_dir=args.data_dir,
-                        stream=False, fmt=fleet.image_format if fleet is not None else None)
+                        stream=False, fmt=fmt)
     methods = resolve_methods(args.method, labelled=y is not None, fleet=fleet is not None)
     if not methods:
         raise UsageError("no method applies: the data has no labels and no --fleet was given; pass --fleet for "
@@ -147,9 +153,16 @@ def cmd_train_bases(args) -> int:
     from ..transfer.ground_truth import base_record, base_settings
     from ..transfer.library import LibraryWriter, classifier_name
 
+    import dataclasses
+
+    from ..fleet.plan import resolve_format
+
     protocol = load_protocol(args.protocol) if args.protocol else DEFAULT
     refs = split_specs(args.refs)
     seed = data_seed(args)
+    fmt = resolve_format(refs, args.image_format, seed=seed, data_dir=args.data_dir)
+    protocol = dataclasses.replace(protocol, image_format=str(fmt))
+    print(f"image format {fmt}", file=sys.stderr)
     show = stage_printer(time.perf_counter(), refs)
     writer = LibraryWriter(args.out, extra={"refs": refs, "samples": args.samples, "data_seed": seed})
     todo = []

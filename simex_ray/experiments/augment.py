@@ -37,6 +37,7 @@ import numpy as np
 from .. import data
 from ..transfer.classifiers import LeNet5, evaluate_classifier, train_classifier
 from ..fleet import Fleet, slug
+from ..formats import format_of
 from ..pairing import METHODS, class_matrix, greedy_pairs
 from ..protocol import MapFn, Progress, jsonable, run_units
 from ..settings import load_settings, settings_from_dict
@@ -148,7 +149,7 @@ def augmented_accuracy(x_target, target_idx, target_y, x_ref, ref_idx, ref_y, x_
     import torch
 
     torch.manual_seed(seed)
-    model = LeNet5(n_classes)
+    model = LeNet5(n_classes, format_of(x))
     _, info = train_classifier(x, y, x_own, y_own, optimizer=optimizer, max_epochs=budget, patience=budget,
                                batch_size=batch_size, seed=seed, model=model)  # best weights restored into model
     _, accuracy = evaluate_classifier(model, x_test, y_test)

@@ -22,9 +22,11 @@ log = logging.getLogger(__name__)
 
 def delta_matrix(fleet: Fleet, unknown: list[str], *, samples: int | None = None, seed: int = 0,
                  split: str = "test", loss: str | None = None, data_dir=None,
-                 on_row: Callable[[str, dict], None] | None = None, strict: bool = False) -> dict[str, Any]:
+                 on_row: Callable[[str, dict], None] | None = None, strict: bool = False,
+                 on_scored: Callable[[str, np.ndarray, Any], None] | None = None) -> dict[str, Any]:
     """Delta(X_i | Y_j) for each unknown spec i and member j; each unknown converted to the fleet's
-    format by the rule (``strict``: refused), what was converted listed under ``conversions``."""
+    format by the rule (``strict``: refused), what was converted listed under ``conversions``.
+    ``on_scored(spec, images, ScoreResult)`` sees each unknown's images and answer (e.g. to draw them)."""
     if split not in ("test", "train", "all"):
         raise ValueError(f"unknown split '{split}'; known: test, train, all")
     for spec in unknown:
@@ -47,6 +49,8 @@ def delta_matrix(fleet: Fleet, unknown: list[str], *, samples: int | None = None
             train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir, cache=cache, **conv)
             ds = test if split == "test" else train
         result = fleet.score(ds.x, loss=loss)
+        if on_scored is not None:
+            on_scored(spec, ds.x, result)
         delta.append([result.delta[m] for m in members])
         normalized.append([result.delta_normalized[m] for m in members])
         rankings[spec], sizes[spec] = result.ranking, result.n

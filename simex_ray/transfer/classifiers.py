@@ -5,6 +5,11 @@ The paper (arXiv 2001.04893, section 5) trains a LeNet-5 classifier B(Y) on each
 (:func:`train_base`). Every expensive unit here is a plain top-level function taking and returning
 picklable data (numpy arrays, state_dicts of CPU tensors, dicts), so a driver can run units in
 parallel (e.g. on Ray) without this module knowing.
+
+Both classifiers take images of any :class:`~simex_ray.formats.ImageFormat`; a unit that builds one
+from images builds it for the images' own format (:func:`image_format_of`), so data converted once
+at load (``data.prepare(..., fmt=)``) is all a colour ground truth needs. A 1×28×28 classifier is
+exactly the paper's (same parameters, same outputs for the same seed).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import data
+from ..formats import LEGACY, FormatError, ImageFormat, format_of, resize_matrix
 from ..models import Act, lenet_features
 from ..training import OPTIMIZERS as AE_OPTIMIZERS
 from ..training import as_tensor
@@ -43,29 +49,71 @@ CLASSIFIER_LRS: dict[str, float] = {
 # --------------------------------------------------------------------------- model
 
 
-class LeNet5(nn.Module):
-    """LeNet-5 classifier for (N, 1, 28, 28) images, stages ``features`` and ``head``.
+LENET_SIDE = 32  # LeNet-5's own input side (LeCun et al. 1998): 28×28 digits zero-padded to 32×32
 
-    conv5x5x6 (pad 2) -> act -> pool -> conv5x5x16 -> act -> pool -> FC120 ->
-    act -> FC84 -> act -> FC n_classes (logits). ELU, like the autoencoders'
-    LeNet-5 encoder (``simex_ray.models``): the classifier and the autoencoder
-    then share one feature extractor design, and ELU has no dead units on the
-    mostly-black digit images (ReLU units that die during a short, small-data
-    run cannot recover once their layer is frozen for transfer).
+
+def image_format_of(x, image_format: ImageFormat | str | None = None) -> ImageFormat:
+    """The format a classifier for images ``x`` (N, C, H, W) is built for: ``image_format`` when given
+    (a one-line :class:`FormatError` when ``x`` is not in it), else the images' own."""
+    found = format_of(np.asarray(x) if not torch.is_tensor(x) else x)
+    if image_format is not None and ImageFormat.parse(image_format) != found:
+        raise FormatError(f"images are {found} but the classifier takes {ImageFormat.parse(image_format)}; "
+                          f"load them with data.prepare(..., fmt=) or convert them with simex_ray.formats.convert")
+    return found
+
+
+class Resize(nn.Module):
+    """(N, C, H, W) -> (N, C, h, w) by the conversion rule of :mod:`simex_ray.formats` (area when shrinking,
+    bilinear when growing, per axis), as two fixed matrix products: differentiable and on the input's
+    device. Its matrices are not parameters and not in the state_dict."""
+
+    def __init__(self, src: ImageFormat, height: int, width: int):
+        super().__init__()
+        self.register_buffer("rows", torch.from_numpy(resize_matrix(src.height, height)), persistent=False)
+        self.register_buffer("cols", torch.from_numpy(resize_matrix(src.width, width)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("ij,ncjk,lk->ncil", self.rows, x, self.cols)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 classifier for (N, C, H, W) images of ``image_format``, stages ``features`` and ``head``.
+
+    conv5x5x6 -> act -> pool -> conv5x5x16 -> act -> pool -> FC120 -> act -> FC84 -> act ->
+    FC n_classes (logits). ELU, like the autoencoders' LeNet-5 encoder (``simex_ray.models``): the
+    classifier and the autoencoder then share one feature extractor design, and ELU has no dead units
+    on the mostly-black digit images (ReLU units that die during a short, small-data run cannot recover
+    once their layer is frozen for transfer).
+
+    Every format reaches the convolutions at LeNet-5's original 32×32, so the features are
+    (N, 16, 5, 5) and the head is the same at every format: 1×28×28 (the paper's) by padding the
+    first convolution by 2, exactly as before formats existed; any other format by resizing to
+    32×32 inside the module (:class:`Resize`, the rule of :mod:`simex_ray.formats`), its first
+    convolution taking all C channels, unpadded.
     """
 
-    def __init__(self, n_classes: int = N_CLASSES):
+    def __init__(self, n_classes: int = N_CLASSES, image_format: ImageFormat | str = LEGACY):
         super().__init__()
-        self.n_classes = n_classes
-        self.features = lenet_features()
+        fmt = ImageFormat.parse(image_format)
+        self.n_classes, self.image_format = n_classes, fmt
+        if fmt == LEGACY:
+            self.resize = nn.Identity()
+            self.features = lenet_features()
+        else:
+            same = (fmt.height, fmt.width) == (LENET_SIDE, LENET_SIDE)
+            self.resize = nn.Identity() if same else Resize(fmt, LENET_SIDE, LENET_SIDE)
+            self.features = nn.Sequential(
+                nn.Conv2d(fmt.channels, 6, 5), Act(), nn.MaxPool2d(2),  # (N, 6, 14, 14)
+                nn.Conv2d(6, 16, 5), Act(), nn.MaxPool2d(2),  # (N, 16, 5, 5)
+            )
         self.head = nn.Sequential(
             nn.Flatten(), nn.Linear(16 * 5 * 5, 120), Act(),
             nn.Linear(120, 84), Act(), nn.Linear(84, n_classes),
         )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, 28, 28) -> (N, 16, 5, 5)."""
-        return self.features(x)
+        """(N, C, H, W) -> (N, 16, 5, 5)."""
+        return self.features(self.resize(x))
 
     def forward_head(self, f: torch.Tensor) -> torch.Tensor:
         """(N, 16, 5, 5) -> logits (N, n_classes)."""
@@ -80,24 +128,26 @@ class LeNet5(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """torchvision's ResNet-18 for (N, 1, 28, 28) images, with a small-image stem.
+    """torchvision's ResNet-18 for (N, C, H, W) images of ``image_format``, with a small-image stem.
 
     The ImageNet stem (7x7 stride-2 conv + max-pool) would shrink 28x28 to 7x7
-    before the first residual stage; here it is one 3x3 conv from 1 channel
-    with ``stem_stride`` 1 (CIFAR-style: the residual stages see 28x28, then
-    14, 7, 4) or 2 (they see 14x14, then 7, 4, 2: about 3.5x cheaper to train
-    on a CPU), and no max-pool.
+    before the first residual stage; here it is one 3x3 conv from C channels
+    with ``stem_stride`` 1 (CIFAR-style: at 1×28×28 the residual stages see
+    28x28, then 14, 7, 4) or 2 (they see 14x14, then 7, 4, 2: about 3.5x
+    cheaper to train on a CPU), and no max-pool. The global average pool takes
+    any height and width; the images are not resized.
     """
 
-    def __init__(self, n_classes: int = N_CLASSES, stem_stride: int = 1):
+    def __init__(self, n_classes: int = N_CLASSES, stem_stride: int = 1, image_format: ImageFormat | str = LEGACY):
         super().__init__()
         import torchvision
 
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
-        self.n_classes = n_classes
+        fmt = ImageFormat.parse(image_format)
+        self.n_classes, self.image_format = n_classes, fmt
         self.net = torchvision.models.resnet18(num_classes=n_classes)
-        self.net.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
+        self.net.conv1 = nn.Conv2d(fmt.channels, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         self.net.maxpool = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,18 +160,21 @@ class ResNet18(nn.Module):
 
 # Classifier architectures by name (the per-class studies' ground truth trains both).
 CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
-    "lenet5": lambda n_classes, **kw: LeNet5(n_classes),
-    "resnet18": lambda n_classes, stem_stride=1, **kw: ResNet18(n_classes, stem_stride),
+    "lenet5": lambda n_classes, image_format=LEGACY, **kw: LeNet5(n_classes, image_format),
+    "resnet18": lambda n_classes, image_format=LEGACY, stem_stride=1, **kw: ResNet18(n_classes, stem_stride,
+                                                                                      image_format),
 }
 
 
-def make_classifier(architecture: str, n_classes: int, **kw: Any) -> nn.Module:
-    """A classifier by name (:data:`CLASSIFIERS`); ``kw``: e.g. ``stem_stride`` for resnet18."""
+def make_classifier(architecture: str, n_classes: int, image_format: ImageFormat | str = LEGACY,
+                    **kw: Any) -> nn.Module:
+    """A classifier by name (:data:`CLASSIFIERS`) for ``image_format``; ``kw``: e.g. ``stem_stride`` for
+    resnet18."""
     try:
         ctor = CLASSIFIERS[architecture]
     except KeyError:
         raise ValueError(f"unknown classifier '{architecture}'; known: {', '.join(CLASSIFIERS)}") from None
-    return ctor(n_classes, **kw)
+    return ctor(n_classes, image_format=ImageFormat.parse(image_format), **kw)
 
 
 def n_classes_of(state: dict[str, torch.Tensor]) -> int:
@@ -194,7 +247,7 @@ def set_trainable(model: LeNet5, trainable: str) -> list[nn.Parameter]:
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, x, batch_size: int = 512) -> np.ndarray:
-    """Softmax class probabilities of ``model`` on x (N, 1, 28, 28): (N, n_classes) float64."""
+    """Softmax class probabilities of ``model`` on x (N, C, H, W): (N, n_classes) float64."""
     model.eval()
     x = as_tensor(x)
     n = model.fc_layers[-1].out_features
@@ -205,7 +258,7 @@ def predict_proba(model: nn.Module, x, batch_size: int = 512) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, x, y, batch_size: int = 1024) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` on x (N, 1, 28, 28), y (N,)."""
+    """(mean cross-entropy, accuracy) of ``model`` on x (N, C, H, W), y (N,)."""
     model.eval()
     x, y = as_tensor(x), torch.as_tensor(np.asarray(y), dtype=torch.long)
     if len(x) == 0:
@@ -241,7 +294,8 @@ def train_classifier(x_train, y_train, x_val, y_val, *, optimizer: str = "rmspro
     minimum of the validation cross-entropy (or after ``max_epochs``) and the
     weights of the minimum are restored, into ``model`` too when given.
     ``trainable`` freezes the rest ("all", "head" = the FC layers, "last" =
-    the last FC layer). ``info``: best_epoch, epochs_run, val_loss and
+    the last FC layer). Without ``model``, a LeNet-5 for the images' format is
+    built (seeded). ``info``: best_epoch, epochs_run, val_loss and
     val_accuracy (at the best epoch), seconds (whole run), seconds_to_best
     (wall time from the start until the end of the best epoch, its validation
     pass included, as an early-stopping run would measure it), history.
@@ -250,7 +304,7 @@ def train_classifier(x_train, y_train, x_val, y_val, *, optimizer: str = "rmspro
         raise ValueError(f"max_epochs, patience and batch_size must be >= 1, got {max_epochs}, {patience}, {batch_size}")
     if model is None:
         torch.manual_seed(seed)
-        model = LeNet5(n_classes)
+        model = LeNet5(n_classes, image_format_of(x_train))
     n_classes = model.fc_layers[-1].out_features
     y_train = check_labels(y_train, n_classes, "training labels")
     y_val = check_labels(y_val, n_classes, "validation labels")
@@ -305,15 +359,17 @@ def train_classifier(x_train, y_train, x_val, y_val, *, optimizer: str = "rmspro
 def train_base(x_train, y_train, x_val, y_val, x_test, y_test, *, optimizer: str = "rmsprop",
                lr: float | None = None, max_epochs: int = 30, patience: int = 5, batch_size: int = 32,
                seed: int = 0, n_classes: int = N_CLASSES) -> dict[str, Any]:
-    """Unit of work "train base classifier B(Y)": returns info + ``state`` + ``test_accuracy``."""
+    """Unit of work "train base classifier B(Y)", a LeNet-5 for the images' format: returns info + ``state``
+    + ``test_accuracy`` + ``image_format`` (e.g. ``"3x32x32"``)."""
+    fmt = image_format_of(x_train)
     state, info = train_classifier(x_train, y_train, x_val, y_val, optimizer=optimizer, lr=lr,
                                    max_epochs=max_epochs, patience=patience, batch_size=batch_size,
                                    seed=seed, n_classes=n_classes)
-    model = LeNet5(n_classes)
+    model = LeNet5(n_classes, fmt)
     model.load_state_dict(state)
     test_loss, test_acc = evaluate_classifier(model, x_test, check_labels(y_test, n_classes, "test labels"))
-    return {**info, "state": state, "test_loss": test_loss, "test_accuracy": test_acc, "n_test": int(len(y_test))}
-
+    return {**info, "state": state, "test_loss": test_loss, "test_accuracy": test_acc, "n_test": int(len(y_test)),
+            "image_format": str(fmt)}
 
 
 def leave_one_class_out(architecture: str, left_out: int, x_train, y_train, x_val, y_val, x_eval, y_eval, *,
@@ -325,7 +381,7 @@ def leave_one_class_out(architecture: str, left_out: int, x_train, y_train, x_va
     Labels are 0..n_classes-1. The (n_classes - 1)-class classifier never sees
     class k = ``left_out``; applied to k's evaluation samples, its outputs say
     which of the other classes k is confused with (the paper's inter-class
-    ground truth, section 5.4). Returns, indexed by the original labels (NaN
+    ground truth, section 5.4). The classifier is built for the images' format. Returns, indexed by the original labels (NaN
     at k): ``probability`` (mean softmax over k's samples) and ``votes``
     (share of k's samples predicted as each class); plus ``accuracy`` (on the
     other classes' evaluation samples), the training info and ``seconds``.
@@ -338,7 +394,8 @@ def leave_one_class_out(architecture: str, left_out: int, x_train, y_train, x_va
     relabel[kept] = np.arange(len(kept))
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    model = make_classifier(architecture, len(kept), **(model_kw or {}))
+    kw = dict(model_kw or {})
+    model = make_classifier(architecture, len(kept), image_format_of(x_train, kw.pop("image_format", None)), **kw)
     tr, va, ev = y_train != left_out, y_val != left_out, y_eval != left_out
     _, info = train_classifier(np.asarray(x_train)[tr], relabel[y_train[tr]], np.asarray(x_val)[va],
                                relabel[y_val[va]], optimizer=optimizer, lr=lr, max_epochs=max_epochs,

@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..fleet import atomic_write_bytes
+from ..formats import LEGACY
 from ..protocol import (DEFAULT, MapFn, Progress, ProtocolConfig, Splits, canonical_refs, jsonable, load_splits,
                        run_units)
 from .classifiers import train_base
@@ -408,5 +409,6 @@ def base_record(spec: str, seed: int, result: dict[str, Any], splits: Splits, pr
     """The library record of B(spec) from :func:`train_base`'s result."""
     return Classifier(name=classifier_name(spec, seed), spec=spec, seed=seed, n_classes=protocol.n_classes,
                       fingerprint=splits.fingerprints()["clf_train"], data_seed=data_seed, samples=samples,
-                      config=base_settings(protocol), accuracy=float(result["test_accuracy"]),
+                      config=base_settings(protocol), image_format=result.get("image_format", str(LEGACY)),
+                      accuracy=float(result["test_accuracy"]),
                       val_accuracy=float(result["val_accuracy"]), seconds=float(result["seconds"]))

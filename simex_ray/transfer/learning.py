@@ -13,8 +13,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .classifiers import (CLASSIFIER_LRS, N_CLASSES, LeNet5, check_labels, evaluate_classifier, n_classes_of,
-                          train_classifier)
+from .classifiers import (CLASSIFIER_LRS, N_CLASSES, LeNet5, check_labels, evaluate_classifier, image_format_of,
+                          n_classes_of, train_classifier)
 
 @dataclass(frozen=True)
 class TLConfig:
@@ -72,7 +72,8 @@ def transfer(base_state: dict[str, torch.Tensor], x_train, y_train, x_val, y_val
     last one (the earlier FC layers stay frozen from the base too).
     ``fc_init="reinit"`` (the paper) re-initialises the retrained layers
     (seeded), ``"base"`` starts them from the base weights. Training stops at
-    the minimum validation loss (see :func:`train_classifier`).
+    the minimum validation loss (see :func:`train_classifier`). B(Y) is a
+    LeNet-5 for the format of X's images (B(Y) and X share one format).
     Returns config, accuracy, test_loss, seconds_to_best, seconds, epochs
     (run), best_epoch, val_loss, val_accuracy, sizes, and ``state`` when
     ``return_state``.
@@ -83,8 +84,8 @@ def transfer(base_state: dict[str, torch.Tensor], x_train, y_train, x_val, y_val
     if fc_layers not in FC_LAYERS:
         raise ValueError(f"unknown fc_layers '{fc_layers}'; known: {', '.join(FC_LAYERS)}")
     n_classes = n_classes_of(base_state)
-    model = LeNet5(n_classes)
-    model.load_state_dict(base_state)
+    model = LeNet5(n_classes, image_format_of(x_train))
+    load_base(model, base_state)
     retrained = model.fc_layers if fc_layers == "all" else model.fc_layers[-1:]
     if fc_init == "reinit":
         torch.manual_seed(seed)
@@ -114,13 +115,14 @@ def finetune(base_state: dict[str, torch.Tensor] | None, x_train, y_train, x_val
     re-initialised (seeded: X's classes are not Y's), and all of them train for
     ``epochs`` epochs (the weights of the lowest validation loss are kept).
     ``base_state=None`` trains the same network from scratch under the same
-    budget and seed: the difference of the two accuracies is the transfer gain.
+    budget and seed: the difference of the two accuracies is the transfer gain. The network is a
+    LeNet-5 for the format of X's images.
     """
     cfg = tl_config(config)
     torch.manual_seed(seed)
-    model = LeNet5(n_classes if base_state is None else n_classes_of(base_state))
+    model = LeNet5(n_classes if base_state is None else n_classes_of(base_state), image_format_of(x_train))
     if base_state is not None:
-        model.load_state_dict(base_state)
+        load_base(model, base_state)
         torch.manual_seed(seed)
         model.fc_layers[-1].reset_parameters()
     state, info = train_classifier(
@@ -131,6 +133,15 @@ def finetune(base_state: dict[str, torch.Tensor] | None, x_train, y_train, x_val
     return {"config": cfg.name, "accuracy": acc, "test_loss": test_loss, "seconds_to_best": info["seconds_to_best"],
             "seconds": info["seconds"], "epochs": info["epochs_run"], "best_epoch": info["best_epoch"],
             "from_scratch": base_state is None, "n_train": info["n_train"], "n_test": int(len(y_test))}
+
+
+def load_base(model: LeNet5, base_state: dict[str, torch.Tensor]) -> None:
+    """Load B(Y)'s weights into ``model``; a base of other channels than X's images fails in one line."""
+    first = base_state.get("features.0.weight")
+    if first is not None and first.shape[1] != model.image_format.channels:
+        raise ValueError(f"the base classifier takes {first.shape[1]}-channel images but X is "
+                         f"{model.image_format}; load both in one format (data.prepare(..., fmt=))")
+    model.load_state_dict(base_state)
 
 
 def normalize_by_base(accuracy, base_accuracy) -> np.ndarray:

@@ -7,7 +7,8 @@ library keeps them, with the fleet's conventions::
     LIB/library.json                        kind, format, one record per classifier
     LIB/weights/<name>-<sha16>.pt           one state_dict per classifier, named by its content
 
-A record holds the reference spec, the classifier seed, the architecture, the number of classes, the
+A record holds the reference spec, the classifier seed, the architecture, the image format it takes
+(``"1x28x28"`` for records written before formats existed), the number of classes, the
 fingerprint of its training split, its training settings, its held-out accuracy and training time,
 and the sha256 of its weight file. Writes are atomic, weights before the record that lists them;
 loading checks the sha256 of the bytes it loads and uses ``torch.load(weights_only=True)``.
@@ -30,6 +31,7 @@ import torch
 from .. import storage
 from ..errors import one_line
 from ..fleet.manifest import FleetError, write_state
+from ..formats import LEGACY, FormatError, ImageFormat, format_of
 from .classifiers import LeNet5, predict_proba
 
 FILE = "library.json"
@@ -53,6 +55,7 @@ class Classifier:
     n_classes: int
     fingerprint: str  # sha256 of the classifier's training split (data.fingerprint)
     architecture: str = "lenet5"
+    image_format: str = str(LEGACY)  # the (C, H, W) it takes; records from before formats are 1x28x28
     data_seed: int | None = None
     samples: int | None = None
     config: dict[str, Any] = field(default_factory=dict)  # optimizer, lr, max_epochs, patience, batch_size
@@ -138,7 +141,7 @@ class Library:
     """The classifiers of a library, loaded on demand; ``features``/``probabilities`` need no Ray.
 
     >>> lib = Library.load("LIB")
-    >>> lib.probabilities("mnist@s0", x)   # x: (N, 1, 28, 28) in [0, 1] -> (N, C) softmax
+    >>> lib.probabilities("mnist@s0", x)   # x: (N, C, H, W) in [0, 1], the classifier's format -> (N, K) softmax
     """
 
     def __init__(self, path: storage.PathLike, classifiers: dict[str, Classifier]):
@@ -157,7 +160,7 @@ class Library:
         """A library of classifiers just trained (records and state_dicts), not written anywhere."""
         lib = cls(None, {})
         for record, state in bases:
-            model = LeNet5(record.n_classes)
+            model = LeNet5(record.n_classes, record.image_format)
             model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
             lib.classifiers[record.name], lib._models[record.name] = record, model.eval()
         return lib
@@ -199,7 +202,11 @@ class Library:
             if c.architecture not in ARCHITECTURES:
                 raise LibraryError(f"'{name}' has architecture '{c.architecture}'; this simex reads "
                                    f"{', '.join(ARCHITECTURES)}")
-            model = LeNet5(c.n_classes)
+            try:
+                model = LeNet5(c.n_classes, c.image_format)
+            except FormatError as e:
+                raise LibraryError(f"'{name}' in {storage.resolve(self.path).join(FILE)} has a bad image format "
+                                   f"({e})") from None
             try:
                 model.load_state_dict(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
             except Exception as e:  # noqa: BLE001 - any failure here is a bad file
@@ -207,12 +214,28 @@ class Library:
             self._models[name] = model.eval()
         return self._models[name]
 
+    def image_format(self, name: str) -> ImageFormat:
+        """The format classifier ``name`` takes."""
+        c = self.classifiers.get(name)
+        if c is None:
+            raise LibraryError(f"unknown classifier '{name}'; the library has: {', '.join(self.names)}")
+        return ImageFormat.parse(c.image_format)
+
+    def check_images(self, name: str, x) -> None:
+        """A one-line :class:`FormatError` when images ``x`` (N, C, H, W) are not in ``name``'s format."""
+        found, want = format_of(x), self.image_format(name)
+        if found != want:
+            raise FormatError(f"images are {found} but classifier '{name}' takes {want}; load them in its format "
+                              f"(--image-format {want}) or convert them with simex_ray.formats.convert")
+
     def features(self, name: str, x, batch_size: int = 512) -> np.ndarray:
         """B(Y)'s penultimate features (the 84-dim FC layer after its activation): (N, 84) float64."""
+        self.check_images(name, x)
         return penultimate_features(self.model(name), x, batch_size)
 
     def probabilities(self, name: str, x) -> np.ndarray:
-        """B(Y)'s softmax over its own classes: (N, C) float64."""
+        """B(Y)'s softmax over its own classes: (N, K) float64."""
+        self.check_images(name, x)
         return predict_proba(self.model(name), x)
 
     def select(self, names: Iterable[str]) -> "Library":
@@ -235,4 +258,4 @@ def penultimate_features(model: LeNet5, x, batch_size: int = 512) -> np.ndarray:
     body = model.head[:-1]  # Flatten, FC120, act, FC84, act
     if len(x) == 0:
         return np.zeros((0, model.head[-1].in_features))
-    return torch.cat([body(model.features(b)) for b in torch.split(x, batch_size)]).double().numpy()
+    return torch.cat([body(model.forward_features(b)) for b in torch.split(x, batch_size)]).double().numpy()

@@ -10,6 +10,7 @@ number of methods.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -126,7 +127,7 @@ def verify(library: Library, candidates: Sequence[str], spec: str, *, samples: i
     from ..protocol import DEFAULT, load_splits, run_units
     from .learning import tl_config, transfer
 
-    protocol = protocol or DEFAULT
+    protocol = dataclasses.replace(protocol or DEFAULT, image_format=str(library.image_format(candidates[0])))
     t0 = time.perf_counter()
     splits = load_splits(spec, samples=samples, data_seed=data_seed, data_dir=data_dir, protocol=protocol)
     configs = list(tl_configs or protocol.tl_configs)
