@@ -244,17 +244,16 @@ def cmd_matrix(args) -> int:
             args.samples = manifest.get("samples")
         if args.data_seed is None and manifest.get("data_seed") is not None:
             args.data_seed = manifest["data_seed"]
-    on_scored = None
-    if args.out:
+    def draw(spec, x, res):  # the reconstruction grid of each unknown, beside the matrix
         from pathlib import Path
 
         from ..fleet.show import show_path, show_reconstructions
 
-        def on_scored(spec, x, res):
-            show_reconstructions(fleet, x, res, show_path(Path(args.out) / "reconstructions", spec), title=spec)
+        show_reconstructions(fleet, x, res, show_path(Path(args.out) / "reconstructions", spec), title=spec)
 
     result = delta_matrix(fleet, unknown, samples=args.samples, seed=data_seed(args), split=args.split,
-                          loss=args.loss, data_dir=args.data_dir, strict=args.strict_format, on_scored=on_scored)
+                          loss=args.loss, data_dir=args.data_dir, strict=args.strict_format,
+                          on_scored=draw if args.out else None)
     result["fleet"] = str(args.fleet)
     if args.out:
         paths = write_matrix(result, args.out)

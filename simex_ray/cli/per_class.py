@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -17,6 +18,8 @@ def _common(p) -> None:
                    help="sizes: default (minutes on 2 cores), paper, tiny, or a JSON file of settings")
     p.add_argument("--seed", type=int, default=0, help="model seed (default 0)")
     p.add_argument("--data-seed", type=int, default=None, help="data seed: samples and splits (default: --seed)")
+    p.add_argument("--image-format", default=None, metavar="CxHxW",
+                   help="every image in this format, converted by the rule (default: the preset's, 1x28x28)")
     add_data_dir_arg(p)
     add_address_arg(p)
     p.add_argument("--no-ray", action="store_true", help="run everything in this process")
@@ -63,9 +66,9 @@ def cmd(args) -> int:
 
         cfg = load_config(args.preset)
         if args.samples_per_class is not None:
-            import dataclasses
-
             cfg = dataclasses.replace(cfg, samples_per_class=args.samples_per_class)
+        if args.image_format:
+            cfg = dataclasses.replace(cfg, image_format=args.image_format)
         losses = LOSSES if args.loss == "both" else (args.loss,)
         if args.fleet and len(losses) > 1:
             raise ValueError("--fleet holds one loss's per-class fleet; pass --loss mse or --loss issim with it")
@@ -100,6 +103,8 @@ def cmd(args) -> int:
         from ..experiments.augment import augment, format_augment, load_config as load_augment, write_augment
 
         cfg = load_augment(args.preset, n=args.n, m=args.m, trials=args.trials, methods=args.methods)
+        if args.image_format:
+            cfg = dataclasses.replace(cfg, image_format=args.image_format)
         refs = split_specs(args.refs)
         show = stage_printer(time.perf_counter(), [args.target, *refs])
 

@@ -37,7 +37,8 @@ import numpy as np
 from .. import data
 from ..transfer.classifiers import LeNet5, evaluate_classifier, train_classifier
 from ..fleet import Fleet, slug
-from ..formats import format_of
+from ..formats import ImageFormat, format_of
+from ..models import default_architecture
 from ..pairing import METHODS, class_matrix, greedy_pairs
 from ..protocol import MapFn, Progress, jsonable, run_units
 from ..settings import load_settings, settings_from_dict
@@ -63,6 +64,7 @@ class AugmentConfig:
     ae_samples: int | None = 3000  # whole-dataset autoencoder A(R) (embeddings pairing, normalised Δ)
     ae_epochs: int = 10
     ae_loss: str = "mse"
+    image_format: str = "1x28x28"  # every image in this format (the rule of simex_ray.formats)
     epochs: int = 3
     min_steps: int = 300
     batch_size: int = 32
@@ -70,6 +72,7 @@ class AugmentConfig:
     sample_pairs: int = 1000
 
     def __post_init__(self):
+        object.__setattr__(self, "image_format", str(ImageFormat.parse(self.image_format)))
         bad = [v for v in (*self.n, *self.m) if int(v) < 1]
         if not self.n or not self.m or bad:
             raise ValueError(f"n and m must be non-empty lists of positive integers (m = 0 always runs), got "
@@ -168,7 +171,8 @@ def reference_fleets(ref: str, cfg: AugmentConfig, *, fleet_dir, model_seed: int
         tmp = tempfile.TemporaryDirectory(prefix="simex-augment-")
         keep.append(tmp)
         fleet_dir = tmp.name
-    train_config = TrainConfig(loss=cfg.ae_loss, epochs=cfg.ae_epochs, seed=model_seed)
+    train_config = TrainConfig(architecture=default_architecture(cfg.image_format), loss=cfg.ae_loss,
+                               epochs=cfg.ae_epochs, seed=model_seed, image_format=cfg.image_format)
     out = []
     for per_class, samples, tag in ((True, cfg.ae_samples_per_class, "per-class"), (False, cfg.ae_samples, "whole")):
         path = str(Path(fleet_dir) / f"{slug(ref)}-{tag}")
@@ -205,7 +209,8 @@ def augment(target: str, refs: list[str], *, config: AugmentConfig | None = None
         raise ValueError("need at least one reference to borrow from (--refs)")
     t_start = time.perf_counter()
     cache: dict = {}
-    tgt = data.load(target, seed=data_seed, data_dir=data_dir, cache=cache)
+    fmt = ImageFormat.parse(cfg.image_format)
+    tgt = data.load(target, seed=data_seed, data_dir=data_dir, cache=cache, fmt=fmt)
     if tgt.y is None:
         raise data.SpecError(f"target '{target}' has no labels; augmentation trains a classifier on it")
     classes = data.classes_of(tgt)
@@ -228,13 +233,13 @@ def augment(target: str, refs: list[str], *, config: AugmentConfig | None = None
             per_class, whole = reference_fleets(ref, cfg, fleet_dir=fleet_dir, model_seed=model_seed,
                                                 trainer=trainer, keep=keep)
             seconds[f"fleets {ref}"] = time.perf_counter() - t0
-            ds = data.load(ref, seed=data_seed, data_dir=data_dir, cache=cache)
+            ds = data.load(ref, seed=data_seed, data_dir=data_dir, cache=cache, fmt=fmt)
             if ds.y is None:
                 raise data.SpecError(f"reference '{ref}' has no labels; pairing needs its classes")
             members = [m.name for m in per_class.members.values() if m.class_ is not None]
             labels = np.unique(ds.y)
             parts = data.prepare_by_class(ref, samples=cfg.ae_samples_per_class, seed=data_seed, data_dir=data_dir,
-                                          cache=cache)
+                                          cache=cache, fmt=fmt)
             score = whole.score(x_test, loss=cfg.ae_loss)
             refs_info[ref] = {
                 "fleet": per_class, "whole": whole, "x": ds.x, "members": members,

@@ -49,6 +49,8 @@ from ..losses import LOSSES, check_loss
 from ..protocol import MapFn, Progress, jsonable, run_units
 from ..settings import load_settings, settings_from_dict
 from ..ranking import nanmean, spearman
+from ..formats import ImageFormat
+from ..models import default_architecture
 from ..training import TrainConfig
 from .fleets import FleetTrainer, is_complete, local_trainer, provide_fleet
 
@@ -80,8 +82,10 @@ class InterClassConfig:
     resnet_train_per_class: int | None = 100  # ResNet-18 is ~40x slower than LeNet-5 on a CPU
     resnet_stem_stride: int = 2  # 1: CIFAR-style stem (paper preset); 2: ~3.5x cheaper
     sample_pairs: int = 2000
+    image_format: str = "1x28x28"  # every image in this format (the rule of simex_ray.formats); ae: the format's default
 
     def __post_init__(self):
+        object.__setattr__(self, "image_format", str(ImageFormat.parse(self.image_format)))
         if self.samples_per_class is not None and self.samples_per_class < 6:
             raise ValueError(f"samples_per_class must be >= 6 (a 5:1 split per class), got {self.samples_per_class}")
         if not 0 < self.val_fraction < 0.5:
@@ -95,8 +99,9 @@ class InterClassConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def ae_config(self, loss: str, seed: int) -> TrainConfig:
-        return TrainConfig(loss=loss, epochs=self.ae_epochs, optimizer=self.ae_optimizer, lr=self.ae_lr,
-                           batch_size=self.ae_batch_size, seed=seed)
+        return TrainConfig(architecture=default_architecture(self.image_format), loss=loss, epochs=self.ae_epochs,
+                           optimizer=self.ae_optimizer, lr=self.ae_lr, batch_size=self.ae_batch_size, seed=seed,
+                           image_format=self.image_format)
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(asdict(self))
@@ -208,7 +213,7 @@ def inter_class(spec: str, *, losses: tuple[str, ...] = LOSSES, config: InterCla
     t_start = time.perf_counter()
     cache: dict = {}  # the dataset is read and derived once for the split and every fleet's plans
     parts = data.prepare_by_class(spec, samples=cfg.samples_per_class, seed=data_seed, data_dir=data_dir,
-                                  cache=cache)
+                                  cache=cache, fmt=ImageFormat.parse(cfg.image_format))
     n = len(parts)
     if n < 3:
         raise ValueError(f"'{spec}' has {n} class(es); the inter-class study needs at least 3")
