@@ -1,6 +1,8 @@
 """A client of the scoring service: send images to ``POST /v1/score`` in batches, merge the answers.
 
-Ray-free; what `simex query` runs.
+The service takes images in its fleet's format (``GET /v1/members`` names it: :func:`fleet_format`):
+arrays already in that format (:func:`query`), or image files it converts by the rule
+(:func:`query_files`). Ray-free; what `simex query` runs.
 """
 
 from __future__ import annotations
@@ -8,22 +10,28 @@ from __future__ import annotations
 import io
 import json
 import logging
+import mimetypes
+import os
+import pathlib
 import time
+from typing import Iterable, Iterator
 
 import numpy as np
+
+from .formats import LEGACY, ImageFormat
 
 log = logging.getLogger("simex_ray.client")
 
 RETRY_STATUS = (500, 502, 503, 504)  # a replica or node lost mid-request; scoring is idempotent
 
 
-def post(url: str, body: bytes, headers: dict, retries: int):
-    """POST, retrying a lost connection or a 5xx up to ``retries`` times (0.5, 1, 2 ... s apart)."""
+def send(method: str, url: str, body: bytes | None, headers: dict, retries: int):
+    """One request, retrying a lost connection or a 5xx up to ``retries`` times (0.5, 1, 2 ... s apart)."""
     import requests
 
     for attempt in range(retries + 1):
         try:
-            r = requests.post(url, data=body, headers=headers, timeout=300)
+            r = requests.request(method, url, data=body, headers=headers, timeout=300)
         except requests.RequestException as e:
             if attempt == retries:
                 raise ConnectionError(f"cannot reach {url} ({type(e).__name__}); is `simex serve start` "
@@ -39,37 +47,71 @@ def post(url: str, body: bytes, headers: dict, retries: int):
     raise AssertionError("unreachable")
 
 
-def query(url: str, images: np.ndarray, *, members: list[str] | None = None, api_key: str | None = None,
-          batch: int = 1024, retries: int = 3):
-    """Score ``images`` (N, 1, 28, 28) through the service at ``url``: the :class:`ScoreResult` of all N,
-    every field of the score contract (the batches' answers merged by
-    :func:`~simex_ray.fleet.result.merge_results`: means weighted by batch size, typicality and every
-    ranking computed again from the merged values)."""
-    from .fleet.result import ScoreResult, merge_results
+def post(url: str, body: bytes, headers: dict, retries: int):
+    """POST with :func:`send`'s retries."""
+    return send("POST", url, body, headers, retries)
 
-    if batch < 1:
-        raise ValueError(f"batch must be a positive number of images, got {batch}")
-    headers = {"content-type": "application/x-npy"}
-    if api_key:
-        headers["x-api-key"] = api_key
-    endpoint = url.rstrip("/") + "/v1/score"
-    parts = []
+
+def _error(url: str, r) -> ConnectionError:
+    try:
+        message = r.json().get("error", r.text)
+    except (ValueError, AttributeError):
+        message = r.text[:200]
+    return ConnectionError(f"{url} answered {r.status_code}: {message}")
+
+
+def _headers(api_key: str | None, content_type: str | None = None) -> dict:
+    return {**({"content-type": content_type} if content_type else {}), **({"x-api-key": api_key} if api_key else {})}
+
+
+def fleet_format(url: str, *, api_key: str | None = None, retries: int = 3) -> ImageFormat:
+    """The image format the service's fleet takes (``GET /v1/members``); 1x28x28 for a service from
+    before formats, which does not say."""
+    endpoint = url.rstrip("/") + "/v1/members"
+    r = send("GET", endpoint, None, _headers(api_key), retries)
+    if r.status_code != 200:
+        raise _error(endpoint, r)
+    try:
+        return ImageFormat.parse(r.json().get("image_format") or LEGACY)
+    except (ValueError, AttributeError) as e:  # not JSON, or not an object, or a bad format
+        raise ConnectionError(f"{endpoint} answered without the fleet's members ({e}); is it a simex-ray "
+                              f"service?") from None
+
+
+def encode_files(files: Iterable[tuple[str, bytes]], members: list[str] | None = None) -> tuple[bytes, str]:
+    """(body, content type) of a ``multipart/form-data`` request: one ``images`` file field per
+    (name, bytes), and ``members`` comma-separated."""
+    import requests
+
+    parts = [("images", (name, content, mimetypes.guess_type(name)[0] or "application/octet-stream"))
+             for name, content in files]
+    prepared = requests.Request("POST", "http://localhost/", files=parts,
+                                data={"members": ",".join(members)} if members else None).prepare()
+    return prepared.body, prepared.headers["Content-Type"]
+
+
+def _array_bodies(images: np.ndarray, members: list[str] | None, batch: int) -> Iterator[tuple[bytes, str]]:
     for start in range(0, len(images), batch):
         part = images[start:start + batch]
         if members:
-            body = json.dumps({"images": part[:, 0].tolist(), "members": members}).encode()
-            h = {**headers, "content-type": "application/json"}
+            yield json.dumps({"images": part.tolist(), "members": members}).encode(), "application/json"
         else:
             buf = io.BytesIO()
             np.save(buf, part)
-            body, h = buf.getvalue(), headers
-        r = post(endpoint, body, h, retries)
+            yield buf.getvalue(), "application/x-npy"
+
+
+def _score(url: str, bodies: Iterable[tuple[bytes, str]], api_key: str | None, retries: int,
+           params: str = ""):
+    """POST every (body, content type) to /v1/score and merge the answers into one ScoreResult."""
+    from .fleet.result import ScoreResult, merge_results
+
+    endpoint = url.rstrip("/") + "/v1/score"
+    parts = []
+    for body, content_type in bodies:
+        r = post(endpoint + params, body, _headers(api_key, content_type), retries)
         if r.status_code != 200:
-            try:
-                message = r.json().get("error", r.text)
-            except ValueError:
-                message = r.text[:200]
-            raise ConnectionError(f"{endpoint} answered {r.status_code}: {message}")
+            raise _error(endpoint, r)
         try:
             parts.append(ScoreResult.from_json(r.json()))
         except ValueError as e:  # an older service without every field, or not a score answer
@@ -78,3 +120,33 @@ def query(url: str, images: np.ndarray, *, members: list[str] | None = None, api
     if not parts:
         raise ValueError("no images to score")
     return merge_results(parts)
+
+
+def query(url: str, images: np.ndarray, *, members: list[str] | None = None, api_key: str | None = None,
+          batch: int = 1024, retries: int = 3):
+    """Score ``images`` (N, C, H, W) float in [0, 1], in the fleet's format (:func:`fleet_format`), through
+    the service at ``url``: the :class:`ScoreResult` of all N, every field of the score contract (the
+    batches' answers merged by :func:`~simex_ray.fleet.result.merge_results`: means weighted by batch
+    size, typicality and every ranking computed again from the merged values)."""
+    if batch < 1:
+        raise ValueError(f"batch must be a positive number of images, got {batch}")
+    return _score(url, _array_bodies(images, members, batch), api_key, retries)
+
+
+def query_files(url: str, paths: list[str | os.PathLike], *, members: list[str] | None = None,
+                api_key: str | None = None, batch: int = 1024, retries: int = 3, strict: bool = False):
+    """Score image files (PNG, JPEG, ...) through the service at ``url``, sent as they are
+    (``multipart/form-data``, ``batch`` files per request): the service decodes them and converts each
+    to its fleet's format by the rule (``strict``: refuses instead). Merged as in :func:`query`."""
+    if batch < 1:
+        raise ValueError(f"batch must be a positive number of images, got {batch}")
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"no image file '{p}'")
+
+    def bodies():
+        for start in range(0, len(paths), batch):
+            chunk = paths[start:start + batch]
+            yield encode_files([(os.path.basename(p), pathlib.Path(p).read_bytes()) for p in chunk], members)
+
+    return _score(url, bodies(), api_key, retries, "?strict_format=true" if strict else "")

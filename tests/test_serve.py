@@ -16,6 +16,7 @@ import requests
 
 from simex_ray import data
 from simex_ray.api import Limits
+from simex_ray.client import encode_files
 from simex_ray.fleet import SCORE_FIELDS, Fleet, read_manifest, write_manifest, Member
 
 pytestmark = pytest.mark.ray
@@ -59,6 +60,11 @@ def post_npy(service, array, **kw):
                          headers={"content-type": "application/x-npy", **kw.pop("headers", {})}, **kw)
 
 
+def post_files(service, files, **kw):
+    body, kind = encode_files(files)
+    return requests.post(service.url + "/v1/score", data=body, headers={"content-type": kind}, timeout=60, **kw)
+
+
 def assert_same_answer(after: dict, before: dict) -> None:
     """Two /v1/score answers for the same images agree (another layout, the same fleet)."""
     for field in ("delta", "delta_calibrated", "in_distribution"):
@@ -85,6 +91,14 @@ def assert_same_score(got: dict, expected: dict, tolerance: float = 1e-6) -> Non
             assert have == want, field
 
 
+def png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def held_out():
     return data.prepare("digits", samples=300, seed=0)[1].x  # (50, 1, 28, 28), unseen in training
 
@@ -94,8 +108,11 @@ def test_health_members_and_docs(service):
     members = requests.get(service.url + "/v1/members", timeout=30).json()
     assert [m["name"] for m in members["members"]] == ["digits", "bgrand:digits"]
     assert members["members"][0]["architecture"] == "lenet" and members["loss"] == "mse"
+    assert members["image_format"] == "1x28x28" and members["members"][0]["image_format"] == "1x28x28"
     spec = requests.get(service.url + "/openapi.json", timeout=30).json()
-    assert "/v1/score" in spec["paths"] and "application/x-npy" in json.dumps(spec["paths"]["/v1/score"])
+    body = json.dumps(spec["paths"]["/v1/score"])
+    assert "application/x-npy" in body and "multipart/form-data" in body
+    assert "(N,1,28,28), (N,28,28,1) or (N,28,28)" in body and spec["info"]["x-image-format"] == "1x28x28"
     assert requests.get(service.url + "/docs", timeout=30).status_code == 200
 
 
@@ -105,9 +122,13 @@ def test_http_scores_equal_simex_score(service):
                           "--data", "digits", "--split", "test", "--samples", "300", "--json"],
                          capture_output=True, text=True, timeout=300)
     expected = json.loads(cli.stdout)
+    u8 = np.round(x * 255).astype(np.uint8)
     cases = [(post_json(service, {"images": x[:, 0].tolist()}), 1e-6),  # floats, (N,28,28)
              (post_npy(service, x), 1e-6),  # (N,1,28,28) float32
-             (post_npy(service, np.round(x * 255).astype(np.uint8)[:, 0]), 1e-3)]  # uint8: rounding
+             (post_npy(service, x.transpose(0, 2, 3, 1)), 1e-6),  # (N,28,28,1)
+             (post_npy(service, u8[:, 0]), 1e-3),  # uint8: rounding
+             # the same uint8 images as PNG files: already 1x28x28, so decoded and not converted
+             (post_files(service, [(f"{i}.png", png(img)) for i, img in enumerate(u8[:, 0])]), 1e-3)]
     for r, tolerance in cases:
         assert r.status_code == 200, r.text
         out = r.json()
@@ -115,6 +136,7 @@ def test_http_scores_equal_simex_score(service):
         assert out["ranking"] == expected["ranking"] == ["digits", "bgrand:digits"]
         assert_same_score(out, expected, tolerance)  # every field of the contract, typicality included
         assert "per_sample" not in out
+    assert cases[-1][0].json()["delta"] == cases[-2][0].json()["delta"]  # PNG files = the uint8 array, exactly
     only = post_json(service, {"images": x[:, 0].tolist(), "members": ["digits"]}).json()
     assert list(only["delta"]) == ["digits"]
 
@@ -169,6 +191,9 @@ BAD = [
     ("wrong content type", lambda s: requests.post(s.url + "/v1/score", data=b"1,2,3", timeout=30,
                                                    headers={"content-type": "text/csv"}), 415, "content type"),
     ("pickled npy", lambda s: post_npy(s, np.array([{"a": 1}], dtype=object)), 400, "npy"),
+    ("undecodable file", lambda s: post_files(s, [("a.txt", b"text")]), 422, "decode"),
+    ("file not in the format, strict", lambda s: post_files(s, [("a.png", png(np.zeros((32, 32), np.uint8)))],
+                                                            params={"strict_format": "true"}), 422, "1x28x28"),
 ]
 
 
@@ -178,6 +203,8 @@ def test_bad_input_is_a_4xx_json_error(service, name, send, status, needle):
     assert r.status_code == status, r.text
     body = r.json()
     assert needle in body["error"] and "\n" not in body["error"]
+    if needle == "shape":  # the expected shapes of the fleet's format are named
+        assert "(N,1,28,28), (N,28,28,1) or (N,28,28)" in body["error"]
 
 
 def test_service_still_healthy_after_bad_input(service):

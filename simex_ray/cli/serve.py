@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from .common import (add_data_args, add_device_arg, data_seed, format_score, non_negative_int, positive_int,
-                     read_unknown, split_members)
+from .common import (UsageError, add_data_args, add_device_arg, add_strict_format_arg, data_seed, fleet_format_note,
+                     format_score, non_negative_int, positive_int, read_unknown, split_members)
 
 log = logging.getLogger("simex.serve")
 
@@ -82,12 +82,18 @@ def add_parsers(sub) -> None:
                              "(default: --fleet, made absolute); the manifest is read from --fleet")
     config.add_argument("--no-auth", action="store_true", help="allow a non-loopback --host without an API key")
 
-    q = sub.add_parser("query", help="score a dataset spec through a running service",
-                       description="Send a dataset spec's images to POST /v1/score and print the ranking.")
+    q = sub.add_parser("query", help="score a dataset spec or image files through a running service",
+                       description="Send a dataset spec's images, in the format the service's fleet takes (read "
+                                   "from GET /v1/members, converted by the rule), or image files as they are "
+                                   "(the service converts them), to POST /v1/score and print the ranking.")
     q.add_argument("--url", required=True, help="service URL, e.g. http://127.0.0.1:8000")
-    q.add_argument("--data", required=True, help="dataset spec (as in `simex score`)")
+    what = q.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", help="dataset spec (as in `simex score`)")
+    what.add_argument("--files", nargs="+", metavar="IMAGE",
+                      help="image files (PNG, JPEG, ...) sent as multipart/form-data; the service converts each "
+                           "to its fleet's format")
     q.add_argument("--split", choices=("all", "train", "test"), default="all",
-                   help="send all samples, or the train/test part of the 5:1 split `simex train` uses")
+                   help="(--data) send all samples, or the train/test part of the 5:1 split `simex train` uses")
     add_data_args(q)
     q.add_argument("--members", default=None, help="comma-separated subset of members")
     q.add_argument("--api-key", default=os.environ.get("SIMEX_API_KEY"))
@@ -95,6 +101,7 @@ def add_parsers(sub) -> None:
     q.add_argument("--retries", type=non_negative_int, default=3,
                    help="retries of a request that got a 5xx or lost its connection (default 3)")
     q.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    add_strict_format_arg(q)
 
 
 def settings_from(args):
@@ -249,18 +256,36 @@ def _stop(args) -> int:
 
 
 def cmd_query(args) -> int:
-    from ..client import query
+    from ..client import fleet_format, query, query_files
 
-    images, _ = read_unknown(args.data, split=args.split, samples=args.samples, seed=data_seed(args),
-                             data_dir=args.data_dir, stream=False)
-    t0 = time.perf_counter()
-    result = query(args.url, images, members=split_members(args.members), api_key=args.api_key, batch=args.batch,
-                   retries=args.retries)
+    members = split_members(args.members)
+    fmt = fleet_format(args.url, api_key=args.api_key, retries=args.retries)  # what the service's fleet takes
+    converted = None
+    if args.files:
+        if args.samples or args.split != "all":
+            raise UsageError("--samples and --split choose from a dataset spec; with --files every file is sent")
+        missing = [f for f in args.files if not os.path.isfile(f)]
+        if missing:
+            raise UsageError(f"no such image file(s): {', '.join(missing[:5])}")
+        t0 = time.perf_counter()  # the service decodes and converts the files
+        result = query_files(args.url, args.files, members=members, api_key=args.api_key, batch=args.batch,
+                             retries=args.retries, strict=args.strict_format)
+        what, source = f"{len(args.files)} file(s)", {"files": args.files}
+    else:  # read and converted here by the rule, as `simex score` does; sent as arrays in the fleet's format
+        images, _ = read_unknown(args.data, split=args.split, samples=args.samples, seed=data_seed(args),
+                                 data_dir=args.data_dir, stream=False, fmt=fmt, strict=args.strict_format)
+        converted = fleet_format_note(args.data, fmt, seed=data_seed(args), data_dir=args.data_dir)
+        t0 = time.perf_counter()
+        result = query(args.url, images, members=members, api_key=args.api_key, batch=args.batch,
+                       retries=args.retries)
+        what, source = args.data, {"data": args.data}
     if args.json:
-        print(json.dumps({"url": args.url, "data": args.data, **result.to_json(),
-                          "seconds": time.perf_counter() - t0}))
+        print(json.dumps({"url": args.url, **source, "image_format": str(fmt), "conversion": converted,
+                          **result.to_json(), "seconds": time.perf_counter() - t0}))
         return 0
-    print(format_score(result, f"Δ({args.data} | Y) over {result.n} samples via {args.url}, loss {result.loss}"))
+    if converted:
+        print(f"converted {args.data}: {converted}", file=sys.stderr)
+    print(format_score(result, f"Δ({what} | Y) over {result.n} samples via {args.url}, loss {result.loss}"))
     return 0
 
 

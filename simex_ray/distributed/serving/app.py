@@ -10,11 +10,14 @@ hop to the ingress is the only one. The ingress
 application (``simex``) validates requests, gets the per-sample δ (fanned out
 to the members, or from the fleet scorer), and returns every Δ, ranking and
 the composition; which scorers exist is its ``user_config``, a lightweight
-update that restarts nothing.
+update that restarts nothing. Requests carry images in the fleet's format (its
+:class:`~simex_ray.formats.ImageFormat`); the OpenAPI text served at
+``/openapi.json`` names that format's shapes.
 """
 
 
 import asyncio
+import copy
 import logging
 import os
 import time
@@ -22,15 +25,18 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from ray import serve
 
 from ... import __version__
-from ...api import JSON, NPY, ApiError, Limits, check_api_key, check_body_size, parse_flag, parse_ranking, \
-    parse_score_request, parse_select_request, score_response, score_response_model, select_members
+from ...api import JSON, MULTIPART, NPY, ApiError, Limits, check_api_key, check_body_size, expected_shapes, \
+    parse_flag, parse_ranking, parse_score_request, parse_select_request, score_response, score_response_model, \
+    select_members
 from ...errors import one_line
-from ...fleet import Fleet, FleetError, StaleWeightsError, read_manifest
+from ...fleet import Fleet, FleetError, Member, StaleWeightsError, read_manifest
+from ...formats import LEGACY, ImageFormat
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +122,29 @@ def fleet_digest(members: list[dict]) -> str:
     return hashlib.sha256("|".join(f"{m['name']}={m['sha256']}" for m in members).encode()).hexdigest()
 
 
+def served_format(records: list[dict]) -> ImageFormat:
+    """The one image format of the manifest ``records`` a service serves (records without one are
+    1x28x28); a one-line FleetError for a fleet of mixed formats."""
+    formats: dict[ImageFormat, list[str]] = {}
+    for r in records:
+        formats.setdefault(Member.from_json(r).image_format, []).append(r["name"])
+    if len(formats) > 1:
+        found = "; ".join(f"{f}: {', '.join(names)}" for f, names in sorted(formats.items()))
+        raise FleetError(f"the fleet mixes image formats ({found}); serve each format's members as their own "
+                         f"fleet")
+    return next(iter(formats), LEGACY)
+
+
+def check_library(library, fmt: ImageFormat) -> None:
+    """A one-line FleetError when a classifier of ``library`` (for POST /v1/select) takes another format than
+    the fleet's ``fmt``: a request's images are in the fleet's format."""
+    other = {name: library.image_format(name) for name in library.names if library.image_format(name) != fmt}
+    if other:
+        found = ", ".join(f"{name} ({f})" for name, f in list(other.items())[:5])
+        raise FleetError(f"--library: classifier(s) {found} take another image format than the fleet ({fmt}); "
+                         f"train the library at {fmt} (simex train-bases --image-format {fmt})")
+
+
 def config_members(config: dict[str, Any]) -> list[dict]:
     """The ingress config's members as manifest-like records (name, sha256), for :func:`fleet_digest`."""
     return [{"name": name, "sha256": spec["sha256"]} for name, spec in config["members"].items()]
@@ -168,32 +197,66 @@ class ErrorResponse(BaseModel):
     status: int
 
 
-def request_body(fields: dict[str, Any], npy_note: str = "") -> dict[str, Any]:
-    """The OpenAPI request body of an endpoint taking images: JSON with ``images`` and ``fields``, or .npy."""
-    images = {"type": "array", "description": "shape (N,28,28) or (N,1,28,28); floats in [0,1] or integers 0..255"}
+def request_body(fields: dict[str, Any], fmt: ImageFormat = LEGACY, npy_note: str = "") -> dict[str, Any]:
+    """The OpenAPI request body of an endpoint taking images in ``fmt``: JSON with ``images`` and ``fields``,
+    .npy, or image files (multipart)."""
+    shapes = expected_shapes(fmt)
+    images = {"type": "array", "description": f"this fleet's format is {fmt} (CxHxW): shape {shapes}; floats in "
+                                              f"[0,1] or integers 0..255; never resampled (another shape is a 422)"}
+    files = {"type": "array", "items": {"type": "string", "format": "binary"},
+             "description": f"one or more image files (PNG, JPEG, BMP, GIF), in any file field; each is converted to "
+                            f"{fmt} by the rule of simex_ray.formats (?strict_format=true: refused instead)"}
     return {"requestBody": {"required": True, "content": {
         JSON: {"schema": {"type": "object", "required": ["images"], "properties": {"images": images, **fields}}},
         NPY: {"schema": {"type": "string", "format": "binary",
-                         "description": "numpy.save of a (N,28,28) or (N,1,28,28) array" + npy_note}},
+                         "description": f"numpy.save of a {shapes} array" + npy_note}},
+        MULTIPART: {"schema": {"type": "object", "required": ["images"], "properties": {
+            "images": files, **({"members": {"type": "string", "description": "comma-separated member names "
+                                                                                 "(default: all)"}}
+                                if "members" in fields else {})}}},
     }}}
 
 
-SCORE_BODY = request_body({"members": {"type": "array", "items": {"type": "string"},
-                                       "description": "score only these members (default: all)"}})
-SELECT_BODY = request_body({
+SCORE_REQUEST_FIELDS = {"members": {"type": "array", "items": {"type": "string"},
+                            "description": "score only these members (default: all)"}}
+SELECT_REQUEST_FIELDS = {
     "labels": {"type": "array", "items": {"type": "integer"},
                "description": "one class label per image (needed by logme, leep, nce, hscore, gbc, knn)"},
     "methods": {"type": "array", "items": {"type": "string"},
                 "description": "default: every method the labels and the fleet allow"},
-}, npy_note=" (no labels)")
+}
+
+
+def score_body(fmt: ImageFormat = LEGACY) -> dict[str, Any]:
+    return request_body(SCORE_REQUEST_FIELDS, fmt)
+
+
+def select_body(fmt: ImageFormat = LEGACY) -> dict[str, Any]:
+    return request_body(SELECT_REQUEST_FIELDS, fmt, npy_note=" (no labels)")
+
+
+def fleet_openapi(schema: dict[str, Any], fmt: ImageFormat) -> dict[str, Any]:
+    """The app's OpenAPI schema with the request bodies (and the description) of a fleet in ``fmt``."""
+    schema = copy.deepcopy(schema)
+    for path, body in (("/v1/score", score_body(fmt)), ("/v1/select", select_body(fmt))):
+        if "post" in schema.get("paths", {}).get(path, {}):
+            schema["paths"][path]["post"]["requestBody"] = body["requestBody"]
+    schema["info"]["description"] += f" This service's fleet takes images of {fmt} (CxHxW)."
+    schema["info"]["x-image-format"] = str(fmt)
+    return schema
+
+
 ERRORS = {code: {"model": ErrorResponse, "description": why} for code, why in {
-    400: "malformed JSON or .npy", 401: "missing or wrong API key", 404: "unknown member",
-    413: "too many images or body too large", 415: "unsupported content type",
-    422: "wrong shape, dtype, NaN/inf, out-of-range values or empty batch",
+    400: "malformed JSON, .npy or multipart body", 401: "missing or wrong API key", 404: "unknown member",
+    413: "too many images, body too large, or an image file over the pixel limit", 415: "unsupported content type",
+    422: "wrong shape for the fleet's format, dtype, NaN/inf, out-of-range values, an empty batch, or an image "
+         "file that cannot be decoded (or, with strict_format, is not in the fleet's format)",
     503: "a member is temporarily unavailable"}.items()}
 
+# /openapi.json and /docs are the ingress's own routes (below): the schema names the served fleet's format,
+# which the app only knows once a replica is configured.
 api = FastAPI(
-    title="simex-ray scoring API", version=__version__,
+    title="simex-ray scoring API", version=__version__, openapi_url=None, docs_url=None, redoc_url=None,
     description="SimEx: Δ(X | Y) of a batch of unknown images X against every reference "
                 "autoencoder Y of a fleet; smaller Δ = more similar. Send the API key, when one "
                 "is set, in the X-API-Key header.")
@@ -216,6 +279,7 @@ class Ingress:
         self.fused, self.order, self.local, self.local_key = None, [], None, None
         self.api_key, self.limits, self.loss, self.fleet = None, Limits(), "mse", ""
         self.library, self.library_path = None, None
+        self.image_format, self.openapi_cache = LEGACY, None
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """config: fleet, members {name: {app, sha256}}, fused (the whole-fleet app, or None),
@@ -224,9 +288,11 @@ class Ingress:
         manifest = ({"members": config["records"], "loss": config.get("loss", "mse")} if "records" in config
                     else read_manifest(config["fleet"]))
         records = {m["name"]: m for m in manifest["members"]}
-        self.members = {name: {**records[name], **spec} for name, spec in config["members"].items()
-                        if name in records}
+        served = [name for name in config["members"] if name in records]
+        fmt = served_format([records[name] for name in served])  # before any state changes: a mixed fleet fails
+        self.members = {name: {**records[name], **config["members"][name]} for name in served}
         self.records = {name: records[name] for name in self.members}  # as in the manifest
+        self.image_format, self.openapi_cache = fmt, None
         self.order = [m["name"] for m in manifest["members"]]  # the fused scorer's row order
         if config.get("embedded"):  # this replica scores itself: no scorer application, no second hop
             key = (config["fleet"], fleet_digest(config_members(config)), config.get("device", "cpu"))
@@ -256,7 +322,9 @@ class Ingress:
             for name in self.library.names if self.library is not None else ():
                 self.library.model(name)  # sha256-checked now: a bad library fails the deployment, not a request
             self.library_path = config.get("library")
-        log.info("serving %d member(s) from %s", len(self.members), self.fleet)
+        if self.library is not None:
+            check_library(self.library, self.image_format)
+        log.info("serving %d member(s) of format %s from %s", len(self.members), self.image_format, self.fleet)
 
     async def _read_body(self, request: Request) -> bytes:
         length = request.headers.get("content-length")
@@ -278,14 +346,21 @@ class Ingress:
                 await asyncio.sleep(0.2)
         raise AssertionError("unreachable")
 
+    async def _parse(self, parse, request: Request, strict: bool):
+        """``parse`` (parse_score_request or parse_select_request) of the request's body at the fleet's format,
+        off the event loop: decoding image files takes a while."""
+        body, content_type = await self._read_body(request), request.headers.get("content-type")
+        return await asyncio.get_running_loop().run_in_executor(
+            None, lambda: parse(body, content_type, self.limits, self.image_format, strict=strict))
+
     @api.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True, responses=ERRORS,
-              openapi_extra=SCORE_BODY, summary="Δ of a batch of images against every member, and the rankings")
-    async def score(self, request: Request, per_sample: str | None = None, ranking: str | None = None):
+              openapi_extra=score_body(), summary="Δ of a batch of images against every member, and the rankings")
+    async def score(self, request: Request, per_sample: str | None = None, ranking: str | None = None,
+                    strict_format: str | None = None):
         t0 = time.perf_counter()
         check_api_key(self.api_key, request.headers.get("x-api-key"))
         with_samples, method = parse_flag(per_sample, "per_sample"), parse_ranking(ranking)
-        x, requested = parse_score_request(await self._read_body(request),
-                                           request.headers.get("content-type"), self.limits)
+        x, requested = await self._parse(parse_score_request, request, parse_flag(strict_format, "strict_format"))
         names = select_members(requested, list(self.members))
         d = await self._per_sample(x, names)
         return score_response(d, [self.records[n] for n in names], self.loss, 1000 * (time.perf_counter() - t0),
@@ -301,9 +376,9 @@ class Ingress:
             return d[[self.order.index(n) for n in names]]
         return np.stack(await asyncio.gather(*(self._call(self.handles[n], f"member '{n}'", x) for n in names)))
 
-    @api.post("/v1/select", responses=ERRORS, openapi_extra=SELECT_BODY,
+    @api.post("/v1/select", responses=ERRORS, openapi_extra=select_body(),
               summary="rank the library's classifiers for a batch of images: which to transfer from")
-    async def select(self, request: Request):
+    async def select(self, request: Request, strict_format: str | None = None):
         from ...transfer.selection import SIMEX, available_methods, check_methods, select
 
         t0 = time.perf_counter()
@@ -311,8 +386,8 @@ class Ingress:
         if self.library is None:
             raise ApiError(404, "this service has no classifier library; start it with `simex serve start "
                                 "--library LIB`")
-        x, labels, methods = parse_select_request(await self._read_body(request),
-                                                  request.headers.get("content-type"), self.limits)
+        x, labels, methods = await self._parse(parse_select_request, request,
+                                               parse_flag(strict_format, "strict_format"))
         specs = [s for s in self.library.references if s in self.members]
         try:
             methods = check_methods(methods or available_methods(labelled=labels is not None, fleet=bool(specs)),
@@ -340,13 +415,26 @@ class Ingress:
     @api.get("/v1/members", responses={401: ERRORS[401]}, summary="the fleet's members")
     async def members_info(self, request: Request):
         check_api_key(self.api_key, request.headers.get("x-api-key"))
-        return {"fleet": self.fleet, "loss": self.loss, "members": [
+        return {"fleet": self.fleet, "loss": self.loss, "image_format": str(self.image_format), "members": [
             {"name": name, "spec": m.get("spec"), "class": m.get("class"), "loss": m["config"]["loss"],
              "architecture": m["config"]["architecture"], "sha256": m["sha256"],
+             "image_format": str(Member.from_json(self.records[name]).image_format),
              "training": {"epochs": m["config"]["epochs"], "optimizer": m["config"]["optimizer"],
                           "lr": m["config"]["lr"], "n_train": m.get("n_train"),
                           **{k: m.get("metrics", {}).get(k) for k in ("train_delta", "test_delta")}}}
             for name, m in self.members.items()]}
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_json(self, request: Request):
+        """The OpenAPI schema, its request bodies naming the served fleet's format."""
+        if self.openapi_cache is None or self.openapi_cache[0] != self.image_format:
+            self.openapi_cache = (self.image_format, fleet_openapi(request.app.openapi(), self.image_format))
+        return JSONResponse(self.openapi_cache[1])
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request):
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"{request.app.title} - Swagger UI")
 
     @api.get("/healthz", summary="liveness")
     async def healthz(self):

@@ -14,7 +14,7 @@ from ... import storage
 from ...api import Limits, key_digest
 from ...fleet import read_manifest, slug
 from ...fleet.manifest import verify_fleet
-from .app import INGRESS_APP, fleet_app, fleet_digest, ingress_app, member_app
+from .app import INGRESS_APP, check_library, fleet_app, fleet_digest, ingress_app, member_app, served_format
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,11 @@ def deploy(fleet_dir, settings: ServeSettings = ServeSettings(), manifest: dict 
     if manifest is None:
         manifest = verify_fleet(fleet)  # every weight file present and intact, or a clear error now
     members = manifest["members"]
+    fmt = served_format(members)  # one image format, and the library's classifiers in it, or a clear error now
+    if settings.library:
+        from ...transfer.library import Library
+
+        check_library(Library.load(settings.library), fmt)
     wanted = _wanted(fleet, members, settings)
     running = set(serve.status().applications)
     existing = {a for a in running if a.startswith((MEMBER_PREFIX, FLEET_PREFIX))}
@@ -166,6 +171,7 @@ def serve_config(fleet_dir, settings: ServeSettings = ServeSettings(), host="127
     """A Serve config (for `serve run` / `serve deploy`) equivalent to :func:`deploy`."""
     fleet = storage.normalize(fleet_dir)
     members = read_manifest(fleet)["members"]
+    served_format(members)
     apps = [{"name": INGRESS_APP, "route_prefix": "/", "import_path": "simex_ray.distributed.serving.app:ingress_app",
              "args": _ingress_args(fleet, members, settings)}]
     if settings.mode == "fused":
