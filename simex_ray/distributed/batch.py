@@ -1,0 +1,216 @@
+"""Batch scoring on Ray Data: `simex score` and `simex matrix` with ``--address``.
+
+The unknown data is cut into slices (:mod:`simex_ray.data.slices`: Parquet row groups and npz
+blocks are read by the workers themselves, from a path or a ``pyarrow`` URI; any other spec is read
+on the driver) and streamed through Ray Data::
+
+    slices --read (tasks)--> index, image, label
+           --score shard 1 (actor pool)--> + delta/<member> for the shard's members
+           ...
+           --score shard S (actor pool)--> + delta/<member> for the last shard
+           --> per batch: a partial answer (merged on the driver) [and per-sample rows -> Parquet]
+
+Each scorer actor loads only its shard of the fleet (``members_per_shard``; default the whole fleet
+in one shard) and runs the fused engine on batches of ``batch_size`` images, so memory per worker
+is flat in N. The answer is :func:`~simex_ray.fleet.result.merge_results` of the batches' answers:
+the same as `simex score` in one process, to float rounding (tested). ``--per-sample`` writes a
+Parquet dataset (a directory of files, written in parallel) with the columns of `simex score
+--per-sample`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import data, storage
+from ..fleet import Fleet
+from ..fleet.manifest import Member, read_manifest
+from ..fleet.result import ScoreResult, merge_results, score_result
+from ..formats import ImageFormat, conversion, convert, format_of
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BatchSettings", "score_batch"]
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How a batch run uses the cluster: ``actors`` per shard (None: the cluster's CPUs / shards /
+    ``cpus_per_actor``), images per batch, slice size, members per shard (None: one shard)."""
+
+    actors: int | None = None
+    cpus_per_actor: float = 1.0
+    batch_size: int = 2048
+    block: int = 8192
+    members_per_shard: int | None = None
+
+    def __post_init__(self):
+        for k in ("batch_size", "block"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError(f"actors must be >= 1, got {self.actors}")
+        if self.members_per_shard is not None and self.members_per_shard < 1:
+            raise ValueError(f"members per shard must be >= 1, got {self.members_per_shard}")
+        if not self.cpus_per_actor > 0:
+            raise ValueError(f"cpus per actor must be > 0, got {self.cpus_per_actor}")
+
+
+class _Reader:
+    """Slice rows -> image rows (a task per batch of slices)."""
+
+    def __init__(self, fmt: str, strict: bool):
+        self.fmt, self.strict = ImageFormat.parse(fmt), strict
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ..data.slices import read_slice
+
+        idx, xs, ys = [], [], []
+        for sl in batch["slice"]:
+            i, x, y = read_slice(sl, self.fmt, self.strict)
+            idx.append(i), xs.append(x), ys.append(y)
+        out = {"index": np.concatenate(idx), "image": np.concatenate(xs)}
+        if all(y is not None for y in ys):
+            out["label"] = np.concatenate(ys).astype(np.int64)
+        return out
+
+
+class _ShardScorer:
+    """One shard of the fleet on an actor: adds ``delta/<member>`` columns to each batch."""
+
+    def __init__(self, fleet: str, names: list[str], loss: str | None, device: str):
+        self.fleet = Fleet.load(fleet, names=names, device=device)
+        self.names, self.loss = names, loss
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        d = self.fleet.engine.per_sample(np.asarray(batch["image"], dtype=np.float32), self.names, self.loss)
+        for k, name in enumerate(self.names):
+            batch[f"delta/{name}"] = d[k]
+        return batch
+
+
+def _delta(batch: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
+    return np.stack([np.asarray(batch[f"delta/{n}"], dtype=np.float64) for n in names])
+
+
+class _Partial:
+    """Per batch: the batch's answer (one row, JSON), from its delta columns."""
+
+    def __init__(self, records: list[dict], loss: str, method: str):
+        self.members = [Member.from_json(r) for r in records]
+        self.names, self.loss, self.method = [m.name for m in self.members], loss, method
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        r = score_result(_delta(batch, self.names), self.members, self.loss, self.method)
+        return {"part": np.array([json.dumps(r.to_json())])}
+
+
+class _Rows:
+    """Per batch: the per-sample rows of `simex score --per-sample` (image column dropped)."""
+
+    def __init__(self, records: list[dict], loss: str, method: str):
+        self.members = [Member.from_json(r) for r in records]
+        self.names, self.loss, self.method = [m.name for m in self.members], loss, method
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        r = score_result(_delta(batch, self.names), self.members, self.loss, self.method, keep_per_sample=True)
+        out = {"index": batch["index"]}
+        if "label" in batch:
+            out["label"] = batch["label"]
+        for name in self.names:
+            out[f"delta/{name}"] = batch[f"delta/{name}"]
+        out["nearest"] = np.asarray(r.nearest, dtype=object)
+        out[f"nearest_{r.method}"] = r.nearest_score
+        return out
+
+
+def shards_of(names: list[str], members_per_shard: int | None) -> list[list[str]]:
+    """The fleet's members in shards of at most ``members_per_shard`` (None: one shard), fleet order."""
+    k = members_per_shard or len(names)
+    return [names[i:i + k] for i in range(0, len(names), k)]
+
+
+def score_batch(fleet_dir: str, spec: str, *, fmt: ImageFormat | None = None, strict: bool = False,
+                loss: str | None = None, method: str = "raw", members: list[str] | None = None,
+                per_sample: str | None = None, settings: BatchSettings = BatchSettings(), device: str = "cpu",
+                split: str = "all", samples: int | None = None, seed: int = 0, data_dir=None) -> dict[str, Any]:
+    """Score ``spec`` against the fleet on the current Ray cluster (inside a Ray session).
+
+    Returns ``{"result": ScoreResult (merged), "conversion": what the rule did (None: nothing),
+    "seconds": wall time, "slices": n, "shards": S, "actors": per shard, "per_sample": where the rows
+    went or None}``. ``fmt``: the fleet's format
+    (read from it when None); ``per_sample``: a directory path or URI for the Parquet dataset.
+    """
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the CLI prints the answer; Ray Data's bars and INFO lines are noise here
+    logging.getLogger("ray.data").setLevel(max(logging.WARNING, logging.getLogger("ray.data").level))
+    manifest = read_manifest(fleet_dir)
+    records = [r for r in manifest["members"] if members is None or r["name"] in members]
+    if members is not None:
+        unknown = sorted(set(members) - {r["name"] for r in records})
+        if unknown:
+            raise KeyError(f"unknown member(s) {', '.join(unknown)}")
+        records = sorted(records, key=lambda r: members.index(r["name"]))
+    if not records:
+        raise ValueError(f"{fleet_dir}: no members to score")
+    formats = {Member.from_json(r).image_format for r in records}
+    if len(formats) != 1:
+        raise ValueError(f"{fleet_dir}: members of several image formats ({', '.join(map(str, sorted(formats)))}); "
+                         f"score each format's members on their own with --members")
+    fmt = fmt or formats.pop()
+    names = [r["name"] for r in records]
+    used_loss = loss or (records[0]["config"]["loss"] if len({r["config"]["loss"] for r in records}) == 1 else "mixed")
+    t0 = time.perf_counter()
+    slices = data.plan_slices(spec, block=settings.block) if split == "all" and not samples else None
+    if slices is not None:  # the first slice says what the rule will do (strict: refuse here, before the cluster)
+        native = format_of(data.read_slice(slices[0])[1])
+        if strict and native != fmt:
+            convert(np.zeros((1, *native.shape), np.float32), fmt, strict=True, name=spec)
+    else:  # any other spec: read here, in the fleet's format, and handed out in slices
+        native = data.native_format(spec, seed=seed, data_dir=data_dir)
+        x, y = _read_here(spec, fmt=fmt, strict=strict, split=split, samples=samples, seed=seed, data_dir=data_dir)
+        slices = data.array_slices(data.parse_spec(spec).canonical, x, y, block=settings.block)
+    shards = shards_of(names, settings.members_per_shard)
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    actors = settings.actors or max(1, int(cpus // (settings.cpus_per_actor * len(shards))))
+    ds = ray.data.from_items([{"slice": s} for s in slices], override_num_blocks=len(slices))
+    ds = ds.map_batches(_Reader, fn_constructor_kwargs={"fmt": str(fmt), "strict": strict}, batch_size=1,
+                        concurrency=1, num_cpus=0.25)
+    fleet = storage.normalize(fleet_dir)
+    for shard in shards:
+        ds = ds.map_batches(_ShardScorer, fn_constructor_kwargs={"fleet": fleet, "names": shard, "loss": loss,
+                                                                 "device": device},
+                            batch_size=settings.batch_size, concurrency=actors, num_cpus=settings.cpus_per_actor,
+                            batch_format="numpy", udf_modifying_row_count=False)
+    kw = {"records": records, "loss": used_loss, "method": method}
+    written = None
+    if per_sample:
+        ds = ds.materialize()
+        ds.map_batches(_Rows, fn_constructor_kwargs=kw, batch_format="numpy", concurrency=1,
+                       batch_size=settings.batch_size, num_cpus=0.25).write_parquet(storage.normalize(per_sample))
+        written = per_sample
+    parts = ds.map_batches(_Partial, fn_constructor_kwargs=kw, batch_format="numpy", concurrency=1,
+                           batch_size=settings.batch_size, num_cpus=0.25).take_all()
+    result = merge_results(ScoreResult.from_json(json.loads(p["part"])) for p in parts)
+    return {"result": result, "conversion": conversion(native, fmt), "seconds": time.perf_counter() - t0, "slices": len(slices), "shards": len(shards),
+            "actors": actors, "per_sample": written}
+
+
+def _read_here(spec: str, *, fmt, strict, split, samples, seed, data_dir):
+    """A spec that cannot be sliced in place, read on the driver: the rule of `simex score`."""
+    if split == "all":
+        ds = data.load(spec, seed=seed, data_dir=data_dir, fmt=fmt, strict=strict)
+        if samples:
+            ds = data.balanced_sample(ds, samples, seed=seed)
+        return ds.x, ds.y
+    train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir, fmt=fmt, strict=strict)
+    ds = train if split == "train" else test
+    return ds.x, ds.y
