@@ -99,7 +99,7 @@ def read_slice(sl: Slice, fmt: ImageFormat | None = None, strict: bool = False
     if sl.kind == "parquet":
         import pyarrow.parquet as pq
 
-        from .sources.parquet import table_images
+        from .sources.parquet_rows import table_images
 
         loc = storage.resolve(sl.source)
         with loc.fs.open_input_file(loc.path) as f:

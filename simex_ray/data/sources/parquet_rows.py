@@ -1,0 +1,61 @@
+"""The rows of a Parquet table as images: the one reader of ``parquet:`` files, whole or a row group at a time."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from ...formats import ImageFormat, convert
+from ..dataset import SpecError
+from ..images import check_labels, decode_image, flat_to_square, stack_images, to_unit_images
+
+
+def table_images(table, spec: str, *, base: pathlib.Path | None = None, first_row: int = 0,
+                 fmt: ImageFormat | None = None, strict: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(images (N, C, H, W), labels or None) of a Parquet table (a whole file or one row group):
+    native, or in ``fmt`` by the rule. ``base``: where an HF-datasets ``path`` is relative to;
+    ``first_row``: the table's first row in the file, for error messages."""
+    import pyarrow as pa
+
+    cols = table.column_names
+    if "image" in cols:
+        col = table.column("image").combine_chunks()
+        if pa.types.is_struct(col.type):
+            names = [col.type.field(i).name for i in range(col.type.num_fields)]
+            data = col.field("bytes").to_pylist() if "bytes" in names else [None] * len(col)
+            paths = col.field("path").to_pylist() if "path" in names else [None] * len(col)
+        else:
+            data, paths = col.to_pylist(), [None] * len(col)
+        xs = []
+        for i, (b, p) in enumerate(zip(data, paths)):
+            where = f"{spec} row {first_row + i}"
+            if b is None and p is None:
+                raise SpecError(f"{where} of column 'image' is empty; every row needs image bytes")
+            if b is None and base is None:
+                raise SpecError(f"{where}: image given by path only; store the bytes in the file")
+            src: bytes | pathlib.Path = b if b is not None else (base / p)
+            img = decode_image(src, where, fmt=None if strict else fmt)
+            xs.append(convert(img, fmt, strict=True, name=where) if strict and fmt is not None else img)
+        if not xs:
+            raise SpecError(f"{spec}: parquet has no rows")
+        x = stack_images(xs, spec) if fmt is None else np.concatenate(xs)
+    elif "pixels" in cols:
+        vals = table.column("pixels").to_pylist()
+        try:
+            raw = np.asarray(vals)
+        except ValueError:
+            raw = np.asarray(vals, dtype=object)
+        if raw.dtype == object:
+            raise SpecError(f"{spec}: column 'pixels' rows differ in size; every image must have the same shape")
+        x = to_unit_images(flat_to_square(raw, f"{spec} column 'pixels'"), name=f"{spec} column 'pixels'",
+                           fmt=fmt, strict=strict)
+    else:
+        raise SpecError(f"{spec}: no column 'image' (encoded PNG/JPEG bytes) or 'pixels' (columns: {', '.join(cols)})")
+    y = None
+    if "label" in cols:
+        lab = table.column("label").to_pylist()
+        if any(v is None for v in lab):
+            raise SpecError(f"{spec}: column 'label' has missing values; fill or drop them")
+        y = check_labels(np.asarray(lab), len(x), f"{spec} column 'label'")
+    return x, y
