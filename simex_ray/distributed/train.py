@@ -10,6 +10,7 @@ ones continue from their last epoch checkpoint (same run name + storage).
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -22,15 +23,17 @@ from typing import Any, Callable
 import ray
 import torch
 
+from .. import storage
 from ..errors import last_line
 from ..fleet import slug
+from ..fleet.build import MANIFEST_FLUSH_S
 from ..fleet.plan import FleetWriter, MemberPlan
 from ..training import TrainConfig, train_member
 
 log = logging.getLogger(__name__)
 
 CURRENT = "current.pt"  # the member in training: model, optimizer, epoch, history
-DONE = "done"  # finished members: done/<slug>.pt with model + history
+DONE = "done"  # (checkpoints of earlier versions) finished members: done/<slug>.pt with model + history
 
 
 @dataclass(frozen=True)
@@ -87,16 +90,42 @@ def local_board():
     return ProgressBoard.options(scheduling_strategy=here).remote()
 
 
-def _save_checkpoint(done: dict[str, dict], current: dict | None, metrics: dict) -> None:
+def _save_checkpoint(current: dict | None, metrics: dict) -> None:
+    """Report ``metrics`` with a checkpoint of the member in training only: the size of an epoch's
+    checkpoint does not grow with the members a run has finished (each of those is written once, to
+    the run's done directory: :func:`_save_done`)."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
-        (Path(d) / DONE).mkdir()
-        for name, state in done.items():
-            torch.save(state, Path(d) / DONE / f"{slug(name)}.pt")
         if current is not None:
             torch.save(current, Path(d) / CURRENT)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _save_done(done_dir: str, name: str, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    storage.resolve(done_dir).join(f"{slug(name)}.pt").write_bytes_atomic(buf.getvalue())
+
+
+def _load_done(done_dir: str, name: str) -> dict | None:
+    """A finished member's state from the run's done directory (None if absent or unreadable)."""
+    path = storage.resolve(done_dir).join(f"{slug(name)}.pt")
+    try:
+        if not path.is_file():
+            return None
+        return torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged file: train the member again
+        log.warning("%s: unreadable finished state %s; training it again", name, path)
+        return None
+
+
+def _child(where: Path | str, name: str) -> str:
+    """``where``/``name`` for a path or a URI (its query, which may configure the filesystem, kept)."""
+    if isinstance(where, Path):
+        return str(where / name)
+    base, sep, query = str(where).partition("?")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
 
 
 def _load_checkpoint(checkpoint) -> tuple[dict[str, dict], dict | None]:
@@ -121,30 +150,31 @@ def _worker_loop(cfg: dict) -> None:
 
     torch.set_num_threads(max(1, int(cfg["threads"])))
     device = ray.train.torch.get_device()
-    board, fault = cfg["board"], cfg.get("fault")
-    done: dict[str, dict] = {}
+    board, fault, done_dir = cfg["board"], cfg.get("fault"), cfg["done_dir"]
+    done: dict[str, dict] = {}  # finished states in a checkpoint of an earlier version
     current = None
+    finished = 0
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         done, current = _load_checkpoint(checkpoint)
     for job in cfg["members"]:
         name, config = job["name"], TrainConfig.from_dict(job["config"])
         # A member finished in an earlier attempt is kept; one finished with fewer
         # epochs than now asked for continues from where it stopped.
-        resume = done.pop(name, None)
+        resume = done.pop(name, None) or _load_done(done_dir, name)
         if resume is None and current is not None and current["member"] == name:
             resume = current
         if resume is not None and resume["epoch"] > config.epochs:
             resume = None  # trained longer than now asked: start over rather than pretend
         if resume is not None and resume["epoch"] == config.epochs:
-            done[name] = resume
-            board.finish.remote(name, resume)
+            ray.get(board.finish.remote(name, {"model": resume["model"], "history": resume["history"]}))
+            finished += 1
             continue
 
         last: dict = {}
 
         def on_epoch(epoch: int, metrics: dict, state: dict) -> None:
             last.update(state, member=name)
-            _save_checkpoint(done, last, {**metrics, "member": name})
+            _save_checkpoint(last, {**metrics, "member": name})
             board.update.remote(name, {**metrics, "epochs": config.epochs})
             # Fault injection for tests: hard-kill the worker once, after a checkpoint.
             if fault and fault["member"] == name and epoch == fault["epoch"] and not os.path.exists(fault["marker"]):
@@ -153,15 +183,19 @@ def _worker_loop(cfg: dict) -> None:
 
         x_train, x_test = ray.get(job["x_train"]), ray.get(job["x_test"])
         train_member(x_train, x_test, config, resume=resume, on_epoch=on_epoch, device=device)
-        # The last epoch's state (model, optimizer, epoch, history) is the finished member.
-        done[name] = {**last, "model": {k: v.detach().cpu() for k, v in last["model"].items()}}
-        board.finish.remote(name, done[name])
-    _save_checkpoint(done, None, {"members_done": len(done)})
+        # The last epoch's state (model, optimizer, epoch, history) is the finished member: written once,
+        # then handed to the driver (and waited for, so a crash after this never loses it).
+        state = {**last, "model": {k: v.detach().cpu() for k, v in last["model"].items()}}
+        _save_done(done_dir, name, state)
+        ray.get(board.finish.remote(name, {"model": state["model"], "history": state["history"]}))
+        finished += 1
+    _save_checkpoint(None, {"members_done": finished})
 
 
-def _fit_run(index: int, key: str, plans: list[MemberPlan], storage: Path, res: Resources, board,
+def _fit_run(index: int, key: str, plans: list[MemberPlan], where: Path | str, res: Resources, board,
              fault: dict | None) -> dict[str, dict]:
-    """One Ray Train run over ``plans``; returns {member: final state} from its checkpoint.
+    """One Ray Train run over ``plans`` (checkpoints under ``where``); its finished members reach the driver
+    through ``board``; returns {member: final state} of a checkpoint written by an earlier version.
 
     ``key`` names the run: the same group of members gets the same run (and so
     resumes from its checkpoints) however many of them finished before.
@@ -174,16 +208,17 @@ def _fit_run(index: int, key: str, plans: list[MemberPlan], storage: Path, res: 
         worker_resources["GPU"] = res.gpus_per_worker
     members = [{"name": p.name, "config": p.member.config,
                 "x_train": ray.put(p.x_train), "x_test": ray.put(p.x_test)} for p in plans]
+    done_dir = _child(where, f"done-{key}")
     for attempt in range(res.max_failures + 1):
         trainer = TorchTrainer(
             _worker_loop,
-            train_loop_config={"members": members, "board": board, "fault": fault,
+            train_loop_config={"members": members, "board": board, "fault": fault, "done_dir": done_dir,
                                "threads": max(1, round(res.cpus_per_worker))},
             scaling_config=ScalingConfig(num_workers=1, use_gpu=res.gpus_per_worker > 0,
                                          resources_per_worker=worker_resources),
             run_config=RunConfig(
                 name=f"run{index}-{key}",
-                storage_path=str(storage),
+                storage_path=str(where),
                 failure_config=FailureConfig(max_failures=res.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
             ),
@@ -243,7 +278,15 @@ def train_fleet(plans: list[MemberPlan], out, *, resources: Resources = Resource
         storage_path = out / "checkpoints"
     if storage_path is not None:
         storage_path.mkdir(parents=True, exist_ok=True)
-    writer = FleetWriter(out, extra, order=[p.name for p in plans])
+    writer = FleetWriter(out, extra, order=[p.name for p in plans], flush_s=MANIFEST_FLUSH_S)
+    try:
+        return _train_pending(writer, plans, resources, storage_path or storage_uri, on_progress, fault, poll_s)
+    finally:  # however training ends (done, an error, Ctrl-C), every finished member is listed
+        writer.flush()
+
+
+def _train_pending(writer: FleetWriter, plans: list[MemberPlan], resources: Resources, where, on_progress,
+                   fault, poll_s: float) -> FleetWriter:
     todo = writer.pending(plans)
     if not todo:
         return writer
@@ -274,7 +317,7 @@ def train_fleet(plans: list[MemberPlan], out, *, resources: Resources = Resource
         for name, state in finished:
             record(name, state)
 
-    fits = [lambda i=i, key=key, g=g: _fit_run(i, key, g, storage_path or storage_uri, resources, board, fault)
+    fits = [lambda i=i, key=key, g=g: _fit_run(i, key, g, where, resources, board, fault)
             for i, (key, g) in enumerate(groups)]
     for (_, g), outcome in zip(groups, run_concurrently(fits, drain, poll_s)):
         if isinstance(outcome, BaseException):  # the other runs kept going; report at the end

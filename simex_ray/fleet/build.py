@@ -23,7 +23,18 @@ def train_fleet_local(plans: list[MemberPlan], out, *, on_epoch=None, extra: dic
     ``on_epoch(member_name, metrics)`` is called after each epoch.
     Returns the FleetWriter holding the manifest records.
     """
-    writer = FleetWriter(out, extra, order=[p.name for p in plans])
+    writer = FleetWriter(out, extra, order=[p.name for p in plans], flush_s=MANIFEST_FLUSH_S)
+    try:
+        _train_pending(writer, plans, on_epoch)
+    finally:  # however training ends (done, an error, Ctrl-C), every finished member is listed
+        writer.flush()
+    return writer
+
+
+MANIFEST_FLUSH_S = 2.0  # the manifest is rewritten at most this often while a fleet trains
+
+
+def _train_pending(writer: FleetWriter, plans: list[MemberPlan], on_epoch) -> None:
     for plan in writer.pending(plans):
         config = TrainConfig.from_dict(plan.member.config)
         # Like the Ray path: a checkpoint per epoch, so a re-run continues where this one stopped.
@@ -46,7 +57,6 @@ def train_fleet_local(plans: list[MemberPlan], out, *, on_epoch=None, extra: dic
 
         model, history = train_member(plan.x_train, plan.x_test, config, resume=resume, on_epoch=save)
         writer.add(plan, model.state_dict(), history)
-    return writer
 
 
 def train_and_load(plans: list[MemberPlan], out=None, *, on_epoch=None, extra: dict | None = None):
