@@ -15,10 +15,11 @@ def check_loss(name: str) -> str:
 
 
 def per_sample_delta(x: torch.Tensor, x_hat: torch.Tensor, loss: str = "mse") -> torch.Tensor:
-    """delta for each sample: (N, 1, 28, 28) x 2 -> (N,).
+    """delta for each sample: (N, C, H, W) x 2 -> (N,).
 
-    MSE is the mean squared pixel error; iSSIM is 1 - SSIM with an 11x11
-    Gaussian window (pytorch-msssim defaults) and data range 1.
+    MSE is the mean squared error over C, H, W; iSSIM is 1 - SSIM with an 11x11
+    Gaussian window (pytorch-msssim defaults) and data range 1, computed per
+    channel and averaged over the channels (colour: the mean of R, G and B's).
     """
     if x.shape != x_hat.shape:
         raise ValueError(f"shape mismatch: {tuple(x.shape)} vs {tuple(x_hat.shape)}")

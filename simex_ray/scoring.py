@@ -1,15 +1,17 @@
 """The scoring engine: every member of a fleet on unknown images at once (Ray-free).
 
 ``ScoringEngine.per_sample(x)`` returns δ(x_n, A_m(x_n)) for every member m
-and sample n, a (members × N) array, streaming x in chunks so memory stays
-flat in N. Members are grouped by (architecture, loss); a group of LeNet
-autoencoders runs *fused*: one forward pass computes all of them.
+and sample n, a (members × N) array, streaming x (N, C, H, W) in chunks so
+memory stays flat in N. Members are grouped by (architecture, loss, layer
+shapes); a group of LeNet or of conv autoencoders runs *fused*: one forward
+pass computes all of them.
 
 How the fused LeNet pass works (shapes for M members, a chunk of N images):
 
 * conv1 of every member sees the same image, so the M 6-channel convolutions
   are one 6M-channel convolution: (N, 1, 28, 28) -> (N, 6M, 28, 28);
-* conv2 and both decoder convolutions are grouped convolutions with M groups;
+* conv2 and both decoder convolutions run one call per member (grouped
+  convolutions measured slower);
 * the four FC layers are batched matrix products over members (M, N, ·);
 * each ``ConvTranspose2d`` (stride 1) is rewritten as the ``Conv2d`` with the
   flipped, transposed kernel and ``padding = k - 1 - p``: the last
@@ -17,9 +19,26 @@ How the fused LeNet pass works (shapes for M members, a chunk of N images):
 * δ is computed on (N, M, 28, 28) directly: MSE as a mean over pixels, iSSIM
   with SSIM's per-channel statistics (members as channels).
 
+How the fused conv pass works (:class:`FusedConv`):
+
+* block 1 of every member is one wide convolution of the shared input,
+  (N, C, H, W) -> (N, M·c_1, H/2, W/2); the later blocks run member after member,
+  all of one member's blocks before the next member's (grouped convolutions, and
+  one layer for every member before the next layer, measured slower);
+* the two linear maps (to and from the code) are batched matmuls (M, N, ·);
+* each 4×4 stride-2 ``ConvTranspose2d`` is rewritten as one 2×2 convolution
+  producing its four output phases, spread out by one strided copy
+  (:func:`phase_weights`): PyTorch's CPU transposed convolution is its slow
+  generic path;
+* ELU in place from vectorised kernels (``F.elu`` measured several times slower);
+* a chunk runs in passes small enough that one member's largest activation fits
+  a core's L2 cache (:func:`pass_rows`);
+* δ is computed on (N, M, C, H, W): MSE as the mean over C, H, W; iSSIM as SSIM
+  per channel averaged over channels, the unknown's statistics computed once.
+
 Each choice was kept only where ``bench/scoring.py`` measured it faster
-(README, "Performance"); the engine equals the naive per-member path to float
-tolerance (tests).
+(docs/results.md, "Scoring engine"; docs/architectures.md); the engine equals
+the naive per-member path to float tolerance (tests).
 """
 
 from __future__ import annotations
@@ -34,7 +53,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .losses import check_loss, per_sample_delta
-from .models import LeNetAutoencoder
+from .models import ConvAutoencoder, LeNetAutoencoder
+from .models.conv import KERNEL, PAD, STRIDE
 
 log = logging.getLogger(__name__)
 
@@ -170,24 +190,198 @@ class FusedLeNet(nn.Module):
         return torch.sigmoid(self._up_conv(h, self.d2_w, self.d2_b, self.d2_pad))  # (N, M, 28, 28)
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5, device=None) -> torch.Tensor:
+def _elu_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_elu` in place (x is overwritten): one temporary instead of two, about 2x faster again."""
+    e = torch.clamp_max(x, 0.0).exp_().sub_(1.0)
+    return x.clamp_min_(0.0).add_(e)
+
+
+def phase_weights(w: torch.Tensor) -> torch.Tensor:
+    """A 4×4 stride-2 padding-1 transposed convolution as one 2×2 convolution per output phase.
+
+    Output pixel (2j + a, 2k + b) of ``conv_transpose2d(x, w, stride=2, padding=1)`` sees the 2×2
+    input window starting at (j - 1 + a, k - 1 + b) through taps (3 - a - 2t, 3 - b - 2r) of w. So
+    ``conv2d(x, w', padding=1)``, whose window at row r starts at input row r - 1, holds phase (a, b)
+    at rows j + a, columns k + b. w (in, out, 4, 4) -> w' (4 out, in, 2, 2), channels ordered
+    (out, a, b). The multiply-adds are those of the transposed convolution (plus one row and column).
+    """
+    c_in, c_out = w.shape[:2]
+    wf = w.flip(-1, -2).transpose(0, 1)  # (out, in, 4, 4), tap a + 2t at index [a + 2t]
+    return wf.reshape(c_out, c_in, 2, 2, 2, 2).permute(0, 3, 5, 1, 2, 4).reshape(4 * c_out, c_in, 2, 2).contiguous()
+
+
+def interleave_phases(r: torch.Tensor, size: tuple[int, int], out: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, 4C, H + 1, W + 1) phases from :func:`phase_weights` -> (N, C, *size), size = 2H or 2H + 1 per side.
+
+    ``out``: where to write (any (N, C, *size) view whose last two axes are contiguous). At size (2H, 2W)
+    the phases are read through one strided view and written in one copy; an odd side takes four.
+    """
+    n, c4, h1, w1 = r.shape
+    c, h, w = c4 // 4, h1 - 1, w1 - 1
+    out = r.new_empty(n, c, *size) if out is None else out
+    if tuple(size) == (2 * h, 2 * w):
+        s = r.stride()  # channel (c, a, b) is 4c + 2a + b; phase (a, b) at (j, k) is row j + a, column k + b
+        phases = r.as_strided((n, c, h, 2, w, 2), (s[0], 4 * s[1], s[2], 2 * s[1] + s[2], s[3], s[1] + s[3]))
+        out.view(n, c, h, 2, w, 2).copy_(phases)  # (N, C, j, a, k, b) = (N, C, 2j + a, 2k + b)
+        return out
+    r = r.view(n, c, 2, 2, h1, w1)
+    for a in (0, 1):
+        for b in (0, 1):
+            rows, cols = (size[0] - a + 1) // 2, (size[1] - b + 1) // 2
+            out[:, :, a::2, b::2] = r[:, :, a, b, a:a + rows, b:b + cols]
+    return out
+
+
+class FusedConv(nn.Module):
+    """M :class:`ConvAutoencoder` of one shape as one network: (N, C, H, W) -> (N, M, C, H, W).
+
+    Block 1 is one wide convolution (every member sees the same image) and the two linear maps
+    are batched matmuls over members; the other blocks run member after member, each member's
+    blocks one after the other, so only one member's activations are live between them (layer
+    after layer across all members measured slower: M times the working set).
+    """
+
+    def __init__(self, models: Sequence[ConvAutoencoder], *, polyphase: bool = True, fast_ops: bool = True):
+        super().__init__()
+        self.polyphase, self.fast_ops = polyphase, fast_ops
+        self.m = m = len(models)
+        if not m:
+            raise ValueError("FusedConv needs at least one model")
+        first = models[0]
+        shapes = [tuple(p.shape) for p in first.parameters()]
+        if any([tuple(p.shape) for p in a.parameters()] != shapes or a.sides != first.sides for a in models):
+            raise ValueError("FusedConv needs autoencoders of one shape (format, widths, code size)")
+        if (KERNEL, STRIDE, PAD) != (4, 2, 1):
+            raise AssertionError("phase_weights is written for 4x4 stride-2 padding-1 transposed convolutions")
+        self.format, self.sides, self.code_shape = first.image_format, first.sides, first.code_shape
+
+        def cat(get):
+            return torch.cat([get(a).detach() for a in models])
+
+        def stack(get):
+            return torch.stack([get(a).detach() for a in models])
+
+        # encoder: block 1 one wide convolution over the shared input; weights (M·c_out, c_in, 4, 4)
+        self.n_down, self.n_up = len(first.down), len(first.up)
+        for i in range(self.n_down):
+            self.register_buffer(f"down{i}_w", cat(lambda a, i=i: a.down[i].weight))
+            self.register_buffer(f"down{i}_b", cat(lambda a, i=i: a.down[i].bias))
+        # the two linear maps as batched matmuls: weights (M, in, out), biases (M, 1, out)
+        self.register_buffer("code_w", stack(lambda a: a.to_code.weight.t()))
+        self.register_buffer("code_b", stack(lambda a: a.to_code.bias).unsqueeze(1))
+        self.register_buffer("back_w", stack(lambda a: a.from_code.weight.t()))
+        self.register_buffer("back_b", stack(lambda a: a.from_code.bias).unsqueeze(1))
+        # decoder: each transposed convolution as the 2×2 convolution of its four output phases,
+        # (M·4·c_out, c_in, 2, 2); or as it is, (M·c_in, c_out, 4, 4)
+        rep = 4 if polyphase else 1
+        for i in range(self.n_up):
+            self.register_buffer(f"up{i}_w", torch.cat([
+                phase_weights(a.up[i].weight.detach()) if polyphase else a.up[i].weight.detach() for a in models]))
+            self.register_buffer(f"up{i}_b", cat(lambda a, i=i: a.up[i].bias).repeat_interleave(rep))
+        self.up_sizes = list(reversed(self.sides[:-1]))
+        self.up_padding = [up.output_padding for up in first.up]
+        # one member's largest activation per image, in floats (the engine sizes its passes by it)
+        self.floats_per_image = max(c * (h + 2) * (w + 2) for c, (h, w) in zip(first.channels, self.sides))
+
+    def _member(self, name: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w, b = getattr(self, f"{name}_w"), getattr(self, f"{name}_b")
+        return w.chunk(self.m)[k], b.chunk(self.m)[k]
+
+    def _up(self, h: torch.Tensor, i: int, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Member k's transposed convolution i: (N, c_in, h, w) -> (N, c_out, 2h (+1), 2w (+1)); the last
+        one ends in the sigmoid and writes into ``out``."""
+        w, b = self._member(f"up{i}", k)
+        last = i == self.n_up - 1
+        if not self.polyphase:
+            h = F.conv_transpose2d(h, w, b, stride=STRIDE, padding=PAD, output_padding=self.up_padding[i])
+            return out.copy_(torch.sigmoid_(h)) if last else h
+        r = F.conv2d(h, w, b, padding=1)  # (N, 4·c_out, h + 1, w + 1): the four phases
+        return interleave_phases(torch.sigmoid_(r) if last else r, self.up_sizes[i], out=out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, m = x.shape[0], self.m
+        elu = _elu_ if self.fast_ops else F.elu
+        h = elu(F.conv2d(x, self.down0_w, self.down0_b, stride=STRIDE, padding=PAD))  # (N, M·c_1, H/2, W/2)
+        feats = []
+        for k, h in enumerate(h.chunk(m, 1)):  # member k: (N, c_1, H/2, W/2) -> its last block, flat
+            for i in range(1, self.n_down):
+                h = elu(F.conv2d(h, *self._member(f"down{i}", k), stride=STRIDE, padding=PAD))
+            feats.append(h.reshape(n, -1))
+        code = torch.baddbmm(self.code_b, torch.stack(feats), self.code_w)  # (M, N, code_size)
+        h = elu(torch.baddbmm(self.back_b, code, self.back_w))  # (M, N, c·h·w)
+        out = x.new_empty(n, m, *self.format.shape)  # (N, M, C, H, W)
+        for k, h in enumerate(h.view(m, n, *self.code_shape).unbind(0)):
+            for i in range(self.n_up - 1):
+                h = elu(self._up(h, i, k))
+            self._up(h, self.n_up - 1, k, out=out[:, k])
+        return out
+
+
+WINDOW = 11  # SSIM's Gaussian window (pytorch-msssim's default)
+
+
+def _gaussian_window(size: int = WINDOW, sigma: float = 1.5, device=None) -> torch.Tensor:
     coords = torch.arange(size, dtype=torch.float32, device=device) - size // 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
     return g / g.sum()
 
 
 def delta_per_member(x: torch.Tensor, recon: torch.Tensor, loss: str) -> torch.Tensor:
-    """δ of one image batch against M reconstructions: x (N, 1, 28, 28), recon (N, M, 28, 28) -> (N, M).
+    """δ of one image batch against M reconstructions: x (N, C, H, W), recon (N, M, C, H, W) -> (N, M).
 
-    iSSIM = 1 − SSIM with pytorch-msssim's defaults (11×11 Gaussian window,
-    σ 1.5, data range 1, K = (0.01, 0.03), valid filtering), per channel.
+    recon (N, M, H, W) is read as C = 1 (the fused LeNet's output). MSE is the mean over C, H, W.
+    iSSIM = 1 − SSIM with pytorch-msssim's defaults (11×11 Gaussian window, σ 1.5, data range 1,
+    K = (0.01, 0.03), valid filtering; an axis shorter than the window is not filtered), SSIM
+    computed per channel and averaged over channels, as ``pytorch_msssim.ssim`` does.
     """
+    if recon.dim() == 4:
+        if min(recon.shape[-2:]) >= WINDOW:
+            return _delta_grey(x, recon, loss)
+        recon = recon.unsqueeze(2)  # (N, M, 1, H, W)
+    if loss == "mse":
+        return (recon - x.unsqueeze(1)).pow(2).mean(dim=(2, 3, 4))
+    check_loss(loss)
+    n, m, c, h, w = recon.shape
+    g = _gaussian_window(device=x.device).to(x.dtype)
+    y = recon.reshape(n, m * c, h, w)
+    mu_x, mu_y = _blur(x, g), _blur(y, g)  # the unknown's statistics once per channel, not once per member
+    s_xx = _blur(x * x, g) - mu_x * mu_x
+    s_yy = _blur(y * y, g) - mu_y * mu_y
+    s_xy = _blur((recon * x.unsqueeze(1)).reshape(n, m * c, h, w), g)
+
+    def members(t):  # (N, M·C, h', w') -> (N, M, C, h', w')
+        return t.view(n, m, c, *t.shape[2:])
+
+    mu_x, s_xx = mu_x.unsqueeze(1), s_xx.unsqueeze(1)  # (N, 1, C, h', w'): broadcast over members
+    mu_y, s_yy = members(mu_y), members(s_yy)
+    s_xy = members(s_xy) - mu_x * mu_y
+    return 1.0 - _ssim_map(mu_x, mu_y, s_xx, s_yy, s_xy).flatten(3).mean(-1).mean(-1)
+
+
+def _ssim_map(mu_x, mu_y, s_xx, s_yy, s_xy):
+    c1, c2 = 0.01**2, 0.03**2
+    cs = (2 * s_xy + c2) / (s_xx + s_yy + c2)
+    return ((2 * mu_x * mu_y + c1) / (mu_x * mu_x + mu_y * mu_y + c1)) * cs
+
+
+def _blur(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of every channel of (N, K, H, W), valid; an axis shorter than the window is
+    left as it is (pytorch-msssim does the same, with a warning)."""
+    k = t.shape[1]
+    if t.shape[-1] >= len(g):
+        t = F.conv2d(t, g.view(1, 1, 1, -1).expand(k, 1, 1, -1), groups=k)
+    if t.shape[-2] >= len(g):
+        t = F.conv2d(t, g.view(1, 1, -1, 1).expand(k, 1, -1, 1), groups=k)
+    return t
+
+
+def _delta_grey(x: torch.Tensor, recon: torch.Tensor, loss: str) -> torch.Tensor:
+    """x (N, 1, H, W), recon (N, M, H, W) -> (N, M): the fused LeNet's δ, members as channels."""
     if loss == "mse":
         return (recon - x).pow(2).mean(dim=(2, 3))
     check_loss(loss)
     m = recon.shape[1]
     g = _gaussian_window(device=x.device).to(x.dtype)
-    c1, c2 = 0.01**2, 0.03**2
     wh, ww = g.view(1, 1, 1, -1).repeat(m, 1, 1, 1), g.view(1, 1, -1, 1).repeat(m, 1, 1, 1)
 
     def blur(t):
@@ -198,17 +392,30 @@ def delta_per_member(x: torch.Tensor, recon: torch.Tensor, loss: str) -> torch.T
     s_xx = blur(xs * xs) - mu_x * mu_x
     s_yy = blur(recon * recon) - mu_y * mu_y
     s_xy = blur(xs * recon) - mu_x * mu_y
-    cs = (2 * s_xy + c2) / (s_xx + s_yy + c2)
-    ssim_map = ((2 * mu_x * mu_y + c1) / (mu_x * mu_x + mu_y * mu_y + c1)) * cs
-    return 1.0 - ssim_map.flatten(2).mean(-1)
+    return 1.0 - _ssim_map(mu_x, mu_y, s_xx, s_yy, s_xy).flatten(2).mean(-1)
+
+
+FUSED = {LeNetAutoencoder: FusedLeNet, ConvAutoencoder: FusedConv}
+PASS_FLOATS = 1 << 19  # per thread: a fused conv pass's largest activation per member, at most (2 MB, one L2)
 
 
 @dataclass
 class _Group:
     names: list[str]
     loss: str
-    fused: nn.Module | None  # FusedLeNet, or None: run the members one by one
+    fused: nn.Module | None  # FusedLeNet or FusedConv, or None: run the members one by one
     models: list[nn.Module]
+    rows: int  # images per forward pass
+
+
+def pass_rows(fused: nn.Module | None, chunk: int, scale: float = 1.0) -> int:
+    """Images per forward pass: the chunk, or fewer where one member's activations in a fused conv pass
+    would outgrow a core's L2 cache (:data:`PASS_FLOATS` per thread; ``scale`` times that, for the benchmark).
+    A quarter and four times that measured slower or no faster (docs/architectures.md)."""
+    per_image = getattr(fused, "floats_per_image", None)
+    if per_image is None:
+        return chunk
+    return max(1, min(chunk, int(scale * PASS_FLOATS * torch.get_num_threads()) // per_image))
 
 
 class ScoringEngine:
@@ -233,17 +440,18 @@ class ScoringEngine:
     def _plan(self, names: tuple[str, ...], loss: str | None) -> list[_Group]:
         key = (*names, "|", loss or "")
         if key not in self._groups:
-            by: dict[tuple[str, str], list[str]] = {}
-            for n in names:
-                arch = type(self._models[n]).__name__
-                by.setdefault((arch, loss or self.losses[n]), []).append(n)
+            by: dict[tuple, list[str]] = {}
+            for n in names:  # one group per architecture, loss and layer shapes (format, widths)
+                model = self._models[n]
+                shapes = tuple(tuple(p.shape) for p in model.parameters())
+                by.setdefault((type(model), loss or self.losses[n], shapes), []).append(n)
             groups = []
-            for (arch, group_loss), members in by.items():
+            for (arch, group_loss, _), members in by.items():
                 models = [self._models[n] for n in members]
                 fused = None
-                if self.fused and all(isinstance(m, LeNetAutoencoder) for m in models):
-                    fused = FusedLeNet(models).to(self.device).eval()
-                groups.append(_Group(members, group_loss, fused, models))
+                if self.fused and arch in FUSED:
+                    fused = FUSED[arch](models).to(self.device).eval()
+                groups.append(_Group(members, group_loss, fused, models, pass_rows(fused, self.chunk)))
             self._groups[key] = groups
         return self._groups[key]
 
@@ -257,7 +465,7 @@ class ScoringEngine:
     @torch.inference_mode()
     def iter_chunks(self, x, names: Iterable[str] | None = None, loss: str | None = None) -> Iterator[np.ndarray]:
         """Like :meth:`per_sample`, one (members, chunk) block at a time; ``x`` may be any
-        indexable of (N, 1, 28, 28) images (an array, a memory map) or an iterable of such blocks."""
+        indexable of (N, C, H, W) images (an array, a memory map) or an iterable of such blocks."""
         names = tuple(names) if names is not None else tuple(self.names)
         unknown = [n for n in names if n not in self._models]
         if unknown:
@@ -270,10 +478,13 @@ class ScoringEngine:
             xb = torch.as_tensor(np.asarray(block, dtype=np.float32)).to(self.device)
             out = np.empty((len(names), len(xb)))
             for g in groups:
-                if g.fused is not None:
-                    d = delta_per_member(xb, g.fused(xb), g.loss).t()  # (M, n)
-                else:
-                    d = torch.stack([per_sample_delta(xb, m(xb), g.loss) for m in g.models])
+                parts = []
+                for xr in torch.split(xb, g.rows):
+                    if g.fused is not None:
+                        parts.append(delta_per_member(xr, g.fused(xr), g.loss).t())  # (M, rows)
+                    else:
+                        parts.append(torch.stack([per_sample_delta(xr, m(xr), g.loss) for m in g.models]))
+                d = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
                 out[[row[n] for n in g.names]] = d.double().cpu().numpy()
             yield out
 

@@ -15,10 +15,11 @@ import below.
 =========  ==========================================================
 """
 
+from .conv import ConvAutoencoder, Cost  # importing an architecture registers it
 from .layers import Act
-from .lenet import LeNetAutoencoder, lenet_features  # importing an architecture registers it
+from .lenet import LeNetAutoencoder, lenet_features
 from .mlp import MLPAutoencoder
 from .registry import architectures, create_autoencoder, default_architecture, refusal, register_autoencoder
 
-__all__ = ["Act", "LeNetAutoencoder", "MLPAutoencoder", "architectures", "create_autoencoder",
-           "default_architecture", "lenet_features", "refusal", "register_autoencoder"]
+__all__ = ["Act", "ConvAutoencoder", "Cost", "LeNetAutoencoder", "MLPAutoencoder", "architectures",
+           "create_autoencoder", "default_architecture", "lenet_features", "refusal", "register_autoencoder"]
