@@ -44,7 +44,7 @@ class BatchSettings:
     """How a batch run uses the cluster: ``actors`` per shard (None: the cluster's CPUs / shards /
     ``cpus_per_actor``), images per batch, slice size, members per shard (None: one shard)."""
 
-    actors: int | None = None
+    actors: int | None = None  # at most; the pool starts with one and grows as CPUs free up
     cpus_per_actor: float = 1.0
     batch_size: int = 2048
     block: int = 8192
@@ -62,23 +62,18 @@ class BatchSettings:
             raise ValueError(f"cpus per actor must be > 0, got {self.cpus_per_actor}")
 
 
-class _Reader:
-    """Slice rows -> image rows (a task per batch of slices)."""
+def _read(batch: dict[str, np.ndarray], slices: list, fmt: str, strict: bool) -> dict[str, np.ndarray]:
+    """Slice numbers -> image rows (a task per slice; the slices themselves travel once, by reference)."""
+    from ..data.slices import read_slice
 
-    def __init__(self, fmt: str, strict: bool):
-        self.fmt, self.strict = ImageFormat.parse(fmt), strict
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ..data.slices import read_slice
-
-        idx, xs, ys = [], [], []
-        for sl in batch["slice"]:
-            i, x, y = read_slice(sl, self.fmt, self.strict)
-            idx.append(i), xs.append(x), ys.append(y)
-        out = {"index": np.concatenate(idx), "image": np.concatenate(xs)}
-        if all(y is not None for y in ys):
-            out["label"] = np.concatenate(ys).astype(np.int64)
-        return out
+    idx, xs, ys = [], [], []
+    for k in batch["slice"]:
+        i, x, y = read_slice(slices[int(k)], ImageFormat.parse(fmt), strict)
+        idx.append(i), xs.append(x), ys.append(y)
+    out = {"index": np.concatenate(idx), "image": np.concatenate(xs)}
+    if all(y is not None for y in ys):
+        out["label"] = np.concatenate(ys).astype(np.int64)
+    return out
 
 
 class _ShardScorer:
@@ -180,24 +175,27 @@ def score_batch(fleet_dir: str, spec: str, *, fmt: ImageFormat | None = None, st
         slices = data.array_slices(data.parse_spec(spec).canonical, x, y, block=settings.block)
     shards = shards_of(names, settings.members_per_shard)
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    actors = settings.actors or max(1, int(cpus // (settings.cpus_per_actor * len(shards))))
-    ds = ray.data.from_items([{"slice": s} for s in slices], override_num_blocks=len(slices))
-    ds = ds.map_batches(_Reader, fn_constructor_kwargs={"fmt": str(fmt), "strict": strict}, batch_size=1,
-                        concurrency=1, num_cpus=0.25)
+    # Scorers get the CPUs but half of one, which the reading tasks and the answer's actor need: a pool
+    # that takes them all would wait for them forever.
+    actors = settings.actors or max(1, int(max(cpus - 0.5, 0.0) // (settings.cpus_per_actor * len(shards))))
+    ds = ray.data.range(len(slices), override_num_blocks=len(slices)).rename_columns({"id": "slice"})
+    ds = ds.map_batches(_read, fn_kwargs={"slices": slices, "fmt": str(fmt), "strict": strict},
+                        batch_size=1, num_cpus=0.25)
     fleet = storage.normalize(fleet_dir)
     for shard in shards:
         ds = ds.map_batches(_ShardScorer, fn_constructor_kwargs={"fleet": fleet, "names": shard, "loss": loss,
                                                                  "device": device},
-                            batch_size=settings.batch_size, concurrency=actors, num_cpus=settings.cpus_per_actor,
-                            batch_format="numpy", udf_modifying_row_count=False)
+                            batch_size=settings.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+                            num_cpus=settings.cpus_per_actor, batch_format="numpy", udf_modifying_row_count=False)
     kw = {"records": records, "loss": used_loss, "method": method}
+    one = ray.data.ActorPoolStrategy(size=1)
     written = None
     if per_sample:
         ds = ds.materialize()
-        ds.map_batches(_Rows, fn_constructor_kwargs=kw, batch_format="numpy", concurrency=1,
+        ds.map_batches(_Rows, fn_constructor_kwargs=kw, batch_format="numpy", compute=one,
                        batch_size=settings.batch_size, num_cpus=0.25).write_parquet(storage.normalize(per_sample))
         written = per_sample
-    parts = ds.map_batches(_Partial, fn_constructor_kwargs=kw, batch_format="numpy", concurrency=1,
+    parts = ds.map_batches(_Partial, fn_constructor_kwargs=kw, batch_format="numpy", compute=one,
                            batch_size=settings.batch_size, num_cpus=0.25).take_all()
     result = merge_results(ScoreResult.from_json(json.loads(p["part"])) for p in parts)
     return {"result": result, "conversion": conversion(native, fmt), "seconds": time.perf_counter() - t0, "slices": len(slices), "shards": len(shards),

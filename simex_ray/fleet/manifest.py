@@ -107,7 +107,7 @@ class Member:
     @property
     def image_format(self) -> ImageFormat:
         """The member's format; a record that names none (a fleet from before formats) is 1×28×28."""
-        return ImageFormat.parse(self.config.get("image_format", LEGACY))
+        return record_format({"config": self.config})
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -121,6 +121,11 @@ class Member:
         d["class_"] = d.pop("class", None)
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def record_format(record: dict) -> ImageFormat:
+    """The image format of a manifest record (only its config is read); none recorded: 1×28×28."""
+    return ImageFormat.parse((record.get("config") or {}).get("image_format", LEGACY))
 
 
 def slug(name: str) -> str:
