@@ -24,19 +24,28 @@ def add_parsers(sub) -> None:
 
     def deployment_flags(p):
         p.add_argument("--fleet", required=True, help="fleet directory written by `simex train`")
-        p.add_argument("--replicas", type=int, default=1, help="replicas per member (default 1)")
+        p.add_argument("--replicas", type=int, default=1,
+                       help="replicas per scorer: per member, shard or fleet, as --mode says (default 1)")
         p.add_argument("--autoscale", default=None, metavar="MIN:MAX",
-                       help="autoscale each member between MIN and MAX replicas instead of --replicas")
+                       help="autoscale each scorer (member, shard or fleet) between MIN and MAX replicas instead "
+                            "of --replicas")
         p.add_argument("--cpus-per-replica", type=float, default=0.25, help="(default 0.25)")
         p.add_argument("--api-key", default=os.environ.get("SIMEX_API_KEY"),
                        help="require this key in the X-API-Key header (default $SIMEX_API_KEY; none)")
         p.add_argument("--max-images", type=int, default=4096, help="images per request (default 4096)")
         p.add_argument("--max-body-mb", type=float, default=64, help="request body limit in MB (default 64)")
-        p.add_argument("--mode", choices=("members", "fused", "embedded"), default="members",
-                       help="members: one application per member (scale members independently; default); "
-                            "fused: one application holding the whole fleet (one hop past the ingress); "
-                            "embedded: the ingress replicas hold the whole fleet (no hop past the proxy; "
-                            "--replicas and --cpus-per-replica size them)")
+        p.add_argument("--mode", choices=("members", "fused", "embedded", "sharded"), default="members",
+                       help="members: one application per member (scale members independently; default; for "
+                            "up to 64 members); fused: one application holding the whole fleet (one hop past the "
+                            "ingress); embedded: the ingress replicas hold the whole fleet (no hop past the proxy; "
+                            "--replicas and --cpus-per-replica size them); sharded: the fleet in shard "
+                            "applications of K members each, asked at once and merged (large fleets)")
+        shards = p.add_mutually_exclusive_group()
+        shards.add_argument("--shards", type=positive_int, default=None, metavar="S",
+                            help="(--mode sharded) split the fleet into S shards of near-equal size")
+        shards.add_argument("--members-per-shard", type=positive_int, default=None, metavar="K",
+                            help="(--mode sharded) shards of K members, in fleet order (default 16); appending "
+                                 "members to the fleet leaves the earlier shards as they are")
         add_device_arg(p, help="where the scorers run (default cpu); cuda needs --gpus-per-replica")
         p.add_argument("--gpus-per-replica", type=float, default=0.0, help="(default 0; fractions allowed)")
         p.add_argument("--library", default=None,
@@ -126,6 +135,7 @@ def settings_from(args):
         device = "cuda" if args.gpus_per_replica > 0 else "cpu"
     return ServeSettings(replicas=args.replicas, autoscaling=autoscaling, cpus_per_replica=args.cpus_per_replica,
                          api_key=args.api_key or None, mode=args.mode, device=device,
+                         shards=args.shards, members_per_shard=args.members_per_shard,
                          gpus_per_replica=args.gpus_per_replica, ingress_replicas=args.ingress_replicas,
                          limits=Limits(max_images=args.max_images, max_body_bytes=int(args.max_body_mb * 2**20)),
                          library=library_location(args.library))
@@ -175,6 +185,7 @@ def cmd_serve(args) -> int:
     # Read and checked once, before Ray starts (sha256 of every weight file, no model built);
     # exactly this manifest is deployed.
     manifest = verify_fleet(args.fleet)
+    warn_members_mode(settings.mode, len(manifest["members"]))
     if args.serve_command == "update":
         from ..distributed.serving.deploy import deploy
 
@@ -183,6 +194,21 @@ def cmd_serve(args) -> int:
         return 0
     _check_exposure(args.host, settings, args.no_auth)
     return _start(args, settings, manifest, stamp)
+
+
+def members_mode_warning(mode: str, members: int) -> str | None:
+    """The one-line warning for ``--mode members`` on a fleet too large for one application per member."""
+    from ..distributed.serving.deploy import MEMBERS_MODE_LIMIT
+
+    if mode != "members" or members <= MEMBERS_MODE_LIMIT:
+        return None
+    return (f"simex serve: warning: --mode members deploys one Serve application per member ({members} members, "
+            f"more than {MEMBERS_MODE_LIMIT}); use --mode sharded --members-per-shard K for a fleet this large")
+
+
+def warn_members_mode(mode: str, members: int) -> None:
+    if (text := members_mode_warning(mode, members)) is not None:
+        print(text, file=sys.stderr, flush=True)
 
 
 def _check_exposure(host: str, settings, no_auth: bool) -> None:
@@ -206,6 +232,7 @@ def _config(args) -> str:
         raise ValueError(f"--fleet-path must be an absolute path on the cluster's nodes or a URI "
                          f"(s3://, gs://, file://), got '{args.fleet_path}'")
     config = serve_config(args.fleet, settings, host, args.port)
+    warn_members_mode(settings.mode, len(config["applications"][0]["args"]["members"]))  # the ingress's
     if args.fleet_path is not None:
         local = normalize(args.fleet)
         for app in config["applications"]:

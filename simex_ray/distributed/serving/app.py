@@ -1,14 +1,16 @@
-"""Ray Serve deployments: one application per fleet member, one ingress application.
+"""Ray Serve deployments: the scorers of each layout, and one ingress application.
 
-Two layouts. *members* (default): each member is its own Serve application
+Four layouts. *members* (default): each member is its own Serve application
 (``simex-m-<member>-<sha8>``) with a ``MemberScorer`` deployment, so members
 scale independently and a fleet update deploys only new or changed members.
 *fused*: one ``FleetScorer`` application (``simex-fleet-<digest8>``) holds the
 whole fleet on the fused scoring engine, so a request is one hop past the ingress.
 *embedded*: the ingress replicas hold the whole fleet themselves; the proxy's
-hop to the ingress is the only one. The ingress
+hop to the ingress is the only one. *sharded*: S applications
+(``simex-shard-<digest8>``, a ``ShardScorer``: the fused scorer of K members),
+asked all at once and merged (:mod:`.sharded`). The ingress
 application (``simex``) validates requests, gets the per-sample δ (fanned out
-to the members, or from the fleet scorer), and returns every Δ, ranking and
+to the members or shards, or from the fleet scorer), and returns every Δ, ranking and
 the composition; which scorers exist is its ``user_config``, a lightweight
 update that restarts nothing. Requests carry images in the fleet's format (its
 :class:`~simex_ray.formats.ImageFormat`); the OpenAPI text served at
@@ -35,8 +37,10 @@ from ...api import JSON, MULTIPART, NPY, ApiError, Limits, check_api_key, check_
     parse_flag, parse_ranking, parse_score_request, parse_select_request, score_response, score_response_model, \
     select_members
 from ...errors import one_line
-from ...fleet import Fleet, FleetError, Member, StaleWeightsError, read_manifest
+from ...fleet import Fleet, FleetError, StaleWeightsError, read_manifest
+from ...fleet.manifest import record_format
 from ...formats import LEGACY, ImageFormat
+from .sharded import gather_shards
 
 log = logging.getLogger(__name__)
 
@@ -93,22 +97,26 @@ async def _split(batches: list[np.ndarray], fn) -> list[np.ndarray]:
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64, graceful_shutdown_timeout_s=20)
 class FleetScorer:
-    """The whole fleet in one replica on the fused scoring engine: one request, one hop."""
+    """The whole fleet (or, as a shard, the members ``names``) in one replica on the fused scoring engine:
+    one request, one hop."""
 
     def __init__(self, fleet: str, digest: str, threads: int = 1, device: str = "cpu",
-                 records: list[dict] | None = None):
+                 records: list[dict] | None = None, names: list[str] | None = None):
         import torch
 
         torch.set_num_threads(threads)
         if records is None:  # deployed from a Serve config file: the manifest is read here
             records = read_manifest(fleet)["members"]
+            if names is not None:
+                by_name = {r["name"]: r for r in records}
+                records = [by_name[n] for n in names if n in by_name]
         if fleet_digest(records) != digest:
             raise FleetError(f"{fleet} changed while deploying (member hashes differ); redeploy")
         self.fleet = load_records(fleet, records, device)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def score(self, batches: list[np.ndarray]) -> list[np.ndarray]:
-        """Per request: the per-sample δ of every member in manifest order, (M, n)."""
+        """Per request: the per-sample δ of every member it holds in manifest order, (M, n)."""
         return await _split(batches, self.fleet.engine.per_sample)
 
     def pid(self) -> int:
@@ -127,7 +135,7 @@ def served_format(records: list[dict]) -> ImageFormat:
     1x28x28); a one-line FleetError for a fleet of mixed formats."""
     formats: dict[ImageFormat, list[str]] = {}
     for r in records:
-        formats.setdefault(Member.from_json(r).image_format, []).append(r["name"])
+        formats.setdefault(record_format(r), []).append(r["name"])
     if len(formats) > 1:
         found = "; ".join(f"{f}: {', '.join(names)}" for f, names in sorted(formats.items()))
         raise FleetError(f"the fleet mixes image formats ({found}); serve each format's members as their own "
@@ -165,14 +173,19 @@ def _scorer_options(args: dict[str, Any], default_cpus: float) -> dict[str, Any]
 
 
 def fleet_app(args: dict[str, Any]):
-    """Application builder for the fused whole-fleet scorer (also the `import_path` in Serve configs).
+    """Application builder for the fused whole-fleet scorer, or one shard of the sharded layout (also the
+    `import_path` in Serve configs).
 
-    args: fleet, digest, and optionally num_replicas / autoscaling_config, num_cpus, num_gpus, device,
-    records (the checked manifest's members; without them each replica reads the manifest).
+    args: fleet, digest, and optionally names (a shard: its members, in fleet order; the deployment is then
+    named ``ShardScorer``), num_replicas / autoscaling_config, num_cpus, num_gpus, device, records (the
+    checked manifest's members, of the shard if one; without them each replica reads the manifest).
     """
     threads = max(1, round(float(args.get("num_cpus", 1))))
-    return FleetScorer.options(**_scorer_options(args, 1.0)).bind(str(args["fleet"]), args["digest"], threads,
-                                                                  args.get("device", "cpu"), args.get("records"))
+    names = args.get("names")
+    options = {**_scorer_options(args, 1.0), **({"name": "ShardScorer"} if names is not None else {})}
+    return FleetScorer.options(**options).bind(str(args["fleet"]), args["digest"], threads,
+                                               args.get("device", "cpu"), args.get("records"),
+                                               list(names) if names is not None else None)
 
 
 def member_app(args: dict[str, Any]):
@@ -251,7 +264,10 @@ ERRORS = {code: {"model": ErrorResponse, "description": why} for code, why in {
     413: "too many images, body too large, or an image file over the pixel limit", 415: "unsupported content type",
     422: "wrong shape for the fleet's format, dtype, NaN/inf, out-of-range values, an empty batch, or an image "
          "file that cannot be decoded (or, with strict_format, is not in the fleet's format)",
-    503: "a member is temporarily unavailable"}.items()}
+    503: "a member or shard is temporarily unavailable (a lost replica, failed twice); never a partial answer. "
+         "Retry after the Retry-After header's seconds"}.items()}
+
+RETRY_AFTER_S = 1  # the Retry-After of a 503: about the time Serve takes to route around a lost replica
 
 # /openapi.json and /docs are the ingress's own routes (below): the schema names the served fleet's format,
 # which the app only knows once a replica is configured.
@@ -264,27 +280,31 @@ api = FastAPI(
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, e: ApiError):
-    return JSONResponse(e.to_json(), status_code=e.status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None
+    return JSONResponse(e.to_json(), status_code=e.status, headers=headers)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256,
                   graceful_shutdown_timeout_s=20)
 @serve.ingress(api)
 class Ingress:
-    """Validates, fans out to member applications, gathers Δ, ranks."""
+    """Validates, fans out to member or shard applications, gathers Δ, ranks."""
 
     def __init__(self):
         self.members: dict[str, dict] = {}
         self.handles: dict[str, Any] = {}
+        self.shards: list[tuple[Any, list[str]]] = []  # sharded layout: (handle, its members) per shard
+        self.layout: dict[str, Any] = {"mode": "members"}
         self.fused, self.order, self.local, self.local_key = None, [], None, None
         self.api_key, self.limits, self.loss, self.fleet = None, Limits(), "mse", ""
         self.library, self.library_path = None, None
         self.image_format, self.openapi_cache = LEGACY, None
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """config: fleet, members {name: {app, sha256}}, fused (the whole-fleet app, or None),
-        api_key_sha256, max_images, max_body_bytes; from :func:`deploy` also records and loss (the checked
-        manifest's members and loss; without them, as from a Serve config file, the manifest is read here)."""
+        """config: fleet, members {name: {app, sha256}}, fused (the whole-fleet app, or None), shards
+        ([{app, members}] of the sharded layout, or None), api_key_sha256, max_images, max_body_bytes; from
+        :func:`deploy` also records and loss (the checked manifest's members and loss; without them, as from a
+        Serve config file, the manifest is read here)."""
         manifest = ({"members": config["records"], "loss": config.get("loss", "mse")} if "records" in config
                     else read_manifest(config["fleet"]))
         records = {m["name"]: m for m in manifest["members"]}
@@ -309,8 +329,13 @@ class Ingress:
         else:
             self.local = self.local_key = None
         self.fused = serve.get_app_handle(config["fused"]) if config.get("fused") else None
-        self.handles = {} if self.fused or self.local else {name: serve.get_app_handle(spec["app"])
-                                                            for name, spec in self.members.items()}
+        shards = config.get("shards") or []
+        self.shards = [(serve.get_app_handle(s["app"]), list(s["members"])) for s in shards]
+        self.handles = {} if self.fused or self.local or self.shards else {
+            name: serve.get_app_handle(spec["app"]) for name, spec in self.members.items()}
+        mode = "embedded" if self.local else "fused" if self.fused else "sharded" if self.shards else "members"
+        self.layout = {"mode": mode, **({"shards": [{"app": s["app"], "members": list(s["members"])}
+                                                    for s in shards]} if shards else {})}
         self.api_key = config.get("api_key_sha256") or None
         self.limits = Limits(int(config.get("max_images", Limits.max_images)),
                              int(config.get("max_body_bytes", Limits.max_body_bytes)))
@@ -362,9 +387,11 @@ class Ingress:
         with_samples, method = parse_flag(per_sample, "per_sample"), parse_ranking(ranking)
         x, requested = await self._parse(parse_score_request, request, parse_flag(strict_format, "strict_format"))
         names = select_members(requested, list(self.members))
+        # The records of the layout asked (an update may reconfigure this replica while the scorers answer).
+        records, loss = [self.records[n] for n in names], self.loss
         d = await self._per_sample(x, names)
-        return score_response(d, [self.records[n] for n in names], self.loss, 1000 * (time.perf_counter() - t0),
-                              method=method, with_samples=with_samples)
+        return score_response(d, records, loss, 1000 * (time.perf_counter() - t0), method=method,
+                              with_samples=with_samples)
 
     async def _per_sample(self, x: np.ndarray, names: list[str]) -> np.ndarray:
         """Per-sample δ of ``names`` from the layout's scorers: (len(names), N)."""
@@ -374,6 +401,8 @@ class Ingress:
         if self.fused is not None:  # one hop: every member in manifest order, then the requested rows
             d = await self._call(self.fused, "the fleet scorer", x)
             return d[[self.order.index(n) for n in names]]
+        if self.shards:  # every shard holding a requested member at once; all of them, or a 503
+            return await gather_shards(self.shards, names, len(x), lambda handle, what: self._call(handle, what, x))
         return np.stack(await asyncio.gather(*(self._call(self.handles[n], f"member '{n}'", x) for n in names)))
 
     @api.post("/v1/select", responses=ERRORS, openapi_extra=select_body(),
@@ -415,10 +444,11 @@ class Ingress:
     @api.get("/v1/members", responses={401: ERRORS[401]}, summary="the fleet's members")
     async def members_info(self, request: Request):
         check_api_key(self.api_key, request.headers.get("x-api-key"))
-        return {"fleet": self.fleet, "loss": self.loss, "image_format": str(self.image_format), "members": [
+        return {"fleet": self.fleet, "loss": self.loss, "image_format": str(self.image_format),
+                "layout": self.layout, "members": [
             {"name": name, "spec": m.get("spec"), "class": m.get("class"), "loss": m["config"]["loss"],
              "architecture": m["config"]["architecture"], "sha256": m["sha256"],
-             "image_format": str(Member.from_json(self.records[name]).image_format),
+             "image_format": str(record_format(self.records[name])),
              "training": {"epochs": m["config"]["epochs"], "optimizer": m["config"]["optimizer"],
                           "lr": m["config"]["lr"], "n_train": m.get("n_train"),
                           **{k: m.get("metrics", {}).get(k) for k in ("train_delta", "test_delta")}}}
@@ -445,7 +475,7 @@ def ingress_app(args: dict[str, Any]):
     """Application builder for the ingress (also the `import_path` in Serve config files).
 
     args: fleet, members {name: {app, sha256}}, api_key_sha256, max_images, max_body_bytes,
-    and optionally num_replicas. Embedded layout (``embedded``: true): the replicas hold the
+    and optionally fused (the fleet scorer's app), shards ([{app, members}]), num_replicas. Embedded layout (``embedded``: true): the replicas hold the
     fleet, sized like a scorer (num_cpus, num_gpus, autoscaling_config, device, threads).
     """
     scaling = ("num_replicas", "num_cpus", "num_gpus", "autoscaling_config")

@@ -15,30 +15,41 @@ from ...api import Limits, key_digest
 from ...fleet import read_manifest, slug
 from ...fleet.manifest import verify_fleet
 from .app import INGRESS_APP, check_library, fleet_app, fleet_digest, ingress_app, member_app, served_format
+from .sharded import shard_layout
 
 log = logging.getLogger(__name__)
 
 MEMBER_PREFIX = "simex-m-"
 FLEET_PREFIX = "simex-fleet-"
-MODES = ("members", "fused", "embedded")
+SHARD_PREFIX = "simex-shard-"
+SCORER_PREFIXES = (MEMBER_PREFIX, FLEET_PREFIX, SHARD_PREFIX)
+MODES = ("members", "fused", "embedded", "sharded")
+# Above this many members, `--mode members` (one Serve application per member) is warned against:
+# Serve's controller reconciles every application, and a deploy or update of hundreds takes minutes.
+MEMBERS_MODE_LIMIT = 64
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    replicas: int = 1  # per member
-    autoscaling: dict | None = None  # Serve autoscaling_config per member, instead of replicas
+    replicas: int = 1  # per scorer (a member, the fleet or a shard)
+    autoscaling: dict | None = None  # Serve autoscaling_config per scorer, instead of replicas
     cpus_per_replica: float = 0.25
     ingress_replicas: int = 1
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
-    mode: str = "members"  # or "fused": one application holding the whole fleet
+    mode: str = "members"  # one of MODES (app.py's docstring: the layouts)
     device: str = "cpu"
     gpus_per_replica: float = 0.0
     library: str | None = None  # a classifier library for POST /v1/select (absolute path or URI)
+    shards: int | None = None  # sharded: this many shards of near-equal size, or
+    members_per_shard: int | None = None  # shards of this many members (neither: sharded.DEFAULT_MEMBERS_PER_SHARD)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown serving mode '{self.mode}'; known: {', '.join(MODES)}")
+        if (self.shards is not None or self.members_per_shard is not None) and self.mode != "sharded":
+            raise ValueError("--shards and --members-per-shard apply to --mode sharded; add --mode sharded")
+        shard_layout(["m"], self.shards, self.members_per_shard)  # both given, or < 1: a clear error now
         if self.device == "cuda" and not self.gpus_per_replica > 0:
             raise ValueError("--device cuda needs --gpus-per-replica > 0 (fractions allowed, e.g. 0.25)")
 
@@ -50,6 +61,19 @@ def member_app_name(name: str, sha256: str) -> str:
 
 def fleet_app_name(members: list[dict]) -> str:
     return f"{FLEET_PREFIX}{fleet_digest(members)[:8]}"
+
+
+def shard_app_name(members: list[dict]) -> str:
+    """A shard is named by its members' names and weight hashes: a shard whose members did not change
+    keeps its application (and replicas) across an update."""
+    return f"{SHARD_PREFIX}{fleet_digest(members)[:8]}"
+
+
+def fleet_shards(members: list[dict], s: ServeSettings) -> list[list[dict]]:
+    """The manifest records ``members`` in the shards of the sharded layout (contiguous, fleet order)."""
+    by_name = {m["name"]: m for m in members}
+    return [[by_name[n] for n in shard]
+            for shard in shard_layout([m["name"] for m in members], s.shards, s.members_per_shard)]
 
 
 def _scaling(s: ServeSettings) -> dict[str, Any]:
@@ -71,6 +95,10 @@ def _fleet_args(fleet: Path, members: list[dict], s: ServeSettings) -> dict[str,
     return {"fleet": str(fleet), "digest": fleet_digest(members), **_scaling(s)}
 
 
+def _shard_args(fleet: Path, shard: list[dict], s: ServeSettings) -> dict[str, Any]:
+    return {**_fleet_args(fleet, shard, s), "names": [m["name"] for m in shard]}
+
+
 def served_record(record: dict) -> dict:
     """What a replica needs of a checked manifest record: all of it but the training history."""
     return {k: v for k, v in record.items() if k != "history"}
@@ -84,6 +112,10 @@ def _wanted(fleet: Path, members: list[dict], s: ServeSettings) -> dict[str, Any
     records = [served_record(m) for m in members]
     if s.mode == "fused":
         return {fleet_app_name(members): fleet_app({**_fleet_args(fleet, members, s), "records": records})}
+    if s.mode == "sharded":
+        return {shard_app_name(shard): fleet_app({**_shard_args(fleet, shard, s),
+                                                  "records": [served_record(m) for m in shard]})
+                for shard in fleet_shards(members, s)}
     return {member_app_name(m["name"], m["sha256"]): member_app({**_member_args(fleet, m, s), "record": r})
             for m, r in zip(members, records)}
 
@@ -100,7 +132,14 @@ def _ingress_args(fleet: Path, members: list[dict], s: ServeSettings) -> dict[st
         "num_replicas": s.ingress_replicas,
         **({"library": s.library} if s.library else {}),
         **(_embedded_args(s) if s.mode == "embedded" else {}),
+        **(_sharded_args(members, s) if s.mode == "sharded" else {}),
     }
+
+
+def _sharded_args(members: list[dict], s: ServeSettings) -> dict[str, Any]:
+    """The ingress's shard layout: each shard's application and its members, fleet order."""
+    return {"shards": [{"app": shard_app_name(shard), "members": [m["name"] for m in shard]}
+                       for shard in fleet_shards(members, s)]}
 
 
 def _embedded_args(s: ServeSettings) -> dict[str, Any]:
@@ -140,7 +179,7 @@ def deploy(fleet_dir, settings: ServeSettings = ServeSettings(), manifest: dict 
         check_library(Library.load(settings.library), fmt)
     wanted = _wanted(fleet, members, settings)
     running = set(serve.status().applications)
-    existing = {a for a in running if a.startswith((MEMBER_PREFIX, FLEET_PREFIX))}
+    existing = {a for a in running if a.startswith(SCORER_PREFIXES)}
     new = [a for a in wanted if a not in existing]
     if new:
         log.info("deploying %d scorer app(s): %s", len(new), ", ".join(new))
@@ -150,7 +189,7 @@ def deploy(fleet_dir, settings: ServeSettings = ServeSettings(), manifest: dict 
     serve.run(ingress_app(ingress), name=INGRESS_APP, route_prefix="/")
     removed = sorted(existing - set(wanted))
     for app in removed:
-        log.info("removing member app %s", app)
+        log.info("removing scorer app %s", app)
         serve.delete(app)
     return {"added": new, "kept": sorted(existing & set(wanted)), "removed": removed}
 
@@ -158,7 +197,7 @@ def deploy(fleet_dir, settings: ServeSettings = ServeSettings(), manifest: dict 
 def undeploy() -> list[str]:
     """Delete the ingress and every scorer app (other Serve apps are left alone)."""
     apps = [a for a in serve.status().applications
-            if a == INGRESS_APP or a.startswith((MEMBER_PREFIX, FLEET_PREFIX))]
+            if a == INGRESS_APP or a.startswith(SCORER_PREFIXES)]
     if INGRESS_APP in apps:  # stop taking requests first
         serve.delete(INGRESS_APP)
     for app in apps:
@@ -178,7 +217,11 @@ def serve_config(fleet_dir, settings: ServeSettings = ServeSettings(), host="127
         apps.append({"name": fleet_app_name(members), "route_prefix": None,
                      "import_path": "simex_ray.distributed.serving.app:fleet_app",
                      "args": _fleet_args(fleet, members, settings)})
-    else:
+    elif settings.mode == "sharded":
+        apps += [{"name": shard_app_name(shard), "route_prefix": None,
+                  "import_path": "simex_ray.distributed.serving.app:fleet_app",
+                  "args": _shard_args(fleet, shard, settings)} for shard in fleet_shards(members, settings)]
+    elif settings.mode == "members":
         apps += [{"name": member_app_name(m["name"], m["sha256"]), "route_prefix": None,
                   "import_path": "simex_ray.distributed.serving.app:member_app",
                   "args": _member_args(fleet, m, settings)} for m in members]
