@@ -106,8 +106,10 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     from simex_ray import data
+    from simex_ray.fleet import Fleet
 
-    x = data.balanced_sample(data.load(args.data), args.batch, seed=0).x
+    fmt = Fleet.load(args.fleet).image_format  # the batches are sent in the fleet's format
+    x = data.balanced_sample(data.load(args.data, fmt=fmt), args.batch, seed=0).x
     buf = io.BytesIO()
     np.save(buf, x)
     headers = {"content-type": "application/x-npy", **({"x-api-key": args.api_key} if args.api_key else {})}
