@@ -49,14 +49,18 @@ def show(res: dict, refs: list[str]) -> None:
     names = display_names(refs)
     w = max(len(v) for v in names.values())
     print(f"\n{res['format']}  architecture {res['arch']}  (train {res['train_s']:.0f}s, score {res['score_s']:.1f}s)")
-    print(f"{'unknown':<{w}}  " + "  ".join(f"{names[r][:10]:>10}" for r in refs) + "  own rank")
-    ok = 0
+    methods = ("raw", "normalized", "calibrated", "in_distribution", "typicality")
+    print(f"{'unknown (raw Δ)':<{w}}  " + "  ".join(f"{names[r][:10]:>10}" for r in refs)
+          + "  own rank by " + " / ".join(methods))
+    ok = dict.fromkeys(methods, 0)
     for r in refs:
         d = res["rows"][r].delta
-        rank = res["rows"][r].ranking.index(r) + 1
-        ok += rank == 1
-        print(f"{names[r]:<{w}}  " + "  ".join(f"{d[m]:10.5f}" for m in refs) + f"  {rank}")
-    print(f"self-identified: {ok}/{len(refs)}")
+        ranks = {m: res["rows"][r].ranking_by(m).index(r) + 1 for m in methods}
+        for m in methods:
+            ok[m] += ranks[m] == 1
+        print(f"{names[r]:<{w}}  " + "  ".join(f"{d[m]:10.5f}" for m in refs) + "  "
+              + " / ".join(str(ranks[m]) for m in methods))
+    print("self-identified: " + ", ".join(f"{m} {ok[m]}/{len(refs)}" for m in methods))
     a, b = res["mixed"]
     comp = res["mixture"].composition
     print(f"50/50 mixture of {names[a]} and {names[b]}: nearest " +
