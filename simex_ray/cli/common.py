@@ -97,7 +97,7 @@ def split_members(text: str | None) -> list[str] | None:
 
 
 def read_unknown(spec: str, *, split: str = "all", samples: int | None = None, seed: int = 0, data_dir=None,
-                 stream: bool = True, fmt=None, strict: bool = False):
+                 stream: bool = True, fmt=None, strict: bool = False, cache: dict | None = None):
     """Spec + split + samples -> (images, labels): the one rule of `simex score`, `matrix` and `query`.
 
     ``split='all'`` reads every image (an uncompressed npz is streamed block by block, memory flat in N,
@@ -121,23 +121,24 @@ def read_unknown(spec: str, *, split: str = "all", samples: int | None = None, s
             next(streamed.blocks(1, **conv))
         return streamed.blocks(**conv), streamed.y
     if split == "all":
-        ds = data.load(spec, seed=seed, data_dir=data_dir, **conv)
+        ds = data.load(spec, seed=seed, data_dir=data_dir, cache=cache, **conv)
         if samples:
             ds = data.balanced_sample(ds, samples, seed=seed)
         return ds.x, ds.y
-    train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir, **conv)
+    train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir, cache=cache, **conv)
     ds = train if split == "train" else test
     return ds.x, ds.y
 
 
-def fleet_format_note(spec: str, fmt, *, seed: int = 0, data_dir=None) -> str | None:
-    """What the conversion rule does to ``spec``'s images to reach the fleet's ``fmt`` (None: nothing)."""
+def fleet_format_note(spec: str, fmt, *, seed: int = 0, data_dir=None, cache: dict | None = None) -> str | None:
+    """What the conversion rule does to ``spec``'s images to reach the fleet's ``fmt`` (None: nothing);
+    ``cache``: the one :func:`read_unknown` filled, so the data is not read again."""
     from .. import data
     from ..formats import conversion
 
     streamed = data.stream(spec)
     native = streamed.native_format() if streamed is not None else data.native_format(
-        spec, seed=seed, data_dir=data_dir)
+        spec, seed=seed, data_dir=data_dir, cache=cache)
     return conversion(native, fmt)
 
 

@@ -220,10 +220,10 @@ def cmd_score(args) -> int:
     if args.address:
         return score_on_ray(args)
     fleet = Fleet.load(args.fleet, names=split_members(args.members), device=resolve_device(args.device))
-    fmt = fleet.image_format
+    fmt, cache = fleet.image_format, {}
     images, labels = read_unknown(args.data, split=args.split, samples=args.samples, seed=data_seed(args),
-                                  data_dir=args.data_dir, fmt=fmt, strict=args.strict_format)
-    converted = fleet_format_note(args.data, fmt, seed=data_seed(args), data_dir=args.data_dir)
+                                  data_dir=args.data_dir, fmt=fmt, strict=args.strict_format, cache=cache)
+    converted = fleet_format_note(args.data, fmt, seed=data_seed(args), data_dir=args.data_dir, cache=cache)
     t0 = time.perf_counter()
     result = fleet.score(images, loss=args.loss, method=args.ranking or DEFAULT_RANKING,
                          per_sample=args.per_sample is not None)
