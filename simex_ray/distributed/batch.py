@@ -94,27 +94,25 @@ def _delta(batch: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
     return np.stack([np.asarray(batch[f"delta/{n}"], dtype=np.float64) for n in names])
 
 
-class _Partial:
+class _Answer:
     """Per batch: the batch's answer (one row, JSON), from its delta columns."""
 
     def __init__(self, records: list[dict], loss: str, method: str):
         self.members = [Member.from_json(r) for r in records]
         self.names, self.loss, self.method = [m.name for m in self.members], loss, method
 
+    def result(self, batch: dict[str, np.ndarray], per_sample: bool = False) -> ScoreResult:
+        return score_result(_delta(batch, self.names), self.members, self.loss, self.method, per_sample)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        r = score_result(_delta(batch, self.names), self.members, self.loss, self.method)
-        return {"part": np.array([json.dumps(r.to_json())])}
+        return {"part": np.array([json.dumps(self.result(batch).to_json())])}
 
 
-class _Rows:
+class _Rows(_Answer):
     """Per batch: the per-sample rows of `simex score --per-sample` (image column dropped)."""
 
-    def __init__(self, records: list[dict], loss: str, method: str):
-        self.members = [Member.from_json(r) for r in records]
-        self.names, self.loss, self.method = [m.name for m in self.members], loss, method
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        r = score_result(_delta(batch, self.names), self.members, self.loss, self.method, keep_per_sample=True)
+        r = self.result(batch, per_sample=True)
         out = {"index": batch["index"]}
         if "label" in batch:
             out["label"] = batch["label"]
@@ -195,7 +193,7 @@ def score_batch(fleet_dir: str, spec: str, *, fmt: ImageFormat | None = None, st
         ds.map_batches(_Rows, fn_constructor_kwargs=kw, batch_format="numpy", compute=one,
                        batch_size=settings.batch_size, num_cpus=0.25).write_parquet(storage.normalize(per_sample))
         written = per_sample
-    parts = ds.map_batches(_Partial, fn_constructor_kwargs=kw, batch_format="numpy", compute=one,
+    parts = ds.map_batches(_Answer, fn_constructor_kwargs=kw, batch_format="numpy", compute=one,
                            batch_size=settings.batch_size, num_cpus=0.25).take_all()
     result = merge_results(ScoreResult.from_json(json.loads(p["part"])) for p in parts)
     return {"result": result, "conversion": conversion(native, fmt), "seconds": time.perf_counter() - t0, "slices": len(slices), "shards": len(shards),
