@@ -82,6 +82,37 @@ def test_slices_read_from_s3(unknown, s3):
     assert all(s.source.startswith("s3://bucket/unknown/") for s in slices)
     x = np.concatenate([data.read_slice(s)[1] for s in slices])
     np.testing.assert_array_equal(x, data.load(unknown["npz"]).x[:150])
+    # in one process too: the same URI loads whole
+    np.testing.assert_array_equal(data.load("parquet:s3://bucket/unknown").x, x)
+
+
+def test_npz_from_s3_is_sliced_with_ranged_reads_and_loads_in_process(unknown, s3, tmp_path):
+    local = data.load(unknown["npz"], fmt=None)
+    with s3.open_output_stream("bucket/u.npz") as out:
+        out.write((unknown["root"] / "u.npz").read_bytes())
+    slices = data.plan_slices("npz:s3://bucket/u.npz", block=128)
+    assert [(s.kind, s.start, s.n, s.source) for s in slices] == [
+        ("npy", 0, 128, "s3://bucket/u.npz"), ("npy", 128, 128, "s3://bucket/u.npz"), ("npy", 256, 44, "s3://bucket/u.npz")]
+    parts = [data.read_slice(s) for s in slices]
+    np.testing.assert_array_equal(np.concatenate([x for _, x, _ in parts]), local.x)
+    np.testing.assert_array_equal(np.concatenate([y for _, _, y in parts]), unknown["y"])
+    # streamed in one process (what `simex score` without --address does with an uncompressed npz)
+    stream = data.stream("npz:s3://bucket/u.npz")
+    np.testing.assert_array_equal(np.concatenate(list(stream.blocks(100))), data.load(unknown["npz"]).x)
+    np.testing.assert_array_equal(data.load("npz:s3://bucket/u.npz").x, data.load(unknown["npz"]).x)
+    # a compressed npz cannot be sliced: it is fetched (within the data cap) and loaded whole
+    np.savez_compressed(tmp_path / "c.npz", x=unknown["x"], y=unknown["y"])
+    with s3.open_output_stream("bucket/c.npz") as out:
+        out.write((tmp_path / "c.npz").read_bytes())
+    assert data.plan_slices("npz:s3://bucket/c.npz") is None
+    both = data.load("npz:s3://bucket/c.npz")
+    np.testing.assert_array_equal(both.x, data.load(unknown["npz"]).x)
+    np.testing.assert_array_equal(both.y, unknown["y"])
+    # what cannot be read is said in one line
+    with pytest.raises(data.SpecError, match="does not exist"):
+        data.load("npz:s3://bucket/nothing.npz")
+    with pytest.raises(data.SpecError, match="local directory"):
+        data.load("folder:s3://bucket/images")
 
 
 @pytest.mark.ray

@@ -6,11 +6,14 @@ import logging
 import os
 import pathlib
 import re
+import tempfile
 from dataclasses import replace
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from . import dataset
+from .. import storage
 from ..formats import LEGACY, FormatError, ImageFormat, convert
 from .dataset import Dataset, SpecError, classes_of
 from .spec import Spec, parse_spec, source, suggest
@@ -25,11 +28,50 @@ def load_node(p: Spec, root: pathlib.Path, seed: int) -> Dataset:
         return source(p.name).load(root)
     if p.kind == "file":
         assert p.arg is not None
+        if storage.is_uri(p.arg):
+            return replace(load_uri(p), spec=p.canonical)
         ds = source(p.name).load(pathlib.Path(p.arg).expanduser(), p.canonical)
         return replace(ds, spec=p.canonical)
     assert p.inner is not None
     inner = load_node(p.inner, root, seed)
     return apply_variant(p.name, inner, p.canonical, seed)
+
+
+def load_uri(p: Spec) -> Dataset:
+    """A file scheme's data at a ``pyarrow`` filesystem URI (``s3://``, ``gs://``, ``file://``).
+
+    ``parquet:`` is read row group by row group and an uncompressed ``npz:`` block by block, both
+    straight from the store (:mod:`.slices`); any other file (a compressed npz, pkl, idx) is copied
+    to a temporary local file first, at most the data cap in size. A directory scheme (``folder:``)
+    needs a local directory.
+    """
+    from . import safe_io
+    from .slices import load_slices, plan_slices
+
+    assert p.arg is not None
+    src = source(p.name)
+    if src.arg == "DIR":
+        raise SpecError(f"{p.canonical}: {p.name}: reads a local directory, not a URI; copy it to this machine "
+                        f"(e.g. `aws s3 sync`), or store the images as parquet:")
+    loc = storage.resolve(p.arg)
+    info = loc.info()
+    if p.name == "parquet" or info.type == pafs.FileType.File and p.name == "npz":
+        slices = plan_slices(f"{p.name}:{p.arg}")
+        if slices is not None:
+            return load_slices(slices, p.canonical)
+    if info.type != pafs.FileType.File:
+        what = "does not exist" if info.type == pafs.FileType.NotFound else "is not a file"
+        raise SpecError(f"{p.canonical}: '{loc}' {what}; check the URI")
+    cap = safe_io.max_data_bytes()
+    if info.size is not None and info.size > cap:
+        raise SpecError(f"{p.canonical}: '{loc}' is {info.size:,} bytes, over the data cap of {cap:,} "
+                        f"(raise {safe_io.MAX_BYTES_ENV} to read it)")
+    with tempfile.TemporaryDirectory(prefix="simex-uri-") as d:
+        local = pathlib.Path(d) / (loc.name or "data")
+        with loc.fs.open_input_stream(loc.path) as f, open(local, "wb") as out:
+            while chunk := f.read(1 << 22):
+                out.write(chunk)
+        return src.load(local, p.canonical)
 
 
 def select_class(ds: Dataset, c: str, canonical: str) -> Dataset:

@@ -67,6 +67,7 @@ __all__ = [
     "Refused",
     "RestrictedUnpickler",
     "check_npz",
+    "check_npz_file",
     "load_pickle",
     "max_data_bytes",
     "read_idx",
@@ -488,21 +489,26 @@ def check_npz(path: str | os.PathLike, keys: tuple[str, ...] = ("x", "y")) -> No
     header must declare exactly the bytes the member holds. A bare ``.npy`` file
     is checked against the file size. Files of other kinds are left to ``np.load``.
     """
-    cap = max_data_bytes()
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        magic = f.read(len(npy_format.MAGIC_PREFIX))
-        f.seek(0)
-        if magic == npy_format.MAGIC_PREFIX:
-            _check_npy(f, size, "a bare .npy file (not an .npz)", cap)
-            return
-        if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-            return
+        check_npz_file(f, os.fstat(f.fileno()).st_size, keys)
+
+
+def check_npz_file(f: BinaryIO, size: int, keys: tuple[str, ...] = ("x", "y")) -> None:
+    """:func:`check_npz` of an open, seekable file of ``size`` bytes (a local file, or a random-access
+    ``pyarrow`` file of an object store); it is left at its start."""
+    cap = max_data_bytes()
+    f.seek(0)
+    magic = f.read(len(npy_format.MAGIC_PREFIX))
+    f.seek(0)
+    if magic == npy_format.MAGIC_PREFIX:
+        _check_npy(f, size, "a bare .npy file (not an .npz)", cap)
+    elif magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         names = {n for k in keys for n in (k, k + ".npy")}
         with zipfile.ZipFile(f) as z:
             for info in z.infolist():
                 if info.filename in names:
                     _check_member(z, info, size, cap)
+    f.seek(0)
 
 
 def _check_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, archive: int, cap: int) -> None:

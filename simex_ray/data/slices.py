@@ -7,8 +7,8 @@ slices were spread. Two specs are sliced without reading their images on the dri
 
 * ``parquet:PATH`` where PATH is a file, a directory of ``*.parquet`` files, or a ``pyarrow``
   filesystem URI of either (``s3://``, ``gs://``, ``file://``): one slice per row group;
-* ``npz:PATH`` with an uncompressed ``x`` (``np.savez``) or a bare ``.npy``: one slice per ``block``
-  images, read by seeking into the file.
+* ``npz:PATH`` with an uncompressed ``x`` (``np.savez``) or a bare ``.npy``, PATH a local file or a
+  URI: one slice per ``block`` images, read by seeking into the file (ranged reads on an object store).
 
 Every other spec is read whole on the driver by :func:`~simex_ray.data.load` and cut into slices of
 arrays (:func:`array_slices`). Ray-free.
@@ -24,12 +24,12 @@ import numpy as np
 
 from .. import storage
 from ..formats import ImageFormat
-from .dataset import SpecError
-from .images import to_unit_images
+from .dataset import Dataset, SpecError
+from .images import stack_images, to_unit_images
 from .spec import parse_spec
-from .streaming import stream
+from .streaming import open_source, read_array, stream
 
-__all__ = ["Slice", "array_slices", "plan_slices", "read_slice"]
+__all__ = ["Slice", "array_slices", "load_slices", "plan_slices", "read_slice"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Slice:
     """Rows ``start .. start + n`` of a dataset, and how to read them.
 
     ``kind``: ``parquet`` (``source`` a file path or URI, ``part`` its row group), ``npy`` (``source``
-    a local file, ``part`` the byte offset of the first image; ``meta`` dtype and image shape) or
+    a file path or URI, ``part`` the byte offset of the first image; ``meta`` dtype and image shape) or
     ``array`` (``payload``: the images and labels themselves).
     """
 
@@ -60,7 +60,7 @@ def plan_slices(spec: str, *, block: int = 8192) -> list[Slice] | None:
         return None
     if p.name == "parquet":
         return _parquet_slices(p.arg, p.canonical)
-    if p.name == "npz" and not storage.is_uri(p.arg):
+    if p.name == "npz":
         s = stream(p.canonical)
         if s is None:
             return None
@@ -68,7 +68,7 @@ def plan_slices(spec: str, *, block: int = 8192) -> list[Slice] | None:
         per = int(np.prod(s.shape[1:], dtype=np.int64)) * s.dtype.itemsize
         for start in range(0, len(s), block):
             n = min(block, len(s) - start)
-            out.append(Slice("npy", s.spec, start, n, str(s.path), s.offset + start * per,
+            out.append(Slice("npy", s.spec, start, n, s.source, s.offset + start * per,
                              (s.dtype.str, tuple(s.shape[1:])), labels=None if s.y is None else s.y[start:start + n]))
         return out
     return None
@@ -89,9 +89,9 @@ def read_slice(sl: Slice, fmt: ImageFormat | None = None, strict: bool = False
     if sl.kind == "npy":
         dtype, shape = np.dtype(sl.meta[0]), tuple(sl.meta[1])
         count = sl.n * int(np.prod(shape, dtype=np.int64))
-        with open(sl.source, "rb") as f:
+        with open_source(sl.source) as f:
             f.seek(sl.part)
-            raw = np.fromfile(f, dtype=dtype, count=count)
+            raw = read_array(f, dtype, count)
         if raw.size != count:
             raise SpecError(f"{sl.spec}: file ends inside images {sl.start}..{sl.start + sl.n}; the file is truncated")
         x = to_unit_images(raw.reshape((sl.n, *shape)), name=f"{sl.spec} images {sl.start}..", fmt=fmt, strict=strict)
@@ -110,6 +110,15 @@ def read_slice(sl: Slice, fmt: ImageFormat | None = None, strict: bool = False
             raise SpecError(f"{sl.spec}: row group {sl.part} of {loc} changed while it was read; read it again")
         return index, x, y
     raise ValueError(f"unknown slice kind '{sl.kind}'")
+
+
+def load_slices(slices: list[Slice], spec: str) -> Dataset:
+    """All of ``slices`` read here, in order, as one dataset (native format; mixed sizes: the most common)."""
+    parts = [read_slice(sl) for sl in slices]
+    xs = [x for _, x, _ in parts]
+    x = stack_images(xs, spec) if len({a.shape[1:] for a in xs}) > 1 else np.concatenate(xs)
+    ys = [y for _, _, y in parts]
+    return Dataset(x, None if any(y is None for y in ys) else np.concatenate(ys), spec)
 
 
 def _parquet_slices(arg: str, spec: str) -> list[Slice]:

@@ -5,23 +5,16 @@ from __future__ import annotations
 
 import pathlib
 
-import numpy as np
-
 from ..dataset import Dataset, SpecError, need_path
-from ..images import stack_images
 from ..spec import register_file
 from .parquet_rows import table_images
 
 
 def load_parquet(path: pathlib.Path, spec: str) -> Dataset:
     if path.is_dir():  # a Parquet dataset: every *.parquet file under it, row group by row group, in path order
-        from ..slices import plan_slices, read_slice
+        from ..slices import load_slices, plan_slices
 
-        parts = [read_slice(sl) for sl in plan_slices(f"parquet:{path}")]
-        xs = [x for _, x, _ in parts]
-        x = stack_images(xs, spec) if len({a.shape[1:] for a in xs}) > 1 else np.concatenate(xs)
-        ys = [y for _, _, y in parts]
-        return Dataset(x, None if any(y is None for y in ys) else np.concatenate(ys), spec)
+        return load_slices(plan_slices(f"parquet:{path}"), spec)
     need_path(path, spec)
     import pyarrow.parquet as pq
 
