@@ -167,11 +167,15 @@ def serve_part(work: Path, sizes: list[int], args) -> list[dict]:
                     times.append(time.perf_counter() - t0)
                 rows.append({"members": k, "layout": "in-process", "p50_1_ms": 1000 * statistics.median(times),
                              "rps_1": 1 / statistics.median(times)})
-                layouts = [("fused", {"mode": "fused", "cpus_per_replica": min(1.0, cpus / 2)}),
-                           ("sharded S=2", {"mode": "sharded", "shards": 2, "cpus_per_replica": cpus / 4}),
-                           ("sharded S=4", {"mode": "sharded", "shards": 4, "cpus_per_replica": cpus / 8})]
+                # An update starts the changed scorers before it stops the old ones, so each layout leaves
+                # room for one more of its scorers (the ingress holds 0.25 CPU): fused c = (C - 0.5) / 2,
+                # S shards c = (C - 0.5) / (S + 1), k members c = (C - 0.5) / (k + 1).
+                room = cpus - 0.5
+                layouts = [("fused", {"mode": "fused", "cpus_per_replica": room / 2}),
+                           ("sharded S=2", {"mode": "sharded", "shards": 2, "cpus_per_replica": room / 3}),
+                           ("sharded S=4", {"mode": "sharded", "shards": 4, "cpus_per_replica": room / 5})]
                 if k <= args.members_max:
-                    layouts.append(("members", {"mode": "members", "cpus_per_replica": min(0.25, cpus / 2 / k)}))
+                    layouts.append(("members", {"mode": "members", "cpus_per_replica": room / (k + 1)}))
                 for name, kw in layouts:
                     settings = ServeSettings(**kw)
                     t0 = time.perf_counter()

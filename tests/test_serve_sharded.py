@@ -361,3 +361,30 @@ def test_update_redeploys_only_the_changed_shard_and_a_lost_replica_is_never_par
     assert set(gone.json()) == {"error", "status"} and "shard 2/2" in gone.json()["error"]
     assert service.redeploy()["added"] == changes["added"]
     assert score_http(service, x).json()["delta"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.ray
+def test_an_update_with_no_room_is_removed_again_and_the_service_keeps_answering(service, caplog):
+    """New scorers that cannot be placed (here: more CPUs per replica than the cluster has) would keep
+    Serve's own deploy waiting forever; ours gives up after --deploy-timeout, removes them, and the
+    running layout answers as before."""
+    from simex_ray.distributed.serving.deploy import DeployError
+
+    service.redeploy()
+    before = shard_apps()
+    x = unknown_images()
+    expected = score_http(service, x).json()
+    t0 = time.perf_counter()
+    with caplog.at_level("WARNING", logger="simex_ray.distributed.serving.deploy"), \
+            pytest.raises(DeployError, match="not running after 15 s; removed again") as e:
+        service.redeploy(mode="fused", shards=None, cpus_per_replica=16.0, deploy_timeout_s=15)
+    assert time.perf_counter() - t0 < 120
+    assert "simex-fleet-" in str(e.value)
+    assert any("need 16.00 CPUs" in r.getMessage() for r in caplog.records)  # said at once, not after the wait
+    from ray import serve
+
+    assert not [a for a in serve.status().applications if a.startswith("simex-fleet-")]
+    assert shard_apps() == before
+    again = score_http(service, x)
+    assert again.status_code == 200, again.text
+    assert_same(again.json(), expected)

@@ -51,6 +51,10 @@ def add_parsers(sub) -> None:
         p.add_argument("--library", default=None,
                        help="a classifier library (`simex train-bases`) to answer POST /v1/select: which "
                             "classifier to transfer from")
+        p.add_argument("--deploy-timeout", type=float, default=600.0, metavar="S",
+                       help="new scorer applications not running after S seconds (e.g. no room for their replicas) "
+                            "are removed again and the command fails; the running service is left as it was "
+                            "(default 600)")
         p.add_argument("--ingress-replicas", type=int, default=1,
                        help="replicas of the HTTP ingress (default 1; 2 or more on a cluster, so a lost node "
                             "does not take the only one)")
@@ -138,7 +142,7 @@ def settings_from(args):
                          shards=args.shards, members_per_shard=args.members_per_shard,
                          gpus_per_replica=args.gpus_per_replica, ingress_replicas=args.ingress_replicas,
                          limits=Limits(max_images=args.max_images, max_body_bytes=int(args.max_body_mb * 2**20)),
-                         library=library_location(args.library))
+                         library=library_location(args.library), deploy_timeout_s=args.deploy_timeout)
 
 
 def library_location(path: str | None) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from ray import serve
 
 from ... import storage
 from ...api import Limits, key_digest
+from ...errors import squash
 from ...fleet import read_manifest, slug
 from ...fleet.manifest import verify_fleet
 from .app import INGRESS_APP, check_library, fleet_app, fleet_digest, ingress_app, member_app, served_format
@@ -43,6 +45,7 @@ class ServeSettings:
     library: str | None = None  # a classifier library for POST /v1/select (absolute path or URI)
     shards: int | None = None  # sharded: this many shards of near-equal size, or
     members_per_shard: int | None = None  # shards of this many members (neither: sharded.DEFAULT_MEMBERS_PER_SHARD)
+    deploy_timeout_s: float = 600.0  # new scorer apps not RUNNING by then: removed again, the old ones kept
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -52,6 +55,19 @@ class ServeSettings:
         shard_layout(["m"], self.shards, self.members_per_shard)  # both given, or < 1: a clear error now
         if self.device == "cuda" and not self.gpus_per_replica > 0:
             raise ValueError("--device cuda needs --gpus-per-replica > 0 (fractions allowed, e.g. 0.25)")
+        if not self.deploy_timeout_s > 0:
+            raise ValueError(f"--deploy-timeout must be > 0 seconds, got {self.deploy_timeout_s}")
+
+    @property
+    def initial_replicas(self) -> int:
+        if self.autoscaling:
+            return max(1, int(self.autoscaling.get("initial_replicas") or self.autoscaling.get("min_replicas") or 1))
+        return self.replicas
+
+
+class DeployError(RuntimeError):
+    """New scorer applications did not become ready (failed, or not scheduled in time); they were
+    removed again and whatever served before still serves."""
 
 
 def member_app_name(name: str, sha256: str) -> str:
@@ -183,15 +199,72 @@ def deploy(fleet_dir, settings: ServeSettings = ServeSettings(), manifest: dict 
     new = [a for a in wanted if a not in existing]
     if new:
         log.info("deploying %d scorer app(s): %s", len(new), ", ".join(new))
-        serve.run_many([RunTarget(wanted[a], name=a, route_prefix=None) for a in new])
+        _warn_short_of_cpus(len(new) * settings.initial_replicas * settings.cpus_per_replica, settings)
+        run_and_wait([RunTarget(wanted[a], name=a, route_prefix=None) for a in new], settings.deploy_timeout_s,
+                     remove_on_failure=True)
     ingress = {**_ingress_args(fleet, members, settings), "records": [served_record(m) for m in members],
                "loss": manifest.get("loss", "mse")}
-    serve.run(ingress_app(ingress), name=INGRESS_APP, route_prefix="/")
+    run_and_wait([RunTarget(ingress_app(ingress), name=INGRESS_APP, route_prefix="/")], settings.deploy_timeout_s,
+                 remove_on_failure=False)
     removed = sorted(existing - set(wanted))
     for app in removed:
         log.info("removing scorer app %s", app)
         serve.delete(app)
     return {"added": new, "kept": sorted(existing & set(wanted)), "removed": removed}
+
+
+def _warn_short_of_cpus(needed: float, s: ServeSettings) -> None:
+    """Say at once when the new replicas need more CPUs than are free: an update starts the new scorers
+    before it stops the old ones (no request is dropped), so it briefly needs room for both."""
+    free = ray.available_resources().get("CPU", 0.0)
+    if needed > free + 1e-9:
+        log.warning("the new scorer replicas need %.2f CPUs and %.2f are free (the running ones keep theirs until "
+                    "the new ones are ready); waiting up to %.0f s for the cluster to grow, then giving up. Lower "
+                    "--cpus-per-replica, add nodes, or stop the running service first", needed, free,
+                    s.deploy_timeout_s)
+
+
+def run_and_wait(targets: list, timeout_s: float, *, remove_on_failure: bool, poll_s: float = 0.5) -> None:
+    """Deploy ``targets`` and wait until each application is RUNNING.
+
+    Serve's own wait has no end: a replica that cannot be scheduled (short of CPUs, say) keeps the
+    call waiting forever. Here a failed application, or one not running within ``timeout_s``, raises
+    :class:`DeployError` with Serve's reason; ``remove_on_failure`` deletes the applications just
+    deployed first, so nothing half-deployed is left behind.
+    """
+    from ray.serve.schema import ApplicationStatus
+
+    names = [t.name for t in targets]
+    serve.run_many(targets, wait_for_applications_running=False)
+    deadline = time.monotonic() + timeout_s
+    said: set[str] = set()
+    while True:
+        apps = serve.status().applications
+        failed = [n for n in names if n in apps and apps[n].status == ApplicationStatus.DEPLOY_FAILED]
+        if not failed and all(n in apps and apps[n].status == ApplicationStatus.RUNNING for n in names):
+            return
+        for n in names:  # Serve's note on replicas it cannot place, said once per application
+            for d in (apps[n].deployments.values() if n in apps else ()):
+                if d.message and "to be scheduled" in d.message and n not in said:
+                    said.add(n)
+                    log.warning("%s: %s", n, d.message)
+        if failed or time.monotonic() > deadline:
+            reasons = [f"{n}: {_app_reason(apps.get(n))}" for n in (failed or names)
+                       if apps.get(n) is None or apps[n].status != ApplicationStatus.RUNNING]
+            if remove_on_failure:
+                for n in names:
+                    serve.delete(n)
+            what = "failed to deploy" if failed else f"not running after {timeout_s:.0f} s"
+            kept = "; removed again, the service is unchanged" if remove_on_failure else ""
+            raise DeployError(f"{len(reasons)} Serve application(s) {what}{kept}: {'; '.join(reasons)}")
+        time.sleep(poll_s)
+
+
+def _app_reason(app) -> str:
+    if app is None:
+        return "not created"
+    notes = [d.message for d in app.deployments.values() if d.message]
+    return squash(app.message or (notes[0] if notes else str(app.status.value)))
 
 
 def undeploy() -> list[str]:
