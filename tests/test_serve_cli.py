@@ -57,3 +57,92 @@ def test_serve_start_query_reload_stop(tiny_fleet, tmp_path):
     again = subprocess.run([sys.executable, "-m", "simex_ray.cli", "serve", "stop", "--port", str(port)],
                            env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "no `simex serve start` is running" in again.stderr
+
+
+def _wait_healthy(url: str, server, log_path, deadline_s: float = 300) -> None:
+    deadline = time.time() + deadline_s
+    while True:
+        try:
+            if requests.get(url + "/healthz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        assert server.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(1)
+
+
+def _stop(port: int, server, env) -> None:
+    subprocess.run([sys.executable, "-m", "simex_ray.cli", "serve", "stop", "--port", str(port)], env=env,
+                   capture_output=True, text=True, timeout=300)
+    try:
+        server.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+@pytest.mark.parametrize("ingress", ["haproxy", "grpc"])
+def test_faster_ingresses_answer_like_the_default(tiny_fleet, tmp_path, ingress):
+    """`--ingress haproxy` (HAProxy + Serve's throughput-optimized mode) and `--grpc-port` (Serve's gRPC
+    proxy, simex.Scorer/Score): the same answer as in-process scoring, and the API key still holds."""
+    import io
+
+    import numpy as np
+
+    from simex_ray import data
+    from simex_ray.fleet import Fleet
+
+    port, env = free_port(), {**os.environ, "SIMEX_DATA": str(tmp_path / "cache")}
+    flags = ["--ingress", "haproxy"] if ingress == "haproxy" else ["--grpc-port", str(grpc_port := free_port())]
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "simex_ray.cli", "serve", "start", "--fleet",
+                                   str(tiny_fleet), "--port", str(port), "--api-key", "k", "--mode", "embedded",
+                                   *flags], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    x = data.prepare("bgrand:digits", samples=120, seed=0)[1].x[:16]
+    buf = io.BytesIO()
+    np.save(buf, x)
+    expected = Fleet.load(tiny_fleet).score(x).delta
+    try:
+        _wait_healthy(url, server, log_path)
+        if ingress == "haproxy":
+            headers = {"content-type": "application/x-npy"}
+            assert requests.post(url + "/v1/score", data=buf.getvalue(), headers=headers, timeout=60).status_code == 401
+            r = requests.post(url + "/v1/score", data=buf.getvalue(), headers={**headers, "x-api-key": "k"}, timeout=60)
+            assert r.status_code == 200, r.text
+            answer = r.json()
+        else:
+            import grpc
+            from google.protobuf.wrappers_pb2 import BytesValue
+
+            from simex_ray.distributed.serving.grpc_api import SCORE_METHOD
+
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                score = channel.unary_unary(SCORE_METHOD, request_serializer=BytesValue.SerializeToString,
+                                            response_deserializer=BytesValue.FromString)
+                with pytest.raises(grpc.RpcError) as e:
+                    score(BytesValue(value=buf.getvalue()), metadata=[("application", "simex")], timeout=60)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(grpc.RpcError) as e:
+                    score(BytesValue(value=b"not an npy"), metadata=[("application", "simex"), ("x-api-key", "k")],
+                          timeout=60)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details()
+                reply = score(BytesValue(value=buf.getvalue()), timeout=60,
+                              metadata=[("application", "simex"), ("x-api-key", "k"), ("per-sample", "true")])
+            answer = json.loads(reply.value)
+            assert len(answer["per_sample"]["nearest"]) == len(x)
+        assert list(answer["delta"]) == list(expected)
+        assert answer["delta"] == pytest.approx(expected, rel=1e-5)
+    finally:
+        _stop(port, server, env)
+    assert "Traceback" not in log_path.read_text()
+
+
+def test_haproxy_ingress_refuses_what_it_cannot_do_safely(tiny_fleet, capsys):
+    from simex_ray.cli import main
+
+    assert main(["serve", "start", "--fleet", str(tiny_fleet), "--ingress", "haproxy"]) == 2
+    assert "all interfaces" in capsys.readouterr().err
+    assert main(["serve", "start", "--fleet", str(tiny_fleet), "--ingress", "haproxy", "--no-auth",
+                 "--address", "auto"]) == 2
+    assert "RAY_SERVE_ENABLE_HA_PROXY=1" in capsys.readouterr().err

@@ -176,7 +176,9 @@ def score_batch(fleet_dir: str, spec: str, *, fmt: ImageFormat | None = None, st
     # Scorers get the CPUs but half of one, which the reading tasks and the answer's actor need: a pool
     # that takes them all would wait for them forever.
     actors = settings.actors or max(1, int(max(cpus - 0.5, 0.0) // (settings.cpus_per_actor * len(shards))))
-    ds = ray.data.range(len(slices), override_num_blocks=len(slices)).rename_columns({"id": "slice"})
+    # The slice numbers, made here (ray.data.range would read them in tasks of a whole CPU each: on nodes of
+    # one CPU, with a scorer holding each, such a task is never scheduled and the pipeline waits forever).
+    ds = ray.data.from_items([{"slice": i} for i in range(len(slices))], override_num_blocks=len(slices))
     ds = ds.map_batches(_read, fn_kwargs={"slices": slices, "fmt": str(fmt), "strict": strict},
                         batch_size=1, num_cpus=0.25)
     fleet = storage.normalize(fleet_dir)

@@ -20,6 +20,7 @@ update that restarts nothing. Requests carry images in the fleet's format (its
 
 import asyncio
 import copy
+import json
 import logging
 import os
 import time
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -386,12 +388,38 @@ class Ingress:
         check_api_key(self.api_key, request.headers.get("x-api-key"))
         with_samples, method = parse_flag(per_sample, "per_sample"), parse_ranking(ranking)
         x, requested = await self._parse(parse_score_request, request, parse_flag(strict_format, "strict_format"))
+        return await self._score(x, requested, method, with_samples, t0)
+
+    async def _score(self, x: np.ndarray, requested, method: str, with_samples: bool, t0: float) -> dict:
         names = select_members(requested, list(self.members))
         # The records of the layout asked (an update may reconfigure this replica while the scorers answer).
         records, loss = [self.records[n] for n in names], self.loss
         d = await self._per_sample(x, names)
         return score_response(d, records, loss, 1000 * (time.perf_counter() - t0), method=method,
                               with_samples=with_samples)
+
+    async def Score(self, request, grpc_context=None):  # noqa: N802 - the gRPC method (grpc_api.py)
+        """gRPC ``simex.Scorer/Score``: the body of ``POST /v1/score`` (an .npy) in, its JSON answer out."""
+        from google.protobuf.wrappers_pb2 import BytesValue
+
+        from .grpc_api import grpc_status, metadata
+
+        t0 = time.perf_counter()
+        meta = metadata(grpc_context)
+        try:
+            check_api_key(self.api_key, meta.get("x-api-key"))
+            check_body_size(len(request.value), self.limits)
+            with_samples, method = parse_flag(meta.get("per-sample"), "per_sample"), parse_ranking(meta.get("ranking"))
+            strict = parse_flag(meta.get("strict-format"), "strict_format")
+            x, _ = await asyncio.get_running_loop().run_in_executor(None, lambda: parse_score_request(
+                request.value, "application/x-npy", self.limits, self.image_format, strict=strict))
+            requested = [m for m in meta.get("members", "").split(",") if m] or None
+            answer = await self._score(x, requested, method, with_samples, t0)
+        except ApiError as e:
+            grpc_context.set_code(grpc_status(e.status))
+            grpc_context.set_details(e.message)
+            return BytesValue()
+        return BytesValue(value=json.dumps(jsonable_encoder(answer)).encode())
 
     async def _per_sample(self, x: np.ndarray, names: list[str]) -> np.ndarray:
         """Per-sample δ of ``names`` from the layout's scorers: (len(names), N)."""

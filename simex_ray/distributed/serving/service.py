@@ -23,7 +23,7 @@ def say(text: str) -> None:
 
 def serve_fleet(fleet: str, settings: ServeSettings, *, host: str, port: int, address: str | None,
                 proxy_location: str, pidfile: Path | None, manifest_stamp: Callable[[], tuple],
-                manifest: dict | None = None, stamp: tuple | None = None) -> int:
+                manifest: dict | None = None, stamp: tuple | None = None, grpc_port: int | None = None) -> int:
     """Deploy ``fleet``; with ``address`` return at once, else serve here until stopped.
 
     ``manifest``: the fleet's manifest as the caller checked it (``verify_fleet``), deployed as it is;
@@ -33,10 +33,16 @@ def serve_fleet(fleet: str, settings: ServeSettings, *, host: str, port: int, ad
     if stamp is None:
         stamp = manifest_stamp()
     with ray_session(address):
-        serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port})
+        grpc = {}
+        if grpc_port:
+            from .grpc_api import SERVICER_FUNCTION
+
+            grpc = {"grpc_options": {"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}}
+        serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port}, **grpc)
         say(f"deploying {fleet} ...")
         deploy(fleet, settings, manifest=manifest)
-        say(f"serving {fleet} at {url} ({time.perf_counter() - t0:.0f}s); API docs at {url}/docs")
+        say(f"serving {fleet} at {url} ({time.perf_counter() - t0:.0f}s); API docs at {url}/docs"
+            + (f"; gRPC simex.Scorer/Score at {host}:{grpc_port}" if grpc_port else ""))
         if address:
             return 0
         if pidfile is not None:
