@@ -35,7 +35,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "serve"))
-from load import http_level, in_process  # noqa: E402  (serve/load.py: the Serve benchmarks' load loop)
+from load import http_level, in_process, run_level  # noqa: E402  (serve/load.py: the Serve benchmarks' load loop)
 
 VARIANTS = {
     "proxy": {},
@@ -48,18 +48,12 @@ VARIANTS = {
 
 def grpc_level(target: str, body: bytes | None, clients: int, max_requests: int, max_seconds: float) -> dict:
     """``http_level`` over gRPC: ``clients`` threads calling Score (``body`` None: Serve's Healthz)."""
-    import threading
-
     import grpc
     from google.protobuf.wrappers_pb2 import BytesValue
 
-    from load import percentile
     from simex_ray.distributed.serving.grpc_api import SCORE_METHOD
 
-    latencies, errors, sent, lock = [], [], [0], threading.Lock()
-    deadline = time.perf_counter() + max_seconds
-
-    def client():
+    def make_client():
         channel = grpc.insecure_channel(target)
         if body is None:
             from ray.serve.generated.serve_pb2 import HealthzRequest, HealthzResponse
@@ -72,30 +66,17 @@ def grpc_level(target: str, body: bytes | None, clients: int, max_requests: int,
             call = channel.unary_unary(SCORE_METHOD, request_serializer=BytesValue.SerializeToString,
                                        response_deserializer=BytesValue.FromString)
             request = BytesValue(value=body)
-        while time.perf_counter() < deadline:
-            with lock:
-                if sent[0] >= max_requests:
-                    break
-                sent[0] += 1
-            t0 = time.perf_counter()
+
+        def send() -> bool:
             try:
                 call(request, metadata=[("application", "simex")], timeout=60)
-                ok = True
+                return True
             except grpc.RpcError:
-                ok = False
-            with lock:
-                (latencies if ok else errors).append(time.perf_counter() - t0)
-        channel.close()
+                return False
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    return {"requests": len(latencies), "errors": len(errors), "rps": len(latencies) / wall,
-            "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99)}
+        return send
+
+    return run_level(make_client, clients, max_requests, max_seconds)
 
 
 def free_port() -> int:

@@ -26,9 +26,9 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def http_level(url: str, body: bytes | None, clients: int, max_requests: int, max_seconds: float,
-               headers: dict) -> dict:
-    """``clients`` threads sending back to back; ``body`` None: GET ``url`` instead of POST."""
+def run_level(make_client, clients: int, max_requests: int, max_seconds: float) -> dict:
+    """``clients`` threads sending back to back, at most ``max_requests`` in all and ``max_seconds``:
+    each thread gets its own request function from ``make_client()`` (True = answered)."""
     latencies: list[float] = []
     errors = []
     lock = threading.Lock()
@@ -36,19 +36,14 @@ def http_level(url: str, body: bytes | None, clients: int, max_requests: int, ma
     deadline = time.perf_counter() + max_seconds
 
     def client():
-        session = requests.Session()
+        send = make_client()
         while time.perf_counter() < deadline:
             with lock:
                 if sent[0] >= max_requests:
                     return
                 sent[0] += 1
             t0 = time.perf_counter()
-            try:
-                r = (session.get(url, headers=headers, timeout=60) if body is None else
-                     session.post(url, data=body, headers=headers, timeout=60))
-                ok = r.status_code == 200
-            except requests.RequestException:
-                ok = False
+            ok = send()
             with lock:
                 (latencies if ok else errors).append(time.perf_counter() - t0)
 
@@ -62,6 +57,26 @@ def http_level(url: str, body: bytes | None, clients: int, max_requests: int, ma
     return {"clients": clients, "requests": len(latencies), "errors": len(errors), "seconds": wall,
             "rps": len(latencies) / wall, "p50_ms": 1000 * percentile(latencies, 50),
             "p99_ms": 1000 * percentile(latencies, 99)}
+
+
+def http_level(url: str, body: bytes | None, clients: int, max_requests: int, max_seconds: float,
+               headers: dict) -> dict:
+    """``clients`` threads sending back to back; ``body`` None: GET ``url`` instead of POST."""
+
+    def make_client():
+        session = requests.Session()
+
+        def send() -> bool:
+            try:
+                r = (session.get(url, headers=headers, timeout=60) if body is None else
+                     session.post(url, data=body, headers=headers, timeout=60))
+                return r.status_code == 200
+            except requests.RequestException:
+                return False
+
+        return send
+
+    return run_level(make_client, clients, max_requests, max_seconds)
 
 
 def in_process(fleet_dir: str, x: np.ndarray, max_requests: int, max_seconds: float, blocks: int = 3) -> dict:

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from simex_ray import data
 from simex_ray.protocol import ProtocolConfig, load_splits
 from simex_ray.transfer.classifiers import LeNet5, predict_proba
 from simex_ray.transfer.ground_truth import GroundTruth, compute_ground_truth

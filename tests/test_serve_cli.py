@@ -26,15 +26,7 @@ def test_serve_start_query_reload_stop(tiny_fleet, tmp_path):
                                "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if requests.get(url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert server.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(2)
+        _wait_healthy(url, server, tmp_path / "serve.log")
         out = subprocess.run([sys.executable, "-m", "simex_ray.cli", "query", "--url", url, "--data",
                               "bgrand:digits", "--samples", "60", "--json"], capture_output=True, text=True,
                              timeout=300)
