@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import pathlib
 import zipfile
 from dataclasses import dataclass
@@ -95,7 +94,7 @@ def stream(spec: str) -> Stream | None:
         source = str(path)
     try:
         with open_source(source) as f:
-            size = f.size() if hasattr(f, "size") and callable(f.size) else os.fstat(f.fileno()).st_size
+            size = f.seek(0, io.SEEK_END)  # a local file or a pyarrow one alike
             safe_io.check_npz_file(f, size, ("x", "y"))
             if f.read(6) == b"\x93NUMPY":  # a bare .npy: the images, no labels
                 f.seek(0)
