@@ -152,6 +152,7 @@ class FusedLeNet(nn.Module):
         self.register_buffer("d2_w", torch.cat([w for w, _ in t2]))  # (M·rep, 6, k, k)
         self.register_buffer("d2_b", cat(lambda a: a.reconstruct[4].bias).repeat_interleave(rep))
         self.d1_pad, self.d2_pad = t1[0][1], t2[0][1]
+        self.floats_per_image = self.c1_w.shape[0] // m * 28 * 28  # one member's largest activation: conv1's
 
     def _fc(self, h: torch.Tensor, k: int) -> torch.Tensor:
         return torch.baddbmm(getattr(self, f"fc{k}_b"), h, getattr(self, f"fc{k}_w"))
@@ -397,6 +398,12 @@ def _delta_grey(x: torch.Tensor, recon: torch.Tensor, loss: str) -> torch.Tensor
 
 FUSED = {LeNetAutoencoder: FusedLeNet, ConvAutoencoder: FusedConv}
 PASS_FLOATS = 1 << 19  # per thread: a fused conv pass's largest activation per member, at most (2 MB, one L2)
+# A fused pass's largest activation, all its members together, at most (16 MB), on the CPU. glibc serves each
+# thread but the main one from its own arena of 64 MB heaps: a larger block is a fresh mmap on every pass
+# and page-faulted in again, which measured 2.3-2.8x slower at 30-100 LeNet members on a helper thread (Ray
+# Data's and Serve's user-code threads). Fleets above it run as several fused passes per chunk, which
+# measured as fast as one on the main thread (docs/results.md "Batch scoring").
+PASS_FLOATS_ALL = 1 << 22
 
 
 @dataclass
@@ -412,10 +419,17 @@ def pass_rows(fused: nn.Module | None, chunk: int, scale: float = 1.0) -> int:
     """Images per forward pass: the chunk, or fewer where one member's activations in a fused conv pass
     would outgrow a core's L2 cache (:data:`PASS_FLOATS` per thread; ``scale`` times that, for the benchmark).
     A quarter and four times that measured slower or no faster (docs/architectures.md)."""
-    per_image = getattr(fused, "floats_per_image", None)
-    if per_image is None:
+    if not isinstance(fused, FusedConv):
         return chunk
-    return max(1, min(chunk, int(scale * PASS_FLOATS * torch.get_num_threads()) // per_image))
+    return max(1, min(chunk, int(scale * PASS_FLOATS * torch.get_num_threads()) // fused.floats_per_image))
+
+
+def members_per_pass(one: nn.Module, members: int, rows: int, device: torch.device) -> int:
+    """Of ``members`` alike (``one``: one of them fused), how many one pass of ``rows`` images fuses: all of
+    them on a GPU; on the CPU, as many as keep the pass's largest activation within :data:`PASS_FLOATS_ALL`."""
+    if device.type != "cpu":
+        return members
+    return max(1, min(members, PASS_FLOATS_ALL // (rows * one.floats_per_image)))
 
 
 class ScoringEngine:
@@ -448,10 +462,15 @@ class ScoringEngine:
             groups = []
             for (arch, group_loss, _), members in by.items():
                 models = [self._models[n] for n in members]
-                fused = None
-                if self.fused and arch in FUSED:
-                    fused = FUSED[arch](models).to(self.device).eval()
-                groups.append(_Group(members, group_loss, fused, models, pass_rows(fused, self.chunk)))
+                if not (self.fused and arch in FUSED):
+                    groups.append(_Group(members, group_loss, None, models, self.chunk))
+                    continue
+                one = FUSED[arch](models[:1])  # the pass's shape, per member
+                rows = pass_rows(one, self.chunk)
+                step = members_per_pass(one, len(members), rows, self.device)
+                for i in range(0, len(members), step):
+                    fused = FUSED[arch](models[i:i + step]).to(self.device).eval()
+                    groups.append(_Group(members[i:i + step], group_loss, fused, models[i:i + step], rows))
             self._groups[key] = groups
         return self._groups[key]
 

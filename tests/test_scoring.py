@@ -13,6 +13,7 @@ from simex_ray.fleet import (QUANTILES, Fleet, FleetError, Member, calibration_o
                              score_result)
 from simex_ray.losses import per_sample_delta
 from simex_ray.models import create_autoencoder
+from simex_ray import scoring
 from simex_ray.scoring import FusedLeNet, ScoringEngine, delta_per_member, resolve_device
 
 
@@ -31,6 +32,23 @@ def test_fused_engine_equals_each_member_alone(loss):
                           for m in models.values()])
     assert fused.shape == (4, 70)
     np.testing.assert_allclose(fused, naive, rtol=2e-5, atol=1e-7)
+
+
+def test_a_fleet_past_the_pass_limit_runs_as_several_fused_passes_with_the_same_values(monkeypatch):
+    # the limit keeps every block below glibc's per-thread heap (off the main thread, bigger ones are mmapped
+    # afresh each pass): here a 32-image pass holds 2 members' conv1 outputs, so 5 members take 3 passes
+    models = _models(5)
+    x = np.random.default_rng(3).random((40, 1, 28, 28)).astype(np.float32)
+    whole = ScoringEngine(models, {n: "mse" for n in models}, chunk=32).per_sample(x)
+    monkeypatch.setattr(scoring, "PASS_FLOATS_ALL", 2 * 32 * 6 * 28 * 28)
+    e = ScoringEngine(models, {n: "mse" for n in models}, chunk=32)
+    split = e.per_sample(x, names=["m4", "m0", "m3", "m1", "m2"])
+    assert [g.names for g in e._plan(("m4", "m0", "m3", "m1", "m2"), None)] == [["m4", "m0"], ["m3", "m1"], ["m2"]]
+    np.testing.assert_allclose(split, whole[[4, 0, 3, 1, 2]], rtol=1e-6)
+    one = FusedLeNet(list(models.values())[:1])
+    assert scoring.members_per_pass(one, 5, 32, torch.device("cpu")) == 2
+    assert scoring.members_per_pass(one, 5, 32, torch.device("cuda")) == 5  # no glibc arenas on a GPU
+    assert scoring.members_per_pass(one, 5, 10_000, torch.device("cpu")) == 1
 
 
 def test_fused_lenet_reconstructs_like_each_autoencoder():
