@@ -44,7 +44,7 @@ class BatchSettings:
     """How a batch run uses the cluster: ``actors`` per shard (None: the cluster's CPUs / shards /
     ``cpus_per_actor``), images per batch, slice size, members per shard (None: one shard)."""
 
-    actors: int | None = None  # at most; the pool starts with one and grows as CPUs free up
+    actors: int | None = None  # per shard; never more than the input's batches
     cpus_per_actor: float = 1.0
     batch_size: int = 2048
     block: int = 8192
@@ -182,14 +182,16 @@ def score_batch(fleet_dir: str, spec: str, *, fmt: ImageFormat | None = None, st
     ds = ds.map_batches(_read, fn_kwargs={"slices": slices, "fmt": str(fmt), "strict": strict},
                         batch_size=1, num_cpus=0.25)
     fleet = storage.normalize(fleet_dir)
-    # enable_true_multi_threading: the scorer runs on the actor's main thread. By default Ray Data calls an
-    # actor's UDF on a helper thread, and this engine scores 2.3x slower off the main thread (32k against
-    # 14k member-images/s at one torch thread, measured in one process: docs/results.md "Batch scoring").
+    # A fixed pool: one that may autoscale (min_size=1) shrank to one scorer a minute into a 100,000-image
+    # run and scored the rest on it, half the CPUs idle (docs/results.md "Batch scoring"). No more scorers
+    # than batches, so a small input does not load the fleet in actors that would have nothing to do.
+    actors = max(1, min(actors, -(-sum(s.n for s in slices) // settings.batch_size)))
+    # enable_true_multi_threading: the scorer runs on the actor's main thread (Ray Data's default is a helper).
     for shard in shards:
         ds = ds.map_batches(_ShardScorer, fn_constructor_kwargs={"fleet": fleet, "names": shard, "loss": loss,
                                                                  "device": device},
                             batch_size=settings.batch_size, compute=ray.data.ActorPoolStrategy(
-                                min_size=1, max_size=actors, enable_true_multi_threading=True),
+                                size=actors, enable_true_multi_threading=True),
                             num_cpus=settings.cpus_per_actor, batch_format="numpy", udf_modifying_row_count=False)
     kw = {"records": records, "loss": used_loss, "method": method}
     one = ray.data.ActorPoolStrategy(size=1)
