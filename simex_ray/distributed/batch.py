@@ -42,17 +42,21 @@ __all__ = ["BatchSettings", "score_batch"]
 @dataclass(frozen=True)
 class BatchSettings:
     """How a batch run uses the cluster: ``actors`` per shard (None: the cluster's CPUs / shards /
-    ``cpus_per_actor``), images per batch, slice size, members per shard (None: one shard)."""
+    ``cpus_per_actor``), images per batch, slice size (None: a batch), members per shard (None: one shard).
+
+    A slice is a task's input: one batch per slice keeps each object small. Ray Data holds only as many tasks'
+    objects as its share of the object store allows; with 8,192-image slices (33 MB of a scorer's input and
+    output) on the 150 MB stores of `simex cluster up`, one scorer task ran at a time."""
 
     actors: int | None = None  # per shard; never more than the input's batches
     cpus_per_actor: float = 1.0
     batch_size: int = 2048
-    block: int = 8192
+    block: int | None = None
     members_per_shard: int | None = None
 
     def __post_init__(self):
         for k in ("batch_size", "block"):
-            if getattr(self, k) < 1:
+            if getattr(self, k) is not None and getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.actors is not None and self.actors < 1:
             raise ValueError(f"actors must be >= 1, got {self.actors}")
@@ -77,16 +81,19 @@ def _read(batch: dict[str, np.ndarray], slices: list, fmt: str, strict: bool) ->
 
 
 class _ShardScorer:
-    """One shard of the fleet on an actor: adds ``delta/<member>`` columns to each batch."""
+    """One shard of the fleet on an actor: adds ``delta/<member>`` columns to each batch (the last shard
+    drops the images: nothing after it reads them, and they are most of a batch's bytes)."""
 
-    def __init__(self, fleet: str, names: list[str], loss: str | None, device: str):
+    def __init__(self, fleet: str, names: list[str], loss: str | None, device: str, last: bool = True):
         self.fleet = Fleet.load(fleet, names=names, device=device)
-        self.names, self.loss = names, loss
+        self.names, self.loss, self.last = names, loss, last
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         d = self.fleet.engine.per_sample(np.asarray(batch["image"], dtype=np.float32), self.names, self.loss)
         for k, name in enumerate(self.names):
             batch[f"delta/{name}"] = d[k]
+        if self.last:
+            del batch["image"]
         return batch
 
 
@@ -162,7 +169,8 @@ def score_batch(fleet_dir: str, spec: str, *, fmt: ImageFormat | None = None, st
     names = [r["name"] for r in records]
     used_loss = loss or (records[0]["config"]["loss"] if len({r["config"]["loss"] for r in records}) == 1 else "mixed")
     t0 = time.perf_counter()
-    slices = data.plan_slices(spec, block=settings.block) if split == "all" and not samples else None
+    block = settings.block or settings.batch_size
+    slices = data.plan_slices(spec, block=block) if split == "all" and not samples else None
     if slices is not None:  # the first slice says what the rule will do (strict: refuse here, before the cluster)
         native = format_of(data.read_slice(slices[0])[1])
         if strict and native != fmt:
@@ -170,7 +178,7 @@ def score_batch(fleet_dir: str, spec: str, *, fmt: ImageFormat | None = None, st
     else:  # any other spec: read here, in the fleet's format, and handed out in slices
         native = data.native_format(spec, seed=seed, data_dir=data_dir)
         x, y = _read_here(spec, fmt=fmt, strict=strict, split=split, samples=samples, seed=seed, data_dir=data_dir)
-        slices = data.array_slices(data.parse_spec(spec).canonical, x, y, block=settings.block)
+        slices = data.array_slices(data.parse_spec(spec).canonical, x, y, block=block)
     shards = shards_of(names, settings.members_per_shard)
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     # Scorers get the CPUs but half of one, which the reading tasks and the answer's actor need: a pool
@@ -187,9 +195,9 @@ def score_batch(fleet_dir: str, spec: str, *, fmt: ImageFormat | None = None, st
     # than batches, so a small input does not load the fleet in actors that would have nothing to do.
     actors = max(1, min(actors, -(-sum(s.n for s in slices) // settings.batch_size)))
     # enable_true_multi_threading: the scorer runs on the actor's main thread (Ray Data's default is a helper).
-    for shard in shards:
+    for i, shard in enumerate(shards):
         ds = ds.map_batches(_ShardScorer, fn_constructor_kwargs={"fleet": fleet, "names": shard, "loss": loss,
-                                                                 "device": device},
+                                                                 "device": device, "last": i == len(shards) - 1},
                             batch_size=settings.batch_size, compute=ray.data.ActorPoolStrategy(
                                 size=actors, enable_true_multi_threading=True),
                             num_cpus=settings.cpus_per_actor, batch_format="numpy", udf_modifying_row_count=False)
