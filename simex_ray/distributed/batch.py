@@ -1,14 +1,14 @@
 """Batch scoring on Ray Data: `simex score` and `simex matrix` with ``--address``.
 
 The unknown data is cut into slices (:mod:`simex_ray.data.slices`: Parquet row groups and npz
-blocks are read by the workers themselves, from a path or a ``pyarrow`` URI; any other spec is read
-on the driver) and streamed through Ray Data::
+blocks are read by the first shard's scorers themselves, from a path or a ``pyarrow`` URI; any other
+spec is read on the driver) and streamed through Ray Data::
 
-    slices --read (tasks)--> index, image, label
-           --score shard 1 (actor pool)--> + delta/<member> for the shard's members
-           ...
-           --score shard S (actor pool)--> + delta/<member> for the last shard
-           --> per batch: a partial answer (merged on the driver) [and per-sample rows -> Parquet]
+    slice numbers --read, score shard 1 (actor pool)--> index, image, label, delta/<member> for its members
+                  --score shard 2 (actor pool)--> + delta/<member> for the shard's members
+                  ...
+                  --score shard S (actor pool)--> + delta/<member> for the last shard, images dropped
+                  --> per batch: a partial answer (merged on the driver) [and per-sample rows -> Parquet]
 
 Each scorer actor loads only its shard of the fleet (``members_per_shard``; default the whole fleet
 in one shard) and runs the fused engine on batches of ``batch_size`` images, so memory per worker
@@ -67,7 +67,7 @@ class BatchSettings:
 
 
 def _read(batch: dict[str, np.ndarray], slices: list, fmt: str, strict: bool) -> dict[str, np.ndarray]:
-    """Slice numbers -> image rows (a task per slice; the slices themselves travel once, by reference)."""
+    """Slice numbers -> image rows."""
     from ..data.slices import read_slice
 
     idx, xs, ys = [], [], []
@@ -81,14 +81,22 @@ def _read(batch: dict[str, np.ndarray], slices: list, fmt: str, strict: bool) ->
 
 
 class _ShardScorer:
-    """One shard of the fleet on an actor: adds ``delta/<member>`` columns to each batch (the last shard
-    drops the images: nothing after it reads them, and they are most of a batch's bytes)."""
+    """One shard of the fleet on an actor: adds ``delta/<member>`` columns to each batch.
 
-    def __init__(self, fleet: str, names: list[str], loss: str | None, device: str, last: bool = True):
+    The first shard's scorers are handed slice numbers (``slices``) and read the slices themselves: a
+    separate reading task started a fresh worker process for each slice on nodes whose CPUs the scorers
+    held, and each spent seconds importing torch (half a CPU of a 2-CPU cluster). The last shard drops the
+    images: nothing after it reads them, and they are most of a batch's bytes."""
+
+    def __init__(self, fleet: str, names: list[str], loss: str | None, device: str, last: bool = True,
+                 slices: list | None = None, fmt: str = "", strict: bool = False):
         self.fleet = Fleet.load(fleet, names=names, device=device)
         self.names, self.loss, self.last = names, loss, last
+        self.slices, self.fmt, self.strict = slices, fmt, strict
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.slices is not None:
+            batch = _read(batch, self.slices, self.fmt, self.strict)
         d = self.fleet.engine.per_sample(np.asarray(batch["image"], dtype=np.float32), self.names, self.loss)
         for k, name in enumerate(self.names):
             batch[f"delta/{name}"] = d[k]
@@ -181,14 +189,12 @@ def score_batch(fleet_dir: str, spec: str, *, fmt: ImageFormat | None = None, st
         slices = data.array_slices(data.parse_spec(spec).canonical, x, y, block=block)
     shards = shards_of(names, settings.members_per_shard)
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    # Scorers get the CPUs but half of one, which the reading tasks and the answer's actor need: a pool
-    # that takes them all would wait for them forever.
+    # Scorers get the CPUs but half of one, which the answer's actor needs: a pool that takes them all
+    # would wait for it forever.
     actors = settings.actors or max(1, int(max(cpus - 0.5, 0.0) // (settings.cpus_per_actor * len(shards))))
     # The slice numbers, made here (ray.data.range would read them in tasks of a whole CPU each: on nodes of
     # one CPU, with a scorer holding each, such a task is never scheduled and the pipeline waits forever).
     ds = ray.data.from_items([{"slice": i} for i in range(len(slices))], override_num_blocks=len(slices))
-    ds = ds.map_batches(_read, fn_kwargs={"slices": slices, "fmt": str(fmt), "strict": strict},
-                        batch_size=1, num_cpus=0.25)
     fleet = storage.normalize(fleet_dir)
     # A fixed pool: one that may autoscale (min_size=1) shrank to one scorer a minute into a 100,000-image
     # run and scored the rest on it, half the CPUs idle (docs/results.md "Batch scoring"). No more scorers
@@ -196,11 +202,13 @@ def score_batch(fleet_dir: str, spec: str, *, fmt: ImageFormat | None = None, st
     actors = max(1, min(actors, -(-sum(s.n for s in slices) // settings.batch_size)))
     # enable_true_multi_threading: the scorer runs on the actor's main thread (Ray Data's default is a helper).
     for i, shard in enumerate(shards):
+        first = {"slices": slices, "fmt": str(fmt), "strict": strict} if i == 0 else {}
         ds = ds.map_batches(_ShardScorer, fn_constructor_kwargs={"fleet": fleet, "names": shard, "loss": loss,
-                                                                 "device": device, "last": i == len(shards) - 1},
-                            batch_size=settings.batch_size, compute=ray.data.ActorPoolStrategy(
+                                                                 "device": device, "last": i == len(shards) - 1,
+                                                                 **first},
+                            batch_size=1 if i == 0 else settings.batch_size, compute=ray.data.ActorPoolStrategy(
                                 size=actors, enable_true_multi_threading=True),
-                            num_cpus=settings.cpus_per_actor, batch_format="numpy", udf_modifying_row_count=False)
+                            num_cpus=settings.cpus_per_actor, batch_format="numpy", udf_modifying_row_count=i == 0)
     kw = {"records": records, "loss": used_loss, "method": method}
     one = ray.data.ActorPoolStrategy(size=1)
     written = None
