@@ -19,9 +19,20 @@ os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range (32768+) and above Ray's worker ports (10002-19999):
+    a port the kernel hands out (bind to 0) can be taken by one of a new Ray's own sockets before the
+    test's server binds it (seen once: Serve's proxy "Address already in use" on such a port)."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 @pytest.fixture(scope="session")
