@@ -44,9 +44,9 @@ class BatchSettings:
     """How a batch run uses the cluster: ``actors`` per shard (None: the cluster's CPUs / shards /
     ``cpus_per_actor``), images per batch, slice size (None: a batch), members per shard (None: one shard).
 
-    A slice is a task's input: one batch per slice keeps each object small. Ray Data holds only as many tasks'
-    objects as its share of the object store allows; with 8,192-image slices (33 MB of a scorer's input and
-    output) on the 150 MB stores of `simex cluster up`, one scorer task ran at a time."""
+    A slice is a task's input: one batch per slice keeps each object small. With 8,192-image slices (33 MB of
+    a scorer's input and output) on the 150 MB object stores of `simex cluster up`, one scorer task ran at a
+    time, most likely because Ray Data admits only as many tasks' objects as its share of the store holds."""
 
     actors: int | None = None  # per shard; never more than the input's batches
     cpus_per_actor: float = 1.0
