@@ -43,9 +43,14 @@ SOCKET_SUFFIX = "session_2026-11-30_06-24-49_783743_4194304/sockets/plasma_store
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range (32768+) and above Ray's worker ports (10002-19999):
+    a port the kernel hands out (bind to 0) can be taken by one of a new Ray's own sockets before the
+    server it was chosen for binds it (seen once: Serve's proxy "Address already in use" on such a port)."""
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        if _port_free(port):
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def _port_free(port: int) -> bool:

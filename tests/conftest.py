@@ -5,34 +5,18 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 
 import pytest
 
+from simex_ray.local_cluster import free_port  # noqa: F401  (the tests import it from here)
+
 # Keep torch from oversubscribing the 2-core CI machine when Ray workers run too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The test cluster uses token auth like a real one; Ray reads this when imported.
 os.environ["RAY_AUTH_MODE"] = "token"
-
-
-def free_port() -> int:
-    """A free port below the kernel's ephemeral range (32768+) and above Ray's worker ports (10002-19999):
-    a port the kernel hands out (bind to 0) can be taken by one of a new Ray's own sockets before the
-    test's server binds it (seen once: Serve's proxy "Address already in use" on such a port)."""
-    import random
-
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
 
 
 @pytest.fixture(scope="session")

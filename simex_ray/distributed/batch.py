@@ -191,15 +191,16 @@ def score_batch(fleet_dir: str, spec: str, *, fmt: ImageFormat | None = None, st
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     # Scorers get the CPUs but half of one, which the answer's actor needs: a pool that takes them all
     # would wait for it forever.
-    actors = settings.actors or max(1, int(max(cpus - 0.5, 0.0) // (settings.cpus_per_actor * len(shards))))
+    # A fixed pool: one that may autoscale (min_size=1) shrank to one scorer a minute into a 100,000-image
+    # run and scored the rest on it, half the CPUs idle (docs/results.md "Batch scoring"). No more scorers
+    # than batches, so a small input does not load the fleet in actors that would have nothing to do.
+    batches = -(-sum(s.n for s in slices) // settings.batch_size)
+    actors = max(1, min(batches, settings.actors
+                        or int(max(cpus - 0.5, 0.0) // (settings.cpus_per_actor * len(shards)))))
     # The slice numbers, made here (ray.data.range would read them in tasks of a whole CPU each: on nodes of
     # one CPU, with a scorer holding each, such a task is never scheduled and the pipeline waits forever).
     ds = ray.data.from_items([{"slice": i} for i in range(len(slices))], override_num_blocks=len(slices))
     fleet = storage.normalize(fleet_dir)
-    # A fixed pool: one that may autoscale (min_size=1) shrank to one scorer a minute into a 100,000-image
-    # run and scored the rest on it, half the CPUs idle (docs/results.md "Batch scoring"). No more scorers
-    # than batches, so a small input does not load the fleet in actors that would have nothing to do.
-    actors = max(1, min(actors, -(-sum(s.n for s in slices) // settings.batch_size)))
     # enable_true_multi_threading: the scorer runs on the actor's main thread (Ray Data's default is a helper).
     for i, shard in enumerate(shards):
         first = {"slices": slices, "fmt": str(fmt), "strict": strict} if i == 0 else {}
