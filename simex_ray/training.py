@@ -89,12 +89,13 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def make_optimizer(name: str, params, lr: float | None = None) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params, lr: float | None = None, **options) -> torch.optim.Optimizer:
+    """``options``: the optimizer's implementation switches (``foreach``), never its hyperparameters."""
     try:
         ctor, default_lr = OPTIMIZERS[name]
     except KeyError:
         raise ValueError(f"unknown optimizer '{name}'; known: {', '.join(OPTIMIZERS)}") from None
-    return ctor(params, lr=default_lr if lr is None else lr)
+    return ctor(params, lr=default_lr if lr is None else lr, **options)
 
 
 def as_tensor(x: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:

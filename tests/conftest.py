@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -99,9 +100,15 @@ def ray_cluster():
     """
     import ray
 
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_worker_maximum_startup_concurrency": "16"}
     gcs_port, dash_port = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="simex-ray-")
+    # The cluster's own token (as `simex cluster up` makes one): a clean machine has no ~/.ray/auth_token, and
+    # `ray start` with token auth refuses to start without one. This process and its children use it too.
+    token = os.path.join(temp, "auth_token")
+    with open(os.open(token, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = token
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_worker_maximum_startup_concurrency": "16"}
     cmd = ["ray", "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=2",
            f"--port={gcs_port}", f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1",
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
@@ -121,10 +128,12 @@ def ray_cluster():
         yield Cluster(address, f"http://127.0.0.1:{dash_port}", env)
     finally:
         ray.shutdown()
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        if head.poll() is None:  # a head that never started has already exited
+            os.killpg(head.pid, signal.SIGTERM)
+            try:
+                head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
     log.close()
     shutil.rmtree(temp, ignore_errors=True)

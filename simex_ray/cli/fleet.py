@@ -48,7 +48,11 @@ def add_train_args(p) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="GPUs (fractions allowed) per Train worker (default 0)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a failed Train worker (default 2)")
-    p.add_argument("--no-ray", action="store_true", help="train in this process, one member after another")
+    p.add_argument("--members-per-pass", type=positive_int, default=None,
+                   help="members alike (architecture, format, loss, optimizer, lr, batch size) trained together in "
+                        "one fused forward and backward pass (default: as many as the pass's memory bound allows; "
+                        "1: one member after another); the results equal separate training to float tolerance")
+    p.add_argument("--no-ray", action="store_true", help="train in this process (no Ray)")
 
 
 def add_parsers(sub) -> None:
@@ -158,7 +162,7 @@ def resources_from(args):
     from ..distributed.train import Resources
 
     return Resources(cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                     runs=args.runs, max_failures=args.max_failures)
+                     runs=args.runs, max_failures=args.max_failures, members_per_pass=args.members_per_pass)
 
 
 def build_from(args, out=None):
@@ -188,7 +192,8 @@ def build_from(args, out=None):
     if args.no_ray:
         from ..fleet.build import build_fleet_local
 
-        return build_fleet_local(refs, out, config, on_epoch=on_epoch, **common)
+        return build_fleet_local(refs, out, config, on_epoch=on_epoch, members_per_pass=args.members_per_pass,
+                                 **common)
     from ..distributed.train import build_fleet
 
     return build_fleet(refs, out, config, address=args.address, resources=resources_from(args),

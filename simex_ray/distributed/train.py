@@ -1,11 +1,11 @@
-"""Fleet training on Ray Train: one small TorchTrainer per member, run concurrently.
+"""Fleet training on Ray Train: a few TorchTrainer runs, each training its share of the members, concurrently.
 
-The worker function only adapts ``simex_ray.training.train_member`` to Ray:
-it restores the latest checkpoint, pushes each epoch's metrics to a driver-side
-board, writes each finished member once, and checkpoints the member in training
-after an epoch when that is worth its cost (:class:`CheckpointPacer`). Re-running
-the same fleet resumes: finished members are skipped (manifest) and unfinished
-ones continue from their last epoch checkpoint (same run name + storage).
+The worker function only adapts ``simex_ray.fused_training.train_members`` to Ray: it trains its members in
+fused passes (members alike, as many as a pass's memory bound allows), restores the latest checkpoint, pushes
+each epoch's metrics to a driver-side board, writes each finished member once, and checkpoints the members in
+training after a round of epochs when that is worth its cost (:class:`CheckpointPacer`). Re-running the same
+fleet resumes: finished members are skipped (manifest) and unfinished ones continue from their last epoch
+checkpoint (same run name + storage).
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from ..errors import last_line
 from ..fleet import slug
 from ..fleet.build import MANIFEST_FLUSH_S
 from ..fleet.plan import FleetWriter, MemberPlan
-from ..training import TrainConfig, train_member
+from ..fused_training import MemberJob, plan_passes, train_members
+from ..training import TrainConfig
 
 log = logging.getLogger(__name__)
 
-CURRENT = "current.pt"  # the member in training: model, optimizer, epoch, history
+CURRENT = "current.pt"  # the members in training: {"members": {name: (model, optimizer, epoch, history)}}
 DONE = "done"  # (checkpoints of earlier versions) finished members: done/<slug>.pt with model + history
 
 
@@ -52,6 +53,7 @@ class Resources:
     gpus_per_worker: float = 0.0
     runs: int | None = None  # None: auto
     max_failures: int = 2
+    members_per_pass: int | None = None  # members a worker trains in one fused pass (None: its memory bound)
 
     def concurrent_runs(self, n_members: int) -> int:
         if self.runs:
@@ -125,15 +127,15 @@ class CheckpointPacer:
         self.written += 1
 
 
-def _save_checkpoint(current: dict | None, metrics: dict) -> None:
-    """Report ``metrics`` with a checkpoint of the member in training only: the size of an epoch's
+def _save_checkpoint(current: dict[str, dict] | None, metrics: dict) -> None:
+    """Report ``metrics`` with a checkpoint of the members in training only: the size of an epoch's
     checkpoint does not grow with the members a run has finished (each of those is written once, to
     the run's done directory: :func:`_save_done`)."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
-        if current is not None:
-            torch.save(current, Path(d) / CURRENT)
+        if current:
+            torch.save({"members": current}, Path(d) / CURRENT)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -163,22 +165,25 @@ def _child(where: Path | str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}{sep}{query}"
 
 
-def _load_checkpoint(checkpoint) -> tuple[dict[str, dict], dict | None]:
-    done, current = {}, None
+def _load_checkpoint(checkpoint) -> tuple[dict[str, dict], dict[str, dict]]:
+    """({member: finished state} of an earlier version's checkpoint, {member: state} of those in training)."""
+    done, current = {}, {}
     with checkpoint.as_directory() as d:
         for f in sorted((Path(d) / DONE).glob("*.pt")):
             state = torch.load(f, map_location="cpu", weights_only=True)
             done[state["member"]] = state
         if (Path(d) / CURRENT).exists():
-            current = torch.load(Path(d) / CURRENT, map_location="cpu", weights_only=True)
+            saved = torch.load(Path(d) / CURRENT, map_location="cpu", weights_only=True)
+            # one member's state with its name (before fused passes), or {"members": {name: state}}
+            current = saved["members"] if "members" in saved else {saved["member"]: saved}
     return done, current
 
 
 def _worker_loop(cfg: dict) -> None:
-    """Ray Train worker: train this run's members in turn, checkpointing every epoch.
+    """Ray Train worker: train this run's members in fused passes, checkpointing after rounds of epochs.
 
     A restart (worker crash, or the same command run again) restores the
-    finished members and continues the current one from its last epoch.
+    finished members and continues the others from their last checkpointed epoch.
     """
     import ray.train
     import ray.train.torch
@@ -187,45 +192,56 @@ def _worker_loop(cfg: dict) -> None:
     device = ray.train.torch.get_device()
     board, fault, done_dir = cfg["board"], cfg.get("fault"), cfg["done_dir"]
     done: dict[str, dict] = {}  # finished states in a checkpoint of an earlier version
-    current = None
+    current: dict[str, dict] = {}  # the members in training at the last checkpoint
     finished = 0
     pacer = CheckpointPacer()
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         done, current = _load_checkpoint(checkpoint)
+    todo = []
     for job in cfg["members"]:
         name, config = job["name"], TrainConfig.from_dict(job["config"])
         # A member finished in an earlier attempt is kept; one finished with fewer
         # epochs than now asked for continues from where it stopped.
-        resume = done.pop(name, None) or _load_done(done_dir, name)
-        if resume is None and current is not None and current["member"] == name:
-            resume = current
+        resume = done.pop(name, None) or _load_done(done_dir, name) or current.get(name)
         if resume is not None and resume["epoch"] > config.epochs:
             resume = None  # trained longer than now asked: start over rather than pretend
         if resume is not None and resume["epoch"] == config.epochs:
             ray.get(board.finish.remote(name, {"model": resume["model"], "history": resume["history"]}))
             finished += 1
             continue
+        todo.append((job, config, resume))
+    def finish(name: str, state: dict) -> None:
+        # The last epoch's state (model, optimizer, epoch, history) is the finished member: written once,
+        # then handed to the driver (and waited for, so a crash after this never loses it).
+        state = {**state, "member": name, "model": {k: v.detach().cpu() for k, v in state["model"].items()}}
+        _save_done(done_dir, name, state)
+        ray.get(board.finish.remote(name, {"model": state["model"], "history": state["history"]}))
 
-        last: dict = {}
-
-        def on_epoch(epoch: int, metrics: dict, state: dict) -> None:
-            last.update(state, member=name)
-            if epoch < config.epochs and pacer.due():
-                pacer.write(lambda: _save_checkpoint(last, {**metrics, "member": name}))
-            board.update.remote(name, {**metrics, "epochs": config.epochs})
-            # Fault injection for tests: hard-kill the worker once, after that epoch (and its checkpoint, if due).
-            if fault and fault["member"] == name and epoch == fault["epoch"] and not os.path.exists(fault["marker"]):
+    def on_round(reports) -> None:
+        nonlocal finished
+        in_training = {}  # every member of the pass still training reports in each round
+        for name, metrics, state in reports:
+            epochs = configs[name].epochs
+            board.update.remote(name, {**metrics, "epochs": epochs})
+            if metrics["epoch"] == epochs:
+                finish(name, state)
+                finished += 1
+            else:
+                in_training[name] = {**state, "member": name}
+        if in_training and pacer.due():  # written now, before training moves these tensors on
+            pacer.write(lambda: _save_checkpoint(in_training, {**reports[-1][1], "member": reports[-1][0]}))
+        # Fault injection for tests: hard-kill the worker once, after that epoch (and its checkpoint, if due).
+        for name, metrics, _ in reports:
+            if (fault and fault["member"] == name and metrics["epoch"] == fault["epoch"]
+                    and not os.path.exists(fault["marker"])):
                 Path(fault["marker"]).touch()
                 os._exit(1)
 
-        x_train, x_test = ray.get(job["x_train"]), ray.get(job["x_test"])
-        train_member(x_train, x_test, config, resume=resume, on_epoch=on_epoch, device=device)
-        # The last epoch's state (model, optimizer, epoch, history) is the finished member: written once,
-        # then handed to the driver (and waited for, so a crash after this never loses it).
-        state = {**last, "model": {k: v.detach().cpu() for k, v in last["model"].items()}}
-        _save_done(done_dir, name, state)
-        ray.get(board.finish.remote(name, {"model": state["model"], "history": state["history"]}))
-        finished += 1
+    configs = {job["name"]: config for job, config, _ in todo}
+    for indices in plan_passes([c for _, c, _ in todo], cfg.get("members_per_pass"), device):
+        jobs = [MemberJob(todo[i][0]["name"], todo[i][1], ray.get(todo[i][0]["x_train"]),
+                          ray.get(todo[i][0]["x_test"]), todo[i][2]) for i in indices]
+        train_members(jobs, on_round=on_round, device=device)
     log.info("Train worker: %d member(s) finished; %d epoch checkpoint(s) written, %d skipped (pacing)",
              finished, pacer.written, pacer.skipped)
     _save_checkpoint(None, {"members_done": finished})
@@ -252,7 +268,8 @@ def _fit_run(index: int, key: str, plans: list[MemberPlan], where: Path | str, r
         trainer = TorchTrainer(
             _worker_loop,
             train_loop_config={"members": members, "board": board, "fault": fault, "done_dir": done_dir,
-                               "threads": max(1, round(res.cpus_per_worker))},
+                               "threads": max(1, round(res.cpus_per_worker)),
+                               "members_per_pass": res.members_per_pass},
             scaling_config=ScalingConfig(num_workers=1, use_gpu=res.gpus_per_worker > 0,
                                          resources_per_worker=worker_resources),
             run_config=RunConfig(

@@ -9,7 +9,8 @@ import tempfile
 
 import torch
 
-from ..training import TrainConfig, train_member
+from ..fused_training import MemberJob, plan_passes, train_members
+from ..training import TrainConfig
 from .fleet import Fleet
 from .manifest import slug
 from .plan import FleetWriter, MemberPlan, fleet_extra, plan_fleet
@@ -17,15 +18,17 @@ from .plan import FleetWriter, MemberPlan, fleet_extra, plan_fleet
 log = logging.getLogger("simex_ray.plan")
 
 
-def train_fleet_local(plans: list[MemberPlan], out, *, on_epoch=None, extra: dict | None = None):
-    """Train every pending member in this process, one after another (no Ray).
+def train_fleet_local(plans: list[MemberPlan], out, *, on_epoch=None, extra: dict | None = None,
+                      members_per_pass: int | None = None):
+    """Train every pending member in this process (no Ray), members alike in fused passes.
 
-    ``on_epoch(member_name, metrics)`` is called after each epoch.
+    ``on_epoch(member_name, metrics)`` is called after each epoch. ``members_per_pass``: at most this many
+    members per fused pass (None: as many as its memory bound allows; 1: one member after another).
     Returns the FleetWriter holding the manifest records.
     """
     writer = FleetWriter(out, extra, order=[p.name for p in plans], flush_s=MANIFEST_FLUSH_S)
     try:
-        _train_pending(writer, plans, on_epoch)
+        _train_pending(writer, plans, on_epoch, members_per_pass)
     finally:  # however training ends (done, an error, Ctrl-C), every finished member is listed
         writer.flush()
     return writer
@@ -34,29 +37,37 @@ def train_fleet_local(plans: list[MemberPlan], out, *, on_epoch=None, extra: dic
 MANIFEST_FLUSH_S = 2.0  # the manifest is rewritten at most this often while a fleet trains
 
 
-def _train_pending(writer: FleetWriter, plans: list[MemberPlan], on_epoch) -> None:
-    for plan in writer.pending(plans):
-        config = TrainConfig.from_dict(plan.member.config)
-        # Like the Ray path: a checkpoint per epoch, so a re-run continues where this one stopped.
-        ckpt = writer.out.join("checkpoints", "local", f"{slug(plan.name)}-{plan.run_key}.pt")
-        resume = None
-        if ckpt.is_file():
-            try:
-                resume = torch.load(io.BytesIO(ckpt.read_bytes()), map_location="cpu", weights_only=True)
-            except Exception:  # noqa: BLE001 - a damaged checkpoint: start this member over
-                log.warning("%s: unreadable checkpoint %s; training from scratch", plan.name, ckpt)
-            if resume is not None and resume["epoch"] > config.epochs:
-                resume = None  # trained longer than now asked: start over rather than pretend
+def _train_pending(writer: FleetWriter, plans: list[MemberPlan], on_epoch, per_pass: int | None) -> None:
+    todo = writer.pending(plans)
+    configs = [TrainConfig.from_dict(p.member.config) for p in todo]
+    # Like the Ray path: a checkpoint per member and epoch, so a re-run continues where this one stopped.
+    ckpts = {p.name: writer.out.join("checkpoints", "local", f"{slug(p.name)}-{p.run_key}.pt") for p in todo}
+    for indices in plan_passes(configs, per_pass):
+        jobs = [MemberJob(todo[i].name, configs[i], todo[i].x_train, todo[i].x_test,
+                          _resume_state(ckpts[todo[i].name], configs[i], todo[i].name)) for i in indices]
 
-        def save(epoch, metrics, state, name=plan.name, path=ckpt):
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            path.write_bytes_atomic(buf.getvalue())
-            if on_epoch is not None:
-                on_epoch(name, metrics)
+        def save(reports):
+            for name, metrics, state in reports:
+                buf = io.BytesIO()
+                torch.save(state, buf)
+                ckpts[name].write_bytes_atomic(buf.getvalue())
+                if on_epoch is not None:
+                    on_epoch(name, metrics)
 
-        model, history = train_member(plan.x_train, plan.x_test, config, resume=resume, on_epoch=save)
-        writer.add(plan, model.state_dict(), history)
+        for i, (model, history) in zip(indices, train_members(jobs, on_round=save)):
+            writer.add(todo[i], model.state_dict(), history)
+
+
+def _resume_state(ckpt, config: TrainConfig, name: str) -> dict | None:
+    """A member's last epoch checkpoint, or None (none, unreadable, or trained longer than now asked)."""
+    if not ckpt.is_file():
+        return None
+    try:
+        resume = torch.load(io.BytesIO(ckpt.read_bytes()), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged checkpoint: start this member over
+        log.warning("%s: unreadable checkpoint %s; training from scratch", name, ckpt)
+        return None
+    return None if resume["epoch"] > config.epochs else resume  # longer than asked: start over, never pretend
 
 
 def train_and_load(plans: list[MemberPlan], out=None, *, on_epoch=None, extra: dict | None = None):
@@ -76,7 +87,8 @@ def train_and_load(plans: list[MemberPlan], out=None, *, on_epoch=None, extra: d
 
 def build_fleet_local(refs: list[str], out, config: TrainConfig, *, samples: int | None = None,
                       per_class: bool = False, seed: int = 0, data_dir=None, on_epoch=None,
-                      strict: bool = False, cache: dict | None = None) -> tuple[list[MemberPlan], FleetWriter]:
+                      strict: bool = False, cache: dict | None = None, members_per_pass: int | None = None
+                      ) -> tuple[list[MemberPlan], FleetWriter]:
     """Specs -> trained fleet directory, in this process: `simex train --no-ray`.
 
     ``seed`` is the data seed (samples, splits, variants); ``config.seed`` the model seed.
@@ -87,4 +99,4 @@ def build_fleet_local(refs: list[str], out, config: TrainConfig, *, samples: int
                        strict=strict, cache=cache)
     extra = fleet_extra(refs, config, samples=samples, per_class=per_class, data_seed=seed)
     progress = (lambda n, m: on_epoch(n, {**m, "epochs": config.epochs})) if on_epoch else None
-    return plans, train_fleet_local(plans, out, on_epoch=progress, extra=extra)
+    return plans, train_fleet_local(plans, out, on_epoch=progress, extra=extra, members_per_pass=members_per_pass)
