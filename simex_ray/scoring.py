@@ -44,6 +44,7 @@ the naive per-member path to float tolerance (tests).
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -404,6 +405,7 @@ PASS_FLOATS = 1 << 19  # per thread: a fused conv pass's largest activation per 
 # Data's and Serve's user-code threads). Fleets above it run as several fused passes per chunk, which
 # measured as fast as one on the main thread (docs/results.md "Batch scoring").
 PASS_FLOATS_ALL = 1 << 22
+PLANS_KEPT = 8  # fused plans (member subset x loss) an engine keeps, least recently used dropped first
 
 
 @dataclass
@@ -449,11 +451,15 @@ class ScoringEngine:
         self.losses = dict(losses)
         self.chunk, self.fused = int(chunk), fused
         self._models = {n: m.to(self.device).eval() for n, m in models.items()}
-        self._groups: dict[tuple[str, ...], list[_Group]] = {}
+        # fused weights per (members, loss) asked for, the most recently used kept: each plan holds a copy of
+        # its members' weights, and a service that is asked for many subsets must not keep them all
+        self._groups: OrderedDict[tuple[str, ...], list[_Group]] = OrderedDict()
 
     def _plan(self, names: tuple[str, ...], loss: str | None) -> list[_Group]:
         key = (*names, "|", loss or "")
-        if key not in self._groups:
+        if key in self._groups:
+            self._groups.move_to_end(key)
+        else:
             by: dict[tuple, list[str]] = {}
             for n in names:  # one group per architecture, loss and layer shapes (format, widths)
                 model = self._models[n]
@@ -472,6 +478,8 @@ class ScoringEngine:
                     fused = FUSED[arch](models[i:i + step]).to(self.device).eval()
                     groups.append(_Group(members[i:i + step], group_loss, fused, models[i:i + step], rows))
             self._groups[key] = groups
+            while len(self._groups) > PLANS_KEPT:
+                self._groups.popitem(last=False)
         return self._groups[key]
 
     @torch.inference_mode()

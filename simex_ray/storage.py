@@ -31,6 +31,12 @@ import pyarrow.fs as pafs
 
 from .errors import one_line
 
+TORN_READ_ATTEMPTS = 5  # reads of an object that keeps changing size before giving up
+
+
+class TornReadError(OSError):
+    """An object changed under every read of it (a concurrent overwrite): never returned half-old, half-new."""
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 CHUNK = 1 << 20
 
@@ -112,13 +118,16 @@ class Location:
         """The whole object. On an object store a read is a size request then ranged GETs, so a
         concurrent overwrite can tear it: the size is checked again after reading and the read
         repeated (a manifest is replaced in place while members land)."""
-        for attempt in range(5):
+        sizes = []
+        for attempt in range(TORN_READ_ATTEMPTS):
             with self.fs.open_input_stream(self.path) as f:
                 data = f.read()
-            if self.is_local or self.fs.get_file_info(self.path).size == len(data):
+            if self.is_local or (size := self.fs.get_file_info(self.path).size) == len(data):
                 return data
+            sizes.append(f"{len(data)} of {size}")
             time.sleep(0.05 * (attempt + 1))
-        return data
+        raise TornReadError(f"{self.display}: changed while it was read, {len(sizes)} times (bytes read vs size: "
+                            f"{', '.join(sizes)}); is something rewriting it? read it again once it is still")
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)

@@ -375,17 +375,19 @@ def _train_pending(writer: FleetWriter, plans: list[MemberPlan], resources: Reso
 
     fits = [lambda i=i, key=key, g=g: _fit_run(i, key, g, where, resources, board, fault)
             for i, (key, g) in enumerate(groups)]
-    for (_, g), outcome in zip(groups, run_concurrently(fits, drain, poll_s)):
-        if isinstance(outcome, BaseException):  # the other runs kept going; report at the end
-            for p in g:
-                if not writer.has(p):
-                    errors[p.name] = outcome
-            log.error("Train run failed: %s", last_line(outcome))
-        else:
-            for name, state in outcome.items():
-                record(name, state)
-    drain()
-    ray.kill(board)
+    try:
+        for (_, g), outcome in zip(groups, run_concurrently(fits, drain, poll_s)):
+            if isinstance(outcome, BaseException):  # the other runs kept going; report at the end
+                for p in g:
+                    if not writer.has(p):
+                        errors[p.name] = outcome
+                log.error("Train run failed: %s", last_line(outcome))
+            else:
+                for name, state in outcome.items():
+                    record(name, state)
+        drain()
+    finally:  # on every path (done, an error, Ctrl-C): the board is the driver's, nobody else removes it
+        ray.kill(board)
     if errors:
         names = ", ".join(errors)
         raise TrainingError(f"{len(errors)} member(s) failed: {names}; re-run the same command to resume "

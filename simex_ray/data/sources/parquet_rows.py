@@ -11,6 +11,17 @@ from ..dataset import SpecError
 from ..images import check_labels, decode_image, flat_to_square, stack_images, to_unit_images
 
 
+def inside(base: pathlib.Path, path: str, where: str) -> pathlib.Path:
+    """``base / path`` when it resolves inside ``base`` (symbolic links followed); an absolute path or one that
+    climbs out with ``..`` is refused: a data file never names what the job reads outside its dataset."""
+    root = base.resolve()
+    target = (root / path).resolve()
+    if pathlib.PurePath(path).is_absolute() or not target.is_relative_to(root):
+        raise SpecError(f"{where}: image path '{path}' is outside the dataset's directory {root}; paths must be "
+                        f"relative to it and stay inside it")
+    return target
+
+
 def table_images(table, spec: str, *, base: pathlib.Path | None = None, first_row: int = 0,
                  fmt: ImageFormat | None = None, strict: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """(images (N, C, H, W), labels or None) of a Parquet table (a whole file or one row group):
@@ -34,7 +45,7 @@ def table_images(table, spec: str, *, base: pathlib.Path | None = None, first_ro
                 raise SpecError(f"{where} of column 'image' is empty; every row needs image bytes")
             if b is None and base is None:
                 raise SpecError(f"{where}: image given by path only; store the bytes in the file")
-            src: bytes | pathlib.Path = b if b is not None else (base / p)
+            src: bytes | pathlib.Path = b if b is not None else inside(base, p, where)
             img = decode_image(src, where, fmt=None if strict else fmt)
             xs.append(convert(img, fmt, strict=True, name=where) if strict and fmt is not None else img)
         if not xs:
