@@ -78,17 +78,24 @@ from .loading import load, load_node, native_format, select_class
 from .slices import Slice, array_slices, plan_slices, read_slice
 from .streaming import Stream, stream
 from .sampling import (
+    ROW_HASH,
+    STRATIFIED,
     ClassPart,
     balanced_indices,
     balanced_sample,
     fingerprint,
     prepare,
     prepare_by_class,
+    row_hash_split,
     split_by_class,
+    split_rule,
+    test_rows,
     train_test_split,
 )
 
 __all__ = [
+    "ROW_HASH",
+    "STRATIFIED",
     "BUILTINS",
     "Dataset",
     "DataUnavailable",
@@ -105,6 +112,9 @@ __all__ = [
     "prepare",
     "split_specs",
     "to_unit_images",
+    "row_hash_split",
+    "split_rule",
+    "test_rows",
     "train_test_split",
     "with_class",
     "ClassPart",

@@ -1,4 +1,12 @@
-"""Sampling, splits and fingerprints: class-balanced samples, the 5:1 split, per-class splits.
+"""Sampling, splits and fingerprints: class-balanced samples, the 5:1 splits, per-class splits.
+
+Two 5:1 train/test rules, each recorded in the manifest of a fleet trained with it (``split``):
+
+* ``row-hash`` (a whole dataset, no ``--samples``): row ``i`` is held out when a seeded hash of ``i`` falls
+  in the lowest sixth (:func:`test_rows`). Each row's side is computable alone, so a reference streamed slice
+  by slice on a worker and the same reference read whole here split identically;
+* ``stratified`` (a ``--samples`` draw, and every per-class part): an exact 5:1 split, each class spread
+  evenly (:func:`train_test_split`). Whole datasets used it too before 2026-12-07.
 
 Fleet manifests record :func:`fingerprint` of each member's training split, so
 every function here is seeded and must stay bit-for-bit stable.
@@ -55,6 +63,50 @@ def balanced_sample(ds: Dataset, n: int, seed: int = 0) -> Dataset:
     return ds if len(idx) == len(ds) else ds.subset(idx)
 
 
+ROW_HASH, STRATIFIED = "row-hash", "stratified"
+TEST_FRACTION = 1 / 6  # the paper's 5:1
+
+
+def row_uniform(index: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) per global row index, seeded: splitmix64 of (index, seed), stable forever."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(index, dtype=np.uint64) + np.uint64(int(seed) & (2**64 - 1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def test_rows(n: int, seed: int = 0, index: np.ndarray | None = None) -> np.ndarray:
+    """The ``row-hash`` rule: which of rows ``0 .. n-1`` (or of ``index``, a part of them) are held out.
+
+    A row is held out when :func:`row_uniform` of its index is below 1/6. So that neither side is ever
+    empty, the row with the smallest value is always held out and the one with the largest always trains
+    (``n`` rows in all, ``n >= 2``): on a dataset of thousands of rows neither changes anything.
+    """
+    if n < 2:
+        raise SpecError(f"need at least 2 images to split into train and test, got {n}")
+    u_all = row_uniform(np.arange(n), seed)
+    lo, hi = int(np.argmin(u_all)), int(np.argmax(u_all))
+    index = np.arange(n) if index is None else np.asarray(index, dtype=np.int64)
+    u = u_all[index]
+    out = u < TEST_FRACTION
+    out[index == lo] = True
+    out[index == hi] = False
+    return out
+
+
+def row_hash_split(ds: Dataset, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(train, test) of a whole dataset by the ``row-hash`` rule; both in row order."""
+    test = test_rows(len(ds), seed)
+    return ds.subset(np.nonzero(~test)[0]), ds.subset(np.nonzero(test)[0])
+
+
+def split_rule(samples: int | None) -> str:
+    """The 5:1 rule :func:`prepare` applies: ``row-hash`` for a whole dataset, ``stratified`` for a sample."""
+    return STRATIFIED if samples else ROW_HASH
+
+
 def train_test_split(ds: Dataset, test_fraction: float = 1 / 6, seed: int = 0) -> tuple[Dataset, Dataset]:
     """Disjoint (train, test), stratified when labelled; default 5:1 as in the paper."""
     if not 0.0 < test_fraction < 1.0:
@@ -91,7 +143,10 @@ def prepare(
     fmt: ImageFormat | None = LEGACY,
     strict: bool = False,
 ) -> tuple[Dataset, Dataset]:
-    """load -> balanced_sample(samples) if given -> 5:1 stratified (train, test); ``fmt``, ``strict``: see load.
+    """load -> balanced_sample(samples) if given -> 5:1 (train, test); ``fmt``, ``strict``: see load.
+
+    A whole dataset (no ``samples``) splits by the ``row-hash`` rule, a sample by the ``stratified`` one
+    (:func:`split_rule`).
 
     ``test_samples`` tops the test split up to that many images with a
     class-balanced draw from the rows that ``samples`` left out (never from
@@ -99,8 +154,14 @@ def prepare(
     a small sample gives. The train split is the same with or without it.
     """
     ds = load(spec, data_dir=data_dir, seed=seed, cache=cache, fmt=fmt, strict=strict)
-    idx = balanced_indices(ds, samples, seed=seed) if samples else np.arange(len(ds))
-    train, test = train_test_split(ds if len(idx) == len(ds) else ds.subset(idx), 1 / 6, seed=seed)
+    if not samples:
+        if len(ds) < 2:
+            raise SpecError(f"{ds.spec}: need at least 2 images to split into train and test, got {len(ds)}")
+        idx = np.arange(len(ds))
+        train, test = row_hash_split(ds, seed)
+    else:
+        idx = balanced_indices(ds, samples, seed=seed)
+        train, test = train_test_split(ds if len(idx) == len(ds) else ds.subset(idx), TEST_FRACTION, seed=seed)
     if test_samples is not None and test_samples > len(test):
         rest = np.setdiff1d(np.arange(len(ds)), idx, assume_unique=True)
         if len(rest) == 0:

@@ -90,6 +90,9 @@ class Member:
     data_seed: int | None = None  # drew the member's samples, split and variant images (config["seed"]: the model's)
     n_train: int = 0
     n_test: int = 0
+    # the 5:1 train/test rule (docs/specs.md): "row-hash" (a whole dataset) or "stratified" (a --samples draw,
+    # a per-class part, and every member of a fleet trained before the rule was recorded)
+    split: str = "stratified"
     metrics: dict[str, float] = field(default_factory=dict)  # train_delta, test_delta, ref_mean_l2, ...
     history: list[dict] = field(default_factory=list)
     # The member's own held-out δ distribution: {"quantiles": 101 values at 0%, 1%, ..., 100%,

@@ -45,10 +45,10 @@ class MemberPlan:
 
 
 def _record(name: str, spec: str, class_: str | None, train: data.Dataset, test: data.Dataset,
-            config: TrainConfig, data_seed: int) -> MemberPlan:
+            config: TrainConfig, data_seed: int, split: str) -> MemberPlan:
     member = Member(
         name=name, spec=spec, class_=class_, config=config.to_dict(), data_seed=data_seed,
-        fingerprint=data.fingerprint(train), n_train=len(train), n_test=len(test),
+        fingerprint=data.fingerprint(train), n_train=len(train), n_test=len(test), split=split,
         metrics={"ref_mean_l2": mean_l2_norm(train.x)},
     )
     return MemberPlan(member, train.x, test.x)
@@ -99,10 +99,11 @@ def plan_fleet(refs: list[str], config: TrainConfig, *, samples: int | None = No
     for spec in refs:
         if not per_class:
             train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir, cache=cache, **fmt)
-            plans.append(_record(train.spec, spec, None, train, test, config, seed))
+            plans.append(_record(train.spec, spec, None, train, test, config, seed, data.split_rule(samples)))
             continue
         for part in data.prepare_by_class(spec, samples=samples, seed=seed, data_dir=data_dir, cache=cache, **fmt):
-            plans.append(_record(part.spec, spec, part.name, part.train, part.test, config, seed))
+            plans.append(_record(part.spec, spec, part.name, part.train, part.test, config, seed,
+                                 data.STRATIFIED))
     names = [p.name for p in plans]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
