@@ -102,6 +102,15 @@ def as_tensor(x: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") 
     return torch.as_tensor(np.asarray(x, dtype=np.float32) if not torch.is_tensor(x) else x).to(device)
 
 
+def train_step(model, batch: torch.Tensor, optimizer, loss: str) -> float:
+    """One optimizer step on ``batch`` (B, C, H, W); returns the batch's summed delta."""
+    optimizer.zero_grad(set_to_none=True)
+    d = per_sample_delta(batch, model(batch), loss)
+    d.mean().backward()
+    optimizer.step()
+    return float(d.detach().sum())
+
+
 def train_one_epoch(model, x: torch.Tensor, optimizer, loss: str, batch_size: int,
                     generator: torch.Generator) -> float:
     """One pass over ``x`` (N, C, H, W) in a seeded random order; returns mean delta."""
@@ -109,12 +118,7 @@ def train_one_epoch(model, x: torch.Tensor, optimizer, loss: str, batch_size: in
     order = torch.randperm(len(x), generator=generator)
     total = 0.0
     for start in range(0, len(x), batch_size):
-        batch = x[order[start:start + batch_size]]
-        optimizer.zero_grad(set_to_none=True)
-        d = per_sample_delta(batch, model(batch), loss)
-        d.mean().backward()
-        optimizer.step()
-        total += float(d.detach().sum())
+        total += train_step(model, x[order[start:start + batch_size]], optimizer, loss)
     return total / len(x)
 
 
@@ -127,6 +131,19 @@ def evaluate(model, x: torch.Tensor, loss: str, batch_size: int = 512) -> float:
         batch = x[start:start + batch_size]
         total += float(per_sample_delta(batch, model(batch), loss).sum())
     return total / len(x)
+
+
+@torch.no_grad()
+def evaluate_blocks(model, blocks, loss: str, device="cpu", batch_size: int = 512) -> float:
+    """Mean delta of images arriving in blocks (arrays (n, C, H, W)) through ``model``; nan when there are none."""
+    model.eval()
+    total, n = 0.0, 0
+    for block in blocks:
+        for start in range(0, len(block), batch_size):
+            batch = as_tensor(block[start:start + batch_size], device)
+            total += float(per_sample_delta(batch, model(batch), loss).sum())
+            n += len(batch)
+    return total / n if n else float("nan")
 
 
 EpochCallback = Callable[[int, dict[str, float], dict[str, Any]], None]
@@ -168,6 +185,52 @@ def train_member(x_train, x_test, config: TrainConfig, *, resume: dict[str, Any]
             "test_delta": evaluate(model, x_test, config.loss) if len(x_test) else float("nan"),
             "elapsed_s": time.perf_counter() - t0,
         }
+        history.append(metrics)
+        log.debug("epoch %d/%d %s", epoch, config.epochs, metrics)
+        if on_epoch is not None:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "epoch": epoch, "history": history}
+            on_epoch(epoch, metrics, state)
+    return model, history
+
+
+def train_member_streamed(reference, config: TrainConfig, *, resume: dict[str, Any] | None = None,
+                          on_epoch: EpochCallback | None = None, device="cpu") -> tuple[torch.nn.Module, list[dict]]:
+    """:func:`train_member` on a :class:`~simex_ray.data.streamed.StreamedReference`, read slice by slice here.
+
+    The same steps, checkpoint state and callbacks; batches come in the reference's seeded order per epoch
+    (a bounded shuffle buffer, not one permutation of everything) and the test Δ is that of its streamed
+    held-out split. The first epoch's metrics also carry ``ref_mean_l2``, the training split's mean L2 norm
+    (the paper's normaliser), measured on the way.
+    """
+    model, optimizer = initial_state(config, device)
+    history: list[dict] = []
+    start = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        start, history = int(resume["epoch"]), list(resume["history"])
+        log.info("resuming after epoch %d of %d", start, config.epochs)
+    t0 = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
+    for epoch in range(start + 1, config.epochs + 1):
+        model.train()
+        total, n, norms = 0.0, 0, 0.0
+        for block in reference.train_batches(epoch, config.batch_size, order_seed=config.seed):
+            batch = as_tensor(block, device)
+            total += train_step(model, batch, optimizer, config.loss)
+            n += len(batch)
+            if epoch == 1:
+                norms += float(batch.detach().flatten(1).double().norm(dim=1).sum())
+        if n == 0:
+            raise ValueError(f"{reference.spec}: no training samples")
+        metrics = {
+            "epoch": epoch,
+            "train_delta": total / n,
+            "test_delta": evaluate_blocks(model, reference.test_blocks(), config.loss, device),
+            "elapsed_s": time.perf_counter() - t0,
+        }
+        if epoch == 1:
+            metrics["ref_mean_l2"] = norms / n
         history.append(metrics)
         log.debug("epoch %d/%d %s", epoch, config.epochs, metrics)
         if on_epoch is not None:

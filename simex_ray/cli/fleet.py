@@ -20,6 +20,7 @@ TRAIN_DEFAULTS = {"loss": "mse", "epochs": 10, "optimizer": "adam", "lr": None, 
 
 def add_train_args(p) -> None:
     """Training and cluster flags, shared by `simex train` and the jobs."""
+    from ..fleet.plan import STREAM_BYTES, STREAM_MODES
     from ..models import architectures
     from ..training import OPTIMIZERS
 
@@ -52,6 +53,10 @@ def add_train_args(p) -> None:
                    help="members alike (architecture, format, loss, optimizer, lr, batch size) trained together in "
                         "one fused forward and backward pass (default: as many as the pass's memory bound allows; "
                         "1: one member after another); the results equal separate training to float tolerance")
+    p.add_argument("--stream", choices=STREAM_MODES, default="auto",
+                   help="read a whole parquet: or uncompressed npz: reference slice by slice where it trains, never "
+                        f"on the driver (default auto: when its images take more than {STREAM_BYTES >> 20} MiB; "
+                        "always; never)")
     p.add_argument("--no-ray", action="store_true", help="train in this process (no Ray)")
 
 
@@ -188,7 +193,7 @@ def build_from(args, out=None):
         print(f"  converting {spec}: {step}", file=sys.stderr)
     on_epoch = epoch_printer(time.perf_counter(), refs)
     common = dict(samples=args.samples, per_class=args.per_class, seed=data_seed(args), data_dir=args.data_dir,
-                  cache=cache)
+                  cache=cache, stream=getattr(args, "stream", "auto"))
     if args.no_ray:
         from ..fleet.build import build_fleet_local
 

@@ -77,20 +77,38 @@ def row_uniform(index: np.ndarray, seed: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def test_rows(n: int, seed: int = 0, index: np.ndarray | None = None) -> np.ndarray:
+def row_extremes(n: int, seed: int = 0) -> tuple[int, int]:
+    """The rows with the smallest and largest :func:`row_uniform` of ``0 .. n-1``: held out and trained on
+    whatever their value (so that neither side is empty)."""
+    lo = hi = 0
+    u_lo, u_hi = np.inf, -np.inf
+    for start in range(0, n, _CHUNK):  # in chunks: memory flat however many rows
+        u = row_uniform(np.arange(start, min(n, start + _CHUNK)), seed)
+        i, j = int(np.argmin(u)), int(np.argmax(u))
+        if u[i] < u_lo:
+            lo, u_lo = start + i, u[i]
+        if u[j] > u_hi:
+            hi, u_hi = start + j, u[j]
+    return lo, hi
+
+
+_CHUNK = 1 << 20
+
+
+def test_rows(n: int, seed: int = 0, index: np.ndarray | None = None,
+              extremes: tuple[int, int] | None = None) -> np.ndarray:
     """The ``row-hash`` rule: which of rows ``0 .. n-1`` (or of ``index``, a part of them) are held out.
 
     A row is held out when :func:`row_uniform` of its index is below 1/6. So that neither side is ever
     empty, the row with the smallest value is always held out and the one with the largest always trains
-    (``n`` rows in all, ``n >= 2``): on a dataset of thousands of rows neither changes anything.
+    (``n`` rows in all, ``n >= 2``; ``extremes``: :func:`row_extremes` computed once): on a dataset of
+    thousands of rows neither changes anything.
     """
     if n < 2:
         raise SpecError(f"need at least 2 images to split into train and test, got {n}")
-    u_all = row_uniform(np.arange(n), seed)
-    lo, hi = int(np.argmin(u_all)), int(np.argmax(u_all))
+    lo, hi = extremes if extremes is not None else row_extremes(n, seed)
     index = np.arange(n) if index is None else np.asarray(index, dtype=np.int64)
-    u = u_all[index]
-    out = u < TEST_FRACTION
+    out = row_uniform(index, seed) < TEST_FRACTION
     out[index == lo] = True
     out[index == hi] = False
     return out

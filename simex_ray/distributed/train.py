@@ -30,7 +30,7 @@ from ..fleet import slug
 from ..fleet.build import MANIFEST_FLUSH_S
 from ..fleet.plan import FleetWriter, MemberPlan
 from ..fused_training import MemberJob, plan_passes, train_members
-from ..training import TrainConfig
+from ..training import TrainConfig, train_member_streamed
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +71,30 @@ class ProgressBoard:
 
     def __init__(self):
         self.latest: dict[str, dict] = {}
+        self.updates: list[tuple[str, dict]] = []  # every epoch since the last drain_all, in order
         self.finished: list[tuple[str, dict]] = []
 
     def update(self, member: str, metrics: dict) -> None:
         self.latest[member] = metrics
+        self.updates.append((member, metrics))
+        del self.updates[:-UPDATES_KEPT]  # a driver that stops draining never makes the board grow
 
     def finish(self, member: str, state: dict) -> None:
         self.finished.append((member, state))
 
     def drain(self) -> tuple[dict[str, dict], list[tuple[str, dict]]]:
+        """({member: its latest metrics}, finished members since the last drain)."""
         finished, self.finished = self.finished, []
         return dict(self.latest), finished
+
+    def drain_all(self) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
+        """(every epoch's metrics since the last call, in order; finished members since the last call)."""
+        updates, self.updates = self.updates, []
+        finished, self.finished = self.finished, []
+        return updates, finished
+
+
+UPDATES_KEPT = 100_000
 
 
 def local_board():
@@ -217,6 +230,8 @@ def _worker_loop(cfg: dict) -> None:
         _save_done(done_dir, name, state)
         ray.get(board.finish.remote(name, {"model": state["model"], "history": state["history"]}))
 
+    written: dict = {}  # the metrics reported with the last checkpoint written
+
     def on_round(reports) -> None:
         nonlocal finished
         in_training = {}  # every member of the pass still training reports in each round
@@ -229,15 +244,24 @@ def _worker_loop(cfg: dict) -> None:
             else:
                 in_training[name] = {**state, "member": name}
         if in_training and pacer.due():  # written now, before training moves these tensors on
-            pacer.write(lambda: _save_checkpoint(in_training, {**reports[-1][1], "member": reports[-1][0]}))
-        # Fault injection for tests: hard-kill the worker once, after that epoch (and its checkpoint, if due).
+            written.clear()
+            written.update({**reports[-1][1], "member": reports[-1][0]})
+            pacer.write(lambda: _save_checkpoint(in_training, written))
+        # Fault injection for tests: hard-kill the worker once, after that epoch (and its checkpoint, if due),
+        # once the controller has registered the last checkpoint written (else a fast kill races it).
         for name, metrics, _ in reports:
             if (fault and fault["member"] == name and metrics["epoch"] == fault["epoch"]
                     and not os.path.exists(fault["marker"])):
+                if written:
+                    _wait_registered(fault["snapshot"], written["member"], written["epoch"])
                 Path(fault["marker"]).touch()
                 os._exit(1)
 
     configs = {job["name"]: config for job, config, _ in todo}
+    for job, config, resume in (t for t in todo if t[0].get("stream") is not None):  # large: one at a time
+        train_member_streamed(job["stream"], config, resume=resume, device=device,
+                              on_epoch=lambda e, metrics, state, name=job["name"]: on_round([(name, metrics, state)]))
+    todo = [t for t in todo if t[0].get("stream") is None]
     for indices in plan_passes([c for _, c, _ in todo], cfg.get("members_per_pass"), device):
         jobs = [MemberJob(todo[i][0]["name"], todo[i][1], ray.get(todo[i][0]["x_train"]),
                           ray.get(todo[i][0]["x_test"]), todo[i][2]) for i in indices]
@@ -245,6 +269,23 @@ def _worker_loop(cfg: dict) -> None:
     log.info("Train worker: %d member(s) finished; %d epoch checkpoint(s) written, %d skipped (pacing)",
              finished, pacer.written, pacer.skipped)
     _save_checkpoint(None, {"members_done": finished})
+
+
+def _wait_registered(snapshot: str, member: str, epoch: int, timeout_s: float = 300.0) -> None:
+    """(Fault injection.) Wait until the Train controller's checkpoint snapshot lists ``member`` at ``epoch``."""
+    import json
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            latest = json.loads(storage.resolve(snapshot).read_text()).get("latest_checkpoint_result") or {}
+            metrics = latest.get("metrics") or {}
+            if metrics.get("member") == member and int(metrics.get("epoch", 0)) >= epoch:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    log.warning("fault injection: checkpoint of %s epoch %d not registered in %.0f s", member, epoch, timeout_s)
 
 
 def _fit_run(index: int, key: str, plans: list[MemberPlan], where: Path | str, res: Resources, board,
@@ -261,9 +302,14 @@ def _fit_run(index: int, key: str, plans: list[MemberPlan], where: Path | str, r
     worker_resources = {"CPU": res.cpus_per_worker}
     if res.gpus_per_worker:
         worker_resources["GPU"] = res.gpus_per_worker
-    members = [{"name": p.name, "config": p.member.config,
-                "x_train": ray.put(p.x_train), "x_test": ray.put(p.x_test)} for p in plans]
+    # a streamed member travels as its slices (the worker reads them); the others' images through the object
+    # store
+    members = [{"name": p.name, "config": p.member.config, "stream": p.stream} if p.stream is not None else
+               {"name": p.name, "config": p.member.config, "x_train": ray.put(p.x_train), "x_test": ray.put(p.x_test)}
+               for p in plans]
     done_dir = _child(where, f"done-{key}")
+    if fault:
+        fault = {**fault, "snapshot": _child(_child(where, f"run{index}-{key}"), "checkpoint_manager_snapshot.json")}
     for attempt in range(res.max_failures + 1):
         trainer = TorchTrainer(
             _worker_loop,
@@ -364,9 +410,9 @@ def _train_pending(writer: FleetWriter, plans: list[MemberPlan], resources: Reso
             log.info("%s: done, weights written", name)
 
     def drain() -> None:
-        latest, finished = ray.get(board.drain.remote())
-        if on_progress is not None:
-            for name, metrics in latest.items():
+        updates, finished = ray.get(board.drain_all.remote())
+        if on_progress is not None:  # every epoch, in the order the workers reported them
+            for name, metrics in updates:
                 if seen.get(name) != metrics["epoch"]:
                     seen[name] = metrics["epoch"]
                     on_progress(name, metrics)
@@ -425,7 +471,7 @@ def build_fleet(refs: list[str], out, config: TrainConfig, *, samples: int | Non
                 resources: Resources = Resources(), storage: str | None = None,
                 on_progress: ProgressFn | None = None,
                 log_to_driver: bool = False, strict: bool = False,
-                cache: dict | None = None) -> tuple[list[MemberPlan], FleetWriter]:
+                cache: dict | None = None, stream: str = "auto") -> tuple[list[MemberPlan], FleetWriter]:
     """Specs -> trained fleet directory on Ray Train: the path the CLI, the jobs and the studies share.
 
     ``seed`` is the data seed (samples, splits, variants); ``config.seed`` the model seed. Training
@@ -436,7 +482,7 @@ def build_fleet(refs: list[str], out, config: TrainConfig, *, samples: int | Non
     from .runtime import ray_session
 
     plans = plan_fleet(refs, config, samples=samples, per_class=per_class, seed=seed, data_dir=data_dir,
-                       strict=strict, cache=cache)
+                       strict=strict, cache=cache, stream=stream)
     extra = fleet_extra(refs, config, samples=samples, per_class=per_class, data_seed=seed)
     with ray_session(address, log_to_driver=log_to_driver):
         return plans, train_fleet(plans, out, resources=resources, storage=storage,

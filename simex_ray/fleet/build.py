@@ -10,7 +10,7 @@ import tempfile
 import torch
 
 from ..fused_training import MemberJob, plan_passes, train_members
-from ..training import TrainConfig
+from ..training import TrainConfig, train_member_streamed
 from .fleet import Fleet
 from .manifest import slug
 from .plan import FleetWriter, MemberPlan, fleet_extra, plan_fleet
@@ -38,22 +38,29 @@ MANIFEST_FLUSH_S = 2.0  # the manifest is rewritten at most this often while a f
 
 
 def _train_pending(writer: FleetWriter, plans: list[MemberPlan], on_epoch, per_pass: int | None) -> None:
-    todo = writer.pending(plans)
-    configs = [TrainConfig.from_dict(p.member.config) for p in todo]
+    pending = writer.pending(plans)
     # Like the Ray path: a checkpoint per member and epoch, so a re-run continues where this one stopped.
-    ckpts = {p.name: writer.out.join("checkpoints", "local", f"{slug(p.name)}-{p.run_key}.pt") for p in todo}
+    ckpts = {p.name: writer.out.join("checkpoints", "local", f"{slug(p.name)}-{p.run_key}.pt") for p in pending}
+
+    def save(reports):
+        for name, metrics, state in reports:
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            ckpts[name].write_bytes_atomic(buf.getvalue())
+            if on_epoch is not None:
+                on_epoch(name, metrics)
+
+    for plan in (p for p in pending if p.stream is not None):  # large: one at a time, read slice by slice
+        config = TrainConfig.from_dict(plan.member.config)
+        model, history = train_member_streamed(
+            plan.stream, config, resume=_resume_state(ckpts[plan.name], config, plan.name),
+            on_epoch=lambda epoch, metrics, state, name=plan.name: save([(name, metrics, state)]))
+        writer.add(plan, model.state_dict(), history)
+    todo = [p for p in pending if p.stream is None]
+    configs = [TrainConfig.from_dict(p.member.config) for p in todo]
     for indices in plan_passes(configs, per_pass):
         jobs = [MemberJob(todo[i].name, configs[i], todo[i].x_train, todo[i].x_test,
                           _resume_state(ckpts[todo[i].name], configs[i], todo[i].name)) for i in indices]
-
-        def save(reports):
-            for name, metrics, state in reports:
-                buf = io.BytesIO()
-                torch.save(state, buf)
-                ckpts[name].write_bytes_atomic(buf.getvalue())
-                if on_epoch is not None:
-                    on_epoch(name, metrics)
-
         for i, (model, history) in zip(indices, train_members(jobs, on_round=save)):
             writer.add(todo[i], model.state_dict(), history)
 
@@ -87,8 +94,8 @@ def train_and_load(plans: list[MemberPlan], out=None, *, on_epoch=None, extra: d
 
 def build_fleet_local(refs: list[str], out, config: TrainConfig, *, samples: int | None = None,
                       per_class: bool = False, seed: int = 0, data_dir=None, on_epoch=None,
-                      strict: bool = False, cache: dict | None = None, members_per_pass: int | None = None
-                      ) -> tuple[list[MemberPlan], FleetWriter]:
+                      strict: bool = False, cache: dict | None = None, members_per_pass: int | None = None,
+                      stream: str = "auto") -> tuple[list[MemberPlan], FleetWriter]:
     """Specs -> trained fleet directory, in this process: `simex train --no-ray`.
 
     ``seed`` is the data seed (samples, splits, variants); ``config.seed`` the model seed.
@@ -96,7 +103,7 @@ def build_fleet_local(refs: list[str], out, config: TrainConfig, *, samples: int
     Images are converted to ``config.image_format`` by the rule; ``strict`` refuses instead.
     """
     plans = plan_fleet(refs, config, samples=samples, per_class=per_class, seed=seed, data_dir=data_dir,
-                       strict=strict, cache=cache)
+                       strict=strict, cache=cache, stream=stream)
     extra = fleet_extra(refs, config, samples=samples, per_class=per_class, data_seed=seed)
     progress = (lambda n, m: on_epoch(n, {**m, "epochs": config.epochs})) if on_epoch else None
     return plans, train_fleet_local(plans, out, on_epoch=progress, extra=extra, members_per_pass=members_per_pass)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import data, storage
+from ..data.slices import read_slice
+from ..data.streamed import StreamedReference
 from ..formats import FormatError, ImageFormat, conversion
 from ..training import TrainConfig
 from .manifest import MANIFEST, FleetError, Member, read_manifest, save_weights, write_manifest
@@ -26,11 +28,18 @@ log = logging.getLogger("simex_ray.plan")
 
 @dataclass
 class MemberPlan:
-    """One member to train: its manifest record and its reference data."""
+    """One member to train: its manifest record and its reference data, in memory or streamed.
+
+    A streamed member (``stream``) has no arrays here: whoever trains it reads its slices."""
 
     member: Member
-    x_train: np.ndarray  # (N, 1, 28, 28) float32
-    x_test: np.ndarray
+    x_train: np.ndarray | None  # (N, C, H, W) float32; None when streamed
+    x_test: np.ndarray | None
+    stream: StreamedReference | None = None
+
+    def test_images(self):
+        """The held-out split: an array, or (streamed) an iterator of blocks read now."""
+        return self.stream.test_blocks() if self.stream is not None else self.x_test
 
     @property
     def name(self) -> str:
@@ -52,6 +61,31 @@ def _record(name: str, spec: str, class_: str | None, train: data.Dataset, test:
         metrics={"ref_mean_l2": mean_l2_norm(train.x)},
     )
     return MemberPlan(member, train.x, test.x)
+
+
+STREAM_MODES = ("auto", "always", "never")
+# A whole reference (no --samples) that can be read in slices is streamed where it trains once its training
+# images would take more than this in memory (float32, the fleet's format); smaller ones are read here and
+# can share fused passes. Both read the same rows: the split is the row-hash rule either way.
+STREAM_BYTES = 1 << 28
+
+
+def _streamed(spec: str, config: TrainConfig, *, seed: int, strict: bool, mode: str) -> MemberPlan | None:
+    """The plan of ``spec`` streamed where it trains, or None when it is read here (too small, a sample, or
+    not readable in slices)."""
+    if mode == "never":
+        return None
+    ref = StreamedReference.plan(spec, config.format, seed=seed, strict=strict)
+    if ref is None or (mode == "auto" and ref.rows * config.format.pixels * 4 <= STREAM_BYTES):
+        return None
+    if ref.rows < 2:
+        raise data.SpecError(f"{spec}: need at least 2 images to split into train and test, got {ref.rows}")
+    read_slice(ref.slices[0], ref.fmt, strict)  # a bad file or format fails now, not on a worker
+    n_train, n_test = ref.counts()
+    member = Member(name=spec, spec=spec, class_=None, config=config.to_dict(), data_seed=seed,
+                    fingerprint=ref.fingerprint(), n_train=n_train, n_test=n_test, split=data.ROW_HASH)
+    log.info("%s: %d images, streamed where it trains", spec, ref.rows)
+    return MemberPlan(member, None, None, stream=ref)
 
 
 def resolve_format(refs: list[str], requested: str = "auto", *, seed: int = 0, data_dir=None,
@@ -83,8 +117,12 @@ def conversions(refs: list[str], fmt: ImageFormat, *, seed: int = 0, data_dir=No
 
 def plan_fleet(refs: list[str], config: TrainConfig, *, samples: int | None = None,
                per_class: bool = False, seed: int = 0, data_dir=None, cache: dict | None = None,
-               strict: bool = False) -> list[MemberPlan]:
+               strict: bool = False, stream: str = "auto") -> list[MemberPlan]:
     """Load every reference and split it 5:1; one plan per member (``cache``: see :func:`data.load`).
+
+    ``stream``: ``auto`` streams a whole reference (no ``samples``, no ``per_class``) that can be read in
+    slices and is larger than :data:`STREAM_BYTES` (its images are then read where it trains, never here);
+    ``always`` streams every such reference whatever its size; ``never`` reads every reference here.
 
     Images are converted to ``config.image_format`` by the rule (``strict``: refuse instead).
     With ``per_class`` each labelled reference yields one member per class,
@@ -96,7 +134,13 @@ def plan_fleet(refs: list[str], config: TrainConfig, *, samples: int | None = No
     plans: list[MemberPlan] = []
     cache = {} if cache is None else cache
     fmt = dict(fmt=config.format, strict=strict)
+    if stream not in STREAM_MODES:
+        raise ValueError(f"unknown stream mode '{stream}'; known: {', '.join(STREAM_MODES)}")
     for spec in refs:
+        if not per_class and not samples:
+            if (streamed := _streamed(spec, config, seed=seed, strict=strict, mode=stream)) is not None:
+                plans.append(streamed)
+                continue
         if not per_class:
             train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir, cache=cache, **fmt)
             plans.append(_record(train.spec, spec, None, train, test, config, seed, data.split_rule(samples)))
@@ -173,8 +217,10 @@ class FleetWriter:
         last = history[-1] if history else {}
         member.metrics.update({k: float(last[k]) for k in ("train_delta", "test_delta", "elapsed_s") if k in last})
         member.metrics["epochs_trained"] = float(last.get("epoch", 0))
+        if history and "ref_mean_l2" in history[0]:  # a streamed member's, measured while it trained
+            member.metrics.setdefault("ref_mean_l2", float(history[0]["ref_mean_l2"]))
         member.history = history
-        member.calibration = own_calibration(member, state_dict, plan.x_test)
+        member.calibration = own_calibration(member, state_dict, plan.test_images())
         save_weights(self.out, member, state_dict)  # the weights first ...
         with self._lock:  # ... then the manifest that lists them
             self.members[member.name] = member
@@ -196,19 +242,20 @@ class FleetWriter:
         self._last_write, self._dirty = time.monotonic(), False
 
 
-def own_calibration(member: Member, state_dict, x_test: np.ndarray) -> dict:
-    """The member's δ distribution on its own held-out test split (the calibration sketch)."""
+def own_calibration(member: Member, state_dict, x_test) -> dict:
+    """The member's δ distribution on its own held-out test split (the calibration sketch); ``x_test`` an
+    array or an iterable of blocks (a streamed split, read block by block)."""
     import torch
 
     from ..models import create_autoencoder
     from ..scoring import ScoringEngine
 
-    if not len(x_test):
+    if isinstance(x_test, np.ndarray) and not len(x_test):
         return {}
     model = create_autoencoder(member.architecture, member.image_format)
     model.load_state_dict({k: torch.as_tensor(v).cpu() for k, v in state_dict.items()})
     d = ScoringEngine({member.name: model}, {member.name: member.loss}).per_sample(x_test)[0]
-    return calibration_of(d)
+    return calibration_of(d) if len(d) else {}
 
 
 def fleet_extra(refs: list[str], config: TrainConfig, *, samples: int | None, per_class: bool,
