@@ -88,6 +88,33 @@ def test_a_streamed_reference_trains_on_ray_survives_a_crash_and_matches_local(r
         assert a["test_delta"] == pytest.approx(b["test_delta"], rel=1e-4)
 
 
+def test_members_train_data_parallel_like_one_worker_and_survive_a_crash(ray_cluster, tmp_path):
+    """--workers-per-member 2: each step's batch split between two DDP workers is the one-worker step, for a
+    member in memory and a streamed one; a worker killed after epoch 1 is survived."""
+    from simex_ray.distributed.train import Resources, train_fleet
+
+    x = (data.load("digits").x[:, 0] * 255).round().astype(np.uint8)
+    np.savez(tmp_path / "ref.npz", x=x)
+    spec = f"npz:{tmp_path / 'ref.npz'}"
+
+    def plans():
+        return plan_fleet(["digits", spec], TrainConfig(epochs=2, batch_size=32), stream="always", seed=1)
+
+    assert [p.stream is not None for p in plans()] == [False, True]
+    marker = tmp_path / "crashed-once"
+    writer = train_fleet(plans(), tmp_path / "F",
+                         resources=Resources(cpus_per_worker=0.5, workers_per_member=2, max_failures=2),
+                         fault={"member": "digits", "epoch": 1, "marker": str(marker)})
+    assert marker.exists()
+    local = train_fleet_local(plans(), tmp_path / "local")
+    for name in ("digits", spec):
+        ours, theirs = writer.members[name].history, local.members[name].history
+        assert [h["epoch"] for h in ours] == [1, 2]
+        for a, b in zip(ours, theirs):  # the same steps, to float rounding
+            assert a["test_delta"] == pytest.approx(b["test_delta"], rel=1e-4)
+            assert a["train_delta"] == pytest.approx(b["train_delta"], rel=1e-4)
+
+
 def test_failed_run_resumes_from_its_checkpoint(ray_cluster, tmp_path):
     from simex_ray.distributed.train import Resources, TrainingError, train_fleet
 

@@ -53,6 +53,9 @@ def add_train_args(p) -> None:
                    help="members alike (architecture, format, loss, optimizer, lr, batch size) trained together in "
                         "one fused forward and backward pass (default: as many as the pass's memory bound allows; "
                         "1: one member after another); the results equal separate training to float tolerance")
+    p.add_argument("--workers-per-member", type=positive_int, default=1,
+                   help="Train workers per member: > 1 trains each member data-parallel (DDP), each step's batch "
+                        "split evenly among its workers, so the steps are one worker's (default 1)")
     p.add_argument("--stream", choices=STREAM_MODES, default="auto",
                    help="read a whole parquet: or uncompressed npz: reference slice by slice where it trains, never "
                         f"on the driver (default auto: when its images take more than {STREAM_BYTES >> 20} MiB; "
@@ -167,7 +170,8 @@ def resources_from(args):
     from ..distributed.train import Resources
 
     return Resources(cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                     runs=args.runs, max_failures=args.max_failures, members_per_pass=args.members_per_pass)
+                     runs=args.runs, max_failures=args.max_failures, members_per_pass=args.members_per_pass,
+                     workers_per_member=args.workers_per_member)
 
 
 def build_from(args, out=None):

@@ -54,8 +54,15 @@ class Resources:
     runs: int | None = None  # None: auto
     max_failures: int = 2
     members_per_pass: int | None = None  # members a worker trains in one fused pass (None: its memory bound)
+    workers_per_member: int = 1  # > 1: each member trains data-parallel (DDP) on this many workers
+
+    def __post_init__(self):
+        if self.workers_per_member < 1:
+            raise ValueError(f"workers per member must be >= 1, got {self.workers_per_member}")
 
     def concurrent_runs(self, n_members: int) -> int:
+        if self.workers_per_member > 1:  # one run per member, each of several workers; Ray queues the rest
+            return n_members
         if self.runs:
             return max(1, min(self.runs, n_members))
         cpus = ray.cluster_resources().get("CPU", 1.0)
@@ -271,6 +278,134 @@ def _worker_loop(cfg: dict) -> None:
     _save_checkpoint(None, {"members_done": finished})
 
 
+def _data_parallel_loop(cfg: dict) -> None:
+    """Ray Train worker of a run with several workers and one member: data-parallel training (DDP).
+
+    Every worker holds the same initial (or resumed) state and walks the member's seeded permutation of its
+    training rows in the steps one worker would take: global step s is rows ``s·B .. (s+1)·B``, and worker r
+    computes about B/W of them (:func:`_share_step`). DDP averages the W gradients into the gradient of the
+    step's mean δ, so each step is the one-worker step to float rounding, the epoch's short last step too.
+    The test Δ is summed over shards across workers. Worker 0
+    checkpoints when its pacer says so (the decision is broadcast: every worker reports the same number of
+    times) and hands the finished member to the driver. A streamed member is read by every worker, each
+    computing its share of every batch.
+    """
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from ..training import initial_state
+
+    torch.set_num_threads(max(1, int(cfg["threads"])))
+    device = ray.train.torch.get_device()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    board, fault, done_dir = cfg["board"], cfg.get("fault"), cfg["done_dir"]
+    job, = cfg["members"]
+    name, config = job["name"], TrainConfig.from_dict(job["config"])
+    resume = _load_done(done_dir, name)
+    if resume is None and (checkpoint := ray.train.get_checkpoint()) is not None:
+        resume = _load_checkpoint(checkpoint)[1].get(name)
+    if resume is not None and resume["epoch"] > config.epochs:
+        resume = None
+    if resume is not None and resume["epoch"] == config.epochs:
+        if rank == 0:
+            ray.get(board.finish.remote(name, {"model": resume["model"], "history": resume["history"]}))
+        _save_checkpoint(None, {"members_done": 1})
+        return
+    model, optimizer = initial_state(config, device)
+    history, start = [], 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        start, history = int(resume["epoch"]), list(resume["history"])
+    ddp = ray.train.torch.prepare_model(model)  # DDP over gloo (CPU) or NCCL (GPU); the same parameters
+    stream = job.get("stream")
+    x_train = None if stream is not None else torch.as_tensor(ray.get(job["x_train"])).to(device)
+    x_test = None if stream is not None else ray.get(job["x_test"])
+    pacer, b, written = CheckpointPacer(), config.batch_size, 0
+    n_train = len(x_train) if stream is None else stream.counts()[0]
+    t0 = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
+    for epoch in range(start + 1, config.epochs + 1):
+        ddp.train()
+        total = 0.0
+        if stream is None:  # train_one_epoch's order and batches
+            order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+            batches = (x_train[order[start:start + b]] for start in range(0, len(order), b))
+        else:
+            batches = (torch.as_tensor(block).to(device)
+                       for block in stream.train_batches(epoch, b, order_seed=config.seed))
+        for batch in batches:
+            total += _share_step(ddp, batch, rank, world, optimizer, config.loss)
+        sums = torch.tensor([total, *_test_sum(model, stream, x_test, config.loss, rank, world, device)],
+                            dtype=torch.float64)
+        dist.all_reduce(sums)
+        metrics = {"epoch": epoch, "train_delta": float(sums[0]) / n_train,
+                   "test_delta": float(sums[1] / sums[2]) if sums[2] else float("nan"),
+                   "elapsed_s": time.perf_counter() - t0}
+        history.append(metrics)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                 "history": history, "member": name}
+        if epoch == config.epochs:
+            break
+        due = torch.tensor([1.0 if rank == 0 and pacer.due() else 0.0])
+        dist.broadcast(due, 0)  # every worker reports the same number of times
+        if due.item():
+            pacer.write(lambda: _save_checkpoint({name: state} if rank == 0 else None,
+                                                 {**metrics, "member": name}))
+            written = epoch
+        if rank == 0:
+            board.update.remote(name, {**metrics, "epochs": config.epochs})
+            if fault and fault["member"] == name and epoch == fault["epoch"] and not os.path.exists(fault["marker"]):
+                if written:
+                    _wait_registered(fault["snapshot"], name, written)
+                Path(fault["marker"]).touch()
+                os._exit(1)
+    if rank == 0:
+        board.update.remote(name, {**metrics, "epochs": config.epochs})
+        state = {**state, "model": {k: v.detach().cpu() for k, v in state["model"].items()}}
+        _save_done(done_dir, name, state)
+        ray.get(board.finish.remote(name, {"model": state["model"], "history": state["history"]}))
+    _save_checkpoint(None, {"members_done": 1})
+
+
+def _share_step(ddp, batch: torch.Tensor, rank: int, world: int, optimizer, loss: str) -> float:
+    """This worker's part of one step on ``batch``: its rows ``rank·B/W ..``, its loss the sum of their δ
+    times W / len(batch), so that DDP's average over workers is the gradient of the batch's mean δ, the short
+    last batch included (a worker left without rows computes one with weight 0: all must run the backward).
+    Returns its rows' summed δ."""
+    from ..losses import per_sample_delta
+
+    share = -(-len(batch) // world)
+    mine = batch[rank * share:(rank + 1) * share]
+    weight = world / len(batch)
+    if not len(mine):
+        mine, weight = batch[:1], 0.0
+    optimizer.zero_grad(set_to_none=True)
+    d = per_sample_delta(mine, ddp(mine), loss)
+    (d.sum() * weight).backward()
+    optimizer.step()
+    return float(d.detach().sum()) if weight else 0.0
+
+
+def _test_sum(model, stream, x_test, loss: str, rank: int, world: int, device) -> tuple[float, int]:
+    """(summed δ, images) of this worker's share of the held-out split: every world-th row or block."""
+    from ..losses import per_sample_delta
+
+    model.eval()
+    total, n = 0.0, 0
+    blocks = stream.test_blocks() if stream is not None else [x_test[rank::world]]
+    with torch.no_grad():
+        for k, block in enumerate(blocks):
+            if stream is not None and k % world != rank:
+                continue
+            for start in range(0, len(block), 512):
+                x = torch.as_tensor(block[start:start + 512]).to(device)
+                total += float(per_sample_delta(x, model(x), loss).sum())
+                n += len(x)
+    return total, n
+
+
 def _wait_registered(snapshot: str, member: str, epoch: int, timeout_s: float = 300.0) -> None:
     """(Fault injection.) Wait until the Train controller's checkpoint snapshot lists ``member`` at ``epoch``."""
     import json
@@ -312,11 +447,11 @@ def _fit_run(index: int, key: str, plans: list[MemberPlan], where: Path | str, r
         fault = {**fault, "snapshot": _child(_child(where, f"run{index}-{key}"), "checkpoint_manager_snapshot.json")}
     for attempt in range(res.max_failures + 1):
         trainer = TorchTrainer(
-            _worker_loop,
+            _worker_loop if res.workers_per_member == 1 else _data_parallel_loop,
             train_loop_config={"members": members, "board": board, "fault": fault, "done_dir": done_dir,
                                "threads": max(1, round(res.cpus_per_worker)),
                                "members_per_pass": res.members_per_pass},
-            scaling_config=ScalingConfig(num_workers=1, use_gpu=res.gpus_per_worker > 0,
+            scaling_config=ScalingConfig(num_workers=res.workers_per_member, use_gpu=res.gpus_per_worker > 0,
                                          resources_per_worker=worker_resources),
             run_config=RunConfig(
                 name=f"run{index}-{key}",
