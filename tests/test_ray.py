@@ -94,20 +94,23 @@ def test_members_train_data_parallel_like_one_worker_and_survive_a_crash(ray_clu
     from simex_ray.distributed.train import Resources, train_fleet
 
     x = (data.load("digits").x[:, 0] * 255).round().astype(np.uint8)
-    np.savez(tmp_path / "ref.npz", x=x)
-    spec = f"npz:{tmp_path / 'ref.npz'}"
+    np.savez(tmp_path / "a.npz", x=x[:500])
+    np.savez(tmp_path / "b.npz", x=x[500:1000])
+    here, streamed = f"npz:{tmp_path / 'a.npz'}", f"npz:{tmp_path / 'b.npz'}"
 
     def plans():
-        return plan_fleet(["digits", spec], TrainConfig(epochs=2, batch_size=32), stream="always", seed=1)
+        config = TrainConfig(epochs=2, batch_size=30)  # 418 training rows: a short last batch of 28, split 14 + 14
+        return (plan_fleet([here], config, stream="never", seed=1)
+                + plan_fleet([streamed], config, stream="always", seed=1))
 
     assert [p.stream is not None for p in plans()] == [False, True]
     marker = tmp_path / "crashed-once"
     writer = train_fleet(plans(), tmp_path / "F",
                          resources=Resources(cpus_per_worker=0.5, workers_per_member=2, max_failures=2),
-                         fault={"member": "digits", "epoch": 1, "marker": str(marker)})
+                         fault={"member": here, "epoch": 1, "marker": str(marker)})
     assert marker.exists()
     local = train_fleet_local(plans(), tmp_path / "local")
-    for name in ("digits", spec):
+    for name in (here, streamed):
         ours, theirs = writer.members[name].history, local.members[name].history
         assert [h["epoch"] for h in ours] == [1, 2]
         for a, b in zip(ours, theirs):  # the same steps, to float rounding
