@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from .losses import per_sample_delta
 from .models import LeNetAutoencoder, create_autoencoder
-from .training import TrainConfig, as_tensor, evaluate, make_optimizer
+from .training import TrainConfig, as_tensor, autocast, evaluate, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,11 @@ def fused_forward(models: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
 
 def fused_delta(models: Sequence[nn.Module], x: torch.Tensor, loss: str) -> torch.Tensor:
     """δ of each member's batch through that member: x (K, B, C, H, W) -> (K, B)."""
-    recon = fused_forward(models, x)
+    return delta_of(x, fused_forward(models, x), loss)
+
+
+def delta_of(x: torch.Tensor, recon: torch.Tensor, loss: str) -> torch.Tensor:
+    """δ of K members' batches: x and recon (K, B, C, H, W) -> (K, B)."""
     k, n = x.shape[:2]
     if loss == "mse":
         return (recon - x).pow(2).flatten(2).mean(-1)
@@ -288,7 +292,7 @@ def train_members(jobs: Sequence[MemberJob], *, on_round: RoundCallback | None =
     while active := [m for m in members if not m.done]:
         for m in active:
             m.epoch += 1
-        _fused_epoch(active, optimizer, first.loss, first.batch_size)
+        _fused_epoch(active, optimizer, first.loss, first.batch_size, first.precision)
         reports = []
         for m in active:
             metrics = {
@@ -308,7 +312,8 @@ def train_members(jobs: Sequence[MemberJob], *, on_round: RoundCallback | None =
     return [(m.model, m.history) for m in members]
 
 
-def _fused_epoch(members: list[_Member], optimizer: torch.optim.Optimizer, loss: str, batch_size: int) -> None:
+def _fused_epoch(members: list[_Member], optimizer: torch.optim.Optimizer, loss: str, batch_size: int,
+                 precision: str = "fp32") -> None:
     """One epoch of every member, each in its own seeded order (``train_one_epoch``'s), in fused steps."""
     orders = []
     for m in members:
@@ -327,7 +332,9 @@ def _fused_epoch(members: list[_Member], optimizer: torch.optim.Optimizer, loss:
         optimizer.zero_grad(set_to_none=True)
         for group in by_size.values():
             x = torch.stack([b for _, b in group])  # (K, B, C, H, W)
-            d = fused_delta([m.model for m, _ in group], x, loss)  # (K, B)
+            with autocast(precision, x.device):
+                recon = fused_forward([m.model for m, _ in group], x)
+            d = delta_of(x, recon.float(), loss)  # (K, B), in fp32 always
             d.mean(1).sum().backward()
             for (m, _), total in zip(group, d.detach().sum(1).tolist()):
                 m.train_total += total

@@ -443,7 +443,12 @@ class ScoringEngine:
     """
 
     def __init__(self, models: Mapping[str, nn.Module], losses: Mapping[str, str], *, device="cpu",
-                 chunk: int = 256, fused: bool = True, keep_memory: bool = True):
+                 chunk: int = 256, fused: bool = True, keep_memory: bool = True, precision: str = "fp32"):
+        from .training import PRECISIONS
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision '{precision}'; known: {', '.join(PRECISIONS)}")
+        self.precision = precision  # "bf16": forward passes under bfloat16 autocast, δ always in fp32
         self.device = resolve_device(device)
         if keep_memory and self.device.type == "cpu":
             keep_freed_memory()
@@ -504,13 +509,18 @@ class ScoringEngine:
         for block in _blocks(x, self.chunk):
             xb = torch.as_tensor(np.asarray(block, dtype=np.float32)).to(self.device)
             out = np.empty((len(names), len(xb)))
+            half = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
             for g in groups:
                 parts = []
                 for xr in torch.split(xb, g.rows):
                     if g.fused is not None:
-                        parts.append(delta_per_member(xr, g.fused(xr), g.loss).t())  # (M, rows)
+                        with half:
+                            recon = g.fused(xr)
+                        parts.append(delta_per_member(xr, recon.float(), g.loss).t())  # (M, rows)
                     else:
-                        parts.append(torch.stack([per_sample_delta(xr, m(xr), g.loss) for m in g.models]))
+                        with half:
+                            recons = [m(xr) for m in g.models]
+                        parts.append(torch.stack([per_sample_delta(xr, r.float(), g.loss) for r in recons]))
                 d = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
                 out[[row[n] for n in g.names]] = d.double().cpu().numpy()
             yield out

@@ -46,6 +46,7 @@ class TrainConfig:
     lr: float | None = None  # None: the optimizer's default
     seed: int = 0
     image_format: str = str(LEGACY)  # CxHxW of the images the member takes
+    precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast (the weights and the optimizer stay fp32)
 
     def __post_init__(self):
         check_loss(self.loss)
@@ -65,6 +66,8 @@ class TrainConfig:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"learning rate must be > 0, got {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision '{self.precision}'; known: {', '.join(PRECISIONS)}")
 
     @property
     def resolved_lr(self) -> float:
@@ -75,12 +78,14 @@ class TrainConfig:
         return ImageFormat.parse(self.image_format)
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest's record; the legacy 1×28×28 format is implied, not written, so a 28×28
+        """The manifest's record; the legacy 1×28×28 format and fp32 are implied, not written, so a 28×28
         fleet's manifest (and its run keys) are the same as before formats existed."""
         d = dataclasses.asdict(self)
         d["lr"] = self.resolved_lr
         if d["image_format"] == str(LEGACY):
             del d["image_format"]
+        if d["precision"] == "fp32":  # implied, like the legacy format: older manifests and run keys unchanged
+            del d["precision"]
         return d
 
     @classmethod
@@ -102,23 +107,33 @@ def as_tensor(x: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") 
     return torch.as_tensor(np.asarray(x, dtype=np.float32) if not torch.is_tensor(x) else x).to(device)
 
 
-def train_step(model, batch: torch.Tensor, optimizer, loss: str) -> float:
-    """One optimizer step on ``batch`` (B, C, H, W); returns the batch's summed delta."""
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(precision: str, device) -> Any:
+    """The forward passes' precision: a bfloat16 autocast context for ``bf16``, a no-op for ``fp32``."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def train_step(model, batch: torch.Tensor, optimizer, loss: str, precision: str = "fp32") -> float:
+    """One optimizer step on ``batch`` (B, C, H, W); returns the batch's summed delta (δ in fp32 always)."""
     optimizer.zero_grad(set_to_none=True)
-    d = per_sample_delta(batch, model(batch), loss)
+    with autocast(precision, batch.device):
+        recon = model(batch)
+    d = per_sample_delta(batch, recon.float(), loss)
     d.mean().backward()
     optimizer.step()
     return float(d.detach().sum())
 
 
 def train_one_epoch(model, x: torch.Tensor, optimizer, loss: str, batch_size: int,
-                    generator: torch.Generator) -> float:
+                    generator: torch.Generator, precision: str = "fp32") -> float:
     """One pass over ``x`` (N, C, H, W) in a seeded random order; returns mean delta."""
     model.train()
     order = torch.randperm(len(x), generator=generator)
     total = 0.0
     for start in range(0, len(x), batch_size):
-        total += train_step(model, x[order[start:start + batch_size]], optimizer, loss)
+        total += train_step(model, x[order[start:start + batch_size]], optimizer, loss, precision)
     return total / len(x)
 
 
@@ -178,7 +193,7 @@ def train_member(x_train, x_test, config: TrainConfig, *, resume: dict[str, Any]
     t0 = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
     for epoch in range(start + 1, config.epochs + 1):
         g = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        train_delta = train_one_epoch(model, x_train, optimizer, config.loss, config.batch_size, g)
+        train_delta = train_one_epoch(model, x_train, optimizer, config.loss, config.batch_size, g, config.precision)
         metrics = {
             "epoch": epoch,
             "train_delta": train_delta,
@@ -217,7 +232,7 @@ def train_member_streamed(reference, config: TrainConfig, *, resume: dict[str, A
         total, n, norms = 0.0, 0, 0.0
         for block in reference.train_batches(epoch, config.batch_size, order_seed=config.seed):
             batch = as_tensor(block, device)
-            total += train_step(model, batch, optimizer, config.loss)
+            total += train_step(model, batch, optimizer, config.loss, config.precision)
             n += len(batch)
             if epoch == 1:
                 norms += float(batch.detach().flatten(1).double().norm(dim=1).sum())

@@ -142,3 +142,32 @@ def test_members_of_different_configs_are_refused_in_one_pass():
     x = np.zeros((4, 1, 28, 28), np.float32)
     with pytest.raises(ValueError, match="fusable"):
         train_members([MemberJob("a", TrainConfig(), x, x), MemberJob("b", TrainConfig(loss="issim"), x, x)])
+
+
+def test_precision_is_recorded_when_not_fp32_and_checked():
+    assert "precision" not in TrainConfig().to_dict()  # older manifests and run keys unchanged
+    assert TrainConfig(precision="bf16").to_dict()["precision"] == "bf16"
+    assert TrainConfig.from_dict(TrainConfig(precision="bf16").to_dict()).precision == "bf16"
+    with pytest.raises(ValueError, match="unknown precision 'fp16'; known: fp32, bf16"):
+        TrainConfig(precision="fp16")
+
+
+def test_bf16_scoring_is_fp32_scoring_to_bfloat16_rounding():
+    from simex_ray.scoring import ScoringEngine
+
+    torch.manual_seed(0)
+    models = {f"m{k}": create_autoencoder("lenet") for k in range(3)}
+    x = data.load("digits").x[:64]
+    fp32 = ScoringEngine(models, {n: "mse" for n in models}).per_sample(x)
+    bf16 = ScoringEngine(models, {n: "mse" for n in models}, precision="bf16").per_sample(x)
+    assert not np.array_equal(fp32, bf16)  # really computed in bfloat16
+    np.testing.assert_allclose(bf16, fp32, rtol=2e-2)
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_bf16_training_trains(members):
+    config = TrainConfig(epochs=2, precision="bf16")
+    jobs = _jobs(config, sizes=(60, 50, 40)[:members])
+    for (model, history), job in zip(train_members(jobs), jobs):
+        assert history[-1]["test_delta"] < history[0]["test_delta"]  # it learns
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32

@@ -22,7 +22,7 @@ def add_train_args(p) -> None:
     """Training and cluster flags, shared by `simex train` and the jobs."""
     from ..fleet.plan import STREAM_BYTES, STREAM_MODES
     from ..models import architectures
-    from ..training import OPTIMIZERS
+    from ..training import OPTIMIZERS, PRECISIONS, TrainConfig
 
     add_loss_arg(p, help="reconstruction error delta (default mse)")
     p.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default 10)")
@@ -53,6 +53,9 @@ def add_train_args(p) -> None:
                    help="members alike (architecture, format, loss, optimizer, lr, batch size) trained together in "
                         "one fused forward and backward pass (default: as many as the pass's memory bound allows; "
                         "1: one member after another); the results equal separate training to float tolerance")
+    p.add_argument("--precision", choices=PRECISIONS, default=TrainConfig.precision,
+                   help="forward passes in fp32, or under bfloat16 autocast (bf16: for GPUs; weights and optimizer "
+                        f"stay fp32, δ is fp32) (default {TrainConfig.precision})")
     p.add_argument("--workers-per-member", type=positive_int, default=1,
                    help="Train workers per member: > 1 trains each member data-parallel (DDP), each step's batch "
                         "split evenly among its workers, so the steps are one worker's (default 1)")
@@ -90,6 +93,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--per-sample", default=None, metavar="OUT.parquet",
                    help="write one row per sample: index, label, δ per member, nearest member, its score")
     add_device_arg(s)
+    from ..training import PRECISIONS
+
+    s.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="the autoencoders' forward passes in fp32, or under bfloat16 autocast (δ is fp32) (fp32)")
     add_data_args(s)
     add_batch_args(s)
 
@@ -163,7 +170,7 @@ def train_config(args, image_format=None):
 
     fmt = image_format or LEGACY
     kw["architecture"] = kw["architecture"] or default_architecture(fmt)
-    return TrainConfig(seed=args.seed, image_format=str(fmt), **kw)
+    return TrainConfig(seed=args.seed, image_format=str(fmt), precision=getattr(args, "precision", "fp32"), **kw)
 
 
 def resources_from(args):
@@ -234,6 +241,7 @@ def cmd_score(args) -> int:
     if args.address:
         return score_on_ray(args)
     fleet = Fleet.load(args.fleet, names=split_members(args.members), device=resolve_device(args.device))
+    fleet.precision = args.precision
     fmt, cache = fleet.image_format, {}
     images, labels = read_unknown(args.data, split=args.split, samples=args.samples, seed=data_seed(args),
                                   data_dir=args.data_dir, fmt=fmt, strict=args.strict_format, cache=cache)

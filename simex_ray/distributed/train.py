@@ -336,7 +336,7 @@ def _data_parallel_loop(cfg: dict) -> None:
             batches = (torch.as_tensor(block).to(device)
                        for block in stream.train_batches(epoch, b, order_seed=config.seed))
         for batch in batches:
-            total += _share_step(ddp, batch, rank, world, optimizer, config.loss)
+            total += _share_step(ddp, batch, rank, world, optimizer, config.loss, config.precision)
         sums = torch.tensor([total, *_test_sum(model, stream, x_test, config.loss, rank, world, device)],
                             dtype=torch.float64)
         dist.all_reduce(sums)
@@ -369,12 +369,14 @@ def _data_parallel_loop(cfg: dict) -> None:
     _save_checkpoint(None, {"members_done": 1})
 
 
-def _share_step(ddp, batch: torch.Tensor, rank: int, world: int, optimizer, loss: str) -> float:
+def _share_step(ddp, batch: torch.Tensor, rank: int, world: int, optimizer, loss: str,
+                precision: str = "fp32") -> float:
     """This worker's part of one step on ``batch``: its rows ``rank·B/W ..``, its loss the sum of their δ
     times W / len(batch), so that DDP's average over workers is the gradient of the batch's mean δ, the short
     last batch included (a worker left without rows computes one with weight 0: all must run the backward).
     Returns its rows' summed δ."""
     from ..losses import per_sample_delta
+    from ..training import autocast
 
     share = -(-len(batch) // world)
     mine = batch[rank * share:(rank + 1) * share]
@@ -382,7 +384,9 @@ def _share_step(ddp, batch: torch.Tensor, rank: int, world: int, optimizer, loss
     if not len(mine):
         mine, weight = batch[:1], 0.0
     optimizer.zero_grad(set_to_none=True)
-    d = per_sample_delta(mine, ddp(mine), loss)
+    with autocast(precision, mine.device):
+        recon = ddp(mine)
+    d = per_sample_delta(mine, recon.float(), loss)
     (d.sum() * weight).backward()
     optimizer.step()
     return float(d.detach().sum()) if weight else 0.0

@@ -30,6 +30,7 @@ class Fleet:
             raise ValueError("members and models must have the same names")
         self.members, self.models, self.path, self.device = members, models, path, torch.device(device)
         self._engine = None  # built on first use (``engine``)
+        self.precision = "fp32"  # of the engine's forward passes: "bf16" under bfloat16 autocast (set before scoring)
 
     @classmethod
     def load(cls, fleet_dir: storage.PathLike, *, device: str | torch.device = "cpu",
@@ -96,7 +97,7 @@ class Fleet:
 
         if self._engine is None:
             self._engine = ScoringEngine(self.models, {n: m.loss for n, m in self.members.items()},
-                                         device=self.device)
+                                         device=self.device, precision=self.precision)
         return self._engine
 
     def per_sample_delta(self, name: str, x, loss: str | None = None) -> np.ndarray:
