@@ -99,33 +99,51 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def proc_info(pid: int) -> tuple[str, int, str] | None:
-    """(command line, process group, start time) of a live process, else None."""
+def proc_info(pid: int) -> tuple[list[str], int, str] | None:
+    """(command-line arguments, process group, start time) of a live process, else None."""
     try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
         pgid = os.getpgid(pid)
     except (OSError, ProcessLookupError, IndexError):
         return None
-    return cmd, pgid, started
+    return [a for a in raw.split("\0") if a], pgid, started
+
+
+def names_dir(args: list[str], directory: Path) -> bool:
+    """Whether a command line gives ``directory`` (or a path inside it) as the value of an option
+    (``--temp-dir=D``, ``--session_dir D/session_x``): how Ray's processes of a node name its temp dir. Path
+    components are compared, so ``/x/worker1`` is not inside ``/x/worker10``, and a plain argument (``tail -f
+    D/logs/raylet.out``) is not an option value."""
+    root = os.path.normpath(str(directory))
+    for i, arg in enumerate(args):
+        if arg.startswith("--") and "=" in arg:
+            value = arg.split("=", 1)[1]
+        elif i and args[i - 1].startswith("--") and "=" not in args[i - 1] and not arg.startswith("-"):
+            value = arg
+        else:
+            continue
+        value = os.path.normpath(value) if value else value
+        if value == root or value.startswith(root + os.sep):
+            return True
+    return False
 
 
 def node_pids(node: Node) -> set[int]:
     """Every live process of ``node``.
 
-    Found by its temp dir on the command line (gcs, raylet, agents...), then
+    Found by its temp dir as an option value on the command line (gcs, raylet, agents...: :func:`names_dir`), then
     the rest of their process group and all descendants (Ray workers rename
     themselves ``ray::...``), plus every pid seen before that still has the
     same start time (orphans). The process group alone is only trusted while
     a process of the node is in it: pids (and so group ids) get reused.
     """
-    marker = str(node.temp_dir)
     me = os.getpid()
     procs = {}
     for d in os.listdir("/proc"):
         if d.isdigit() and int(d) != me and (info := proc_info(int(d))):
             procs[int(d)] = info
-    roots = {pid for pid, (cmd, _, _) in procs.items() if marker in cmd}
+    roots = {pid for pid, (args, _, _) in procs.items() if names_dir(args, node.temp_dir)}
     roots |= {pid for pid, started in node.seen.items() if pid in procs and procs[pid][2] == started}
     if node.pgid is not None and any(procs[pid][1] == node.pgid for pid in roots):
         roots |= {pid for pid, (_, pgid, _) in procs.items() if pgid == node.pgid}

@@ -93,3 +93,48 @@ def test_the_engine_keeps_a_bounded_number_of_fused_plans():
     # the most recent plans are kept and still answer like the naive path
     naive = ScoringEngine(models, {n: "mse" for n in models}, fused=False)
     np.testing.assert_allclose(engine.per_sample(x, subsets[-1]), naive.per_sample(x, subsets[-1]), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- processes identified before signalled
+
+def _sleeper(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", *args])
+
+
+def test_a_node_is_its_own_processes_not_a_namesake_or_a_log_reader(tmp_path):
+    from simex_ray.local_cluster import Node, node_pids
+
+    one, ten = tmp_path / "worker1", tmp_path / "worker10"
+    procs = {"mine": _sleeper(f"--temp-dir={one}"), "option": _sleeper("--session_dir", str(one / "session_x")),
+             "worker10": _sleeper(f"--temp-dir={ten}"), "tail": _sleeper("-f", str(one / "logs" / "raylet.out"))}
+    try:
+        found = node_pids(Node("worker1", one, []))
+        assert {n for n, p in procs.items() if p.pid in found} == {"mine", "option"}
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.parametrize("kind", ["foreign", "old-style foreign", "reused pid"])
+def test_serve_stop_never_signals_a_process_that_is_not_the_service(tmp_path, monkeypatch, capsys, kind):
+    from simex_ray.cli.main import main
+    from simex_ray.processes import ProcessRecord, start_ticks
+
+    monkeypatch.setenv("SIMEX_DATA", str(tmp_path))
+    other = _sleeper("serve", "start") if kind == "reused pid" else _sleeper()
+    try:
+        record = {"foreign": ProcessRecord(other.pid, start_ticks(other.pid)), "old-style foreign": other.pid,
+                  "reused pid": ProcessRecord(other.pid, start_ticks(other.pid) - 1)}[kind]
+        pidfile = tmp_path / "serve-8123.pid"
+        pidfile.write_text(record.to_text() if isinstance(record, ProcessRecord) else str(record))
+        assert main(["serve", "stop", "--port", "8123"]) == 1
+        assert "signalled nothing" in capsys.readouterr().err
+        assert other.poll() is None  # still running: no signal was sent
+        assert not pidfile.exists()  # the stale file is gone
+    finally:
+        other.kill()
+        other.wait()

@@ -304,23 +304,35 @@ def _stop(args) -> int:
             removed = undeploy()
         print(f"removed {len(removed)} application(s)", file=sys.stderr)
         return 0
+    from ..processes import ProcessRecord, command_line, is_alive
+
     pidfile = _pidfile(args.port)
     if not pidfile.exists():
         raise ProcessLookupError(f"no `simex serve start` is running on port {args.port} (no {pidfile}); "
                                  f"for a cluster deployment pass --address")
-    pid = int(pidfile.read_text())
     try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
+        record = ProcessRecord.from_text(pidfile.read_text())
+    except (ValueError, KeyError):
+        raise ProcessLookupError(f"{pidfile} is not a pidfile of `simex serve start`; remove it") from None
+    cmd = command_line(record.pid)
+    ours = is_alive(record) and "serve" in cmd and "start" in cmd
+    if not ours:  # never signal a pid that is not the service this file was written for
         pidfile.unlink(missing_ok=True)
-        raise ProcessLookupError(f"the service on port {args.port} (pid {pid}) is not running; removed stale {pidfile}") \
-            from None
-    for _ in range(120):
-        if not pidfile.exists():
-            break
+        what = f"it is now {' '.join(cmd)[:80]!r}" if cmd else "no such process"
+        raise ProcessLookupError(f"the service on port {args.port} is not running (pid {record.pid} in the stale "
+                                 f"{pidfile}: {what}); removed the pidfile, signalled nothing")
+    os.kill(record.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_WAIT_S
+    while is_alive(record) and time.monotonic() < deadline:
         time.sleep(0.5)
+    if is_alive(record):
+        raise ProcessLookupError(f"the service on port {args.port} (pid {record.pid}) is still running "
+                                 f"{STOP_WAIT_S:.0f} s after SIGTERM; run `simex serve stop` again, or kill it")
     print(f"stopped the service on port {args.port}", file=sys.stderr)
     return 0
+
+
+STOP_WAIT_S = 60.0  # how long `serve stop` waits for the service to undeploy and exit
 
 
 def cmd_query(args) -> int:

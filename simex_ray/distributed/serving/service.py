@@ -13,6 +13,7 @@ from typing import Callable
 
 from ray import serve
 
+from ...processes import this_process
 from ..runtime import ray_session
 from .deploy import ServeSettings, deploy, undeploy
 
@@ -47,7 +48,7 @@ def serve_fleet(fleet: str, settings: ServeSettings, *, host: str, port: int, ad
             return 0
         if pidfile is not None:
             pidfile.parent.mkdir(parents=True, exist_ok=True)
-            pidfile.write_text(str(os.getpid()))
+            pidfile.write_text(this_process().to_text())  # pid and start time: `serve stop` checks both
         stopping = []
         signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
         say("press Ctrl-C or run `simex serve stop` to stop; the fleet is reloaded when it changes")
