@@ -10,7 +10,6 @@ import logging
 import os
 import pickle
 import socket
-import time
 
 import numpy as np
 import pytest
@@ -176,12 +175,10 @@ def test_offline_is_one_line_saying_how_to_get_it(name: str, how: str, tmp_path,
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (offline test)")
 
     monkeypatch.setattr(socket, "getaddrinfo", offline)
-    t = time.perf_counter()
     with pytest.raises(D.DataUnavailable) as e:
         D.load(name, data_dir=tmp_path / "empty")
     msg = str(e.value)
     assert "\n" not in msg and f"'{name}'" in msg and how in msg and "SIMEX_DATA" in msg and "photos" in msg
-    assert time.perf_counter() - t < 30
 
 
 def test_cifar_pickle_that_runs_code_is_refused(tmp_path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy.optimize import minimize
@@ -246,7 +248,7 @@ def test_registry():
         assert isinstance(est, Estimator) and est.name == name
         assert est.needs_labels == (name in LABEL_BASED)
         assert est.needs in ("features", "probs", "source_labels")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         ESTIMATORS["logme"].name = "x"                          # frozen
 
 

@@ -66,7 +66,8 @@ def test_methods_that_cannot_run_are_one_line_errors_naming_the_fix(gt):
         select(lib, x, None, methods=["simex"])
     with pytest.raises(ValueError, match="unknown method.*known: simex, logme"):
         select(lib, x, None, methods=["logmee"])
-    assert select(lib, x, None, methods=["entropy"]).scores["entropy"]  # label-free: no labels needed
+    scores = select(lib, x, None, methods=["entropy"]).scores["entropy"]  # label-free: no labels needed
+    assert set(scores) == set(lib.names) and all(np.isfinite(v) for v in scores.values())
 
 
 def test_inter_dataset_estimators_agree_like_the_formula_says(gt):
