@@ -138,3 +138,38 @@ def test_serve_stop_never_signals_a_process_that_is_not_the_service(tmp_path, mo
     finally:
         other.kill()
         other.wait()
+
+
+# --------------------------------------------------------------------------- every source under one cap
+
+def _pixels_parquet(path, n):
+    x = np.random.default_rng(0).integers(0, 255, (n, 784), dtype=np.uint8)
+    pq.write_table(pa.table({"pixels": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 784)}), path)
+
+
+@pytest.mark.parametrize("kind", ["parquet file", "parquet directory", "parquet image bytes", "folder"])
+def test_parquet_and_folder_reads_stop_at_the_data_cap_naming_it(tmp_path, monkeypatch, kind):
+    if kind == "parquet file":
+        _pixels_parquet(tmp_path / "a.parquet", 2000)  # 1.6 MB of pixels, 6 MB as float32
+        spec = f"parquet:{tmp_path / 'a.parquet'}"
+    elif kind == "parquet directory":
+        (tmp_path / "d").mkdir()
+        for k in range(3):
+            _pixels_parquet(tmp_path / "d" / f"{k}.parquet", 1000)
+        spec = f"parquet:{tmp_path / 'd'}"
+    elif kind == "parquet image bytes":  # small PNGs that decode to much more
+        pq.write_table(pa.table({"image": [_png(k % 256) for k in range(2000)]}), tmp_path / "png.parquet")
+        spec = f"parquet:{tmp_path / 'png.parquet'}"
+    else:
+        for c in ("a", "b"):
+            (tmp_path / "f" / c).mkdir(parents=True)
+            for k in range(400):
+                (tmp_path / "f" / c / f"{k}.png").write_bytes(_png(k % 256))
+        spec = f"folder:{tmp_path / 'f'}"
+    assert len(data.load(spec)) > 0  # under the default cap it loads
+    monkeypatch.setenv("SIMEX_MAX_DATA_BYTES", "1M")
+    with pytest.raises(SpecError, match="take more than the SIMEX_MAX_DATA_BYTES cap of 1 MiB") as e:
+        data.load(spec)
+    assert "\n" not in str(e.value)
+    # small encoded images are stopped while they decode, before the whole table or folder is built
+    assert ("decoded images" in str(e.value)) == (kind in ("parquet image bytes", "folder"))

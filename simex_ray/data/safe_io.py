@@ -68,6 +68,7 @@ __all__ = [
     "RestrictedUnpickler",
     "check_npz",
     "check_npz_file",
+    "DataBudget",
     "load_pickle",
     "max_data_bytes",
     "read_idx",
@@ -109,6 +110,20 @@ def max_data_bytes() -> int:
     if not m or int(m.group(1)) <= 0:
         raise Refused(f"{MAX_BYTES_ENV}={raw!r} is not a positive byte count; use e.g. 8589934592 or 8G")
     return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+class DataBudget:
+    """The bytes a source may read and build, all its files together: ``$SIMEX_MAX_DATA_BYTES`` (what bounds
+    npz and pickle arrays, applied to Parquet tables and folders of images too). ``spend`` refuses in one line
+    that names the cap as soon as a total would pass it, before that much is built."""
+
+    def __init__(self, what: str):
+        self.what, self.cap, self.spent = what, max_data_bytes(), 0
+
+    def spend(self, nbytes: int, kind: str = "images") -> None:
+        self.spent += int(nbytes)
+        if self.spent > self.cap:
+            raise Refused(f"{self.what}: its {kind} take more than {_cap_text(self.cap)}; {_HINT}")
 
 
 def _cap_text(cap: int) -> str:

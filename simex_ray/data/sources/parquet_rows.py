@@ -8,6 +8,7 @@ import numpy as np
 
 from ...formats import ImageFormat, convert
 from ..dataset import SpecError
+from ..safe_io import DataBudget
 from ..images import check_labels, decode_image, flat_to_square, stack_images, to_unit_images
 
 
@@ -23,10 +24,12 @@ def inside(base: pathlib.Path, path: str, where: str) -> pathlib.Path:
 
 
 def table_images(table, spec: str, *, base: pathlib.Path | None = None, first_row: int = 0,
-                 fmt: ImageFormat | None = None, strict: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+                 fmt: ImageFormat | None = None, strict: bool = False,
+                 budget: "DataBudget | None" = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(images (N, C, H, W), labels or None) of a Parquet table (a whole file or one row group):
     native, or in ``fmt`` by the rule. ``base``: where an HF-datasets ``path`` is relative to;
-    ``first_row``: the table's first row in the file, for error messages."""
+    ``first_row``: the table's first row in the file, for error messages; ``budget``: what the decoded
+    images may take (:class:`~simex_ray.data.safe_io.DataBudget`), checked as they are decoded."""
     import pyarrow as pa
 
     cols = table.column_names
@@ -47,12 +50,16 @@ def table_images(table, spec: str, *, base: pathlib.Path | None = None, first_ro
                 raise SpecError(f"{where}: image given by path only; store the bytes in the file")
             src: bytes | pathlib.Path = b if b is not None else inside(base, p, where)
             img = decode_image(src, where, fmt=None if strict else fmt)
+            if budget is not None:
+                budget.spend(img.nbytes, "decoded images")
             xs.append(convert(img, fmt, strict=True, name=where) if strict and fmt is not None else img)
         if not xs:
             raise SpecError(f"{spec}: parquet has no rows")
         x = stack_images(xs, spec) if fmt is None else np.concatenate(xs)
     elif "pixels" in cols:
         raw = _pixel_rows(table.column("pixels").combine_chunks(), spec)
+        if budget is not None:
+            budget.spend(raw.size * 4, "images (float32)")
         x = to_unit_images(flat_to_square(raw, f"{spec} column 'pixels'"), name=f"{spec} column 'pixels'",
                            fmt=fmt, strict=strict)
     else:
