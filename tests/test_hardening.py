@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -173,3 +174,35 @@ def test_parquet_and_folder_reads_stop_at_the_data_cap_naming_it(tmp_path, monke
     assert "\n" not in str(e.value)
     # small encoded images are stopped while they decode, before the whole table or folder is built
     assert ("decoded images" in str(e.value)) == (kind in ("parquet image bytes", "folder"))
+
+
+# --------------------------------------------------------------------------- requests bounded before they are built
+
+def _json_body(n: int) -> bytes:
+    return json.dumps({"images": np.zeros((n, 28, 28), np.uint8).tolist()}).encode()
+
+
+def test_an_oversized_json_body_is_refused_before_it_is_parsed(monkeypatch):
+    from simex_ray import api
+
+    limits = api.Limits(max_images=10)
+
+    def no_parse(*a, **k):
+        raise AssertionError("json.loads was called on an oversized body")
+
+    big = _json_body(200)  # 156,800 numbers: more than 10 images' worth plus the slack for other fields
+    monkeypatch.setattr(api.json, "loads", no_parse)
+    with pytest.raises(api.ApiError) as e:
+        api.parse_score_request(big, "application/json", limits)
+    assert e.value.status == 413 and "more numbers than 10 images of 1x28x28" in str(e.value)
+
+
+def test_a_json_body_at_the_limit_is_parsed_and_one_over_it_refused_by_the_image_count():
+    from simex_ray import api
+
+    limits = api.Limits(max_images=10)
+    x, _ = api.parse_score_request(_json_body(10), "application/json", limits)
+    assert x.shape == (10, 1, 28, 28)
+    with pytest.raises(api.ApiError) as e:  # within the comma slack: parsed, then counted
+        api.parse_score_request(_json_body(11), "application/json", limits)
+    assert e.value.status == 413
