@@ -17,6 +17,8 @@ log = logging.getLogger("simex.serve")
 
 
 def add_parsers(sub) -> None:
+    from ..api import Limits  # the one home of the request limits' defaults
+
     s = sub.add_parser("serve", help="run the scoring service (Ray Serve)",
                        description="HTTP scoring service: POST /v1/score, GET /v1/members, GET /healthz, /docs.")
     verbs = s.add_subparsers(dest="serve_command", metavar="VERB")
@@ -32,8 +34,10 @@ def add_parsers(sub) -> None:
         p.add_argument("--cpus-per-replica", type=float, default=0.25, help="(default 0.25)")
         p.add_argument("--api-key", default=os.environ.get("SIMEX_API_KEY"),
                        help="require this key in the X-API-Key header (default $SIMEX_API_KEY; none)")
-        p.add_argument("--max-images", type=int, default=4096, help="images per request (default 4096)")
-        p.add_argument("--max-body-mb", type=float, default=64, help="request body limit in MB (default 64)")
+        p.add_argument("--max-images", type=int, default=Limits.max_images,
+                       help=f"images per request (default {Limits.max_images})")
+        p.add_argument("--max-body-mb", type=float, default=Limits.max_body_bytes / 2**20,
+                       help=f"request body limit in MiB (default {Limits.max_body_bytes / 2**20:g})")
         p.add_argument("--mode", choices=("members", "fused", "embedded", "sharded"), default="members",
                        help="members: one application per member (scale members independently; default; for "
                             "up to 64 members); fused: one application holding the whole fleet (one hop past the "
