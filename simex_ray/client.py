@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .formats import LEGACY, ImageFormat
+from .errors import UserError
 
 log = logging.getLogger("simex_ray.client")
 
@@ -118,7 +119,7 @@ def _score(url: str, bodies: Iterable[tuple[bytes, str]], api_key: str | None, r
             raise ConnectionError(f"{endpoint} answered without the score contract ({e}); "
                                   f"is it a simex-ray service of this version?") from None
     if not parts:
-        raise ValueError("no images to score")
+        raise UserError("no images to score")
     return merge_results(parts)
 
 
@@ -129,7 +130,7 @@ def query(url: str, images: np.ndarray, *, members: list[str] | None = None, api
     batches' answers merged by :func:`~simex_ray.fleet.result.merge_results`: means weighted by batch
     size, typicality and every ranking computed again from the merged values)."""
     if batch < 1:
-        raise ValueError(f"batch must be a positive number of images, got {batch}")
+        raise UserError(f"batch must be a positive number of images, got {batch}")
     return _score(url, _array_bodies(images, members, batch), api_key, retries)
 
 
@@ -139,7 +140,7 @@ def query_files(url: str, paths: list[str | os.PathLike], *, members: list[str] 
     (``multipart/form-data``, ``batch`` files per request): the service decodes them and converts each
     to its fleet's format by the rule (``strict``: refuses instead). Merged as in :func:`query`."""
     if batch < 1:
-        raise ValueError(f"batch must be a positive number of images, got {batch}")
+        raise UserError(f"batch must be a positive number of images, got {batch}")
     for p in paths:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"no image file '{p}'")

@@ -1,6 +1,26 @@
-"""The one rule for turning an exception into a one-line message (CLI, HTTP, logs)."""
+"""The one rule for turning an exception into a one-line message (CLI, HTTP, logs), and the product's own
+error type: what a user can fix."""
 
 from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A mistake the user can fix (a bad flag, spec, file, member name...), said in one line that names the fix.
+
+    The CLI reports these (and their subclasses) as usage errors; any other exception is reported as a bug.
+    A ValueError, so code that checks values keeps catching it."""
+
+
+class OperationalError(RuntimeError):
+    """A run that failed for a reason outside the code and the input (a lost node, a cluster without room,
+    training that crashed more often than its retries): reported in one line, not as a bug."""
+
+
+class UnknownMemberError(UserError, KeyError):
+    """A member name a fleet does not have (also a KeyError: a lookup by name failed)."""
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 def _lines(e: BaseException | str) -> list[str]:

@@ -17,6 +17,8 @@ applies one documented rule, and only that rule:
 
 from __future__ import annotations
 
+from .errors import UserError
+
 import re
 from dataclasses import dataclass
 
@@ -32,7 +34,7 @@ MAX_SIDE = 1024
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601
 
 
-class FormatError(ValueError):
+class FormatError(UserError):
     """Data that is not in (or cannot be converted to) the format asked for. One line, with the fix."""
 
     def __init__(self, msg: str) -> None:

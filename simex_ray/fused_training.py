@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from .losses import per_sample_delta
 from .models import LeNetAutoencoder, create_autoencoder
 from .training import TrainConfig, as_tensor, autocast, evaluate, make_optimizer
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ class _Member:
         self.job, self.config = job, job.config
         self.x_train, self.x_test = as_tensor(job.x_train, device), as_tensor(job.x_test, device)
         if len(self.x_train) == 0:
-            raise ValueError(f"{job.name}: no training samples")
+            raise UserError(f"{job.name}: no training samples")
         torch.manual_seed(self.config.seed)  # as training.initial_state: the same initial weights
         self.model = create_autoencoder(self.config.architecture, self.config.image_format).to(device)
         self.params = list(self.model.parameters())
@@ -274,7 +275,7 @@ def train_members(jobs: Sequence[MemberJob], *, on_round: RoundCallback | None =
     if not jobs:
         return []
     if len({fusable(j.config) for j in jobs}) > 1:
-        raise ValueError("train_members needs members of one architecture, format, loss, optimizer, learning "
+        raise UserError("train_members needs members of one architecture, format, loss, optimizer, learning "
                          "rate and batch size; group them with fusable()")
     members = [_Member(j, device) for j in jobs]
     first = members[0].config

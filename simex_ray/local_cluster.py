@@ -32,6 +32,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from .errors import UserError
 
 STATE = "cluster.json"  # in the cluster's directory: ports, nodes and their processes
 WORKER_PORTS = 60  # per node
@@ -321,7 +322,7 @@ class MultiNodeCluster:
         # Ray puts unix sockets under each node's temp dir: the whole path must fit in 107 bytes.
         longest = len(str(self.base / "worker99" / SOCKET_SUFFIX))
         if longest > 107:
-            raise ValueError(f"the cluster directory {self.base} is too long for Ray's unix sockets "
+            raise UserError(f"the cluster directory {self.base} is too long for Ray's unix sockets "
                              f"({longest} > 107 bytes under it); use a shorter one, e.g. /tmp/simex-cluster")
         self._taken: set[int] = {self.gcs_port, self.dashboard_port}
         head = Node("head", self.base / "head", ["--head", "--num-cpus=0", f"--port={self.gcs_port}",
@@ -426,7 +427,7 @@ class MultiNodeCluster:
         try:
             state = json.loads((base / STATE).read_text())
         except FileNotFoundError:
-            raise ValueError(f"no cluster in {base} (no {STATE}); start one with "
+            raise UserError(f"no cluster in {base} (no {STATE}); start one with "
                                     f"`simex cluster up --dir {base}`") from None
         self = cls.__new__(cls)
         self.base, self.workers, self.cpus = base, 0, state["cpus"]

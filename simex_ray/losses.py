@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 from pytorch_msssim import ssim
+from .errors import UserError
 
 LOSSES = ("mse", "issim")
 
 
 def check_loss(name: str) -> str:
     if name not in LOSSES:
-        raise ValueError(f"unknown loss '{name}'; known: {', '.join(LOSSES)}")
+        raise UserError(f"unknown loss '{name}'; known: {', '.join(LOSSES)}")
     return name
 
 
@@ -22,7 +23,7 @@ def per_sample_delta(x: torch.Tensor, x_hat: torch.Tensor, loss: str = "mse") ->
     channel and averaged over the channels (colour: the mean of R, G and B's).
     """
     if x.shape != x_hat.shape:
-        raise ValueError(f"shape mismatch: {tuple(x.shape)} vs {tuple(x_hat.shape)}")
+        raise UserError(f"shape mismatch: {tuple(x.shape)} vs {tuple(x_hat.shape)}")
     if loss == "mse":
         return (x - x_hat).pow(2).flatten(1).mean(dim=1)
     if loss == "issim":

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .distances import embedding_codes, nearest_code_distance, sample_distance
+from .errors import UserError
 
 __all__ = ["METHODS", "Pairing", "class_matrix", "greedy_pairs", "per_class_reference"]
 
@@ -44,7 +45,7 @@ def greedy_pairs(matrix) -> list[tuple[int, int, float]]:
     """
     d = np.asarray(matrix, dtype=float)
     if d.ndim != 2:
-        raise ValueError(f"pairing needs a 2-d distance matrix, got shape {d.shape}")
+        raise UserError(f"pairing needs a 2-d distance matrix, got shape {d.shape}")
     order = sorted(((float(d[i, k]), i, k) for i in range(d.shape[0]) for k in range(d.shape[1])
                     if math.isfinite(d[i, k])))
     used_i, used_k, pairs = set(), set(), []
@@ -100,18 +101,18 @@ def per_class_reference(members: Mapping[str, Any], reference: str | None = None
         if m.class_ is not None:
             by_spec.setdefault(m.spec, []).append(m)
     if not by_spec:
-        raise ValueError("the fleet is not per-class (no member selects a class); train one with "
+        raise UserError("the fleet is not per-class (no member selects a class); train one with "
                          "`simex train --per-class --refs SPEC --out DIR`")
     if reference is None:
         if len(by_spec) > 1:
-            raise ValueError(f"the fleet holds per-class members of several references ({', '.join(by_spec)}); "
+            raise UserError(f"the fleet holds per-class members of several references ({', '.join(by_spec)}); "
                              f"choose one with --ref")
         reference = next(iter(by_spec))
     if reference not in by_spec:
-        raise ValueError(f"the fleet has no per-class members of '{reference}'; it has: {', '.join(by_spec)}")
+        raise UserError(f"the fleet has no per-class members of '{reference}'; it has: {', '.join(by_spec)}")
     chosen = by_spec[reference]
     if len(chosen) < 2:
-        raise ValueError(f"the fleet has a single class of '{reference}'; pairing needs at least 2")
+        raise UserError(f"the fleet has a single class of '{reference}'; pairing needs at least 2")
     return reference, [m.name for m in chosen], [m.class_ for m in chosen]
 
 
@@ -127,21 +128,21 @@ def class_matrix(method: str, unknown: Sequence[np.ndarray], *, engine=None, mem
     ``reference`` and ``autoencoder`` (A(Y), with ``encode``).
     """
     if method not in METHODS:
-        raise ValueError(f"unknown pairing method '{method}'; known: {', '.join(METHODS)}")
+        raise UserError(f"unknown pairing method '{method}'; known: {', '.join(METHODS)}")
     for i, x in enumerate(unknown):
         if len(x) == 0:
-            raise ValueError(f"unknown class {i} has no samples")
+            raise UserError(f"unknown class {i} has no samples")
     if method == "simex":
         if engine is None or not members:
-            raise ValueError("simex pairing needs the per-class fleet's engine and members")
+            raise UserError("simex pairing needs the per-class fleet's engine and members")
         return np.stack([engine.per_sample(x, list(members), loss).mean(axis=1) for x in unknown])
     if not len(reference):
-        raise ValueError(f"{method} pairing needs the reference classes' samples")
+        raise UserError(f"{method} pairing needs the reference classes' samples")
     if method == "sample-mse":
         return np.array([[sample_distance(x, r, "mse", n_pairs=n_pairs, seed=seed) for r in reference]
                          for x in unknown])
     if autoencoder is None:
-        raise ValueError("embeddings pairing needs the whole-dataset autoencoder A(Y)")
+        raise UserError("embeddings pairing needs the whole-dataset autoencoder A(Y)")
     # Every class encoded once (not once per pair): the same numbers as embedding_distance per pair
     # whenever no set is over max_samples.
     codes_u = [embedding_codes(autoencoder, x, max_samples=max_samples, rng=np.random.default_rng(seed))
@@ -169,9 +170,9 @@ def reference_class_samples(members: Mapping[str, Any], names: Sequence[str], *,
     for name in names:
         part = parts.get(name)
         if part is None:
-            raise ValueError(f"'{first.spec}' has no class for member '{name}' any more; its data changed")
+            raise UserError(f"'{first.spec}' has no class for member '{name}' any more; its data changed")
         if members[name].fingerprint and data.fingerprint(part.train) != members[name].fingerprint:
-            raise ValueError(f"member '{name}' was trained on other images than '{first.spec}' gives now "
+            raise UserError(f"member '{name}' was trained on other images than '{first.spec}' gives now "
                              f"(samples {samples}, data seed {seed}); its data changed since training")
         out.append(part.train.x)
     return out
@@ -222,6 +223,6 @@ def whole_dataset_autoencoder(path: str, reference: str, device):
 
     names = [m["name"] for m in read_manifest(path)["members"]]
     if reference not in names:
-        raise ValueError(f"--ae {path} has no whole-dataset member '{reference}' (it has: {', '.join(names)}); "
+        raise UserError(f"--ae {path} has no whole-dataset member '{reference}' (it has: {', '.join(names)}); "
                          f"train one with `simex train --refs {reference} --out DIR`")
     return Fleet.load(path, names=[reference], device=device).models[reference]

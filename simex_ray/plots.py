@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from .errors import UserError
 
 
 def pyplot():
@@ -71,10 +72,10 @@ def image_grid(rows: Sequence[np.ndarray], path, *, row_labels: Sequence[str], c
     plt = pyplot()
     rows = [np.asarray(r, dtype=np.float32) for r in rows]
     if len(row_labels) != len(rows):
-        raise ValueError(f"{len(rows)} rows but {len(row_labels)} row labels")
+        raise UserError(f"{len(rows)} rows but {len(row_labels)} row labels")
     for r in rows:
         if r.ndim != 4 or r.shape[1] not in (1, 3):
-            raise ValueError(f"each row must be images (k, C, H, W) with C 1 or 3, got shape {r.shape}")
+            raise UserError(f"each row must be images (k, C, H, W) with C 1 or 3, got shape {r.shape}")
     ncols = max(1, *(len(r) for r in rows)) if rows else 1
     h, w = rows[0].shape[2:] if rows else (1, 1)
     aspect = h / w

@@ -28,6 +28,7 @@ from .settings import load_settings
 from .transfer.learning import FC_INITS, FC_LAYERS, TL_CONFIGS, tl_config
 from .transfer.classifiers import N_CLASSES, first_classes, first_labels
 from .training import TrainConfig
+from .errors import UserError
 
 MapFn = Callable[[Callable[..., Any], list[dict[str, Any]]], Sequence[Any]]
 Progress = Callable[[str, int, int], None]
@@ -99,25 +100,25 @@ class ProtocolConfig:
         for name in self.tl_configs:
             tl_config(name)
         if not self.tl_configs:
-            raise ValueError("tl_configs is empty; pick some of " + ", ".join(TL_CONFIGS))
+            raise UserError("tl_configs is empty; pick some of " + ", ".join(TL_CONFIGS))
         if not self.seeds:
-            raise ValueError("seeds is empty; use e.g. (0,)")
+            raise UserError("seeds is empty; use e.g. (0,)")
         for key, known in (("fc_init", FC_INITS), ("fc_layers", FC_LAYERS), ("transfer_mode", TRANSFER_MODES),
                            ("delta_normalization", DELTA_NORMALIZATIONS)):
             if getattr(self, key) not in known:
-                raise ValueError(f"unknown {key} '{getattr(self, key)}'; known: {', '.join(known)}")
+                raise UserError(f"unknown {key} '{getattr(self, key)}'; known: {', '.join(known)}")
         unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown:
-            raise ValueError(f"unknown baseline(s) {', '.join(unknown)}; known: {', '.join(BASELINES)}")
+            raise UserError(f"unknown baseline(s) {', '.join(unknown)}; known: {', '.join(BASELINES)}")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+            raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         for k in ("test_samples", "transfer_samples"):
             if getattr(self, k) is not None and getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1 or None, got {getattr(self, k)}")
+                raise UserError(f"{k} must be >= 1 or None, got {getattr(self, k)}")
         for k in ("ae_epochs", "clf_max_epochs", "clf_patience", "clf_batch_size", "ae_batch_size",
                   "n_pairs", "embedding_samples", "finetune_epochs"):
             if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+                raise UserError(f"{k} must be >= 1, got {getattr(self, k)}")
         self.ae_config()  # validates optimizer / architecture
 
     def ae_config(self, loss: str = "mse", epochs: int | None = None, seed: int = 0) -> TrainConfig:

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
+from .errors import UserError
 
 __all__ = ["agreement", "nanmean", "rank", "rho_per_base", "rho_per_unknown", "spearman"]
 
@@ -52,7 +53,7 @@ def _square(score, accuracy, references: Sequence[str]) -> tuple[np.ndarray, np.
     s, a = np.asarray(score, dtype=float), np.asarray(accuracy, dtype=float)
     n = len(references)
     if s.shape != (n, n) or a.shape != (n, n):
-        raise ValueError(f"need ({n}, {n}) matrices, got {s.shape} and {a.shape}")
+        raise UserError(f"need ({n}, {n}) matrices, got {s.shape} and {a.shape}")
     return s, a
 
 

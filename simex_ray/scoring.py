@@ -56,6 +56,7 @@ from torch.nn import functional as F
 from .losses import check_loss, per_sample_delta
 from .models import ConvAutoencoder, LeNetAutoencoder
 from .models.conv import KERNEL, PAD, STRIDE
+from .errors import UserError, UnknownMemberError
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,9 @@ def resolve_device(name: str | torch.device | None = "cpu") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
+        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu or auto")
     if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"unknown device '{name}'; known: {', '.join(DEVICES)}")
+        raise UserError(f"unknown device '{name}'; known: {', '.join(DEVICES)}")
     return torch.device(name)
 
 
@@ -120,7 +121,7 @@ class FusedLeNet(nn.Module):
         self.polyphase, self.grouped, self.fast_ops = polyphase, grouped, fast_ops
         self.m = m = len(models)
         if not m:
-            raise ValueError("FusedLeNet needs at least one model")
+            raise UserError("FusedLeNet needs at least one model")
 
         def cat(get):
             return torch.cat([get(a).detach() for a in models])
@@ -248,11 +249,11 @@ class FusedConv(nn.Module):
         self.polyphase, self.fast_ops = polyphase, fast_ops
         self.m = m = len(models)
         if not m:
-            raise ValueError("FusedConv needs at least one model")
+            raise UserError("FusedConv needs at least one model")
         first = models[0]
         shapes = [tuple(p.shape) for p in first.parameters()]
         if any([tuple(p.shape) for p in a.parameters()] != shapes or a.sides != first.sides for a in models):
-            raise ValueError("FusedConv needs autoencoders of one shape (format, widths, code size)")
+            raise UserError("FusedConv needs autoencoders of one shape (format, widths, code size)")
         if (KERNEL, STRIDE, PAD) != (4, 2, 1):
             raise AssertionError("phase_weights is written for 4x4 stride-2 padding-1 transposed convolutions")
         self.format, self.sides, self.code_shape = first.image_format, first.sides, first.code_shape
@@ -447,7 +448,7 @@ class ScoringEngine:
         from .training import PRECISIONS
 
         if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision '{precision}'; known: {', '.join(PRECISIONS)}")
+            raise UserError(f"unknown precision '{precision}'; known: {', '.join(PRECISIONS)}")
         self.precision = precision  # "bf16": forward passes under bfloat16 autocast, δ always in fp32
         self.device = resolve_device(device)
         if keep_memory and self.device.type == "cpu":
@@ -501,7 +502,7 @@ class ScoringEngine:
         names = tuple(names) if names is not None else tuple(self.names)
         unknown = [n for n in names if n not in self._models]
         if unknown:
-            raise KeyError(f"unknown member(s) {', '.join(unknown)}; fleet has: {', '.join(self.names)}")
+            raise UnknownMemberError(f"unknown member(s) {', '.join(unknown)}; fleet has: {', '.join(self.names)}")
         if loss is not None:
             check_loss(loss)
         groups = self._plan(names, loss)

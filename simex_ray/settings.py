@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
+from .errors import UserError
 
 T = TypeVar("T")
 
@@ -15,11 +16,11 @@ def settings_from_dict(cls: type[T], d: Mapping[str, Any], what: str) -> T:
     """A frozen settings dataclass from a JSON object: unknown keys are a one-line error naming the
     known ones; lists become tuples."""
     if not isinstance(d, dict):
-        raise ValueError(f"need a JSON object of {what} settings")
+        raise UserError(f"need a JSON object of {what} settings")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise ValueError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        raise UserError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
@@ -35,19 +36,19 @@ def load_settings(text: str | None, presets: Mapping[str, T], *, what: str, defa
         return presets[text]
     path = Path(text)
     if not path.is_file():
-        raise ValueError(f"unknown {what} '{text}'; known: {', '.join(presets)}, or a JSON file of "
+        raise UserError(f"unknown {what} '{text}'; known: {', '.join(presets)}, or a JSON file of "
                          f"{what} settings")
     try:
         fields = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} file {text}: not valid JSON ({e})") from None
+        raise UserError(f"{what} file {text}: not valid JSON ({e})") from None
     if not isinstance(fields, dict):
-        raise ValueError(f"{what} file {text}: need a JSON object of {what} settings")
+        raise UserError(f"{what} file {text}: need a JSON object of {what} settings")
     start = fields.pop("base", base or default)
     if start not in presets:
-        raise ValueError(f"{what} file {text}: unknown base '{start}'; presets: {', '.join(presets)}")
+        raise UserError(f"{what} file {text}: unknown base '{start}'; presets: {', '.join(presets)}")
     cls = type(presets[start])
     try:
         return settings_from_dict(cls, {**dataclasses.asdict(presets[start]), **fields}, what)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{what} file {text}: {e}") from None
+        raise UserError(f"{what} file {text}: {e}") from None

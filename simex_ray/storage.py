@@ -29,7 +29,7 @@ from typing import Union
 
 import pyarrow.fs as pafs
 
-from .errors import one_line
+from .errors import one_line, UserError
 
 TORN_READ_ATTEMPTS = 5  # reads of an object that keeps changing size before giving up
 
@@ -175,7 +175,7 @@ def resolve(path_or_uri: PathLike, filesystem: pafs.FileSystem | None = None) ->
         try:
             fs, path = pafs.FileSystem.from_uri(path_or_uri)
         except (ValueError, OSError) as e:  # ArrowInvalid is a ValueError
-            raise ValueError(f"cannot open '{_without_query(path_or_uri)}': {one_line(e)}") from None
+            raise UserError(f"cannot open '{_without_query(path_or_uri)}': {one_line(e)}") from None
         scheme = _SCHEME.match(path_or_uri).group(1).lower()
         return Location(fs, path, f"{scheme}://{path}")
     given = os.fspath(path_or_uri)
@@ -305,7 +305,7 @@ def check_shared(path_or_uri: PathLike, n_nodes: int, *, mounts: str | None = No
         shown = path = os.fspath(path_or_uri)
     if is_shared_fstype(mount_fstype(os.path.abspath(path), mounts)):
         return
-    raise ValueError(f"{flag} {shown} is a node-local path but the cluster has {n_nodes} nodes; use a path on "
+    raise UserError(f"{flag} {shown} is a node-local path but the cluster has {n_nodes} nodes; use a path on "
                      f"shared storage (NFS/EFS mount) or a URI: file:///shared/... if this path is shared, "
                      f"s3://bucket/..., gs://...")
 

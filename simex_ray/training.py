@@ -20,6 +20,7 @@ import torch
 from .losses import check_loss, per_sample_delta
 from .formats import LEGACY, ImageFormat
 from .models import architectures, create_autoencoder, refusal
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +53,22 @@ class TrainConfig:
         check_loss(self.loss)
         object.__setattr__(self, "image_format", str(ImageFormat.parse(self.image_format)))
         if self.architecture not in architectures():
-            raise ValueError(
+            raise UserError(
                 f"unknown architecture '{self.architecture}'; known: {', '.join(architectures())}"
             )
         why = refusal(self.architecture, self.image_format)
         if why:
-            raise ValueError(why)
+            raise UserError(why)
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer '{self.optimizer}'; known: {', '.join(OPTIMIZERS)}")
+            raise UserError(f"unknown optimizer '{self.optimizer}'; known: {', '.join(OPTIMIZERS)}")
         if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+            raise UserError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+            raise UserError(f"batch size must be >= 1, got {self.batch_size}")
         if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"learning rate must be > 0, got {self.lr}")
+            raise UserError(f"learning rate must be > 0, got {self.lr}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision '{self.precision}'; known: {', '.join(PRECISIONS)}")
+            raise UserError(f"unknown precision '{self.precision}'; known: {', '.join(PRECISIONS)}")
 
     @property
     def resolved_lr(self) -> float:
@@ -99,7 +100,7 @@ def make_optimizer(name: str, params, lr: float | None = None, **options) -> tor
     try:
         ctor, default_lr = OPTIMIZERS[name]
     except KeyError:
-        raise ValueError(f"unknown optimizer '{name}'; known: {', '.join(OPTIMIZERS)}") from None
+        raise UserError(f"unknown optimizer '{name}'; known: {', '.join(OPTIMIZERS)}") from None
     return ctor(params, lr=default_lr if lr is None else lr, **options)
 
 
@@ -181,7 +182,7 @@ def train_member(x_train, x_test, config: TrainConfig, *, resume: dict[str, Any]
     """
     x_train, x_test = as_tensor(x_train, device), as_tensor(x_test, device)
     if len(x_train) == 0:
-        raise ValueError("no training samples")
+        raise UserError("no training samples")
     model, optimizer = initial_state(config, device)
     history: list[dict] = []
     start = 0
@@ -237,7 +238,7 @@ def train_member_streamed(reference, config: TrainConfig, *, resume: dict[str, A
             if epoch == 1:
                 norms += float(batch.detach().flatten(1).double().norm(dim=1).sum())
         if n == 0:
-            raise ValueError(f"{reference.spec}: no training samples")
+            raise UserError(f"{reference.spec}: no training samples")
         metrics = {
             "epoch": epoch,
             "train_delta": total / n,

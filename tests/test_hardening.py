@@ -206,3 +206,33 @@ def test_a_json_body_at_the_limit_is_parsed_and_one_over_it_refused_by_the_image
     with pytest.raises(api.ApiError) as e:  # within the comma slack: parsed, then counted
         api.parse_score_request(_json_body(11), "application/json", limits)
     assert e.value.status == 413
+
+
+# --------------------------------------------------------------------------- errors tell the truth
+
+@pytest.mark.parametrize("error,status,says", [
+    (ValueError("operands could not be broadcast together"), 1, "internal error (a bug in simex-ray"),
+    (KeyError("weight"), 1, "internal error (a bug in simex-ray"),
+    (SpecError("unknown dataset 'mnst'; did you mean 'mnist'"), 2, "error: unknown dataset 'mnst'"),
+    (OSError(28, "No space left on device"), 1, "error: [Errno 28] No space left on device"),
+])
+def test_only_the_products_own_errors_are_usage_errors(capsys, error, status, says):
+    from simex_ray.cli.common import run_cli
+
+    def fails():
+        raise error
+
+    assert run_cli(fails, "simex x") == status
+    err = capsys.readouterr().err
+    assert says in err and "\n" not in err.strip()
+    assert ("--debug" in err) == (status == 1 and "internal" in says)
+
+
+def test_an_unknown_member_is_a_usage_error_and_still_a_key_error():
+    from simex_ray.errors import UnknownMemberError, UserError
+
+    torch.manual_seed(0)
+    engine = ScoringEngine({"a": create_autoencoder("lenet")}, {"a": "mse"})
+    with pytest.raises(UnknownMemberError, match="unknown member.s. b; fleet has: a") as e:
+        engine.per_sample(np.zeros((1, 1, 28, 28), np.float32), ["b"])
+    assert isinstance(e.value, UserError) and isinstance(e.value, KeyError)

@@ -12,6 +12,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from ..errors import UserError
 
 DEFAULT_DIR = "/tmp/simex-cluster"
 
@@ -49,11 +50,11 @@ def cmd_cluster(args) -> int:
         if (base / STATE).exists():
             old = MultiNodeCluster.open(base)
             if old.pids():
-                raise ValueError(f"a cluster is already running from {base}; `simex cluster down --dir {base}` "
+                raise UserError(f"a cluster is already running from {base}; `simex cluster down --dir {base}` "
                                  f"first, or use another --dir")
             old.shutdown(remove=False)
         if args.workers < 1 or args.cpus < 1:
-            raise ValueError("--workers and --cpus must be >= 1")
+            raise UserError("--workers and --cpus must be >= 1")
         base.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         print(f"starting a head and {args.workers} worker node(s) of {args.cpus} CPU(s) in {base} ...",
@@ -81,7 +82,7 @@ def cmd_cluster(args) -> int:
             print(f"{role:<9} {'alive' if alive else 'dead':<6} {node.temp_dir}")
     elif verb == "kill-node":
         if not 0 <= args.index < len(cluster.nodes) - 1:
-            raise ValueError(f"no worker node {args.index}; this cluster has {len(cluster.nodes) - 1} (0-based)")
+            raise UserError(f"no worker node {args.index}; this cluster has {len(cluster.nodes) - 1} (0-based)")
         killed = cluster.kill_node(args.index)
         cluster.save()
         print(f"worker node {args.index} killed ({len(killed)} processes)", file=sys.stderr)

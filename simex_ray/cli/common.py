@@ -217,17 +217,18 @@ def format_score(result, title: str) -> str:
 
 def run_cli(fn: Callable[[], int], prog: str, *, debug: bool = False) -> int:
     """Run ``fn``; turn every failure into one line on stderr and an exit status."""
-    from ..data import DataUnavailable, SpecError
+    from ..data import DataUnavailable
+    from ..errors import OperationalError, UserError
     from ..fleet import FleetError
 
     try:
         return fn()
-    except (SpecError, UsageError, ValueError, KeyError) as e:
+    except (UserError, UsageError) as e:  # the product's own: a mistake the user can fix (SpecError too)
         if debug:
             raise
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except (DataUnavailable, FleetError, ConnectionError, ProcessLookupError) as e:
+    except (DataUnavailable, FleetError, OperationalError, OSError) as e:  # the data, the fleet, the cluster, the OS
         if debug:
             raise
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
@@ -235,11 +236,11 @@ def run_cli(fn: Callable[[], int], prog: str, *, debug: bool = False) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - never show a raw traceback to a user
+    except Exception as e:  # noqa: BLE001 - never show a raw traceback to a user, nor blame them for a bug
         if debug:
             raise
-        print(f"{prog}: error: {type(e).__name__}: {one_line(e)} (re-run with --debug for details)",
-              file=sys.stderr)
+        print(f"{prog}: internal error (a bug in simex-ray, not in your input): {type(e).__name__}: "
+              f"{one_line(e)}; re-run with --debug for the traceback and report it", file=sys.stderr)
         return 1
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .common import add_address_arg, add_data_dir_arg, add_loss_arg, ray_trainer, stage_printer
 from .common import data_seed as resolve_data_seed
+from ..errors import UserError
 
 
 def _common(p) -> None:
@@ -71,7 +72,7 @@ def cmd(args) -> int:
             cfg = dataclasses.replace(cfg, image_format=args.image_format)
         losses = LOSSES if args.loss == "both" else (args.loss,)
         if args.fleet and len(losses) > 1:
-            raise ValueError("--fleet holds one loss's per-class fleet; pass --loss mse or --loss issim with it")
+            raise UserError("--fleet holds one loss's per-class fleet; pass --loss mse or --loss issim with it")
         fleets = {l: args.fleet or str(out / f"fleet-{l}") for l in losses}
         show = stage_printer(time.perf_counter(), [args.data])
 

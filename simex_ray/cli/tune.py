@@ -9,15 +9,16 @@ import time
 from pathlib import Path
 
 from .common import add_address_arg, add_data_dir_arg, add_loss_arg
+from ..errors import UserError
 
 
 def _floats(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--lrs: expected comma-separated numbers, got '{text}'") from None
+        raise UserError(f"--lrs: expected comma-separated numbers, got '{text}'") from None
     if not values or any(not v > 0 for v in values):
-        raise ValueError(f"--lrs: expected positive learning rates, got '{text}'")
+        raise UserError(f"--lrs: expected positive learning rates, got '{text}'")
     return values
 
 
@@ -65,15 +66,15 @@ def _configs(args) -> list[tuple[str, float]]:
         for item in args.configs.split(","):
             name, _, lr = item.strip().partition(":")
             if not lr:
-                raise ValueError(f"--configs: expected optimizer:lr, got '{item}'")
+                raise UserError(f"--configs: expected optimizer:lr, got '{item}'")
             pairs.append((name, _floats(lr)[0]))
     else:
         pairs = [(o.strip(), lr) for o in args.optimizers.split(",") if o.strip() for lr in _floats(args.lrs)]
     for name, _ in pairs:
         if name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer '{name}'; known: {', '.join(OPTIMIZERS)}")
+            raise UserError(f"unknown optimizer '{name}'; known: {', '.join(OPTIMIZERS)}")
     if len(set(pairs)) != len(pairs):
-        raise ValueError("a configuration is given twice")
+        raise UserError("a configuration is given twice")
     return pairs
 
 
@@ -90,7 +91,7 @@ def _check_settings(out: Path, settings: dict) -> None:
         diff = [k for k in settings if old.get(k) != settings[k]]
         if diff:
             k = diff[0]
-            raise ValueError(f"{out} holds a study with other settings ({', '.join(diff)}: {old.get(k)} there, "
+            raise UserError(f"{out} holds a study with other settings ({', '.join(diff)}: {old.get(k)} there, "
                              f"{settings[k]} asked); re-run it as it was to resume, or use another --out")
         return
     atomic_write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
@@ -105,12 +106,12 @@ def cmd_tune(args) -> int:
 
     for flag in ("seeds", "max_epochs", "k"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     configs = _configs(args)
     rule = StabilityRule(args.eps, args.k)
     gt = GroundTruth.load(args.ground_truth)
     if args.metric == "rho_mean_gain" and gt.gain is None:
-        raise ValueError("--metric rho_mean_gain needs a ground truth of the finetune protocol")
+        raise UserError("--metric rho_mean_gain needs a ground truth of the finetune protocol")
     refs = canonical_refs(split_specs(args.refs)) if args.refs else None
     out = Path(args.out).resolve()
     t0 = time.perf_counter()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
+
 import os
 import pathlib
 from dataclasses import dataclass
@@ -12,7 +14,7 @@ from ..errors import squash
 from ..formats import ImageFormat, format_of
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """Bad, unknown or malformed spec, or bad file content. One-line message with the fix."""
 
     def __init__(self, msg: str) -> None:

@@ -52,6 +52,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.lib.format as npy_format
+from ..errors import UserError
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _np_reconstruct
@@ -134,9 +135,9 @@ def _nbytes(shape: Any, itemsize: int, what: str) -> int:
     """Exact byte count of ``shape`` (Python ints: no overflow); bad shapes raise ValueError."""
     dims = (shape,) if isinstance(shape, int) else shape
     if not isinstance(dims, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
-        raise ValueError(f"{what}: shape {shape!r} is not a tuple of integers")
+        raise UserError(f"{what}: shape {shape!r} is not a tuple of integers")
     if any(d < 0 for d in dims):
-        raise ValueError(f"{what}: shape {dims} has a negative dimension")
+        raise UserError(f"{what}: shape {dims} has a negative dimension")
     return math.prod(dims) * int(itemsize)
 
 
@@ -260,13 +261,13 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
 
     def _scalar(self, dtype: Any, obj: Any = None) -> Any:
         if not isinstance(dtype, np.dtype):
-            raise ValueError("numpy scalar without a dtype")
+            raise UserError("numpy scalar without a dtype")
         self._check(dtype.itemsize, "a scalar")
         return _np_scalar(dtype, obj) if obj is not None else _np_scalar(dtype)
 
     def _frombuffer(self, buf: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
         if not isinstance(buf, (bytes, bytearray, pickle.PickleBuffer)) or not isinstance(dtype, np.dtype):
-            raise ValueError("numpy _frombuffer needs bytes and a dtype")
+            raise UserError("numpy _frombuffer needs bytes and a dtype")
         return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)  # size-checked by numpy
 
     def _encode(self, obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
@@ -303,16 +304,16 @@ def _check_dtype_state(d: np.dtype, state: Any) -> None:
 def _check_array_state(state: Any) -> None:
     """The ndarray state pickles carry: ([version,] shape, dtype, fortran, raw bytes), sizes matching."""
     if not isinstance(state, tuple) or len(state) not in (4, 5):
-        raise ValueError("pickled array state is not a 4- or 5-tuple")
+        raise UserError("pickled array state is not a 4- or 5-tuple")
     shape, dtype, _, raw = state[-4:]
     if not isinstance(dtype, np.dtype):
-        raise ValueError("pickled array state has no dtype")
+        raise UserError("pickled array state has no dtype")
     _check_dtype(dtype)
     if not isinstance(raw, (bytes, bytearray, str)):
-        raise ValueError(f"pickled array data is a {type(raw).__name__}, not bytes")
+        raise UserError(f"pickled array data is a {type(raw).__name__}, not bytes")
     n = _nbytes(shape, dtype.itemsize, "pickled array")
     if n != len(raw):
-        raise ValueError(f"pickled array of shape {shape} {dtype} needs {n:,} bytes, its data has {len(raw):,}")
+        raise UserError(f"pickled array of shape {shape} {dtype} needs {n:,} bytes, its data has {len(raw):,}")
 
 
 def _clip(s: str, n: int = 80) -> str:
@@ -332,7 +333,7 @@ class _CappedReader:
 
     def _room(self, n: int) -> None:
         if self.end is not None and self.pos + n > self.end:
-            raise ValueError(f"pickle data was truncated ({n:,} bytes wanted at offset {self.pos:,} "
+            raise UserError(f"pickle data was truncated ({n:,} bytes wanted at offset {self.pos:,} "
                              f"of a {self.end:,}-byte file)")
         if self.pos + n > self.cap:
             raise Refused(f"{self.what} needs more than {_cap_text(self.cap)} (it is larger, or an item in "
@@ -468,20 +469,20 @@ def _npy_header(fp: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
     elif version == (3, 0):  # 2.0 with a utf-8 header; numpy has no public reader for it
         (hlen,) = struct.unpack("<I", _exact(c, 4))
         if hlen > _NPY_MAX_HEADER:
-            raise ValueError(f".npy header of {hlen} bytes is over {_NPY_MAX_HEADER}")
+            raise UserError(f".npy header of {hlen} bytes is over {_NPY_MAX_HEADER}")
         d = ast.literal_eval(_exact(c, hlen).decode("utf8"))
         if not isinstance(d, dict) or not {"descr", "shape"} <= set(d):
-            raise ValueError(".npy header is not a dict with 'descr' and 'shape'")
+            raise UserError(".npy header is not a dict with 'descr' and 'shape'")
         shape, dtype = d["shape"], npy_format.descr_to_dtype(d["descr"])
     else:
-        raise ValueError(f".npy format version {version} is not supported")
+        raise UserError(f".npy format version {version} is not supported")
     return shape, dtype, c.n
 
 
 def _exact(f: Any, n: int) -> bytes:
     data = f.read(n)
     if len(data) != n:
-        raise ValueError("EOF in .npy header")
+        raise UserError("EOF in .npy header")
     return data
 
 
@@ -491,7 +492,7 @@ def _check_npy(fp: BinaryIO, size: int, what: str, cap: int) -> None:
     if n > cap:
         raise Refused(f"{what}: .npy header declares shape {shape} {dtype} = {n:,} bytes, over {_cap_text(cap)}; {_HINT}")
     if hlen + n != size:
-        raise ValueError(f"{what}: .npy header declares shape {shape} {dtype} ({n:,} bytes of data) but "
+        raise UserError(f"{what}: .npy header declares shape {shape} {dtype} ({n:,} bytes of data) but "
                          f"{size - hlen:,} bytes follow the header")
 
 
@@ -565,11 +566,11 @@ def read_idx(path: str | os.PathLike, dtypes: dict[int, str]) -> np.ndarray:
         try:
             head = f.read(4)
             if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in dtypes:
-                raise ValueError("bad idx magic number")
+                raise UserError("bad idx magic number")
             ndim = head[3]
             dim_bytes = f.read(4 * ndim)
             if len(dim_bytes) != 4 * ndim:
-                raise ValueError(f"header declares {ndim} dimensions but the file ends inside it")
+                raise UserError(f"header declares {ndim} dimensions but the file ends inside it")
             dims = struct.unpack(f">{ndim}I", dim_bytes)
             dtype = np.dtype(dtypes[head[2]])
             n = _nbytes(dims, dtype.itemsize, "idx")
@@ -581,13 +582,13 @@ def read_idx(path: str | os.PathLike, dtypes: dict[int, str]) -> np.ndarray:
                 raise Refused(f"idx file '{path.name}' declares shape {dims} = {n:,} bytes, more than its "
                               f"{size:,} gzip bytes can hold (deflate expands at most {DEFLATE_MAX_RATIO}:1)")
             if not gz and hdr + n != size:
-                raise ValueError(f"header says {dims} but file holds {max(size - hdr, 0) // dtype.itemsize} values")
+                raise UserError(f"header says {dims} but file holds {max(size - hdr, 0) // dtype.itemsize} values")
             data = f.read(n + 1)  # one extra byte tells "more data than declared"
         finally:
             if gz:
                 f.close()
     if len(data) != n:
         got = "more" if len(data) > n else f"only {len(data) // dtype.itemsize}"
-        raise ValueError(f"header says {dims} but file holds {got} values")
+        raise UserError(f"header says {dims} but file holds {got} values")
     arr = np.frombuffer(data, dtype=dtype)
     return arr.reshape(dims).astype(dtype.newbyteorder("="))

@@ -28,6 +28,7 @@ from .dataset import Dataset, SpecError
 from .images import stack_images, to_unit_images
 from .spec import parse_spec
 from .streaming import open_source, read_array, stream
+from ..errors import UserError
 
 __all__ = ["Slice", "array_slices", "load_slices", "plan_slices", "read_slice"]
 
@@ -109,7 +110,7 @@ def read_slice(sl: Slice, fmt: ImageFormat | None = None, strict: bool = False
         if len(x) != sl.n:
             raise SpecError(f"{sl.spec}: row group {sl.part} of {loc} changed while it was read; read it again")
         return index, x, y
-    raise ValueError(f"unknown slice kind '{sl.kind}'")
+    raise UserError(f"unknown slice kind '{sl.kind}'")
 
 
 def load_slices(slices: list[Slice], spec: str) -> Dataset:

@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from .dataset import Dataset, SpecError
+from ..errors import UserError
 
 __all__ = [
     "BUILTINS",
@@ -91,9 +92,9 @@ _VARIANTS: dict[str, Variant] = {}
 
 def _check_new(name: str) -> None:
     if name != norm_name(name) or not name or ":" in name or "#" in name:
-        raise ValueError(f"bad source/variant name {name!r}: use lower case, '-' not '_', no ':', '#' or spaces")
+        raise UserError(f"bad source/variant name {name!r}: use lower case, '-' not '_', no ':', '#' or spaces")
     if name in _SOURCES or name in _VARIANTS:
-        raise ValueError(f"'{name}' is registered already")
+        raise UserError(f"'{name}' is registered already")
 
 
 def register_builtin(name: str, load: Callable[[pathlib.Path], Dataset], help: str) -> Source:
@@ -106,7 +107,7 @@ def register_builtin(name: str, load: Callable[[pathlib.Path], Dataset], help: s
 def register_file(scheme: str, arg: str, load: Callable[[pathlib.Path, str], Dataset], help: str) -> Source:
     """Register file scheme ``scheme:`` taking a ``arg`` (``"PATH"`` or ``"DIR"``); ``load(path, spec)``."""
     if arg not in ("PATH", "DIR"):
-        raise ValueError(f"file scheme '{scheme}': arg must be 'PATH' or 'DIR', got {arg!r}")
+        raise UserError(f"file scheme '{scheme}': arg must be 'PATH' or 'DIR', got {arg!r}")
     _check_new(scheme)
     _SOURCES[scheme] = src = Source(scheme, "file", load, help, arg)
     return src

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from .embeddings import embedding_codes, embedding_distance, encode_all, nearest_code_distance
 from .sample import sample_distance
+from ..errors import UserError
 
 
 def _sample(loss: str) -> Callable[..., float]:
@@ -20,7 +21,7 @@ def _sample(loss: str) -> Callable[..., float]:
 
 def _embeddings(x_unknown, x_reference, *, autoencoder=None, seed: int = 0, **_: Any) -> float:
     if autoencoder is None:
-        raise ValueError("the embeddings distance needs the reference's autoencoder A(Y)")
+        raise UserError("the embeddings distance needs the reference's autoencoder A(Y)")
     return embedding_distance(autoencoder, x_unknown, x_reference, seed=seed)
 
 
@@ -38,7 +39,7 @@ def get(name: str) -> Callable[..., float]:
     try:
         return DISTANCES[name]
     except KeyError:
-        raise ValueError(f"unknown distance '{name}'; known: {', '.join(DISTANCES)}") from None
+        raise UserError(f"unknown distance '{name}'; known: {', '.join(DISTANCES)}") from None
 
 
 __all__ = ["DISTANCES", "NEEDS_AUTOENCODER", "get", "sample_distance", "embedding_codes", "embedding_distance",

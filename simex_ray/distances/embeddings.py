@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..training import as_tensor
+from ..errors import UserError
 
 
 @torch.no_grad()
@@ -21,7 +22,7 @@ def embedding_codes(autoencoder: nn.Module, x, *, max_samples: int = 1000,
     """A(Y)'s bottleneck codes of ``x`` (subsampled to ``max_samples`` with ``rng``): (n, code) float64."""
     x = np.asarray(x)
     if len(x) == 0:
-        raise ValueError("embedding_distance needs two non-empty sets")
+        raise UserError("embedding_distance needs two non-empty sets")
     if len(x) > max_samples:
         rng = rng if rng is not None else np.random.default_rng(0)
         x = x[np.sort(rng.choice(len(x), size=max_samples, replace=False))]

@@ -7,6 +7,7 @@ import torch
 
 from ..losses import check_loss, per_sample_delta
 from ..training import as_tensor
+from ..errors import UserError
 
 
 def sample_distance(x_a, x_b, loss: str = "mse", n_pairs: int = 512, seed: int = 0) -> float:
@@ -17,7 +18,7 @@ def sample_distance(x_a, x_b, loss: str = "mse", n_pairs: int = 512, seed: int =
     """
     check_loss(loss)
     if len(x_a) == 0 or len(x_b) == 0:
-        raise ValueError("sample_distance needs two non-empty sets")
+        raise UserError("sample_distance needs two non-empty sets")
     rng = np.random.default_rng(seed)
     ia = rng.integers(0, len(x_a), size=n_pairs)
     ib = rng.integers(0, len(x_b), size=n_pairs)

@@ -33,6 +33,7 @@ from ..fleet import Fleet
 from ..fleet.manifest import Member, read_manifest
 from ..fleet.result import ScoreResult, merge_results, score_result
 from ..formats import ImageFormat, conversion, convert, format_of
+from ..errors import UserError, UnknownMemberError
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,13 @@ class BatchSettings:
     def __post_init__(self):
         for k in ("batch_size", "block"):
             if getattr(self, k) is not None and getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+                raise UserError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.actors is not None and self.actors < 1:
-            raise ValueError(f"actors must be >= 1, got {self.actors}")
+            raise UserError(f"actors must be >= 1, got {self.actors}")
         if self.members_per_shard is not None and self.members_per_shard < 1:
-            raise ValueError(f"members per shard must be >= 1, got {self.members_per_shard}")
+            raise UserError(f"members per shard must be >= 1, got {self.members_per_shard}")
         if not self.cpus_per_actor > 0:
-            raise ValueError(f"cpus per actor must be > 0, got {self.cpus_per_actor}")
+            raise UserError(f"cpus per actor must be > 0, got {self.cpus_per_actor}")
 
 
 def _read(batch: dict[str, np.ndarray], slices: list, fmt: str, strict: bool) -> dict[str, np.ndarray]:
@@ -165,13 +166,13 @@ def score_batch(fleet_dir: str, spec: str, *, fmt: ImageFormat | None = None, st
     if members is not None:
         unknown = sorted(set(members) - {r["name"] for r in records})
         if unknown:
-            raise KeyError(f"unknown member(s) {', '.join(unknown)}")
+            raise UnknownMemberError(f"unknown member(s) {', '.join(unknown)}")
         records = sorted(records, key=lambda r: members.index(r["name"]))
     if not records:
-        raise ValueError(f"{fleet_dir}: no members to score")
+        raise UserError(f"{fleet_dir}: no members to score")
     formats = {Member.from_json(r).image_format for r in records}
     if len(formats) != 1:
-        raise ValueError(f"{fleet_dir}: members of several image formats ({', '.join(map(str, sorted(formats)))}); "
+        raise UserError(f"{fleet_dir}: members of several image formats ({', '.join(map(str, sorted(formats)))}); "
                          f"score each format's members on their own with --members")
     fmt = fmt or formats.pop()
     names = [r["name"] for r in records]

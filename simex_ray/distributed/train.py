@@ -25,7 +25,7 @@ import ray
 import torch
 
 from .. import storage
-from ..errors import last_line
+from ..errors import last_line, OperationalError, UserError
 from ..fleet import slug
 from ..fleet.build import MANIFEST_FLUSH_S
 from ..fleet.plan import FleetWriter, MemberPlan
@@ -58,7 +58,7 @@ class Resources:
 
     def __post_init__(self):
         if self.workers_per_member < 1:
-            raise ValueError(f"workers per member must be >= 1, got {self.workers_per_member}")
+            raise UserError(f"workers per member must be >= 1, got {self.workers_per_member}")
 
     def concurrent_runs(self, n_members: int) -> int:
         if self.workers_per_member > 1:  # one run per member, each of several workers; Ray queues the rest
@@ -127,7 +127,7 @@ class CheckpointPacer:
 
     def __init__(self, budget: float = 0.1, clock: Callable[[], float] = time.perf_counter):
         if not 0 < budget <= 1:
-            raise ValueError(f"checkpoint budget must be in (0, 1], got {budget}")
+            raise UserError(f"checkpoint budget must be in (0, 1], got {budget}")
         self.budget, self.clock = budget, clock
         self.cost = 0.0  # seconds the last checkpoint took
         self.last: float | None = None  # when it ended
@@ -504,7 +504,7 @@ def train_fleet(plans: list[MemberPlan], out, *, resources: Resources = Resource
 
     where = resolve(out)
     if not where.is_local:
-        raise ValueError(f"--out {where.display}: a fleet trained on Ray is written to a path every node sees "
+        raise UserError(f"--out {where.display}: a fleet trained on Ray is written to a path every node sees "
                          f"(an NFS/EFS mount, or file:///...); object-store URIs work with --no-ray, and "
                          f"--storage s3://... takes the checkpoints")
     out = Path(where.path).resolve()
@@ -592,7 +592,7 @@ def run_concurrently(fits: list[Callable[[], Any]], poll: Callable[[], None], po
     return [f.exception() or f.result() for f in futures]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(OperationalError):
     pass
 
 

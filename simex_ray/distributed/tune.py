@@ -25,7 +25,7 @@ from ray.tune import Callback, Checkpoint, CheckpointConfig, FailureConfig, RunC
 from ray.tune.stopper import Stopper
 
 from ..experiments.stopping import FleetStepper, StabilityRule, StudyData, config_key, epoch_metrics
-from ..errors import last_line
+from ..errors import last_line, OperationalError
 from ..training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def run_study(study: StudyData, configs: list[tuple[str, float]], seeds: list[in
     return rows
 
 
-class StudyError(RuntimeError):
+class StudyError(OperationalError):
     """Some trials failed; ``rows`` holds what every trial reported."""
 
     def __init__(self, message: str, rows: list[dict[str, Any]]):

@@ -45,6 +45,7 @@ from ..settings import load_settings, settings_from_dict
 from ..ranking import nanmean, spearman
 from ..training import TrainConfig
 from .fleets import FleetTrainer, local_trainer
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +76,14 @@ class AugmentConfig:
         object.__setattr__(self, "image_format", str(ImageFormat.parse(self.image_format)))
         bad = [v for v in (*self.n, *self.m) if int(v) < 1]
         if not self.n or not self.m or bad:
-            raise ValueError(f"n and m must be non-empty lists of positive integers (m = 0 always runs), got "
+            raise UserError(f"n and m must be non-empty lists of positive integers (m = 0 always runs), got "
                              f"n={list(self.n)} m={list(self.m)}")
         unknown = [x for x in self.methods if x not in METHODS]
         if unknown or not self.methods:
-            raise ValueError(f"unknown pairing method(s) {', '.join(unknown) or '(none)'}; known: {', '.join(METHODS)}")
+            raise UserError(f"unknown pairing method(s) {', '.join(unknown) or '(none)'}; known: {', '.join(METHODS)}")
         for name in ("trials", "test_per_class", "ae_epochs", "epochs", "batch_size", "sample_pairs"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(asdict(self))
@@ -108,7 +109,7 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise ValueError(f"--{what} must be comma-separated integers, got {text!r}") from None
+        raise UserError(f"--{what} must be comma-separated integers, got {text!r}") from None
 
 
 def load_config(name_or_path: str | None, *, n: str | None = None, m: str | None = None, trials: int | None = None,
@@ -206,7 +207,7 @@ def augment(target: str, refs: list[str], *, config: AugmentConfig | None = None
     if loss is not None:
         cfg = replace(cfg, ae_loss=loss)
     if not refs:
-        raise ValueError("need at least one reference to borrow from (--refs)")
+        raise UserError("need at least one reference to borrow from (--refs)")
     t_start = time.perf_counter()
     cache: dict = {}
     fmt = ImageFormat.parse(cfg.image_format)
@@ -219,7 +220,7 @@ def augment(target: str, refs: list[str], *, config: AugmentConfig | None = None
     pools, test_rows = _target_split(tgt, cfg.test_per_class, data_seed)
     short = [classes[c] for c, pool in enumerate(pools) if len(pool) < max(cfg.n)]
     if short:
-        raise ValueError(f"target class(es) {', '.join(short)} have fewer than n={max(cfg.n)} training samples left "
+        raise UserError(f"target class(es) {', '.join(short)} have fewer than n={max(cfg.n)} training samples left "
                          f"after holding out {len(test_rows) // n_classes} test samples per class; lower --n")
     x_test, y_test = tgt.x[test_rows], y_index[test_rows]
     keep: list = []

@@ -31,6 +31,7 @@ probability are compared with opposite signs).
 """
 
 from __future__ import annotations
+from ..errors import UserError
 
 import json
 import logging
@@ -87,16 +88,16 @@ class InterClassConfig:
     def __post_init__(self):
         object.__setattr__(self, "image_format", str(ImageFormat.parse(self.image_format)))
         if self.samples_per_class is not None and self.samples_per_class < 6:
-            raise ValueError(f"samples_per_class must be >= 6 (a 5:1 split per class), got {self.samples_per_class}")
+            raise UserError(f"samples_per_class must be >= 6 (a 5:1 split per class), got {self.samples_per_class}")
         if not 0 < self.val_fraction < 0.5:
-            raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+            raise UserError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         unknown = [c for c in self.classifiers if c not in CLASSIFIER_COLUMNS]
         if unknown:
-            raise ValueError(f"unknown classifier(s) {', '.join(unknown)}; known: {', '.join(CLASSIFIER_COLUMNS)}")
+            raise UserError(f"unknown classifier(s) {', '.join(unknown)}; known: {', '.join(CLASSIFIER_COLUMNS)}")
         for name in ("ae_epochs", "lenet_epochs", "lenet_patience", "resnet_epochs", "resnet_patience",
                      "clf_batch_size", "ae_batch_size", "sample_pairs"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def ae_config(self, loss: str, seed: int) -> TrainConfig:
         return TrainConfig(architecture=default_architecture(self.image_format), loss=loss, epochs=self.ae_epochs,
@@ -188,7 +189,7 @@ def per_class_fleet(spec: str, parts: list[data.ClassPart], cfg: InterClassConfi
     f = Fleet.load(fleet)
     for p in parts:
         if f.members[p.spec].fingerprint != data.fingerprint(p.train):
-            raise ValueError(f"fleet member '{p.spec}' was trained on other images than this study's training "
+            raise UserError(f"fleet member '{p.spec}' was trained on other images than this study's training "
                              f"split; pass the --samples-per-class/--data-seed it was trained with, or let the "
                              f"study train its own fleet")
     return f, names, sum(float(f.members[n].metrics.get("elapsed_s", 0.0)) for n in names)
@@ -208,7 +209,7 @@ def inter_class(spec: str, *, losses: tuple[str, ...] = LOSSES, config: InterCla
     for loss in losses:
         check_loss(loss)
     if not losses:
-        raise ValueError("need at least one loss")
+        raise UserError("need at least one loss")
     fleets = fleets or {}
     t_start = time.perf_counter()
     cache: dict = {}  # the dataset is read and derived once for the split and every fleet's plans
@@ -216,7 +217,7 @@ def inter_class(spec: str, *, losses: tuple[str, ...] = LOSSES, config: InterCla
                                   cache=cache, fmt=ImageFormat.parse(cfg.image_format))
     n = len(parts)
     if n < 3:
-        raise ValueError(f"'{spec}' has {n} class(es); the inter-class study needs at least 3")
+        raise UserError(f"'{spec}' has {n} class(es); the inter-class study needs at least 3")
     classes = [p.name for p in parts]
     seconds: dict[str, float] = {}
     matrices: dict[str, np.ndarray] = {}

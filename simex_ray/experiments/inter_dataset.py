@@ -36,6 +36,7 @@ from ..ranking import agreement
 from ..transfer.library import Library
 from ..transfer.selection import METHODS, SIMEX, needs_labels, select
 from .fleets import FleetTrainer, local_trainer, provide_fleet
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def resolve_fleet(refs: list[str], *, fleet, loss: str, samples: int | None, epo
 def _check_covers(f: Fleet, refs: list[str]) -> Fleet:
     missing = [r for r in refs if r not in f.members]
     if missing:
-        raise ValueError(f"fleet has no member(s) {', '.join(missing)}; it has: {', '.join(f.names)}")
+        raise UserError(f"fleet has no member(s) {', '.join(missing)}; it has: {', '.join(f.names)}")
     return f
 
 
@@ -89,7 +90,7 @@ def check_fingerprints(f: Fleet, splits: dict[str, Splits]) -> None:
         member = f.members[ref]
         if member.fingerprint != sp.ae_train_fingerprint:
             seed = member.data_seed if member.data_seed is not None else "?"
-            raise ValueError(
+            raise UserError(
                 f"fleet member '{ref}' was trained on other images than this experiment's training split "
                 f"(member: {member.n_train} images, data seed {seed}); its test split could contain the member's "
                 f"training images. Pass the --samples/--data-seed the fleet was trained with, or let the "

@@ -33,6 +33,7 @@ from ..names import display_names
 from ..protocol import DEFAULT, MapFn, Progress, ProtocolConfig, canonical_refs, jsonable, load_splits, run_units
 from .fleets import FleetTrainer
 from .inter_dataset import resolve_fleet
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def latency(refs: list[str], unknown: str, *, repeats: int = 5, samples: int | N
     """
     check_loss(loss)
     if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+        raise UserError(f"repeats must be >= 1, got {repeats}")
     refs = canonical_refs(refs)
     (unknown,) = canonical_refs([unknown])
     if base is None:
@@ -58,7 +59,7 @@ def latency(refs: list[str], unknown: str, *, repeats: int = 5, samples: int | N
     else:
         (base,) = canonical_refs([base])
         if base not in refs:
-            raise ValueError(f"base '{base}' is not one of the references: {', '.join(refs)}")
+            raise UserError(f"base '{base}' is not one of the references: {', '.join(refs)}")
     configs = [tl_config(c) for c in tl_configs]
 
     # Both sides see the same sampled images: no topped-up test split here.

@@ -16,6 +16,7 @@ import numpy as np
 from .. import data
 from ..fleet import Fleet
 from ..formats import conversion
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def delta_matrix(fleet: Fleet, unknown: list[str], *, samples: int | None = None
     ``score_spec(spec) -> (ScoreResult, conversion)`` scores an unknown instead (e.g. on Ray Data: no images
     are read here, and ``on_scored`` is not called)."""
     if split not in ("test", "train", "all"):
-        raise ValueError(f"unknown split '{split}'; known: test, train, all")
+        raise UserError(f"unknown split '{split}'; known: test, train, all")
     for spec in unknown:
         data.parse_spec(spec)
     members = fleet.names

@@ -31,6 +31,7 @@ import torch
 
 from ..ranking import agreement
 from ..training import TrainConfig, as_tensor, initial_state, train_one_epoch
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,9 @@ class StabilityRule:
 
     def __post_init__(self):
         if not self.eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
+            raise UserError(f"eps must be >= 0, got {self.eps}")
         if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+            raise UserError(f"k must be >= 1, got {self.k}")
 
     def stable_epoch(self, curve: Sequence[float]) -> int | None:
         """The earliest stable epoch (1-based) of ``curve`` (ρ after epoch 1, 2, ...), or None."""
@@ -224,7 +225,7 @@ def recommended_training(study: Mapping[str, Any]) -> dict[str, Any]:
     epochs (its earliest stable epoch, or every epoch the study ran if it never was stable), loss."""
     best = study.get("best")
     if not best or best not in study.get("configs", {}):
-        raise ValueError("the study has no best configuration (no trial reported a finite ρ); "
+        raise UserError("the study has no best configuration (no trial reported a finite ρ); "
                          "run `simex tune stopping` longer or check its ground truth")
     c = study["configs"][best]
     epochs = c["earliest_stable_epoch"] or max(c["curve"]["epoch"])

@@ -16,6 +16,7 @@ from ..models import create_autoencoder
 from ..training import TrainConfig
 from .manifest import MANIFEST, RELOADS, FleetError, Member, StaleWeightsError, read_manifest, read_weights
 from .result import DEFAULT_RANKING, RANKINGS, ScoreResult, score_result
+from ..errors import UserError, UnknownMemberError
 
 class Fleet:
     """Trained autoencoders keyed by member name; ``score`` needs no Ray.
@@ -27,7 +28,7 @@ class Fleet:
     def __init__(self, members: dict[str, Member], models: dict[str, torch.nn.Module],
                  path: Path | str | None = None, device: torch.device | str = "cpu"):
         if set(members) != set(models):
-            raise ValueError("members and models must have the same names")
+            raise UserError("members and models must have the same names")
         self.members, self.models, self.path, self.device = members, models, path, torch.device(device)
         self._engine = None  # built on first use (``engine``)
         self.precision = "fp32"  # of the engine's forward passes: "bf16" under bfloat16 autocast (set before scoring)
@@ -114,14 +115,14 @@ class Fleet:
         if loss is not None:
             check_loss(loss)
         if method not in RANKINGS:
-            raise ValueError(f"unknown ranking '{method}'; known: {', '.join(RANKINGS)}")
+            raise UserError(f"unknown ranking '{method}'; known: {', '.join(RANKINGS)}")
         names = list(members) if members is not None else self.names
         unknown = [n for n in names if n not in self.members]
         if unknown:
-            raise KeyError(f"unknown member(s) {', '.join(unknown)}; fleet has: {', '.join(self.names)}")
+            raise UnknownMemberError(f"unknown member(s) {', '.join(unknown)}; fleet has: {', '.join(self.names)}")
         d = self.engine.per_sample(x, names, loss)
         if d.shape[1] == 0:
-            raise ValueError("cannot score an empty batch")
+            raise UserError("cannot score an empty batch")
         return score_result(d, [self.members[n] for n in names], loss or self.loss, method, per_sample)
 
 

@@ -22,6 +22,7 @@ from ..formats import FormatError, ImageFormat, conversion
 from ..training import TrainConfig
 from .manifest import MANIFEST, FleetError, Member, read_manifest, save_weights, write_manifest
 from .result import calibration_of, mean_l2_norm
+from ..errors import UserError
 
 log = logging.getLogger("simex_ray.plan")
 
@@ -135,7 +136,7 @@ def plan_fleet(refs: list[str], config: TrainConfig, *, samples: int | None = No
     cache = {} if cache is None else cache
     fmt = dict(fmt=config.format, strict=strict)
     if stream not in STREAM_MODES:
-        raise ValueError(f"unknown stream mode '{stream}'; known: {', '.join(STREAM_MODES)}")
+        raise UserError(f"unknown stream mode '{stream}'; known: {', '.join(STREAM_MODES)}")
     for spec in refs:
         if not per_class and not samples:
             if (streamed := _streamed(spec, config, seed=seed, strict=strict, mode=stream)) is not None:

@@ -12,6 +12,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .manifest import Member
+from ..errors import UserError
 
 QUANTILES = np.linspace(0.0, 1.0, 101)
 IN_DISTRIBUTION_LEVEL = 0.95
@@ -112,7 +113,7 @@ class ScoreResult:
         from ..ranking import rank
 
         if method not in RANKINGS:
-            raise ValueError(f"unknown ranking '{method}'; known: {', '.join(RANKINGS)}")
+            raise UserError(f"unknown ranking '{method}'; known: {', '.join(RANKINGS)}")
         scores = {"raw": self.delta, "normalized": self.delta_normalized, "calibrated": self.delta_calibrated,
                   "in_distribution": self.in_distribution, "typicality": self.typicality}[method]
         known = {k: v for k, v in scores.items() if v is not None}
@@ -154,7 +155,7 @@ class ScoreResult:
         needed = [k for k, (_, merge, _) in SCORE_CONTRACT.items() if merge != "derived"]
         missing = [k for k in needed if k not in d]
         if missing:
-            raise ValueError(f"a score answer lacks {', '.join(missing)}")
+            raise UserError(f"a score answer lacks {', '.join(missing)}")
         values = {k: dict(d[k]) for k in needed if k in cls.__dataclass_fields__ and k not in ("n", "loss")}
         typicality = dict(d["typicality"]) if d.get("typicality") is not None else \
             typicality_of(values["delta_calibrated"])
@@ -165,7 +166,7 @@ class ScoreResult:
         import pandas as pd
 
         if self.per_sample is None:
-            raise ValueError("scored without per-sample values")
+            raise UserError("scored without per-sample values")
         table = {"index": np.arange(self.n)}
         if labels is not None:
             table["label"] = np.asarray(labels)
@@ -199,7 +200,7 @@ def merge_results(parts: Iterable[ScoreResult]) -> ScoreResult:
     rankings derived by :class:`ScoreResult`. Per-sample values are not kept."""
     parts = list(parts)
     if not parts:
-        raise ValueError("no results to merge")
+        raise UserError("no results to merge")
     n = sum(p.n for p in parts)
     means = {}
     for key in (k for k, (_, merge, _) in SCORE_CONTRACT.items() if merge == "mean"):
@@ -211,7 +212,7 @@ def merge_results(parts: Iterable[ScoreResult]) -> ScoreResult:
     first = parts[0]
     for p in parts[1:]:
         if (p.loss, p.method) != (first.loss, first.method):
-            raise ValueError(f"cannot merge results of different losses or rankings "
+            raise UserError(f"cannot merge results of different losses or rankings "
                              f"({first.loss}/{first.method} and {p.loss}/{p.method})")
     return ScoreResult(n=n, loss=first.loss, method=first.method, typicality=typicality_of(means["delta_calibrated"]),
                        **means)
@@ -233,7 +234,7 @@ def per_sample_scores(method: str, per_sample: np.ndarray, members: list["Member
         return np.stack([percentile_in(m.calibration, row) for m, row in zip(members, d)])
     if method == "typicality":  # per sample: how far from the middle of each member's own distribution
         return np.stack([np.abs(percentile_in(m.calibration, row) - 0.5) for m, row in zip(members, d)])
-    raise ValueError(f"unknown ranking '{method}'; known: {', '.join(RANKINGS)}")
+    raise UserError(f"unknown ranking '{method}'; known: {', '.join(RANKINGS)}")
 
 
 def score_result(per_sample: np.ndarray, members: list["Member"], loss: str, method: str = DEFAULT_RANKING,

@@ -24,6 +24,7 @@ from ..names import display_names
 from .fleet import Fleet
 from .manifest import slug
 from .result import DEFAULT_RANKING, ScoreResult
+from ..errors import UserError, UnknownMemberError
 
 # Each ranking's per-reference value, shown beside Δ when the ranking is not raw Δ.
 _RANKED_BY = {"normalized": "delta_normalized", "calibrated": "delta_calibrated",
@@ -73,7 +74,7 @@ def sample_images(x, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     generator, in order; the k smallest keys win), and memory stays at k images for a stream.
     """
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise UserError(f"k must be >= 1, got {k}")
     rng = np.random.default_rng(seed)
     if torch.is_tensor(x):
         x = x.detach().cpu().numpy()
@@ -96,7 +97,7 @@ def sample_images(x, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         keys, index, images = keys[keep], index[keep], images[keep]
         offset += n
     if images is None:
-        raise ValueError("no images to show")
+        raise UserError("no images to show")
     return index, images
 
 
@@ -111,11 +112,11 @@ def reconstruction_grid(fleet: Fleet, x, result: ScoreResult, *, k: int = 8, top
     :mod:`simex_ray.formats`. δ uses the result's loss (each member's own when the result's is "mixed").
     """
     if top < 1:
-        raise ValueError(f"top must be >= 1, got {top}")
+        raise UserError(f"top must be >= 1, got {top}")
     references = result.ranking[:top]
     missing = [n for n in references if n not in fleet.models]
     if missing:
-        raise KeyError(f"the result ranks member(s) {', '.join(missing)} that this fleet lacks; fleet has: "
+        raise UnknownMemberError(f"the result ranks member(s) {', '.join(missing)} that this fleet lacks; fleet has: "
                        f"{', '.join(fleet.names)}")
     index, inputs = sample_images(x, k, seed)
     inputs = convert(inputs, fleet.image_format)

@@ -10,6 +10,7 @@ from torch import nn
 from ..formats import LEGACY, ImageFormat
 from .layers import Act
 from .registry import register_autoencoder
+from ..errors import UserError
 
 KERNEL, STRIDE, PAD = 4, 2, 1  # each block halves both sides (floor); k = 2·stride: no checkerboard going up
 SMALLEST = 4  # stop halving once the longer side is at most this
@@ -54,7 +55,7 @@ class ConvAutoencoder(nn.Module):
         super().__init__()
         why = self.refuses(image_format)
         if why:
-            raise ValueError(why)
+            raise UserError(why)
         self.code_size, self.image_format = code_size, image_format
         self.sides = conv_sides(image_format)
         c = self.channels = [image_format.channels] + [min(width * 2**i, max_width) for i in range(len(self.sides) - 1)]

@@ -8,6 +8,7 @@ from torch import nn
 from ..formats import LEGACY, ImageFormat
 from .layers import Act
 from .registry import register_autoencoder
+from ..errors import UserError
 
 
 def lenet_features() -> nn.Sequential:
@@ -32,7 +33,7 @@ class LeNetAutoencoder(nn.Module):
     def __init__(self, code_size: int = 84, image_format: ImageFormat = LEGACY):
         super().__init__()
         if self.refuses(image_format):
-            raise ValueError(self.refuses(image_format))
+            raise UserError(self.refuses(image_format))
         self.code_size, self.image_format = code_size, LEGACY
         self.features = lenet_features()
         self.bottleneck = nn.Sequential(

@@ -12,6 +12,7 @@ from typing import Callable
 from torch import nn
 
 from ..formats import LEGACY, FormatError, ImageFormat
+from ..errors import UserError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -21,7 +22,7 @@ def register_autoencoder(name: str):
 
     def add(cls):
         if name in _REGISTRY:
-            raise ValueError(f"autoencoder '{name}' registered twice")
+            raise UserError(f"autoencoder '{name}' registered twice")
         _REGISTRY[name] = cls
         cls.architecture = name
         return cls
@@ -37,7 +38,7 @@ def _class(name: str):
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown architecture '{name}'; known: {', '.join(architectures())}") from None
+        raise UserError(f"unknown architecture '{name}'; known: {', '.join(architectures())}") from None
 
 
 def refusal(name: str, image_format: ImageFormat | str = LEGACY) -> str | None:

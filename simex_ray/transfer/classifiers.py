@@ -28,6 +28,7 @@ from ..formats import LEGACY, FormatError, ImageFormat, format_of, resize_matrix
 from ..models import Act, lenet_features
 from ..training import OPTIMIZERS as AE_OPTIMIZERS
 from ..training import as_tensor
+from ..errors import UserError
 
 log = logging.getLogger("simex_ray.baselines")
 
@@ -143,7 +144,7 @@ class ResNet18(nn.Module):
         import torchvision
 
         if stem_stride not in (1, 2):
-            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
+            raise UserError(f"stem_stride must be 1 or 2, got {stem_stride}")
         fmt = ImageFormat.parse(image_format)
         self.n_classes, self.image_format = n_classes, fmt
         self.net = torchvision.models.resnet18(num_classes=n_classes)
@@ -173,7 +174,7 @@ def make_classifier(architecture: str, n_classes: int, image_format: ImageFormat
     try:
         ctor = CLASSIFIERS[architecture]
     except KeyError:
-        raise ValueError(f"unknown classifier '{architecture}'; known: {', '.join(CLASSIFIERS)}") from None
+        raise UserError(f"unknown classifier '{architecture}'; known: {', '.join(CLASSIFIERS)}") from None
     return ctor(n_classes, image_format=ImageFormat.parse(image_format), **kw)
 
 
@@ -219,12 +220,12 @@ def make_classifier_optimizer(name: str, params, lr: float | None = None,
                               momentum: float = 0.0) -> torch.optim.Optimizer:
     """Optimizer by name with the classifier default lr (:data:`CLASSIFIER_LRS`)."""
     if name not in CLASSIFIER_LRS:
-        raise ValueError(f"unknown optimizer '{name}'; known: {', '.join(CLASSIFIER_LRS)}")
+        raise UserError(f"unknown optimizer '{name}'; known: {', '.join(CLASSIFIER_LRS)}")
     ctor = AE_OPTIMIZERS[name][0]
     lr = CLASSIFIER_LRS[name] if lr is None else lr
     if momentum:
         if name not in ("sgd", "rmsprop"):
-            raise ValueError(f"momentum is only supported for sgd and rmsprop, not '{name}'")
+            raise UserError(f"momentum is only supported for sgd and rmsprop, not '{name}'")
         return ctor(params, lr=lr, momentum=momentum)
     return ctor(params, lr=lr)
 
@@ -238,7 +239,7 @@ def set_trainable(model: LeNet5, trainable: str) -> list[nn.Parameter]:
     elif trainable == "last":
         keep = list(model.fc_layers[-1].parameters())
     else:
-        raise ValueError(f"unknown trainable '{trainable}'; known: all, head, last")
+        raise UserError(f"unknown trainable '{trainable}'; known: all, head, last")
     ids = {id(p) for p in keep}
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)
@@ -275,9 +276,9 @@ def evaluate_classifier(model: nn.Module, x, y, batch_size: int = 1024) -> tuple
 def check_labels(y: np.ndarray, n_classes: int, what: str) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1 or len(y) == 0:
-        raise ValueError(f"{what}: need a non-empty 1-d label array, got shape {y.shape}")
+        raise UserError(f"{what}: need a non-empty 1-d label array, got shape {y.shape}")
     if int(y.min()) < 0 or int(y.max()) >= n_classes:
-        raise ValueError(f"{what}: labels must be in 0..{n_classes - 1}, got {int(y.min())}..{int(y.max())}; "
+        raise UserError(f"{what}: labels must be in 0..{n_classes - 1}, got {int(y.min())}..{int(y.max())}; "
                          f"use first_classes() to keep the first {n_classes} classes")
     return y
 
@@ -301,7 +302,7 @@ def train_classifier(x_train, y_train, x_val, y_val, *, optimizer: str = "rmspro
     pass included, as an early-stopping run would measure it), history.
     """
     if max_epochs < 1 or patience < 1 or batch_size < 1:
-        raise ValueError(f"max_epochs, patience and batch_size must be >= 1, got {max_epochs}, {patience}, {batch_size}")
+        raise UserError(f"max_epochs, patience and batch_size must be >= 1, got {max_epochs}, {patience}, {batch_size}")
     if model is None:
         torch.manual_seed(seed)
         model = LeNet5(n_classes, image_format_of(x_train))
@@ -388,7 +389,7 @@ def leave_one_class_out(architecture: str, left_out: int, x_train, y_train, x_va
     """
     y_train, y_val, y_eval = (np.asarray(a) for a in (y_train, y_val, y_eval))
     if not 0 <= left_out < n_classes:
-        raise ValueError(f"left_out must be in 0..{n_classes - 1}, got {left_out}")
+        raise UserError(f"left_out must be in 0..{n_classes - 1}, got {left_out}")
     kept = np.array([c for c in range(n_classes) if c != left_out])
     relabel = np.full(n_classes, -1)
     relabel[kept] = np.arange(len(kept))
@@ -403,7 +404,7 @@ def leave_one_class_out(architecture: str, left_out: int, x_train, y_train, x_va
     x_eval = np.asarray(x_eval)
     mine = predict_proba(model, x_eval[~ev])
     if len(mine) == 0:
-        raise ValueError(f"class {left_out} has no evaluation samples")
+        raise UserError(f"class {left_out} has no evaluation samples")
     _, acc = evaluate_classifier(model, x_eval[ev], relabel[y_eval[ev]])
     probability = np.full(n_classes, np.nan)
     votes = np.full(n_classes, np.nan)

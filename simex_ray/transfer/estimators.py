@@ -74,6 +74,7 @@ from typing import Any, Callable
 
 import numpy as np
 from scipy.special import xlogy
+from ..errors import UserError
 
 __all__ = ["ESTIMATORS", "Estimator", "estimate", "gbc", "hscore", "kmeans_silhouette", "knn_accuracy",
            "leep", "logme", "nce", "nuclear_norm", "prediction_entropy"]
@@ -90,17 +91,17 @@ _HSCORE_RCOND = 1e-10
 def _as_matrix(x: Any, what: str, shape: str) -> np.ndarray:
     a = np.asarray(x)
     if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
-        raise ValueError(f"{what} must be a numeric array, got dtype {a.dtype}: pass a float array of shape {shape}")
+        raise UserError(f"{what} must be a numeric array, got dtype {a.dtype}: pass a float array of shape {shape}")
     a = a.astype(np.float64)
     if a.ndim != 2:
-        raise ValueError(f"{what} must be 2-D {shape}, got shape {a.shape}: reshape it to {shape}")
+        raise UserError(f"{what} must be 2-D {shape}, got shape {a.shape}: reshape it to {shape}")
     if a.shape[0] < 2:
-        raise ValueError(f"{what} has {a.shape[0]} row(s); the estimators need at least 2 samples: pass more samples")
+        raise UserError(f"{what} has {a.shape[0]} row(s); the estimators need at least 2 samples: pass more samples")
     if a.shape[1] < 1:
-        raise ValueError(f"{what} has no columns, shape {a.shape}: pass a non-empty {shape} array")
+        raise UserError(f"{what} has no columns, shape {a.shape}: pass a non-empty {shape} array")
     bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
     if bad:
-        raise ValueError(f"{what} contain {bad} NaN or inf value(s): drop or fix those samples")
+        raise UserError(f"{what} contain {bad} NaN or inf value(s): drop or fix those samples")
     return a
 
 
@@ -111,11 +112,11 @@ def _features(features: Any) -> np.ndarray:
 def _probs(probs: Any) -> np.ndarray:
     p = _as_matrix(probs, "probs", "(N, C_s)")
     if (p < 0).any():
-        raise ValueError("probs has negative entries: pass softmax probabilities, not logits")
+        raise UserError("probs has negative entries: pass softmax probabilities, not logits")
     sums = p.sum(axis=1)
     worst = float(np.max(np.abs(sums - 1.0)))
     if worst > _PROB_SUM_ATOL:
-        raise ValueError(f"probs rows must sum to 1 (off by up to {worst:.3g}): pass softmax probabilities, "
+        raise UserError(f"probs rows must sum to 1 (off by up to {worst:.3g}): pass softmax probabilities, "
                          "not logits or scores")
     return p / sums[:, None]
 
@@ -126,12 +127,12 @@ def _codes(values: Any, n: int, what: str, rows_of: str) -> tuple[np.ndarray, in
     if v.ndim == 2 and v.shape[1] == 1:
         v = v[:, 0]
     if v.ndim != 1:
-        raise ValueError(f"{what} must be 1-D (N,), got shape {v.shape}: pass one integer label per sample")
+        raise UserError(f"{what} must be 1-D (N,), got shape {v.shape}: pass one integer label per sample")
     if v.shape[0] != n:
-        raise ValueError(f"{what} has {v.shape[0]} entries but {rows_of} has {n} rows: pass one label per row "
+        raise UserError(f"{what} has {v.shape[0]} entries but {rows_of} has {n} rows: pass one label per row "
                          f"of {rows_of}")
     if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
-        raise ValueError(f"{what} contain NaN or inf: drop the unlabelled samples")
+        raise UserError(f"{what} contain NaN or inf: drop the unlabelled samples")
     _, codes = np.unique(v, return_inverse=True)
     codes = codes.reshape(-1).astype(np.intp)
     return codes, int(codes.max()) + 1
@@ -139,11 +140,11 @@ def _codes(values: Any, n: int, what: str, rows_of: str) -> tuple[np.ndarray, in
 
 def _labels(labels: Any, n: int, rows_of: str) -> tuple[np.ndarray, int]:
     if labels is None:
-        raise ValueError("labels are missing: pass labels= (one target label per sample), or use a label-free "
+        raise UserError("labels are missing: pass labels= (one target label per sample), or use a label-free "
                          f"estimator: {', '.join(n for n, e in ESTIMATORS.items() if not e.needs_labels)}")
     codes, c = _codes(labels, n, "labels", rows_of)
     if c < 2:
-        raise ValueError("labels hold a single class; the estimators need at least 2: pass samples of two or "
+        raise UserError("labels hold a single class; the estimators need at least 2: pass samples of two or "
                          "more classes")
     return codes, c
 
@@ -225,9 +226,9 @@ def logme(features, labels, *, path: str = "auto", tol: float = 1e-8, max_iter: 
     f = _features(features)
     codes, c = _labels(labels, f.shape[0], "features")
     if path not in LOGME_PATHS:
-        raise ValueError(f"unknown LogME path '{path}'; known: {', '.join(LOGME_PATHS)}")
+        raise UserError(f"unknown LogME path '{path}'; known: {', '.join(LOGME_PATHS)}")
     if not (tol > 0 and max_iter >= 1):
-        raise ValueError(f"LogME needs tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
+        raise UserError(f"LogME needs tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
     n, d = f.shape
     if path == "auto":
         path = "feature" if n > d else "sample"
@@ -301,10 +302,10 @@ def gbc(features, labels, *, gaussian: str = "diagonal", pca_dim: int | None = N
     f = _features(features)
     codes, c = _labels(labels, f.shape[0], "features")
     if gaussian not in ("diagonal", "spherical"):
-        raise ValueError(f"unknown GBC gaussian '{gaussian}'; known: diagonal, spherical")
+        raise UserError(f"unknown GBC gaussian '{gaussian}'; known: diagonal, spherical")
     if pca_dim is not None:
         if int(pca_dim) < 1:
-            raise ValueError(f"pca_dim must be >= 1 or None, got {pca_dim}")
+            raise UserError(f"pca_dim must be >= 1 or None, got {pca_dim}")
         f = _pca(f, int(pca_dim))
     onehot = _onehot(codes, c)
     counts = onehot.sum(axis=0)[:, None]
@@ -342,7 +343,7 @@ def knn_accuracy(features, labels, k: int = 5, *, block: int = 1024) -> float:
     f = _features(features)
     codes, _ = _labels(labels, f.shape[0], "features")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}: pass k >= 1")
+        raise UserError(f"k must be a positive integer, got {k!r}: pass k >= 1")
     n = f.shape[0]
     k = min(int(k), n - 1)
     sq = (f ** 2).sum(axis=1)
@@ -385,7 +386,7 @@ def kmeans_silhouette(features, k: int = 10, *, seed: int = 0, n_init: int = 4) 
     f = _features(features)
     n = f.shape[0]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 2 <= k <= n - 1:
-        raise ValueError(f"k must be an integer in 2..N-1 = 2..{n - 1}, got {k!r}: pass the expected number of "
+        raise UserError(f"k must be an integer in 2..N-1 = 2..{n - 1}, got {k!r}: pass the expected number of "
                          "classes as k")
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
@@ -416,7 +417,7 @@ class Estimator:
 
     def __post_init__(self):
         if self.needs not in ("features", "probs", "source_labels"):
-            raise ValueError(f"Estimator.needs must be features, probs or source_labels, got '{self.needs}'")
+            raise UserError(f"Estimator.needs must be features, probs or source_labels, got '{self.needs}'")
 
 
 ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
@@ -447,7 +448,7 @@ def estimate(name: str, *, features=None, probs=None, labels=None, source_labels
     try:
         est = ESTIMATORS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown estimator {name!r}; known: {', '.join(ESTIMATORS)}") from None
+        raise UserError(f"unknown estimator {name!r}; known: {', '.join(ESTIMATORS)}") from None
     if est.needs == "features":
         x = features
     elif est.needs == "probs":
@@ -455,7 +456,7 @@ def estimate(name: str, *, features=None, probs=None, labels=None, source_labels
     else:
         x = source_labels if source_labels is not None else probs
     if x is None:
-        raise ValueError(f"estimator '{name}' needs {_WHAT[est.needs]}: pass it")
+        raise UserError(f"estimator '{name}' needs {_WHAT[est.needs]}: pass it")
     if est.needs_labels:
         return float(est.fn(x, labels, **options))
     return float(est.fn(x, **options))

@@ -47,6 +47,7 @@ from .classifiers import train_base
 from .learning import finetune, tl_config, transfer, transfer_efficiency
 from .library import FILE as LIBRARY_FILE
 from .library import Classifier, LibraryWriter, classifier_name
+from ..errors import UserError
 
 log = logging.getLogger("simex_ray.ground_truth")
 
@@ -55,7 +56,7 @@ LIBRARY = "library"  # GT/library: the base classifiers B(Y), one per reference 
 FORMAT_VERSION = 1
 
 
-class GroundTruthError(ValueError):
+class GroundTruthError(UserError):
     """A ground truth that cannot be used here; the message names the difference and the fix."""
 
 
@@ -63,7 +64,7 @@ def signal_to_noise(per_seed: Sequence[np.ndarray]) -> dict[str, Any]:
     """SNR of a ground truth from its per-seed target matrices (S, n, n); see the module docstring."""
     a = np.asarray(per_seed, dtype=float)
     if a.ndim != 3 or a.shape[1] != a.shape[2]:
-        raise ValueError(f"need (seeds, n, n) matrices, got shape {a.shape}")
+        raise UserError(f"need (seeds, n, n) matrices, got shape {a.shape}")
     mean = a.mean(axis=0)
     n = mean.shape[0]
     signal = mean.std(axis=1, ddof=1) if n > 1 else np.full(n, np.nan)

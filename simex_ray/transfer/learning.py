@@ -15,6 +15,7 @@ import torch
 
 from .classifiers import (CLASSIFIER_LRS, N_CLASSES, LeNet5, check_labels, evaluate_classifier, image_format_of,
                           n_classes_of, train_classifier)
+from ..errors import UserError
 
 @dataclass(frozen=True)
 class TLConfig:
@@ -27,9 +28,9 @@ class TLConfig:
 
     def __post_init__(self):
         if self.optimizer not in CLASSIFIER_LRS:
-            raise ValueError(f"unknown optimizer '{self.optimizer}'; known: {', '.join(CLASSIFIER_LRS)}")
+            raise UserError(f"unknown optimizer '{self.optimizer}'; known: {', '.join(CLASSIFIER_LRS)}")
         if not self.lr > 0:
-            raise ValueError(f"learning rate must be > 0, got {self.lr}")
+            raise UserError(f"learning rate must be > 0, got {self.lr}")
 
 
 # The paper's TL-1..TL-5: TL-1 RMSprop at its default lr; TL-2..TL-4 three other
@@ -53,7 +54,7 @@ def tl_config(config: str | TLConfig) -> TLConfig:
     try:
         return TL_CONFIGS[config]
     except KeyError:
-        raise ValueError(f"unknown transfer config '{config}'; known: {', '.join(TL_CONFIGS)}") from None
+        raise UserError(f"unknown transfer config '{config}'; known: {', '.join(TL_CONFIGS)}") from None
 
 
 FC_INITS = ("reinit", "base")
@@ -80,9 +81,9 @@ def transfer(base_state: dict[str, torch.Tensor], x_train, y_train, x_val, y_val
     """
     cfg = tl_config(config)
     if fc_init not in FC_INITS:
-        raise ValueError(f"unknown fc_init '{fc_init}'; known: {', '.join(FC_INITS)}")
+        raise UserError(f"unknown fc_init '{fc_init}'; known: {', '.join(FC_INITS)}")
     if fc_layers not in FC_LAYERS:
-        raise ValueError(f"unknown fc_layers '{fc_layers}'; known: {', '.join(FC_LAYERS)}")
+        raise UserError(f"unknown fc_layers '{fc_layers}'; known: {', '.join(FC_LAYERS)}")
     n_classes = n_classes_of(base_state)
     model = LeNet5(n_classes, image_format_of(x_train))
     load_base(model, base_state)
@@ -139,7 +140,7 @@ def load_base(model: LeNet5, base_state: dict[str, torch.Tensor]) -> None:
     """Load B(Y)'s weights into ``model``; a base of other channels than X's images fails in one line."""
     first = base_state.get("features.0.weight")
     if first is not None and first.shape[1] != model.image_format.channels:
-        raise ValueError(f"the base classifier takes {first.shape[1]}-channel images but X is "
+        raise UserError(f"the base classifier takes {first.shape[1]}-channel images but X is "
                          f"{model.image_format}; load both in one format (data.prepare(..., fmt=))")
     model.load_state_dict(base_state)
 
@@ -161,6 +162,6 @@ def transfer_efficiency(accuracy) -> np.ndarray:
     """
     acc = np.asarray(accuracy, dtype=float)
     if acc.ndim != 2 or acc.shape[0] != acc.shape[1]:
-        raise ValueError(f"transfer efficiency needs a square matrix, got shape {acc.shape}")
+        raise UserError(f"transfer efficiency needs a square matrix, got shape {acc.shape}")
     with np.errstate(divide="ignore", invalid="ignore"):
         return acc / np.diag(acc)[:, None]

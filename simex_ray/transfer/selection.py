@@ -19,6 +19,7 @@ import numpy as np
 
 from .estimators import ESTIMATORS, estimate
 from .library import Library
+from ..errors import UserError
 
 SIMEX = "simex"
 METHODS = (SIMEX, *ESTIMATORS)
@@ -40,14 +41,14 @@ def check_methods(methods: Sequence[str], *, labelled: bool, fleet: bool) -> lis
     methods = list(dict.fromkeys(methods))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}, all")
+        raise UserError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}, all")
     if not labelled and (using := [m for m in methods if needs_labels(m)]):
         free = [m for m in METHODS if not needs_labels(m)]
-        raise ValueError(f"method(s) {', '.join(using)} need the data's labels, and it has none; label it (npz key "
+        raise UserError(f"method(s) {', '.join(using)} need the data's labels, and it has none; label it (npz key "
                          f"'y', a 'label' column, one folder per class) or use a label-free method: "
                          f"{', '.join(free)}")
     if SIMEX in methods and not fleet:
-        raise ValueError("method simex needs the fleet of autoencoders of the library's references: pass --fleet")
+        raise UserError("method simex needs the fleet of autoencoders of the library's references: pass --fleet")
     return methods
 
 
@@ -92,7 +93,7 @@ def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, meth
         specs = list(dict.fromkeys(library.classifiers[c].spec for c in names))
         missing = [s for s in specs if s not in (fleet.members if fleet is not None else deltas)]
         if missing:
-            raise ValueError(f"the fleet has no member for {', '.join(missing)}; train one with "
+            raise UserError(f"the fleet has no member for {', '.join(missing)}; train one with "
                              f"`simex train --refs {','.join(missing)}`")
         if fleet is not None:
             by_spec = dict(zip(specs, fleet.engine.per_sample(x, specs, loss).mean(axis=1)))

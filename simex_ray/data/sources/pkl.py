@@ -15,6 +15,7 @@ from .. import safe_io
 from ..dataset import Dataset, SpecError, need_path
 from ..images import check_labels, flat_to_square, to_unit_images
 from ..spec import register_file
+from ...errors import UserError
 
 
 def _ndim(a: Any) -> int:
@@ -29,7 +30,7 @@ def _pairs_from_pickle(obj: Any) -> list[tuple[Any, Any]]:
         return [tuple(obj)]  # a single (x, y) pair
     if isinstance(obj, (tuple, list)) and obj and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in obj):
         return [tuple(p) for p in obj]
-    raise ValueError("expected a tuple of (x, y) pairs like the MNIST pickle (train, valid, test)")
+    raise UserError("expected a tuple of (x, y) pairs like the MNIST pickle (train, valid, test)")
 
 
 def load_pkl(path: pathlib.Path, spec: str) -> Dataset:

@@ -13,7 +13,7 @@ from ray import serve
 
 from ... import storage
 from ...api import Limits, key_digest
-from ...errors import squash
+from ...errors import OperationalError, squash, UserError
 from ...fleet import read_manifest, slug
 from ...fleet.manifest import verify_fleet
 from .app import INGRESS_APP, check_library, fleet_app, fleet_digest, ingress_app, member_app, served_format
@@ -49,14 +49,14 @@ class ServeSettings:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"unknown serving mode '{self.mode}'; known: {', '.join(MODES)}")
+            raise UserError(f"unknown serving mode '{self.mode}'; known: {', '.join(MODES)}")
         if (self.shards is not None or self.members_per_shard is not None) and self.mode != "sharded":
-            raise ValueError("--shards and --members-per-shard apply to --mode sharded; add --mode sharded")
+            raise UserError("--shards and --members-per-shard apply to --mode sharded; add --mode sharded")
         shard_layout(["m"], self.shards, self.members_per_shard)  # both given, or < 1: a clear error now
         if self.device == "cuda" and not self.gpus_per_replica > 0:
-            raise ValueError("--device cuda needs --gpus-per-replica > 0 (fractions allowed, e.g. 0.25)")
+            raise UserError("--device cuda needs --gpus-per-replica > 0 (fractions allowed, e.g. 0.25)")
         if not self.deploy_timeout_s > 0:
-            raise ValueError(f"--deploy-timeout must be > 0 seconds, got {self.deploy_timeout_s}")
+            raise UserError(f"--deploy-timeout must be > 0 seconds, got {self.deploy_timeout_s}")
 
     @property
     def initial_replicas(self) -> int:
@@ -65,7 +65,7 @@ class ServeSettings:
         return self.replicas
 
 
-class DeployError(RuntimeError):
+class DeployError(OperationalError):
     """New scorer applications did not become ready (failed, or not scheduled in time); they were
     removed again and whatever served before still serves."""
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from ...api import ApiError
 from ..batch import shards_of
+from ...errors import UserError
 
 DEFAULT_MEMBERS_PER_SHARD = 16
 
@@ -42,10 +43,10 @@ def shard_layout(names: list[str], shards: int | None = None, members_per_shard:
     leaves the earlier shards as they are. ``shards`` S: S shards of near-equal size (the first ones
     one longer), at most one per member. Neither: shards of :data:`DEFAULT_MEMBERS_PER_SHARD`."""
     if shards is not None and members_per_shard is not None:
-        raise ValueError("give --shards or --members-per-shard, not both")
+        raise UserError("give --shards or --members-per-shard, not both")
     for flag, value in (("--shards", shards), ("--members-per-shard", members_per_shard)):
         if value is not None and value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+            raise UserError(f"{flag} must be >= 1, got {value}")
     if not names:
         return []
     if shards is None:
