@@ -171,6 +171,31 @@ def initial_state(config: TrainConfig, device="cpu") -> tuple[torch.nn.Module, t
     return model, make_optimizer(config.optimizer, model.parameters(), config.resolved_lr)
 
 
+def resumed_state(config: TrainConfig, resume: dict[str, Any] | None, device="cpu"
+                  ) -> tuple[torch.nn.Module, torch.optim.Optimizer, int, list[dict]]:
+    """(model, optimizer, last epoch done, history): fresh (:func:`initial_state`), or restored from ``resume``
+    (a state handed to ``on_epoch``)."""
+    model, optimizer = initial_state(config, device)
+    if resume is None:
+        return model, optimizer, 0, []
+    model.load_state_dict(resume["model"])
+    optimizer.load_state_dict(resume["optimizer"])
+    log.info("resuming after epoch %d of %d", int(resume["epoch"]), config.epochs)
+    return model, optimizer, int(resume["epoch"]), list(resume["history"])
+
+
+def record_epoch(history: list[dict], metrics: dict, model, optimizer, on_epoch: EpochCallback | None,
+                 epochs: int) -> None:
+    """Append an epoch's metrics to ``history`` and hand ``on_epoch`` the checkpoint state (model, optimizer,
+    epoch, history: what ``resume`` takes back)."""
+    history.append(metrics)
+    log.debug("epoch %d/%d %s", metrics["epoch"], epochs, metrics)
+    if on_epoch is not None:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "epoch": metrics["epoch"], "history": history}
+        on_epoch(metrics["epoch"], metrics, state)
+
+
 def train_member(x_train, x_test, config: TrainConfig, *, resume: dict[str, Any] | None = None,
                  on_epoch: EpochCallback | None = None, device="cpu") -> tuple[torch.nn.Module, list[dict]]:
     """Train one autoencoder; returns (model, per-epoch history).
@@ -183,15 +208,8 @@ def train_member(x_train, x_test, config: TrainConfig, *, resume: dict[str, Any]
     x_train, x_test = as_tensor(x_train, device), as_tensor(x_test, device)
     if len(x_train) == 0:
         raise UserError("no training samples")
-    model, optimizer = initial_state(config, device)
-    history: list[dict] = []
-    start = 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        start, history = int(resume["epoch"]), list(resume["history"])
-        log.info("resuming after epoch %d of %d", start, config.epochs)
-    t0 = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
+    model, optimizer, start, history = resumed_state(config, resume, device)
+    t0 = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)  # the clock goes on
     for epoch in range(start + 1, config.epochs + 1):
         g = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         train_delta = train_one_epoch(model, x_train, optimizer, config.loss, config.batch_size, g, config.precision)
@@ -201,12 +219,7 @@ def train_member(x_train, x_test, config: TrainConfig, *, resume: dict[str, Any]
             "test_delta": evaluate(model, x_test, config.loss) if len(x_test) else float("nan"),
             "elapsed_s": time.perf_counter() - t0,
         }
-        history.append(metrics)
-        log.debug("epoch %d/%d %s", epoch, config.epochs, metrics)
-        if on_epoch is not None:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "epoch": epoch, "history": history}
-            on_epoch(epoch, metrics, state)
+        record_epoch(history, metrics, model, optimizer, on_epoch, config.epochs)
     return model, history
 
 
@@ -219,15 +232,8 @@ def train_member_streamed(reference, config: TrainConfig, *, resume: dict[str, A
     held-out split. The first epoch's metrics also carry ``ref_mean_l2``, the training split's mean L2 norm
     (the paper's normaliser), measured on the way.
     """
-    model, optimizer = initial_state(config, device)
-    history: list[dict] = []
-    start = 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        start, history = int(resume["epoch"]), list(resume["history"])
-        log.info("resuming after epoch %d of %d", start, config.epochs)
-    t0 = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
+    model, optimizer, start, history = resumed_state(config, resume, device)
+    t0 = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)  # the clock goes on
     for epoch in range(start + 1, config.epochs + 1):
         model.train()
         total, n, norms = 0.0, 0, 0.0
@@ -247,10 +253,5 @@ def train_member_streamed(reference, config: TrainConfig, *, resume: dict[str, A
         }
         if epoch == 1:
             metrics["ref_mean_l2"] = norms / n
-        history.append(metrics)
-        log.debug("epoch %d/%d %s", epoch, config.epochs, metrics)
-        if on_epoch is not None:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "epoch": epoch, "history": history}
-            on_epoch(epoch, metrics, state)
+        record_epoch(history, metrics, model, optimizer, on_epoch, config.epochs)
     return model, history

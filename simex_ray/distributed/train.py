@@ -294,7 +294,7 @@ def _data_parallel_loop(cfg: dict) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
-    from ..training import initial_state
+    from ..training import resumed_state
 
     torch.set_num_threads(max(1, int(cfg["threads"])))
     device = ray.train.torch.get_device()
@@ -313,12 +313,7 @@ def _data_parallel_loop(cfg: dict) -> None:
             ray.get(board.finish.remote(name, {"model": resume["model"], "history": resume["history"]}))
         _save_checkpoint(None, {"members_done": 1})
         return
-    model, optimizer = initial_state(config, device)
-    history, start = [], 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        start, history = int(resume["epoch"]), list(resume["history"])
+    model, optimizer, start, history = resumed_state(config, resume, device)
     ddp = ray.train.torch.prepare_model(model)  # DDP over gloo (CPU) or NCCL (GPU); the same parameters
     stream = job.get("stream")
     x_train = None if stream is not None else torch.as_tensor(ray.get(job["x_train"])).to(device)
