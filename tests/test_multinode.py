@@ -377,7 +377,7 @@ def _driver_pids(cluster, needle: str) -> list[int]:
     from simex_ray.local_cluster import node_pids, proc_info
 
     return [pid for pid in node_pids(cluster.nodes[0])
-            if (info := proc_info(pid)) and needle in info[0] and "ray job submit" not in info[0]]
+            if (info := proc_info(pid)) and needle in (cmd := " ".join(info[0])) and "ray job submit" not in cmd]
 
 
 def test_driver_lost_across_nodes_then_rerun_resumes(cluster, tmp_path):
@@ -390,8 +390,8 @@ def test_driver_lost_across_nodes_then_rerun_resumes(cluster, tmp_path):
     # after a run's first epoch the next one comes only after ten times its cost in training.
     flags = ["--refs", "digits,bgrand:digits", "--samples", "1500", "--epochs", "12"]
     cmd = ["simex", "train", "--address", "auto", *flags, "--cpus-per-worker", "0.5", "--out", f"file://{fleet}"]
-    reference = tmp_path / "ref"
-    assert simex_main(["train", "--no-ray", *flags, "--out", str(reference)]) == 0
+    reference = tmp_path / "ref"  # one member per pass, as each Ray Train run here holds one member
+    assert simex_main(["train", "--no-ray", *flags, "--members-per-pass", "1", "--out", str(reference)]) == 0
     t0 = time.time()
     job = submit(cluster, *cmd, wait=False)
     try:
