@@ -2,7 +2,7 @@
 
 A study names the members it needs. A directory whose manifest lists all of them is used as it is
 (the study then checks it was trained on the study's own data); any other directory is trained into,
-or resumed, by a :data:`FleetTrainer`: here, one member after another (:func:`local_trainer`), or on
+or resumed, by a :data:`FleetTrainer`: here, in this process (:func:`local_trainer`), or on
 Ray Train (the CLI passes :func:`simex_ray.distributed.train.build_fleet` bound to its resources).
 """
 

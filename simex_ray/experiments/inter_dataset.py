@@ -49,7 +49,7 @@ def resolve_fleet(refs: list[str], *, fleet, loss: str, samples: int | None, epo
 
     ``fleet`` (a Fleet, or a directory with a manifest) is used as it is, never retrained. Without
     it, the fleet is trained, or resumed, into ``fleet_dir`` (None: a temporary directory) by
-    ``trainer`` (default: here, one member after another); see :func:`.fleets.provide_fleet`.
+    ``trainer`` (default: here, in this process); see :func:`.fleets.provide_fleet`.
     Returns (fleet, info) where info holds ``trained`` and ``train_seconds`` (wall time of this
     call's training, else the members' recorded ``elapsed_s`` sum).
 

@@ -1,4 +1,4 @@
-"""Train a fleet in this process, one member after another (no Ray): the local path of `simex train
+"""Train a fleet in this process (no Ray), members alike in fused passes: the local path of `simex train
 --no-ray`, of the experiments' small fleets, and of every test that needs a fleet."""
 
 from __future__ import annotations
