@@ -36,7 +36,8 @@ from torch.nn import functional as F
 
 from .losses import per_sample_delta
 from .models import LeNetAutoencoder, create_autoencoder
-from .training import TrainConfig, as_tensor, autocast, evaluate, make_optimizer
+from .scoring import polyphase_weights
+from .training import TrainConfig, as_tensor, autocast, evaluate, initial_model, make_optimizer
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -92,22 +93,6 @@ def members_per_pass(config: TrainConfig, members: int, device: torch.device | s
 # --------------------------------------------------------------------------- the fused forward passes
 
 
-@functools.lru_cache(maxsize=None)
-def _polyphase_matrix(k: int, pad: int) -> tuple[torch.Tensor, int, int]:
-    """The linear map from a k×k kernel to its four polyphase kernels (see ``scoring.polyphase_weights``):
-    (k·k, 4·kk·kk) of zeros and ones, kk, and the polyphase convolution's padding."""
-    offs = {a: [(a + u - pad) // 2 for u in range(k)] for a in (0, 1)}
-    lo = min(min(v) for v in offs.values())
-    kk = max(max(v) for v in offs.values()) - lo + 1
-    m = torch.zeros(k * k, 2, 2, kk, kk)
-    for a in (0, 1):
-        for b in (0, 1):
-            for u in range(k):
-                for v in range(k):
-                    m[u * k + v, a, b, offs[a][u] - lo, offs[b][v] - lo] = 1.0
-    return m.reshape(k * k, -1), kk, -lo
-
-
 def _up_conv_weights(t: Sequence[nn.ConvTranspose2d]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Members' ×2 upsample + stride-1 ``ConvTranspose2d`` as one polyphase convolution of the low-resolution
     input, differentiable in the members' weights: (4·out·K, in, kk, kk) weights, (4·out·K,) biases, padding.
@@ -117,10 +102,7 @@ def _up_conv_weights(t: Sequence[nn.ConvTranspose2d]) -> tuple[torch.Tensor, tor
     """
     k, p = t[0].kernel_size[0], t[0].padding[0]
     w = torch.cat([c.weight.flip(-1, -2).transpose(0, 1) for c in t])  # (out·K, in, k, k)
-    m, kk, pad = _polyphase_matrix(k, k - 1 - p)
-    o, i = w.shape[:2]
-    w4 = (w.reshape(o * i, k * k) @ m.to(w)).reshape(o, i, 2, 2, kk, kk)
-    w4 = w4.permute(0, 2, 3, 1, 4, 5).reshape(4 * o, i, kk, kk)  # channels (out, a, b), as pixel_shuffle reads
+    w4, pad = polyphase_weights(w, k - 1 - p)  # channels (out, a, b), as pixel_shuffle reads
     return w4, torch.cat([c.bias for c in t]).repeat_interleave(4), pad
 
 
@@ -244,8 +226,7 @@ class _Member:
         self.x_train, self.x_test = as_tensor(job.x_train, device), as_tensor(job.x_test, device)
         if len(self.x_train) == 0:
             raise UserError(f"{job.name}: no training samples")
-        torch.manual_seed(self.config.seed)  # as training.initial_state: the same initial weights
-        self.model = create_autoencoder(self.config.architecture, self.config.image_format).to(device)
+        self.model = initial_model(self.config, device)  # train_member's initial weights
         self.params = list(self.model.parameters())
         self.epoch, self.history = 0, []
         self.t0 = self.train_total = 0.0  # when its clock started; its epoch's summed δ

@@ -43,6 +43,7 @@ the naive per-member path to float tolerance (tests).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -90,26 +91,38 @@ def _pool2(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(r[..., 0::2], r[..., 1::2])
 
 
+@functools.lru_cache(maxsize=None)
+def polyphase_matrix(k: int, pad: int) -> tuple[torch.Tensor, int, int]:
+    """The linear map from a k×k kernel (of a convolution with padding ``pad`` after a ×2 nearest upsample)
+    to its four phase kernels: (k·k, 4·kk·kk) of zeros and ones, kk, and the phase convolution's padding.
+    Output phase (a, b) sees low-resolution offset (a + u - pad) // 2 through tap u (rows; columns alike)."""
+    offs = {a: [(a + u - pad) // 2 for u in range(k)] for a in (0, 1)}
+    lo = min(min(v) for v in offs.values())
+    kk = max(max(v) for v in offs.values()) - lo + 1
+    with torch.inference_mode(False):  # cached: a normal tensor, usable by training too, whoever built it first
+        m = torch.zeros(k * k, 2, 2, kk, kk)
+        for a in (0, 1):
+            for b in (0, 1):
+                for u in range(k):
+                    for v in range(k):
+                        m[u * k + v, a, b, offs[a][u] - lo, offs[b][v] - lo] = 1.0
+        return m.reshape(k * k, -1), kk, -lo
+
+
 def polyphase_weights(w: torch.Tensor, pad: int) -> tuple[torch.Tensor, int]:
     """A convolution after a ×2 nearest upsample, as a convolution of the low-resolution input.
 
     ``conv2d(upsample2(x), w, padding=pad) == pixel_shuffle(conv2d(x, w', padding=pad'), 2)``:
     each of the four output phases (row parity a, column parity b) sees every low-resolution
-    pixel through the sum of the taps that land on it. w (out, in, k, k) -> w' (4 out, in, k', k')
-    with channels ordered (out, a, b). The upsampled tensor is never built and there are about
-    2.8x fewer multiply-adds (k' = 3 instead of 5 at a quarter of the positions).
+    pixel through the sum of the taps that land on it (:func:`polyphase_matrix`). w (out, in, k, k) ->
+    w' (4 out, in, k', k') with channels ordered (out, a, b). The upsampled tensor is never built and there
+    are about 2.8x fewer multiply-adds (k' = 3 instead of 5 at a quarter of the positions). Differentiable
+    in ``w`` (fused training uses it on the members' weights).
     """
     out_c, in_c, k, _ = w.shape
-    offs = {a: [(a + u - pad) // 2 for u in range(k)] for a in (0, 1)}
-    lo = min(min(v) for v in offs.values())
-    kk = max(max(v) for v in offs.values()) - lo + 1
-    w2 = w.new_zeros(out_c, 2, 2, in_c, kk, kk)
-    for a in (0, 1):
-        for b in (0, 1):
-            for u in range(k):
-                for v in range(k):
-                    w2[:, a, b, :, offs[a][u] - lo, offs[b][v] - lo] += w[:, :, u, v]
-    return w2.reshape(out_c * 4, in_c, kk, kk), -lo
+    m, kk, new_pad = polyphase_matrix(k, pad)
+    w4 = (w.reshape(out_c * in_c, k * k) @ m.to(w)).reshape(out_c, in_c, 2, 2, kk, kk)
+    return w4.permute(0, 2, 3, 1, 4, 5).reshape(4 * out_c, in_c, kk, kk), new_pad
 
 
 class FusedLeNet(nn.Module):

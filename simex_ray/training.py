@@ -165,9 +165,14 @@ def evaluate_blocks(model, blocks, loss: str, device="cpu", batch_size: int = 51
 EpochCallback = Callable[[int, dict[str, float], dict[str, Any]], None]
 
 
-def initial_state(config: TrainConfig, device="cpu") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def initial_model(config: TrainConfig, device="cpu") -> torch.nn.Module:
+    """A member's autoencoder before training: seeded by the model seed, so every path starts alike."""
     torch.manual_seed(config.seed)
-    model = create_autoencoder(config.architecture, config.image_format).to(device)
+    return create_autoencoder(config.architecture, config.image_format).to(device)
+
+
+def initial_state(config: TrainConfig, device="cpu") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = initial_model(config, device)
     return model, make_optimizer(config.optimizer, model.parameters(), config.resolved_lr)
 
 
