@@ -240,7 +240,7 @@ class _Member:
 
     @property
     def done(self) -> bool:
-        return self.epoch >= self.config.epochs
+        return self.config.finished(self.history)
 
 
 def train_members(jobs: Sequence[MemberJob], *, on_round: RoundCallback | None = None, device="cpu"

@@ -48,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     image_format: str = str(LEGACY)  # CxHxW of the images the member takes
     precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast (the weights and the optimizer stay fp32)
+    patience: int | None = None  # `--epochs auto`: stop after this many epochs without a better held-out Δ
 
     def __post_init__(self):
         check_loss(self.loss)
@@ -67,8 +68,29 @@ class TrainConfig:
             raise UserError(f"batch size must be >= 1, got {self.batch_size}")
         if self.lr is not None and not self.lr > 0:
             raise UserError(f"learning rate must be > 0, got {self.lr}")
+        if self.patience is not None and self.patience < 1:
+            raise UserError(f"patience must be >= 1, got {self.patience}")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision '{self.precision}'; known: {', '.join(PRECISIONS)}")
+
+    @classmethod
+    def auto(cls, **kwargs) -> "TrainConfig":
+        """`--epochs auto`: up to :data:`AUTO_MAX_EPOCHS`, stopping by :func:`auto_stop_epoch`."""
+        return cls(**{**kwargs, "epochs": AUTO_MAX_EPOCHS, "patience": AUTO_PATIENCE})
+
+    @property
+    def epochs_label(self) -> str:
+        return "auto" if self.patience is not None else str(self.epochs)
+
+    def finished(self, history: list[dict]) -> bool:
+        """Whether a member with this per-epoch ``history`` has trained enough: ``epochs`` epochs, or, with a
+        ``patience``, when :func:`auto_stop_epoch` says its held-out Δ stopped improving (the same answer on
+        every path and after every resume: it depends on the history alone)."""
+        if len(history) >= self.epochs:
+            return True
+        if self.patience is None:
+            return False
+        return auto_stop_epoch([h["test_delta"] for h in history], self.epochs, self.patience) is not None
 
     @property
     def resolved_lr(self) -> float:
@@ -87,6 +109,8 @@ class TrainConfig:
             del d["image_format"]
         if d["precision"] == "fp32":  # implied, like the legacy format: older manifests and run keys unchanged
             del d["precision"]
+        if d["patience"] is None:  # a fixed number of epochs, as before `--epochs auto`
+            del d["patience"]
         return d
 
     @classmethod
@@ -162,6 +186,32 @@ def evaluate_blocks(model, blocks, loss: str, device="cpu", batch_size: int = 51
     return total / n if n else float("nan")
 
 
+# `--epochs auto`: train until the member's own held-out Δ stops improving. An epoch "improves" when its Δ is
+# below (1 - AUTO_MIN_GAIN) x the best Δ before it; training stops after AUTO_PATIENCE epochs without one, or at
+# AUTO_MAX_EPOCHS. Chosen a priori (the usual early-stopping shape), not fitted to any benchmark.
+AUTO_PATIENCE = 3
+AUTO_MIN_GAIN = 0.01
+AUTO_MAX_EPOCHS = 30
+
+
+def auto_stop_epoch(test_deltas, max_epochs: int = AUTO_MAX_EPOCHS, patience: int = AUTO_PATIENCE,
+                    min_gain: float = AUTO_MIN_GAIN) -> int | None:
+    """The epoch at which `--epochs auto` stops, given the held-out Δ after each epoch so far; None: go on.
+
+    An epoch without a held-out Δ (NaN: no test split) never improves, and patience only counts from a first
+    improving epoch: a member without a test split trains to ``max_epochs``."""
+    deltas = [float(v) for v in test_deltas]
+    if len(deltas) >= max_epochs:
+        return len(deltas)
+    best, last_gain = float("inf"), 0
+    for epoch, v in enumerate(deltas, start=1):
+        if np.isfinite(v) and v < best * (1.0 - min_gain):
+            best, last_gain = v, epoch
+    if last_gain and len(deltas) - last_gain >= patience:
+        return len(deltas)
+    return None
+
+
 EpochCallback = Callable[[int, dict[str, float], dict[str, Any]], None]
 
 
@@ -216,6 +266,8 @@ def train_member(x_train, x_test, config: TrainConfig, *, resume: dict[str, Any]
     model, optimizer, start, history = resumed_state(config, resume, device)
     t0 = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)  # the clock goes on
     for epoch in range(start + 1, config.epochs + 1):
+        if config.finished(history):
+            break
         g = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         train_delta = train_one_epoch(model, x_train, optimizer, config.loss, config.batch_size, g, config.precision)
         metrics = {
@@ -240,6 +292,8 @@ def train_member_streamed(reference, config: TrainConfig, *, resume: dict[str, A
     model, optimizer, start, history = resumed_state(config, resume, device)
     t0 = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)  # the clock goes on
     for epoch in range(start + 1, config.epochs + 1):
+        if config.finished(history):
+            break
         model.train()
         total, n, norms = 0.0, 0, 0.0
         for block in reference.train_batches(epoch, config.batch_size, order_seed=config.seed):

@@ -22,10 +22,12 @@ def add_train_args(p) -> None:
     """Training and cluster flags, shared by `simex train` and the jobs."""
     from ..fleet.plan import STREAM_BYTES, STREAM_MODES
     from ..models import architectures
-    from ..training import OPTIMIZERS, PRECISIONS, TrainConfig
+    from ..training import AUTO_MAX_EPOCHS, AUTO_MIN_GAIN, AUTO_PATIENCE, OPTIMIZERS, PRECISIONS, TrainConfig
 
     add_loss_arg(p, help="reconstruction error delta (default mse)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default 10)")
+    p.add_argument("--epochs", type=epochs_arg, default=None, metavar="N|auto",
+                   help="training epochs (default 10); auto: until the member's own held-out delta stops improving "
+                        f"({AUTO_PATIENCE} epochs without a {AUTO_MIN_GAIN:.0%} gain, at most {AUTO_MAX_EPOCHS})".replace("%", "%%"))
     p.add_argument("--per-class", action="store_true", help="one member per class of each reference")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None, help="(default adam)")
     p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the optimizer's)")
@@ -138,6 +140,11 @@ def batch_settings(args):
                          members_per_shard=args.members_per_shard)
 
 
+def epochs_arg(text: str):
+    """``--epochs``: a positive number, or ``auto``."""
+    return "auto" if text.strip().lower() == "auto" else positive_int(text)
+
+
 def train_config(args, image_format=None):
     """The TrainConfig of `simex train` and the jobs: flags, else --from-study, else the defaults.
 
@@ -170,6 +177,10 @@ def train_config(args, image_format=None):
 
     fmt = image_format or LEGACY
     kw["architecture"] = kw["architecture"] or default_architecture(fmt)
+    if kw["epochs"] == "auto":
+        del kw["epochs"]
+        return TrainConfig.auto(seed=args.seed, image_format=str(fmt), precision=getattr(args, "precision", "fp32"),
+                                **kw)
     return TrainConfig(seed=args.seed, image_format=str(fmt), precision=getattr(args, "precision", "fp32"), **kw)
 
 

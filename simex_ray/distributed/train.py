@@ -225,7 +225,7 @@ def _worker_loop(cfg: dict) -> None:
         resume = done.pop(name, None) or _load_done(done_dir, name) or current.get(name)
         if resume is not None and resume["epoch"] > config.epochs:
             resume = None  # trained longer than now asked: start over rather than pretend
-        if resume is not None and resume["epoch"] == config.epochs:
+        if resume is not None and config.finished(resume["history"]):
             ray.get(board.finish.remote(name, {"model": resume["model"], "history": resume["history"]}))
             finished += 1
             continue
@@ -245,7 +245,7 @@ def _worker_loop(cfg: dict) -> None:
         for name, metrics, state in reports:
             epochs = configs[name].epochs
             board.update.remote(name, {**metrics, "epochs": epochs})
-            if metrics["epoch"] == epochs:
+            if configs[name].finished(state["history"]):
                 finish(name, state)
                 finished += 1
             else:
@@ -308,7 +308,7 @@ def _data_parallel_loop(cfg: dict) -> None:
         resume = _load_checkpoint(checkpoint)[1].get(name)
     if resume is not None and resume["epoch"] > config.epochs:
         resume = None
-    if resume is not None and resume["epoch"] == config.epochs:
+    if resume is not None and config.finished(resume["history"]):
         if rank == 0:
             ray.get(board.finish.remote(name, {"model": resume["model"], "history": resume["history"]}))
         _save_checkpoint(None, {"members_done": 1})
@@ -341,7 +341,7 @@ def _data_parallel_loop(cfg: dict) -> None:
         history.append(metrics)
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                  "history": history, "member": name}
-        if epoch == config.epochs:
+        if config.finished(history):
             break
         due = torch.tensor([1.0 if rank == 0 and pacer.due() else 0.0])
         dist.broadcast(due, 0)  # every worker reports the same number of times
