@@ -249,16 +249,23 @@ def _scores(pool: Pool, members: list[int], d: np.ndarray, z: np.ndarray) -> dic
     }
     nll = np.stack([_nll(pool.own_q[m], row) for m, row in zip(members, d)])
     out["likelihood"] = (nll.mean(axis=1), nll)
-    voters = ("raw", "typicality", "distribution", "latent")
-    ranks = [np.argsort(np.argsort(out[v][0], kind="stable"), kind="stable") for v in voters]
-    sample_ranks = [np.argsort(np.argsort(out[v][1], axis=0, kind="stable"), axis=0, kind="stable") for v in voters]
-    out["vote"] = (np.mean(ranks, axis=0) + 1e-3 * ranks[0], np.mean(sample_ranks, axis=0))
+    for name, voters in VOTES.items():
+        ranks = [np.argsort(np.argsort(out[v][0], kind="stable"), kind="stable") for v in voters]
+        sample_ranks = [np.argsort(np.argsort(out[v][1], axis=0, kind="stable"), axis=0, kind="stable")
+                        for v in voters]
+        out[name] = (np.mean(ranks, axis=0) + 1e-3 * ranks[0], np.mean(sample_ranks, axis=0) + 1e-3 * sample_ranks[0])
     return out
 
 
+# rank votes: the mean rank over the voters, ties to the first voter's order
+VOTES = {"vote": ("raw", "typicality", "distribution", "latent"),
+         "vote3": ("raw", "typicality", "distribution"),
+         "vote2": ("raw", "typicality")}
+
+
 METHODS = ("raw", "normalized", "calibrated", "in_distribution", "typicality", "distribution", "likelihood",
-           "latent", "latent_typicality", "typicality+latent", "vote")
-CARRIED = ("raw", "calibrated", "typicality", "distribution", "latent")  # what an answer's agreement compares
+           "latent", "latent_typicality", "typicality+latent", "vote", "vote3", "vote2")
+CARRIED = ("raw", "normalized", "calibrated", "in_distribution", "typicality")  # the rankings an answer carries
 
 
 def draw_suites(pools: dict[str, Pool], count: int, seed: int) -> list[tuple[str, list[int], int]]:
@@ -290,12 +297,30 @@ def evaluate(pools: dict[str, Pool], suites) -> list[dict]:
             d = np.concatenate([pool.delta[members, a, :n], pool.delta[members, b, :n]], axis=1)
             z = np.concatenate([pool.latent[members, a, :n], pool.latent[members, b, :n]], axis=1)
             sc = _scores(pool, members, d, z)
-            comp = {}
+            # adjusted classify-and-count: the suite's confusion on the *other* half of every member's extras
+            own = {j: _scores(pool, members, pool.delta[members, j, n:], pool.latent[members, j, n:])
+                   for j in members}
+            comp, adjusted = {}, {}
             for k, (_, ps) in sc.items():
-                near = np.asarray(members)[np.argmin(ps, axis=0)]
-                comp[k] = max(abs(float(np.mean(near == a)) - 0.5), abs(float(np.mean(near == b)) - 0.5))
-            rows.append({"kind": "mix", "suite": s, "format": f, "half": half, "pair": (a, b), "error": comp})
+                near = np.argmin(ps, axis=0)
+                q = np.array([np.mean(near == i) for i in range(len(members))])
+                comp[k] = max(abs(q[members.index(a)] - 0.5), abs(q[members.index(b)] - 0.5))
+                conf = np.array([[np.mean(np.argmin(own[j][k][1], axis=0) == i) for i in range(len(members))]
+                                 for j in members])  # row: true member j, column: assigned i
+                w = _unmix(conf, q)
+                adjusted[k] = max(abs(w[members.index(a)] - 0.5), abs(w[members.index(b)] - 0.5))
+            rows.append({"kind": "mix", "suite": s, "format": f, "half": half, "pair": (a, b), "error": comp,
+                         "adjusted": adjusted})
     return rows
+
+
+def _unmix(conf: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Mixture weights w >= 0, sum 1, with conf.T @ w closest to the observed shares q (NNLS, sum as a row)."""
+    from scipy.optimize import nnls
+
+    a = np.vstack([conf.T, 10.0 * np.ones(len(q))])
+    w, _ = nnls(a, np.concatenate([q, [10.0]]))
+    return w / w.sum() if w.sum() > 0 else np.full(len(q), 1 / len(q))
 
 
 def _margin(scores: np.ndarray) -> float:
@@ -309,7 +334,9 @@ def summarise(rows, half: int | None = None, fmt: str | None = None) -> dict[str
     out = {}
     for k in METHODS:
         errs = np.array([r["error"][k] for r in mix])
-        out[k] = {"own_first": sum(r["top"][k] == r["truth"] for r in own), "cases": len(own),
+        adj = np.array([r["adjusted"][k] for r in mix])
+        out[k] = {"adj_error_mean": float(adj.mean()) if len(adj) else float("nan"),
+                  "adj_within_0.08": int(np.sum(adj <= 0.08)),"own_first": sum(r["top"][k] == r["truth"] for r in own), "cases": len(own),
                   "mix_error_mean": float(errs.mean()) if len(errs) else float("nan"),
                   "mix_within_0.08": int(np.sum(errs <= 0.08)), "mixtures": len(errs)}
     return out
@@ -337,19 +364,37 @@ def report(args) -> None:
                 print(f"# auto stopping epochs {f}: " + ", ".join(f"{r.split('/')[-1]}={e}"
                                                                   for r, e in zip(pool.refs, pool.epochs)))
         print(f"{'method':<18} | {'first half: own first':>22} {'mix err':>8} {'mix<=.08':>9} | "
-              f"{'second half: own first':>23} {'mix err':>8} {'mix<=.08':>9}")
+              f"{'second half: own first':>23} {'mix err':>8} {'mix<=.08':>9} | adjusted: {'err':>6} {'<=.08':>7}")
         for k in METHODS:
             a, b = out[label]["first"][k], out[label]["second"][k]
             print(f"{k:<18} | {a['own_first']:>4}/{a['cases']:<4} {a['own_first'] / a['cases']:>6.1%}        "
                   f"{a['mix_error_mean']:>8.3f} {a['mix_within_0.08']:>4}/{a['mixtures']:<4} | "
                   f"{b['own_first']:>4}/{b['cases']:<4} {b['own_first'] / b['cases']:>6.1%}         "
-                  f"{b['mix_error_mean']:>8.3f} {b['mix_within_0.08']:>4}/{b['mixtures']:<4}")
+                  f"{b['mix_error_mean']:>8.3f} {b['mix_within_0.08']:>4}/{b['mixtures']:<4} | "
+                  f"{b['adj_error_mean']:>16.3f} {b['adj_within_0.08']:>4}/{b['mixtures']:<4}")
         print("per format, both halves (own first):")
         for f in pools:
             pf = out[label]["per_format"][f]
             print(f"  {f:<8} " + "  ".join(f"{k}={pf[k]['own_first']}/{pf[k]['cases']}" for k in METHODS))
+        for default in ("raw", "vote2", "typicality"):
+            for half in (0, 1):
+                print(f"agreement, default {default}, {'first' if half == 0 else 'second'} half: "
+                      + confidence(rows, default, half))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
+
+
+def confidence(rows, default: str, half: int) -> str:
+    """How often an answer is wrong when its carried rankings disagree on the top, and when they agree."""
+    own = [r for r in rows if r["kind"] == "own" and r["half"] == half]
+    parts = []
+    for level in (1.0, 0.6):
+        weak = [r for r in own if np.mean([r["top"][m] == r["top"][default] for m in CARRIED]) < level]
+        sure = [r for r in own if r not in weak]
+        wrong = lambda rs: sum(r["top"][default] != r["truth"] for r in rs)  # noqa: E731
+        parts.append(f"agreement<{level:.1f}: weak {len(weak)} ({wrong(weak)} wrong), "
+                     f"confident {len(sure)} ({wrong(sure)} wrong)")
+    return "; ".join(parts)
 
 
 def main() -> None:

@@ -94,3 +94,36 @@ def test_query_rejects_zero_counts_as_usage_errors(flag):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert errors == [f"simex query: error: argument {flag}: expected a positive integer, got 0"], proc.stderr
+
+
+def _result(delta: dict, calibrated: dict, in_dist: dict, method: str = "raw") -> ScoreResult:
+    return ScoreResult(n=10, loss="mse", delta=delta, delta_normalized=dict(delta), delta_calibrated=calibrated,
+                       in_distribution=in_dist, typicality=typicality_of(calibrated), method=method)
+
+
+def test_agreement_counts_the_rankings_that_put_the_first_member_first_and_margin_is_in_its_units():
+    # a and b: raw and normalized put a first; calibrated, in_distribution and typicality put b first
+    weak = _result({"a": 0.010, "b": 0.012}, {"a": 2.0, "b": 1.1}, {"a": 0.3, "b": 0.9})
+    assert weak.ranking[0] == "a" and weak.agreement == pytest.approx(2 / 5)
+    assert weak.margin == pytest.approx(0.002) and not weak.confident
+    sure = _result({"a": 0.010, "b": 0.020}, {"a": 1.0, "b": 2.0}, {"a": 0.9, "b": 0.2})
+    assert sure.agreement == 1.0 and sure.confident
+    assert sure.margin == pytest.approx(0.010)
+    by_typicality = _result({"a": 0.010, "b": 0.020}, {"a": 1.0, "b": 2.0}, {"a": 0.9, "b": 0.2}, "typicality")
+    assert by_typicality.margin == pytest.approx(abs(np.log(2.0)))  # in typicality's units
+    # an uncalibrated member: only raw and normalized have a value for every member, and they agree
+    partial = _result({"a": 0.010, "b": 0.020}, {"a": None, "b": 1.0}, {"a": None, "b": 0.5})
+    assert partial.agreement == 1.0
+    alone = _result({"a": 0.01}, {"a": 1.0}, {"a": 0.9})
+    assert alone.margin is None and alone.agreement == 1.0
+
+
+def test_the_cli_table_flags_a_weak_answer_in_one_line():
+    from simex_ray.cli.common import format_score
+
+    weak = _result({"a": 0.010, "b": 0.012}, {"a": 2.0, "b": 1.1}, {"a": 0.3, "b": 0.9})
+    text = format_score(weak, "title")
+    assert sum(line.startswith("weak answer:") for line in text.splitlines()) == 1
+    assert "agreement 40%" in text
+    sure = _result({"a": 0.010, "b": 0.020}, {"a": 1.0, "b": 2.0}, {"a": 0.9, "b": 0.2})
+    assert "weak answer" not in format_score(sure, "title")

@@ -87,6 +87,8 @@ def assert_same_score(got: dict, expected: dict, tolerance: float = 1e-6) -> Non
                     assert have[name] is None, (field, name)
                 else:
                     assert have[name] == pytest.approx(v, rel=tolerance, abs=tolerance), (field, name)
+        elif isinstance(want, float) and not isinstance(want, bool):
+            assert have == pytest.approx(want, rel=tolerance, abs=tolerance), field
         else:
             assert have == want, field
 

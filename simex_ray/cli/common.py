@@ -196,6 +196,7 @@ def stage_printer(t0: float, names=()) -> Callable[[str, int, int], None]:
 
 def format_score(result, title: str) -> str:
     """The score as a table: every measure, in the order of ``result.ranking``, and the composition."""
+    from ..fleet.result import WEAK_AGREEMENT
     from ..names import display_names
 
     def num(v, fmt="{:>10.5f}"):
@@ -210,8 +211,12 @@ def format_score(result, title: str) -> str:
                      f"{num(result.delta_normalized[name])}  {num(result.delta_calibrated.get(name))}  "
                      f"{num(result.in_distribution.get(name), '{:>10.1%}')}  "
                      f"{result.composition.get(name, 0):>8.1%}")
-    lines.append(f"most similar: {result.ranking[0]} (ranking: {result.method}; 'nearest' = share of samples "
-                 f"nearest to each reference)")
+    lines.append(f"most similar: {result.ranking[0]} (ranking: {result.method}; agreement {result.agreement:.0%}"
+                 + (f", margin {result.margin:.4g}" if result.margin is not None else "")
+                 + "; 'nearest' = share of samples nearest to each reference)")
+    if not result.confident:
+        lines.append(f"weak answer: fewer than {WEAK_AGREEMENT:.0%} of the rankings put {result.ranking[0]} first "
+                     f"(agreement {result.agreement:.0%}); compare the rankings (--json) before trusting it")
     return "\n".join(lines)
 
 

@@ -21,6 +21,9 @@ IN_DISTRIBUTION_LEVEL = 0.95
 # ranking is in the output all the same.
 RANKINGS = ("raw", "normalized", "calibrated", "in_distribution", "typicality")
 DEFAULT_RANKING = "raw"
+# An answer whose carried rankings agree on its first member less than this is flagged (`confident` false; the
+# CLI prints one line). Measured on bench/rankings.py: docs/results.md, "Rankings that hold".
+WEAK_AGREEMENT = 0.6
 
 
 def calibration_of(per_sample: np.ndarray) -> dict[str, Any]:
@@ -66,6 +69,11 @@ SCORE_CONTRACT: dict[str, tuple[Any, str, str]] = {
                    "|log(Δ / Δ(Y_test | Y))|: 0 = reconstructs exactly like the reference's own unseen data"),
     "ranking_typicality": (list[str], "derived", "members by typicality, smallest first"),
     "composition": (dict[str, float], "mean", "share of images nearest to each member"),
+    "agreement": (float, "derived", "share of the carried rankings (" + ", ".join(RANKINGS) + ") that put `ranking`'s "
+                  "first member first (rankings a member has no value for are left out); 1 = they all agree"),
+    "margin": (float | None, "derived", "how far `ranking`'s second member is behind its first, in "
+               "`ranking_method`'s units (Δ for raw); null with fewer than two members"),
+    "confident": (bool, "derived", f"agreement >= {WEAK_AGREEMENT}: false marks an answer to check"),
 }
 SCORE_FIELDS = tuple(SCORE_CONTRACT)
 MERGES = ("sum", "same", "mean", "derived")
@@ -109,16 +117,40 @@ class ScoreResult:
     nearest: list[str] | None = field(default=None, repr=False)  # per sample, by ``method``
     nearest_score: np.ndarray | None = field(default=None, repr=False)  # its per-sample score under ``method``
 
-    def ranking_by(self, method: str) -> list[str]:
-        from ..ranking import rank
-
+    def scores_by(self, method: str) -> dict[str, float]:
+        """The values ``method`` ranks by, for the members that have one (larger = more similar only for
+        ``in_distribution``)."""
         if method not in RANKINGS:
             raise UserError(f"unknown ranking '{method}'; known: {', '.join(RANKINGS)}")
         scores = {"raw": self.delta, "normalized": self.delta_normalized, "calibrated": self.delta_calibrated,
                   "in_distribution": self.in_distribution, "typicality": self.typicality}[method]
-        known = {k: v for k, v in scores.items() if v is not None}
+        return {k: v for k, v in scores.items() if v is not None}
+
+    def ranking_by(self, method: str) -> list[str]:
+        from ..ranking import rank
+
+        known = self.scores_by(method)
         missing = sorted(k for k in self.delta if k not in known)  # uncalibrated members go last
         return rank(known, reverse=method == "in_distribution") + missing
+
+    @property
+    def agreement(self) -> float:
+        """The share of the rankings with a value for every member that put :attr:`ranking`'s first first."""
+        first = self.ranking[0] if self.delta else None
+        votes = [self.ranking_by(m)[0] == first for m in RANKINGS if len(self.scores_by(m)) == len(self.delta)]
+        return float(np.mean(votes)) if votes else 1.0
+
+    @property
+    def margin(self) -> float | None:
+        scores = self.scores_by(self.method)
+        order = [k for k in self.ranking if k in scores]
+        if len(order) < 2:
+            return None
+        return float(abs(scores[order[1]] - scores[order[0]]))
+
+    @property
+    def confident(self) -> bool:
+        return self.agreement >= WEAK_AGREEMENT
 
     @property
     def ranking(self) -> list[str]:
@@ -183,7 +215,8 @@ def _check_contract() -> None:
     fields = set(ScoreResult.__dataclass_fields__)
     for key, (_, merge, _) in SCORE_CONTRACT.items():
         ranking = key.startswith("ranking_") and key[len("ranking_"):] in RANKINGS
-        if not (key in fields or key in ("ranking", "ranking_method") or ranking):
+        derived = isinstance(getattr(ScoreResult, key, None), property)
+        if not (key in fields or key in ("ranking", "ranking_method") or ranking or derived):
             raise ImportError(f"SCORE_CONTRACT field '{key}' is not a value of ScoreResult")
         if merge not in MERGES:
             raise ImportError(f"SCORE_CONTRACT field '{key}' has an unknown merge '{merge}'; known: "
