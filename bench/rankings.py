@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from simex_ray import data
+from simex_ray.fleet.result import distribution_of, distribution_sketch
 from simex_ray.formats import ImageFormat
 from simex_ray.fused_training import MemberJob, train_members
 from simex_ray.models import default_architecture
@@ -247,6 +248,8 @@ def _scores(pool: Pool, members: list[int], d: np.ndarray, z: np.ndarray) -> dic
         "typicality+latent": (np.abs(np.log(mean_d / own)) + np.abs(np.log(mean_z / lat)),
                               np.abs(np.log(d / own[:, None])) + np.abs(np.log(z / lat[:, None]))),
     }
+    sketches = [distribution_sketch({"quantiles": pool.own_q[m]}, row) for m, row in zip(members, d)]
+    out["distribution_pct"] = (np.array([distribution_of(sk) for sk in sketches]), d)  # composition: per-sample δ
     nll = np.stack([_nll(pool.own_q[m], row) for m, row in zip(members, d)])
     out["likelihood"] = (nll.mean(axis=1), nll)
     for name, voters in VOTES.items():
@@ -263,7 +266,8 @@ VOTES = {"vote": ("raw", "typicality", "distribution", "latent"),
          "vote2": ("raw", "typicality")}
 
 
-METHODS = ("raw", "normalized", "calibrated", "in_distribution", "typicality", "distribution", "likelihood",
+METHODS = ("raw", "normalized", "calibrated", "in_distribution", "typicality", "distribution", "distribution_pct",
+           "likelihood",
            "latent", "latent_typicality", "typicality+latent", "vote", "vote3", "vote2")
 CARRIED = ("raw", "normalized", "calibrated", "in_distribution", "typicality")  # the rankings an answer carries
 

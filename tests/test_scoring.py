@@ -146,7 +146,7 @@ def test_composition_of_a_half_and_half_mixture():
     assert r.composition == pytest.approx({"a": 0.5, "b": 0.5}, abs=0.02)
     table = r.per_sample_table(["a", "b"], labels=np.r_[np.zeros(100), np.ones(100)])
     assert len(table) == 200 and (table["nearest"][:100] == "a").mean() > 0.97
-    assert {"index", "label", "delta/a", "delta/b", "nearest", "nearest_raw"} <= set(table.columns)
+    assert {"index", "label", "delta/a", "delta/b", "nearest", "nearest_distribution"} <= set(table.columns)
 
 
 def test_uncalibrated_members_fall_back_to_raw_and_go_last():
