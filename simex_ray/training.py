@@ -20,11 +20,12 @@ import torch
 from .losses import check_loss, per_sample_delta
 from .formats import LEGACY, ImageFormat
 from .models import architectures, create_autoencoder, refusal
+from .choices import DEFAULT_PRECISION, PRECISIONS
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-# name -> (constructor, default learning rate)
+# name (one of choices.OPTIMIZERS, in that order) -> (constructor, default learning rate)
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], float]] = {
     "adam": (torch.optim.Adam, 1e-3),
     "adamw": (torch.optim.AdamW, 1e-3),
@@ -47,7 +48,7 @@ class TrainConfig:
     lr: float | None = None  # None: the optimizer's default
     seed: int = 0
     image_format: str = str(LEGACY)  # CxHxW of the images the member takes
-    precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast (the weights and the optimizer stay fp32)
+    precision: str = DEFAULT_PRECISION  # "bf16": forward passes under bfloat16 autocast (the weights and the optimizer stay fp32)
 
     def __post_init__(self):
         check_loss(self.loss)
@@ -106,9 +107,6 @@ def make_optimizer(name: str, params, lr: float | None = None, **options) -> tor
 
 def as_tensor(x: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.as_tensor(np.asarray(x, dtype=np.float32) if not torch.is_tensor(x) else x).to(device)
-
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def autocast(precision: str, device) -> Any:

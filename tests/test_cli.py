@@ -164,3 +164,38 @@ def test_experiment_inter_dataset_and_latency_verbs(tmp_path):
     bad = simex("experiment", "latency", "--refs", refs, "--unknown", "digits", "--protocol", "nope",
                 "--out", tmp_path / "x", "--no-ray", check=False)
     assert_one_line_error(bad, "unknown protocol 'nope'")
+
+
+def test_the_parser_offers_exactly_the_registries_names():
+    """The parser takes its choices from simex_ray.choices (no torch); each registry has exactly those names."""
+    from simex_ray import choices
+    from simex_ray.models import architectures
+    from simex_ray.training import OPTIMIZERS
+    from simex_ray.transfer.estimators import ESTIMATORS
+    from simex_ray.transfer.selection import SIMEX
+
+    assert tuple(OPTIMIZERS) == choices.OPTIMIZERS
+    assert architectures() == sorted(choices.ARCHITECTURES)
+    assert choices.SELECTION_METHODS == (SIMEX, *ESTIMATORS)
+
+
+def test_help_and_input_errors_start_without_torch():
+    """`simex --help`, an argument error and a bad spec are answered before torch is imported."""
+    code = """if True:
+        import sys
+        from simex_ray.cli import main
+        try:
+            main(["--help"])
+        except SystemExit as e:
+            assert e.code == 0
+        try:
+            main(["train", "--refs", "digits", "--out", "x", "--epochs", "0"])
+        except SystemExit as e:
+            assert e.code == 2
+        assert main(["train", "--refs", "digits,mnst", "--out", "x", "--no-ray"]) == 2
+        assert main(["score", "--fleet", "x", "--data", "mnst"]) == 2
+        print(sorted(m for m in ("torch", "ray", "scipy", "pandas") if m in sys.modules))
+    """
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]"

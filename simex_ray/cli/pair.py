@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
-
 from .common import UsageError, add_device_arg, add_loss_arg
 
 
 def add_parsers(sub) -> None:
-    from ..pairing import METHODS
+    from ..choices import PAIRING_METHODS as METHODS
 
     p = sub.add_parser(
         "pair", help="pair the classes of labelled unknown data with a reference's classes (greedy, smallest Δ first)",
@@ -36,6 +34,8 @@ def add_parsers(sub) -> None:
 
 
 def cmd_pair(args) -> int:
+    import numpy as np
+
     from .. import data
     from ..fleet import Fleet, read_manifest
     from ..pairing import pair, per_class_reference, reference_class_samples, unknown_classes, \
