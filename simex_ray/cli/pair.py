@@ -34,8 +34,6 @@ def add_parsers(sub) -> None:
 
 
 def cmd_pair(args) -> int:
-    import numpy as np
-
     from .. import data
     from ..fleet import Fleet, read_manifest
     from ..pairing import pair, per_class_reference, reference_class_samples, unknown_classes, \
@@ -74,6 +72,8 @@ def cmd_pair(args) -> int:
 
 def format_pairing(result, title: str) -> str:
     """The class matrix ('*' = fixed pair) and the pairs in the order they were fixed."""
+    import numpy as np
+
     pairs = result.pairs
     paired = {(i, k) for i, k, _ in pairs}
     corner = "X \\ Y"
