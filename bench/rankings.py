@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from simex_ray import data
-from simex_ray.fleet.result import distribution_of, distribution_sketch
+from simex_ray.fleet.result import WEAK_AGREEMENT, distribution_of, distribution_sketch
 from simex_ray.formats import ImageFormat
 from simex_ray.fused_training import MemberJob, train_members
 from simex_ray.models import default_architecture
@@ -240,7 +240,7 @@ def _scores(pool: Pool, members: list[int], d: np.ndarray, z: np.ndarray) -> dic
         "calibrated": (mean_d / own, d / own[:, None]),
         "in_distribution": (-np.mean(pct < 0.95, axis=1), pct),
         "typicality": (np.abs(np.log(mean_d / own)), np.abs(pct - 0.5)),
-        "distribution": (np.array([_w1_log(row, pool.own_log[m]) for m, row in zip(members, d)]),
+        "distribution_log": (np.array([_w1_log(row, pool.own_log[m]) for m, row in zip(members, d)]),
                          np.abs(np.log(np.maximum(d, 1e-12))
                                 - np.array([pool.own_log[m].mean() for m in members])[:, None])),
         "latent": (mean_z / lat, z / lat[:, None]),
@@ -249,7 +249,7 @@ def _scores(pool: Pool, members: list[int], d: np.ndarray, z: np.ndarray) -> dic
                               np.abs(np.log(d / own[:, None])) + np.abs(np.log(z / lat[:, None]))),
     }
     sketches = [distribution_sketch({"quantiles": pool.own_q[m]}, row) for m, row in zip(members, d)]
-    out["distribution_pct"] = (np.array([distribution_of(sk) for sk in sketches]), d)  # composition: per-sample δ
+    out["distribution"] = (np.array([distribution_of(sk) for sk in sketches]), d)  # composition: per-sample δ
     nll = np.stack([_nll(pool.own_q[m], row) for m, row in zip(members, d)])
     out["likelihood"] = (nll.mean(axis=1), nll)
     for name, voters in VOTES.items():
@@ -261,15 +261,15 @@ def _scores(pool: Pool, members: list[int], d: np.ndarray, z: np.ndarray) -> dic
 
 
 # rank votes: the mean rank over the voters, ties to the first voter's order
-VOTES = {"vote": ("raw", "typicality", "distribution", "latent"),
-         "vote3": ("raw", "typicality", "distribution"),
+VOTES = {"vote": ("raw", "typicality", "distribution_log", "latent"),
+         "vote3": ("raw", "typicality", "distribution_log"),
          "vote2": ("raw", "typicality")}
 
 
-METHODS = ("raw", "normalized", "calibrated", "in_distribution", "typicality", "distribution", "distribution_pct",
+METHODS = ("raw", "normalized", "calibrated", "in_distribution", "typicality", "distribution", "distribution_log",
            "likelihood",
            "latent", "latent_typicality", "typicality+latent", "vote", "vote3", "vote2")
-CARRIED = ("raw", "normalized", "calibrated", "in_distribution", "typicality")  # the rankings an answer carries
+CARRIED = ("raw", "normalized", "calibrated", "in_distribution", "typicality", "distribution")  # an answer's rankings
 
 
 def draw_suites(pools: dict[str, Pool], count: int, seed: int) -> list[tuple[str, list[int], int]]:
@@ -380,7 +380,7 @@ def report(args) -> None:
         for f in pools:
             pf = out[label]["per_format"][f]
             print(f"  {f:<8} " + "  ".join(f"{k}={pf[k]['own_first']}/{pf[k]['cases']}" for k in METHODS))
-        for default in ("raw", "vote2", "typicality"):
+        for default in ("distribution", "raw"):
             for half in (0, 1):
                 print(f"agreement, default {default}, {'first' if half == 0 else 'second'} half: "
                       + confidence(rows, default, half))
@@ -392,7 +392,7 @@ def confidence(rows, default: str, half: int) -> str:
     """How often an answer is wrong when its carried rankings disagree on the top, and when they agree."""
     own = [r for r in rows if r["kind"] == "own" and r["half"] == half]
     parts = []
-    for level in (1.0, 0.6):
+    for level in (1.0, WEAK_AGREEMENT):
         weak = [r for r in own if np.mean([r["top"][m] == r["top"][default] for m in CARRIED]) < level]
         sure = [r for r in own if r not in weak]
         wrong = lambda rs: sum(r["top"][default] != r["truth"] for r in rs)  # noqa: E731

@@ -16,6 +16,11 @@ class OperationalError(RuntimeError):
     training that crashed more often than its retries): reported in one line, not as a bug."""
 
 
+class FleetError(RuntimeError):
+    """A fleet directory that cannot be used; the message names the file and the fix. (Here, not in
+    :mod:`simex_ray.fleet`, so that the CLI's error rule needs no torch.)"""
+
+
 class UnknownMemberError(UserError, KeyError):
     """A member name a fleet does not have (also a KeyError: a lookup by name failed)."""
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from pytorch_msssim import ssim
+from .choices import LOSSES
 from .errors import UserError
 
-LOSSES = ("mse", "issim")
 
 
 def check_loss(name: str) -> str:

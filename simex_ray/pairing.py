@@ -29,11 +29,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .distances import embedding_codes, nearest_code_distance, sample_distance
+from .choices import PAIRING_METHODS
 from .errors import UserError
 
 __all__ = ["METHODS", "Pairing", "class_matrix", "greedy_pairs", "per_class_reference"]
 
-METHODS = ("simex", "sample-mse", "embeddings")
+METHODS = PAIRING_METHODS
 
 
 def greedy_pairs(matrix) -> list[tuple[int, int, float]]:

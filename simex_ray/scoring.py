@@ -57,11 +57,10 @@ from torch.nn import functional as F
 from .losses import check_loss, per_sample_delta
 from .models import ConvAutoencoder, LeNetAutoencoder
 from .models.conv import KERNEL, PAD, STRIDE
+from .choices import DEVICES
 from .errors import UserError, UnknownMemberError
 
 log = logging.getLogger(__name__)
-
-DEVICES = ("cpu", "cuda", "auto")
 
 
 def resolve_device(name: str | torch.device | None = "cpu") -> torch.device:

@@ -20,11 +20,12 @@ import torch
 from .losses import check_loss, per_sample_delta
 from .formats import LEGACY, ImageFormat
 from .models import architectures, create_autoencoder, refusal
+from .choices import AUTO_MAX_EPOCHS, AUTO_MIN_GAIN, AUTO_PATIENCE, DEFAULT_PRECISION, PRECISIONS
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-# name -> (constructor, default learning rate)
+# name (one of choices.OPTIMIZERS, in that order) -> (constructor, default learning rate)
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], float]] = {
     "adam": (torch.optim.Adam, 1e-3),
     "adamw": (torch.optim.AdamW, 1e-3),
@@ -47,7 +48,7 @@ class TrainConfig:
     lr: float | None = None  # None: the optimizer's default
     seed: int = 0
     image_format: str = str(LEGACY)  # CxHxW of the images the member takes
-    precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast (the weights and the optimizer stay fp32)
+    precision: str = DEFAULT_PRECISION  # "bf16": forward passes under bfloat16 autocast (the weights and the optimizer stay fp32)
     patience: int | None = None  # `--epochs auto`: stop after this many epochs without a better held-out Δ
 
     def __post_init__(self):
@@ -132,9 +133,6 @@ def as_tensor(x: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") 
     return torch.as_tensor(np.asarray(x, dtype=np.float32) if not torch.is_tensor(x) else x).to(device)
 
 
-PRECISIONS = ("fp32", "bf16")
-
-
 def autocast(precision: str, device) -> Any:
     """The forward passes' precision: a bfloat16 autocast context for ``bf16``, a no-op for ``fp32``."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -186,12 +184,7 @@ def evaluate_blocks(model, blocks, loss: str, device="cpu", batch_size: int = 51
     return total / n if n else float("nan")
 
 
-# `--epochs auto`: train until the member's own held-out Δ stops improving. An epoch "improves" when its Δ is
-# below (1 - AUTO_MIN_GAIN) x the best Δ before it; training stops after AUTO_PATIENCE epochs without one, or at
-# AUTO_MAX_EPOCHS. Chosen a priori (the usual early-stopping shape), not fitted to any benchmark.
-AUTO_PATIENCE = 3
-AUTO_MIN_GAIN = 0.01
-AUTO_MAX_EPOCHS = 30
+# `--epochs auto`: the rule's constants are in :mod:`simex_ray.choices`, with why.
 
 
 def auto_stop_epoch(test_deltas, max_epochs: int = AUTO_MAX_EPOCHS, patience: int = AUTO_PATIENCE,

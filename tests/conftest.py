@@ -20,6 +20,32 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["RAY_AUTH_MODE"] = "token"
 
 
+class Finished(subprocess.CompletedProcess):
+    """What `simex ARGS` run in this process returned and printed (the shape of a subprocess's result)."""
+
+
+@pytest.fixture
+def simex_here(capsys):
+    """``simex_here(*args, check=True)``: the CLI's ``main(args)`` in this process, as a user runs it but without
+    a new interpreter (torch's start-up): its exit status (argparse's exits included) and what it printed.
+    Logging goes to pytest's log capture, not to ``stderr``. Each verb keeps one real subprocess test."""
+    from simex_ray.cli import main
+
+    def run(*args, check=True) -> Finished:
+        argv = [str(a) for a in args]
+        capsys.readouterr()  # only this run's output
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse: --help and argument errors
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+        out, err = capsys.readouterr()
+        if check and code != 0:
+            raise AssertionError(f"simex {' '.join(argv)} failed ({code}):\n{err}")
+        return Finished(["simex", *argv], code, out, err)
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_fleet(tmp_path_factory):
     """digits vs bgrand:digits, 300 samples each, 2 epochs, trained without Ray (a few seconds)."""

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -129,22 +127,19 @@ def test_a_colour_fleet_records_its_format_and_legacy_fleets_read_as_28(tmp_path
     assert Fleet.load(tmp_path / "L").image_format == LEGACY
 
 
-def _simex(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "simex_ray.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
-
-
-def test_cli_refuses_mixed_references_converts_on_score_and_strict_refuses(tmp_path):
+def test_cli_refuses_mixed_references_converts_on_score_and_strict_refuses(tmp_path, monkeypatch, simex_here):
+    """In this process (`simex train` and `score` run as processes in tests/test_cli.py), from ``tmp_path``."""
     a = _colour_npz(tmp_path / "a.npz")
-    r = _simex("train", "--refs", f"{a},digits", "--out", "F", "--no-ray", "--epochs", "1", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    r = simex_here("train", "--refs", f"{a},digits", "--out", "F", "--no-ray", "--epochs", "1", check=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--image-format" in r.stderr
-    r = _simex("train", "--refs", "digits,rotated:digits", "--out", "F", "--no-ray", "--epochs", "1",
-               "--samples", "60", cwd=tmp_path)
+    r = simex_here("train", "--refs", "digits,rotated:digits", "--out", "F", "--no-ray", "--epochs", "1",
+                   "--samples", "60", check=False)
     assert r.returncode == 0, r.stderr
     assert "image format 1x28x28 (the references' native format), architecture lenet" in r.stderr
-    r = _simex("score", "--fleet", "F", "--data", a, "--json", cwd=tmp_path)
+    r = simex_here("score", "--fleet", "F", "--data", a, "--json", check=False)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["image_format"] == "1x28x28" and out["conversion"].startswith("3x16x16 -> 1x28x28: RGB -> luminance")
-    r = _simex("score", "--fleet", "F", "--data", a, "--strict-format", cwd=tmp_path)
+    r = simex_here("score", "--fleet", "F", "--data", a, "--strict-format", check=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "3x16x16" in r.stderr

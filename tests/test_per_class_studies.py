@@ -211,8 +211,10 @@ def test_augment_config_overrides_and_errors():
 @pytest.mark.ray
 def test_inter_class_job_on_the_cluster(ray_cluster, tmp_path):
     """Autoencoders and the leave-one-class-out classifiers on Ray Train, progress from start to end."""
+    # --cpus-per-task 1: two concurrent Train runs on the 2-CPU test cluster; 0.5 made four, whose start-ups
+    # (not their work) cost about 30 s more. The wiring is the same.
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "inter_class.py"), "--address", ray_cluster.address,
-                           "--data", "digits", "--loss", "mse", "--preset", "tiny", "--cpus-per-task", "0.5",
+                           "--data", "digits", "--loss", "mse", "--preset", "tiny", "--cpus-per-task", "1",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
@@ -225,9 +227,11 @@ def test_inter_class_job_on_the_cluster(ray_cluster, tmp_path):
 
 @pytest.mark.ray
 def test_augment_job_on_the_cluster(ray_cluster, tmp_path):
+    # --cpus-per-task 1: two concurrent Train runs on the 2-CPU test cluster; 0.5 made four, whose start-ups
+    # (not their work) cost about 30 s more. The wiring is the same.
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "augment.py"), "--address", ray_cluster.address,
                            "--target", "digits", "--refs", "rotated:digits", "--preset", "tiny",
-                           "--methods", "simex,sample-mse", "--cpus-per-task", "0.5", "--out", str(tmp_path)],
+                           "--methods", "simex,sample-mse", "--cpus-per-task", "1", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)

@@ -201,8 +201,10 @@ def test_inter_dataset_job_on_the_cluster(ray_cluster, tmp_path):
     protocol.write_text(json.dumps({"ae_epochs": 1, "tl_configs": ["TL-1"], "clf_max_epochs": 2, "clf_patience": 1,
                                     "n_pairs": 32, "embedding_samples": 60, "test_samples": 60}))
     refs = "digits,rotated:digits,bgrand:digits"
+    # --cpus-per-task 1: two concurrent Train runs on the 2-CPU test cluster; 0.5 made four, whose start-ups
+    # (not their work) cost about 30 s more. The wiring is the same.
     proc = run(ROOT / "jobs" / "inter_dataset.py", "--address", ray_cluster.address, "--refs", refs,
-               "--samples", "120", "--protocol", protocol, "--cpus-per-task", "0.5", "--out", tmp_path / "out")
+               "--samples", "120", "--protocol", protocol, "--cpus-per-task", "1", "--out", tmp_path / "out")
     summary = json.loads(proc.stdout)
     result = json.loads((tmp_path / "out" / "inter_dataset.json").read_text())
     assert summary["references"] == refs.split(",")

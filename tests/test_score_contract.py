@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,11 +14,6 @@ from simex_ray.fleet import SCORE_FIELDS, FleetError, Member, ScoreResult, calib
 from simex_ray.fleet.manifest import verify_fleet
 from simex_ray.fleet.result import SCORE_CONTRACT, merge_results, typicality_of
 from tests.test_serve import assert_same_score
-
-
-def simex(*args):
-    return subprocess.run([sys.executable, "-m", "simex_ray.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
 
 
 def members(k: int = 3, seed: int = 0) -> list[Member]:
@@ -89,8 +82,8 @@ def test_verify_fleet_hashes_every_weight_file_without_building_a_model(tiny_fle
 
 
 @pytest.mark.parametrize("flag", ["--samples", "--batch"])
-def test_query_rejects_zero_counts_as_usage_errors(flag):
-    proc = simex("query", "--url", "http://127.0.0.1:9", "--data", "digits", flag, "0")
+def test_query_rejects_zero_counts_as_usage_errors(flag, simex_here):
+    proc = simex_here("query", "--url", "http://127.0.0.1:9", "--data", "digits", flag, "0", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert errors == [f"simex query: error: argument {flag}: expected a positive integer, got 0"], proc.stderr

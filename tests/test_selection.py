@@ -91,7 +91,7 @@ def test_inter_dataset_estimators_agree_like_the_formula_says(gt):
     assert rows[0]["method"] == "simex" and rows[0]["needs_labels"] is False
 
 
-def test_simex_select_json_ranks_verifies_and_refuses_unlabelled_data(library, tmp_path):
+def test_simex_select_json_ranks_verifies_and_refuses_unlabelled_data(library, tmp_path, simex_here):
     proc = simex("select", "--library", library, "--data", "digits", "--samples", 120, "--split", "test",
                  "--verify", 1, "--no-ray", "--method", "knn,logme", "--json")
     out = json.loads(proc.stdout)
@@ -103,14 +103,15 @@ def test_simex_select_json_ranks_verifies_and_refuses_unlabelled_data(library, t
     # Unlabelled data: label-using methods refuse in one line; label-free ones run.
     x = np.random.default_rng(0).random((30, 28, 28)).astype(np.float32)
     np.savez(tmp_path / "u.npz", x=x)
-    bad = simex("select", "--library", library, "--data", f"npz:{tmp_path / 'u.npz'}", "--method", "logme",
-                check=False)
+    bad = simex_here("select", "--library", library, "--data", f"npz:{tmp_path / 'u.npz'}", "--method", "logme",
+                     check=False)
     assert bad.returncode == 2 and "need the data's labels" in bad.stderr and len(bad.stderr.splitlines()) == 1
-    free = json.loads(simex("select", "--library", library, "--data", f"npz:{tmp_path / 'u.npz'}", "--json").stdout)
+    free = json.loads(simex_here("select", "--library", library, "--data", f"npz:{tmp_path / 'u.npz'}",
+                                 "--json").stdout)
     assert set(free["ranking"]) == {"entropy", "nuclear-norm", "silhouette"}
 
 
-def test_train_bases_resumes_without_training_again(library):
-    proc = simex("train-bases", "--refs", ",".join(REFS[:2]), "--samples", 240, "--no-ray", "--out", library)
+def test_train_bases_resumes_without_training_again(library, simex_here):
+    proc = simex_here("train-bases", "--refs", ",".join(REFS[:2]), "--samples", 240, "--no-ray", "--out", library)
     assert "0 trained now" in proc.stderr and proc.stderr.count("already trained") == 2
     assert Library.load(library).references == REFS[:2]

@@ -33,7 +33,7 @@ def test_serve_start_query_reload_stop(tiny_fleet, tmp_path):
         assert json.loads(out.stdout)["ranking"][0] == "bgrand:digits", out.stderr
         # Bad fleet edits are reported and the previous fleet keeps serving.
         (fleet / "manifest.json").write_text(json.dumps(json.loads((fleet / "manifest.json").read_text())) + " ")
-        time.sleep(3)
+        _wait_logged("fleet changed", server, tmp_path / "serve.log")  # the edit was seen (not: 3 s passed)
         assert requests.get(url + "/healthz", timeout=10).json()["members"] == 2
     finally:
         stop = subprocess.run([sys.executable, "-m", "simex_ray.cli", "serve", "stop", "--port", str(port)],
@@ -61,6 +61,13 @@ def _wait_healthy(url: str, server, log_path, deadline_s: float = 300) -> None:
             pass
         assert server.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
         time.sleep(1)
+
+
+def _wait_logged(text: str, server, log_path, deadline_s: float = 120) -> None:
+    deadline = time.time() + deadline_s
+    while text not in log_path.read_text():
+        assert server.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.2)
 
 
 def _stop(port: int, server, env) -> None:

@@ -65,14 +65,14 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 def add_device_arg(p: argparse.ArgumentParser, help: str = "where the autoencoders run (default cpu; "
                                                             "auto = cuda when present)") -> None:
-    from ..scoring import DEVICES
+    from ..choices import DEVICES
 
     p.add_argument("--device", choices=DEVICES, default="cpu", help=help)
 
 
 def add_loss_arg(p: argparse.ArgumentParser, *, default: str | None = None, extra: tuple[str, ...] = (),
                  help: str | None = None) -> None:
-    from ..losses import LOSSES
+    from ..choices import LOSSES
 
     p.add_argument("--loss", choices=(*LOSSES, *extra), default=default, help=help)
 
@@ -223,8 +223,7 @@ def format_score(result, title: str) -> str:
 def run_cli(fn: Callable[[], int], prog: str, *, debug: bool = False) -> int:
     """Run ``fn``; turn every failure into one line on stderr and an exit status."""
     from ..data import DataUnavailable
-    from ..errors import OperationalError, UserError
-    from ..fleet import FleetError
+    from ..errors import FleetError, OperationalError, UserError
 
     try:
         return fn()

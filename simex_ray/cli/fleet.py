@@ -20,9 +20,8 @@ TRAIN_DEFAULTS = {"loss": "mse", "epochs": 10, "optimizer": "adam", "lr": None, 
 
 def add_train_args(p) -> None:
     """Training and cluster flags, shared by `simex train` and the jobs."""
-    from ..fleet.plan import STREAM_BYTES, STREAM_MODES
-    from ..models import architectures
-    from ..training import AUTO_MAX_EPOCHS, AUTO_MIN_GAIN, AUTO_PATIENCE, OPTIMIZERS, PRECISIONS, TrainConfig
+    from ..choices import (ARCHITECTURES, AUTO_MAX_EPOCHS, AUTO_MIN_GAIN, AUTO_PATIENCE, DEFAULT_PRECISION, OPTIMIZERS,
+                           PRECISIONS, STREAM_BYTES, STREAM_MODES)
 
     add_loss_arg(p, help="reconstruction error delta (default mse)")
     p.add_argument("--epochs", type=epochs_arg, default=None, metavar="N|auto",
@@ -32,7 +31,7 @@ def add_train_args(p) -> None:
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None, help="(default adam)")
     p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the optimizer's)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="(default 16)")
-    p.add_argument("--architecture", "--arch", choices=architectures(), default=None,
+    p.add_argument("--architecture", "--arch", choices=sorted(ARCHITECTURES), default=None,
                    help="autoencoder (default: lenet, the paper's, at 1x28x28; conv at any other format)")
     p.add_argument("--image-format", default="auto", metavar="auto|CxHxW",
                    help="the fleet's image format, e.g. 3x32x32 (default auto: the references' common native "
@@ -55,9 +54,9 @@ def add_train_args(p) -> None:
                    help="members alike (architecture, format, loss, optimizer, lr, batch size) trained together in "
                         "one fused forward and backward pass (default: as many as the pass's memory bound allows; "
                         "1: one member after another); the results equal separate training to float tolerance")
-    p.add_argument("--precision", choices=PRECISIONS, default=TrainConfig.precision,
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                    help="forward passes in fp32, or under bfloat16 autocast (bf16: for GPUs; weights and optimizer "
-                        f"stay fp32, δ is fp32) (default {TrainConfig.precision})")
+                        f"stay fp32, δ is fp32) (default {DEFAULT_PRECISION})")
     p.add_argument("--workers-per-member", type=positive_int, default=1,
                    help="Train workers per member: > 1 trains each member data-parallel (DDP), each step's batch "
                         "split evenly among its workers, so the steps are one worker's (default 1)")
@@ -69,7 +68,7 @@ def add_train_args(p) -> None:
 
 
 def add_parsers(sub) -> None:
-    from ..fleet import DEFAULT_RANKING, RANKINGS
+    from ..choices import DEFAULT_RANKING, PRECISIONS, RANKINGS
 
     t = sub.add_parser("train", help="train one autoencoder per reference (Ray Train)",
                        description="Train one autoencoder per reference part on Ray Train. "
@@ -95,8 +94,6 @@ def add_parsers(sub) -> None:
     s.add_argument("--per-sample", default=None, metavar="OUT.parquet",
                    help="write one row per sample: index, label, δ per member, nearest member, its score")
     add_device_arg(s)
-    from ..training import PRECISIONS
-
     s.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="the autoencoders' forward passes in fp32, or under bfloat16 autocast (δ is fp32) (fp32)")
     add_data_args(s)
@@ -196,11 +193,12 @@ def build_from(args, out=None):
     """Train the fleet of `simex train` / jobs/main.py into ``out`` (default --out): on Ray Train, or here
     with --no-ray (no Ray imported)."""
     from ..data import parse_spec, split_specs
-    from ..fleet.plan import conversions, resolve_format
 
     refs = split_specs(args.refs)
-    for spec in refs:  # a bad spec fails before any data is read
+    for spec in refs:  # a bad spec fails before any data is read, or torch imported
         parse_spec(spec)
+    from ..fleet.plan import conversions, resolve_format
+
     out = args.out if out is None else out
     cache: dict = {}
     requested = getattr(args, "image_format", "auto")
@@ -245,12 +243,13 @@ def cmd_train(args) -> int:
 
 def cmd_score(args) -> int:
     from .. import data
+
+    data.parse_spec(args.data)  # a bad spec or fleet fails before any data is read (a bad spec: or torch imported)
+    if args.address:
+        return score_on_ray(args)
     from ..fleet import DEFAULT_RANKING, Fleet, atomic_write_bytes
     from ..scoring import resolve_device
 
-    data.parse_spec(args.data)  # a bad spec or fleet fails before any data is read
-    if args.address:
-        return score_on_ray(args)
     fleet = Fleet.load(args.fleet, names=split_members(args.members), device=resolve_device(args.device))
     fleet.precision = args.precision
     fmt, cache = fleet.image_format, {}

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
-
 from .common import UsageError, add_device_arg, add_loss_arg
 
 
 def add_parsers(sub) -> None:
-    from ..pairing import METHODS
+    from ..choices import PAIRING_METHODS as METHODS
 
     p = sub.add_parser(
         "pair", help="pair the classes of labelled unknown data with a reference's classes (greedy, smallest Δ first)",
@@ -74,6 +72,8 @@ def cmd_pair(args) -> int:
 
 def format_pairing(result, title: str) -> str:
     """The class matrix ('*' = fixed pair) and the pairs in the order they were fixed."""
+    import numpy as np
+
     pairs = result.pairs
     paired = {(i, k) for i, k, _ in pairs}
     corner = "X \\ Y"

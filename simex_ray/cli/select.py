@@ -12,7 +12,7 @@ from .common import (UsageError, add_address_arg, add_data_args, add_device_arg,
 
 
 def add_parsers(sub) -> None:
-    from ..transfer.selection import METHODS
+    from ..choices import SELECTION_METHODS as METHODS
 
     s = sub.add_parser("select", help="rank a library's pretrained classifiers for a dataset (which to transfer from)",
                        description="Score every classifier of a library (from `simex train-bases` or `simex "

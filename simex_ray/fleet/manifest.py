@@ -51,7 +51,7 @@ from typing import Any, Iterable
 import torch
 
 from .. import storage
-from ..errors import one_line
+from ..errors import FleetError, one_line
 from ..formats import LEGACY, ImageFormat
 
 log = logging.getLogger("simex_ray.fleet")
@@ -65,10 +65,6 @@ RELOADS = 3  # re-reads of the manifest while loading a member whose file was co
 _HASHED = re.compile(rf"^[A-Za-z0-9_-][A-Za-z0-9._-]*-[0-9a-f]{{8}}-[0-9a-f]{{{HASH_CHARS}}}\.pt$")
 _manifest_lock = threading.Lock()
 _unpublished: set[str] = set()  # weight files this process wrote that no manifest lists yet
-
-
-class FleetError(RuntimeError):
-    """A fleet directory that cannot be used; the message names the file and the fix."""
 
 
 class StaleWeightsError(FleetError):

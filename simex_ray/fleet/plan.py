@@ -22,6 +22,7 @@ from ..formats import FormatError, ImageFormat, conversion
 from ..training import TrainConfig
 from .manifest import MANIFEST, FleetError, Member, read_manifest, save_weights, write_manifest
 from .result import calibration_of, mean_l2_norm
+from ..choices import STREAM_BYTES, STREAM_MODES
 from ..errors import UserError
 
 log = logging.getLogger("simex_ray.plan")
@@ -62,13 +63,6 @@ def _record(name: str, spec: str, class_: str | None, train: data.Dataset, test:
         metrics={"ref_mean_l2": mean_l2_norm(train.x)},
     )
     return MemberPlan(member, train.x, test.x)
-
-
-STREAM_MODES = ("auto", "always", "never")
-# A whole reference (no --samples) that can be read in slices is streamed where it trains once its training
-# images would take more than this in memory (float32, the fleet's format); smaller ones are read here and
-# can share fused passes. Both read the same rows: the split is the row-hash rule either way.
-STREAM_BYTES = 1 << 28
 
 
 def _streamed(spec: str, config: TrainConfig, *, seed: int, strict: bool, mode: str) -> MemberPlan | None:

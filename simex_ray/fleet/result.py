@@ -12,14 +12,14 @@ from typing import Any, Iterable
 import numpy as np
 
 from .manifest import Member
+from ..choices import DEFAULT_RANKING, RANKINGS
 from ..errors import UserError
 
 QUANTILES = np.linspace(0.0, 1.0, 101)
 IN_DISTRIBUTION_LEVEL = 0.95
-# How `ranking` orders references: chosen on the first half of bench/rankings.py's suites and kept because it
-# also won on the second (docs/results.md, "Rankings that hold"); every ranking is in the output all the same.
-RANKINGS = ("raw", "normalized", "calibrated", "in_distribution", "typicality", "distribution")
-DEFAULT_RANKING = "distribution"
+# How `ranking` orders references (the names in :mod:`simex_ray.choices`): chosen on the first half of
+# bench/rankings.py's suites and kept because it also won on the second (docs/results.md, "Rankings that
+# hold"); every ranking is in the output all the same.
 # An answer whose carried rankings agree on its first member less than this is flagged (`confident` false; the
 # CLI prints one line). Measured on bench/rankings.py: docs/results.md, "Rankings that hold".
 WEAK_AGREEMENT = 0.6

@@ -11,6 +11,7 @@ from typing import Callable
 
 from torch import nn
 
+from ..choices import ARCHITECTURES
 from ..formats import LEGACY, FormatError, ImageFormat
 from ..errors import UserError
 
@@ -23,6 +24,8 @@ def register_autoencoder(name: str):
     def add(cls):
         if name in _REGISTRY:
             raise UserError(f"autoencoder '{name}' registered twice")
+        if name not in ARCHITECTURES:  # the command line offers the names of choices.py, without importing torch
+            raise UserError(f"autoencoder '{name}' is not in simex_ray/choices.py ARCHITECTURES; add it there")
         _REGISTRY[name] = cls
         cls.architecture = name
         return cls

@@ -19,10 +19,11 @@ import numpy as np
 
 from .estimators import ESTIMATORS, estimate
 from .library import Library
+from ..choices import SELECTION_METHODS
 from ..errors import UserError
 
 SIMEX = "simex"
-METHODS = (SIMEX, *ESTIMATORS)
+METHODS = SELECTION_METHODS  # simex, then every estimator, in registry order (tests/test_cli.py checks)
 
 
 def needs_labels(method: str) -> bool:

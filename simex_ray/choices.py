@@ -1,0 +1,40 @@
+"""The names a user chooses from, free of torch, numpy and Ray: `simex` builds its parser (``--help``, argument
+errors) from these without loading the libraries that compute, and each registry takes its names from here,
+so every name is written once.
+
+Where a registry maps a name to code (architectures, optimizers, transferability estimators), that registry
+lives with its code and refuses or is checked against a name missing here (``tests/test_cli.py``).
+"""
+
+# Reconstruction error δ (:mod:`simex_ray.losses`).
+LOSSES = ("mse", "issim")
+# Where the autoencoders run (:func:`simex_ray.scoring.resolve_device`).
+DEVICES = ("cpu", "cuda", "auto")
+# Forward passes in fp32 or under bfloat16 autocast (:mod:`simex_ray.training`).
+PRECISIONS = ("fp32", "bf16")
+DEFAULT_PRECISION = "fp32"
+# Optimizers by name; :data:`simex_ray.training.OPTIMIZERS` gives each its class and default learning rate.
+OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd", "adagrad", "adadelta")
+# Autoencoders by name; each is registered by its module in :mod:`simex_ray.models`.
+ARCHITECTURES = ("conv", "lenet", "mlp")
+# How `ranking` orders references (:mod:`simex_ray.fleet.result` says why distribution is the default).
+RANKINGS = ("raw", "normalized", "calibrated", "in_distribution", "typicality", "distribution")
+DEFAULT_RANKING = "distribution"
+# `--epochs auto` (:func:`simex_ray.training.auto_stop_epoch`): train until the member's own held-out Δ stops
+# improving. An epoch "improves" when its Δ is below (1 - AUTO_MIN_GAIN) x the best Δ before it; training stops
+# after AUTO_PATIENCE epochs without one, or at AUTO_MAX_EPOCHS. Chosen a priori (the usual early-stopping
+# shape), not fitted to any benchmark.
+AUTO_PATIENCE = 3
+AUTO_MIN_GAIN = 0.01
+AUTO_MAX_EPOCHS = 30
+# Reading a reference where it trains (:mod:`simex_ray.fleet.plan`).
+STREAM_MODES = ("auto", "always", "never")
+# A whole reference (no --samples) that can be read in slices is streamed where it trains once its training
+# images would take more than this in memory (float32, the fleet's format); smaller ones are read here and
+# can share fused passes. Both read the same rows: the split is the row-hash rule either way.
+STREAM_BYTES = 1 << 28
+# Class distances of `simex pair` (:mod:`simex_ray.pairing`).
+PAIRING_METHODS = ("simex", "sample-mse", "embeddings")
+# Methods of `simex select`: simex, then the transferability estimators of :mod:`simex_ray.transfer.estimators`.
+SELECTION_METHODS = ("simex", "logme", "leep", "nce", "hscore", "gbc", "knn", "entropy", "nuclear-norm",
+                     "silhouette")
