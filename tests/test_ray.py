@@ -63,6 +63,26 @@ def test_crashed_worker_is_retried_and_matches_uninterrupted_training(ray_cluste
         assert ours["train_delta"] == pytest.approx(theirs["train_delta"], rel=1e-4)
 
 
+def test_epochs_auto_stops_each_member_on_ray_train_as_here(ray_cluster, tmp_path):
+    """A member whose held-out Δ stops improving stops there on Ray Train too (SGD at a tiny lr: patience 1 ends
+    it after epoch 2 of at most 5), and the manifest records the epochs it trained and its patience."""
+    from simex_ray.distributed.train import Resources, train_fleet
+
+    def plans():
+        config = TrainConfig(epochs=5, patience=1, optimizer="sgd", lr=1e-7)
+        return plan_fleet(["digits"], config, samples=120, seed=1)
+
+    writer = train_fleet(plans(), tmp_path / "F", resources=Resources(cpus_per_worker=0.5))
+    member = writer.members["digits"]
+    assert [h["epoch"] for h in member.history] == [1, 2]
+    local = train_fleet_local(plans(), tmp_path / "local").members["digits"]
+    assert [h["test_delta"] for h in member.history] == pytest.approx([h["test_delta"] for h in local.history],
+                                                                       rel=1e-6)
+    manifest = json.loads((tmp_path / "F" / "manifest.json").read_text())
+    record, = manifest["members"]
+    assert record["config"]["patience"] == 1 and record["metrics"]["epochs_trained"] == 2
+
+
 def test_a_streamed_reference_trains_on_ray_survives_a_crash_and_matches_local(ray_cluster, tmp_path):
     """The worker reads its reference slice by slice (the driver never loads it), a crash after epoch 1 is
     retried from the checkpoint, and the member equals the same streamed training done here."""
