@@ -88,15 +88,16 @@ def check_json_numbers(body: bytes, limits: Limits, fmt: ImageFormat) -> None:
 
 def parse_score_request(body: bytes, content_type: str | None, limits: Limits = Limits(),
                         fmt: ImageFormat = LEGACY, *, strict: bool = False
-                        ) -> tuple[np.ndarray, list[str] | None]:
-    """Body -> (images float32 (N, C, H, W) in [0, 1] in ``fmt``, requested members or None).
+                        ) -> tuple[np.ndarray, list[str] | None, str | None]:
+    """Body -> (images float32 (N, C, H, W) in [0, 1] in ``fmt``, requested members or None, what the conversion
+    rule did to them or None: the answer's ``conversion``).
 
     ``strict``: refuse image files not in ``fmt`` instead of converting them (arrays never are)."""
-    x, payload = read_images(body, content_type, limits, fmt, strict=strict)
+    x, payload, converted = read_images(body, content_type, limits, fmt, strict=strict)
     members = payload.get("members")
     if members is not None and (not isinstance(members, list) or not all(isinstance(m, str) for m in members)):
         raise ApiError(422, '"members" must be a list of member names')
-    return x, members
+    return x, members, converted
 
 
 def parse_select_request(body: bytes, content_type: str | None, limits: Limits = Limits(),
@@ -106,7 +107,7 @@ def parse_select_request(body: bytes, content_type: str | None, limits: Limits =
 
     Labels (needed by the label-using estimators) and methods come in a JSON body; an .npy or
     multipart body is images only."""
-    x, payload = read_images(body, content_type, limits, fmt, strict=strict)
+    x, payload, _ = read_images(body, content_type, limits, fmt, strict=strict)
     labels = payload.get("labels")
     if labels is not None:
         if not isinstance(labels, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
@@ -126,8 +127,9 @@ def content_kind(content_type: str | None) -> str:
 
 
 def read_images(body: bytes, content_type: str | None, limits: Limits, fmt: ImageFormat = LEGACY, *,
-                strict: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
-    """(the images float32 (N, C, H, W) in ``fmt``, the rest of the body) of a request.
+                strict: bool = False) -> tuple[np.ndarray, dict[str, Any], str | None]:
+    """(the images float32 (N, C, H, W) in ``fmt``, the rest of the body, what the conversion rule did to them
+    or None) of a request.
 
     JSON: the ``images`` array and the other fields; .npy: the array, no rest; multipart: every file
     part decoded and converted, and the text fields (a ``members`` field: names, comma-separated or
@@ -138,9 +140,10 @@ def read_images(body: bytes, content_type: str | None, limits: Limits, fmt: Imag
         payload: dict[str, Any] = {}
         if "members" in fields:
             payload["members"] = [m.strip() for v in fields["members"] for m in v.split(",") if m.strip()]
-        return decode_files(files, limits, fmt, strict=strict), payload
+        x, converted = decode_files(files, limits, fmt, strict=strict)
+        return x, payload, converted
     raw, payload = read_payload(body, content_type, limits, fmt)
-    return validate_images(raw, limits, fmt), payload
+    return validate_images(raw, limits, fmt), payload, None  # arrays come in the fleet's format, or are refused
 
 
 def read_payload(body: bytes, content_type: str | None, limits: Limits, fmt: ImageFormat = LEGACY
@@ -297,16 +300,16 @@ def declared_pixels(content: bytes) -> tuple[float, str] | None:
 
 
 def decode_files(files: list[tuple[str, bytes]], limits: Limits, fmt: ImageFormat, *, strict: bool = False
-                 ) -> np.ndarray:
-    """Image files -> float32 (N, C, H, W) in ``fmt``: each decoded (Pillow, bomb guard on) and converted by
-    the rule of :mod:`simex_ray.formats` (``strict``: refused instead)."""
+                 ) -> tuple[np.ndarray, str | None]:
+    """Image files -> (float32 (N, C, H, W) in ``fmt``, what the rule did to them or None): each decoded (Pillow,
+    bomb guard on) and converted by the rule of :mod:`simex_ray.formats` (``strict``: refused instead)."""
     if not files:
         raise ApiError(422, f"no image files in the {MULTIPART} body; send one or more file fields "
                             f"(e.g. curl -F images=@a.png)")
     if len(files) > limits.max_images:
         raise ApiError(413, f"{len(files)} images is over the limit of {limits.max_images} per request; "
                             f"split the batch")
-    out = []
+    out, steps = [], {}
     for name, content in files:
         where = f"file '{name}'"
         declared = declared_pixels(content)
@@ -320,8 +323,12 @@ def decode_files(files: list[tuple[str, bytes]], limits: Limits, fmt: ImageForma
         if strict and format_of(x) != fmt:
             raise ApiError(422, f"{where} is {format_of(x)} but the fleet takes {fmt}; convert it yourself, or "
                                 f"leave out strict_format=true to apply the rule ({conversion(format_of(x), fmt)})")
+        step = conversion(format_of(x), fmt)
+        if step:
+            steps[step] = steps.get(step, 0) + 1
         out.append(convert(x, fmt, name=where))
-    return np.concatenate(out)
+    converted = "; ".join(f"{step} ({k} of {len(files)} files)" for step, k in steps.items()) or None
+    return np.concatenate(out), converted
 
 
 def select_members(requested: list[str] | None, available: list[str]) -> list[str]:
@@ -337,6 +344,11 @@ def select_members(requested: list[str] | None, available: list[str]) -> list[st
 
 # What POST /v1/score answers beyond the score contract (SCORE_FIELDS): (type, default, description).
 RESPONSE_EXTRAS: dict[str, tuple[Any, Any, str]] = {
+    "image_format": (str, ..., "CxHxW: the fleet's format, the one the images were scored in (as `simex score "
+                               "--json` and `simex query --json` say)"),
+    "conversion": (str | None, None, "what the conversion rule did to the images (here: the request's image files "
+                                     "not in the fleet's format), as `simex score --json` says it of its data; null "
+                                     "when nothing"),
     "latency_ms": (float, ..., "time spent in the service"),
     "per_sample": (dict[str, Any] | None, None, "with ?per_sample=true: δ per member and the nearest member, "
                                                 "per image"),
@@ -358,7 +370,8 @@ def score_response_model():
 
 
 def score_response(per_sample: np.ndarray, members: list[dict[str, Any]], loss: str, latency_ms: float, *,
-                   method: str | None = None, with_samples: bool = False) -> dict[str, Any]:
+                   method: str | None = None, with_samples: bool = False, image_format: ImageFormat = LEGACY,
+                   converted: str | None = None) -> dict[str, Any]:
     """The response of POST /v1/score: the same fields as `simex score --json` (every Δ, ranking and the
     composition), from the (members, N) per-sample δ and the members' manifest records; with
     ``with_samples`` also ``per_sample``: δ per member and the nearest member of every image."""
@@ -366,7 +379,8 @@ def score_response(per_sample: np.ndarray, members: list[dict[str, Any]], loss: 
 
     records = [Member.from_json(m) for m in members]
     result = score_result(per_sample, records, loss, method or DEFAULT_RANKING, keep_per_sample=with_samples)
-    out = {**result.to_json(), "latency_ms": latency_ms}
+    out = {**result.to_json(), "image_format": str(image_format), "conversion": converted,
+           "latency_ms": latency_ms}
     if with_samples:
         out["per_sample"] = {"delta": {m.name: row.tolist() for m, row in zip(records, result.per_sample)},
                              "nearest": result.nearest,

@@ -16,7 +16,7 @@ import requests
 from simex_ray.api import JSON, MULTIPART, NPY, ApiError, Limits, expected_shapes, parse_score_request
 from simex_ray.client import encode_files
 from simex_ray.data import decode_image
-from simex_ray.formats import LEGACY, ImageFormat, convert
+from simex_ray.formats import LEGACY, ImageFormat, conversion, convert
 
 COLOUR = ImageFormat(3, 32, 32)
 
@@ -63,11 +63,12 @@ def test_arrays_in_the_fleets_format_are_taken_as_they_are(fmt):
     layouts = [u8, nhwc] + ([u8[:, 0]] if fmt.channels == 1 else [])
     for a in layouts:
         for body, kind in ((json.dumps({"images": a.tolist()}).encode(), JSON), (npy(a.astype(np.uint8)), NPY)):
-            x, members = parse(body, kind, fmt)
+            x, members, converted = parse(body, kind, fmt)
+            assert converted is None  # arrays come in the fleet's format or are refused
             assert x.dtype == np.float32 and x.shape == (3, *fmt.shape) and members is None
             np.testing.assert_array_equal(x, (u8 / np.float32(255)).astype(np.float32))
     unit = rng.random((2, *fmt.shape))
-    x, _ = parse(npy(unit.transpose(0, 2, 3, 1)), NPY, fmt)
+    x, _, _ = parse(npy(unit.transpose(0, 2, 3, 1)), NPY, fmt)
     np.testing.assert_array_equal(x, unit.astype(np.float32))
 
 
@@ -89,8 +90,11 @@ def test_image_files_are_decoded_and_converted_by_the_rule():
     files = some_files(rng)
     body, kind = encode_files(files, members=["a", "b"])
     assert kind.startswith(MULTIPART)
-    x, members = parse(body, kind, COLOUR)
+    x, members, converted = parse(body, kind, COLOUR)
     assert members == ["a", "b"] and x.shape == (4, 3, 32, 32) and x.dtype == np.float32
+    # the answer's envelope says what the rule did, per kind of file, in file order (rgb.png is 3x32x32 already)
+    assert converted == "; ".join(f"{conversion(ImageFormat.parse(f), COLOUR)} (1 of 4 files)"
+                                  for f in ("1x28x28", "3x64x40", "3x20x24"))
     # each file as decode_image reads it, then the one conversion rule: what `simex score` does with a folder
     expected = np.concatenate([convert(decode_image(content, name), COLOUR) for name, content in files])
     np.testing.assert_array_equal(x, expected)
@@ -99,7 +103,7 @@ def test_image_files_are_decoded_and_converted_by_the_rule():
 
     pixels = np.asarray(Image.open(io.BytesIO(files[0][1]))).transpose(2, 0, 1) / np.float32(255)
     np.testing.assert_array_equal(x[0], pixels.astype(np.float32))
-    grey, _ = parse(body, kind, LEGACY)  # the same files for a 1x28x28 fleet: luminance, resized
+    grey, _, _ = parse(body, kind, LEGACY)  # the same files for a 1x28x28 fleet: luminance, resized
     assert grey.shape == (4, 1, 28, 28)
     np.testing.assert_array_equal(grey[1], decode_image(files[1][1], "g")[0])
 
@@ -111,7 +115,8 @@ def test_image_files_refused_in_one_line():
     strict = refusal(body, kind, COLOUR, strict=True)  # ?strict_format=true
     assert strict.status == 422 and "grey.png" in strict.message and "1x28x28" in strict.message \
         and "3x32x32" in strict.message
-    ok, _ = parse(*encode_files(files[:1]), COLOUR, strict=True)  # already in the format: accepted
+    ok, _, converted = parse(*encode_files(files[:1]), COLOUR, strict=True)
+    assert converted is None  # already in the format: accepted
     assert ok.shape == (1, 3, 32, 32)
     assert refusal(body, kind, COLOUR, limits=Limits(max_images=3)).status == 413
     assert refusal(body, kind, COLOUR, limits=Limits(max_body_bytes=len(body) - 1)).status == 413

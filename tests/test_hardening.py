@@ -201,7 +201,7 @@ def test_a_json_body_at_the_limit_is_parsed_and_one_over_it_refused_by_the_image
     from simex_ray import api
 
     limits = api.Limits(max_images=10)
-    x, _ = api.parse_score_request(_json_body(10), "application/json", limits)
+    x, _, _ = api.parse_score_request(_json_body(10), "application/json", limits)
     assert x.shape == (10, 1, 28, 28)
     with pytest.raises(api.ApiError) as e:  # within the comma slack: parsed, then counted
         api.parse_score_request(_json_body(11), "application/json", limits)

@@ -394,7 +394,7 @@ _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | s
 def _parse_clean(body: bytes, content_type: str | None) -> None:
     """parse_score_request: a valid batch, or ApiError with a 4xx status (what the app answers) -- never 500."""
     try:
-        x, members = parse_score_request(body, content_type, Limits(max_images=64, max_body_bytes=1 << 20))
+        x, members, _ = parse_score_request(body, content_type, Limits(max_images=64, max_body_bytes=1 << 20))
     except ApiError as e:
         assert 400 <= e.status < 500 and e.message and "\n" not in e.message
         return

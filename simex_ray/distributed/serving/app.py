@@ -380,23 +380,25 @@ class Ingress:
         return await asyncio.get_running_loop().run_in_executor(
             None, lambda: parse(body, content_type, self.limits, self.image_format, strict=strict))
 
-    @api.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True, responses=ERRORS,
+    @api.post("/v1/score", response_model=ScoreResponse, response_model_exclude_unset=True, responses=ERRORS,
               openapi_extra=score_body(), summary="Δ of a batch of images against every member, and the rankings")
     async def score(self, request: Request, per_sample: str | None = None, ranking: str | None = None,
                     strict_format: str | None = None):
         t0 = time.perf_counter()
         check_api_key(self.api_key, request.headers.get("x-api-key"))
         with_samples, method = parse_flag(per_sample, "per_sample"), parse_ranking(ranking)
-        x, requested = await self._parse(parse_score_request, request, parse_flag(strict_format, "strict_format"))
-        return await self._score(x, requested, method, with_samples, t0)
+        x, requested, converted = await self._parse(parse_score_request, request,
+                                                    parse_flag(strict_format, "strict_format"))
+        return await self._score(x, requested, method, with_samples, t0, converted)
 
-    async def _score(self, x: np.ndarray, requested, method: str, with_samples: bool, t0: float) -> dict:
+    async def _score(self, x: np.ndarray, requested, method: str, with_samples: bool, t0: float,
+                     converted: str | None = None) -> dict:
         names = select_members(requested, list(self.members))
         # The records of the layout asked (an update may reconfigure this replica while the scorers answer).
         records, loss = [self.records[n] for n in names], self.loss
         d = await self._per_sample(x, names)
         return score_response(d, records, loss, 1000 * (time.perf_counter() - t0), method=method,
-                              with_samples=with_samples)
+                              with_samples=with_samples, image_format=self.image_format, converted=converted)
 
     async def Score(self, request, grpc_context=None):  # noqa: N802 - the gRPC method (grpc_api.py)
         """gRPC ``simex.Scorer/Score``: the body of ``POST /v1/score`` (an .npy) in, its JSON answer out."""
@@ -411,7 +413,7 @@ class Ingress:
             check_body_size(len(request.value), self.limits)
             with_samples, method = parse_flag(meta.get("per-sample"), "per_sample"), parse_ranking(meta.get("ranking"))
             strict = parse_flag(meta.get("strict-format"), "strict_format")
-            x, _ = await asyncio.get_running_loop().run_in_executor(None, lambda: parse_score_request(
+            x, _, _ = await asyncio.get_running_loop().run_in_executor(None, lambda: parse_score_request(
                 request.value, "application/x-npy", self.limits, self.image_format, strict=strict))
             requested = [m for m in meta.get("members", "").split(",") if m] or None
             answer = await self._score(x, requested, method, with_samples, t0)
