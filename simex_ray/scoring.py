@@ -456,7 +456,7 @@ class ScoringEngine:
     """
 
     def __init__(self, models: Mapping[str, nn.Module], losses: Mapping[str, str], *, device="cpu",
-                 chunk: int = 256, fused: bool = True, keep_memory: bool = True, precision: str = "fp32"):
+                 chunk: int = 256, fused: bool = True, keep_memory: bool = False, precision: str = "fp32"):
         from .training import PRECISIONS
 
         if precision not in PRECISIONS:
@@ -544,6 +544,10 @@ _MEMORY_KEPT = False
 
 def keep_freed_memory() -> bool:
     """Keep freed memory inside the process (glibc ``mallopt``), once per process.
+
+    Only processes whose work is scoring call it (`simex score` and `simex matrix`, the Serve scorers, the batch
+    scoring actors), at their start; an engine built elsewhere (training, experiments, a library user's
+    process) leaves the allocator alone unless asked (``ScoringEngine(keep_memory=True)``).
 
     Every chunk allocates the same few multi-megabyte tensors; by default glibc
     hands each one back to the kernel when freed and the next allocation

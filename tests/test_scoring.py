@@ -185,3 +185,23 @@ def test_typicality_is_two_sided():
     r = score_result(d, [hard, easy], "mse", method="typicality")
     assert r.ranking_by("calibrated") == ["hard", "easy"]  # one-sided: "better than its own" looks nearest
     assert r.ranking == ["easy", "hard"] and r.composition["easy"] > 0.8
+
+
+def test_the_allocator_setting_is_kept_to_processes_that_score(tmp_path):
+    """An engine built in any process (training, experiments, a library user's) leaves glibc's thresholds alone;
+    `simex score` sets them for itself."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, numpy as np, torch; import simex_ray.scoring as s; from simex_ray.models import "
+             "create_autoencoder; e = s.ScoringEngine({'a': create_autoencoder()}, {'a': 'mse'}); "
+             "e.per_sample(np.zeros((2, 1, 28, 28), np.float32)); before = s._MEMORY_KEPT; "
+             "from simex_ray.cli.main import main; main(sys.argv[1:]); print('kept', before, s._MEMORY_KEPT)")
+    from simex_ray.fleet.build import build_fleet_local
+    from simex_ray.training import TrainConfig
+
+    build_fleet_local(["digits"], tmp_path / "F", TrainConfig(epochs=1), samples=60)
+    out = subprocess.run([sys.executable, "-c", probe, "score", "--fleet", str(tmp_path / "F"), "--data", "digits",
+                          "--samples", "60"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "kept False True" in out.stdout

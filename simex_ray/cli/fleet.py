@@ -248,6 +248,9 @@ def cmd_score(args) -> int:
     if args.address:
         return score_on_ray(args)
     from ..fleet import DEFAULT_RANKING, Fleet, atomic_write_bytes
+    from ..scoring import keep_freed_memory
+
+    keep_freed_memory()  # this process scores: freed chunk buffers are reused (docs/results.md, "Memory")
     from ..scoring import resolve_device
 
     fleet = Fleet.load(args.fleet, names=split_members(args.members), device=resolve_device(args.device))
@@ -318,7 +321,9 @@ def cmd_matrix(args) -> int:
     from ..data import split_specs
     from ..experiments.matrix import delta_matrix, format_matrix, write_matrix
     from ..fleet import Fleet, read_manifest
-    from ..scoring import resolve_device
+    from ..scoring import keep_freed_memory, resolve_device
+
+    keep_freed_memory()  # this process scores: freed chunk buffers are reused (docs/results.md, "Memory")
 
     fleet = Fleet.load(args.fleet, device=resolve_device(args.device))
     if args.data:

@@ -91,6 +91,9 @@ class _ShardScorer:
 
     def __init__(self, fleet: str, names: list[str], loss: str | None, device: str, last: bool = True,
                  slices: list | None = None, fmt: str = "", strict: bool = False):
+        from ..scoring import keep_freed_memory
+
+        keep_freed_memory()  # a scoring actor: freed chunk buffers are reused (docs/results.md, "Memory")
         self.fleet = Fleet.load(fleet, names=names, device=device)
         self.names, self.loss, self.last = names, loss, last
         self.slices, self.fmt, self.strict = slices, fmt, strict

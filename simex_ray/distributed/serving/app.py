@@ -58,7 +58,10 @@ class MemberScorer:
                  record: dict | None = None):
         import torch
 
+        from ...scoring import keep_freed_memory
+
         torch.set_num_threads(threads)
+        keep_freed_memory()  # a scoring process: freed chunk buffers are reused (docs/results.md, "Memory")
         if record is None:  # deployed from a Serve config file: the manifest is read here
             record = next((m for m in read_manifest(fleet)["members"] if m.get("name") == member), None)
         if record is None or record.get("name") != member or record.get("sha256") != sha256:
@@ -106,7 +109,10 @@ class FleetScorer:
                  records: list[dict] | None = None, names: list[str] | None = None):
         import torch
 
+        from ...scoring import keep_freed_memory
+
         torch.set_num_threads(threads)
+        keep_freed_memory()  # a scoring process: freed chunk buffers are reused (docs/results.md, "Memory")
         if records is None:  # deployed from a Serve config file: the manifest is read here
             records = read_manifest(fleet)["members"]
             if names is not None:
@@ -325,6 +331,9 @@ class Ingress:
                 listed = [m for m in manifest["members"] if m["name"] in config["members"]]
                 if fleet_digest(listed) != key[1]:
                     raise FleetError(f"{config['fleet']} changed while deploying (member hashes differ); redeploy")
+                from ...scoring import keep_freed_memory
+
+                keep_freed_memory()  # this ingress scores its listed members itself
                 self.local = load_records(config["fleet"], listed, config.get("device", "cpu"))
                 self.local_key = key
             self.order = list(self.local.members)
