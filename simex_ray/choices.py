@@ -38,3 +38,8 @@ PAIRING_METHODS = ("simex", "sample-mse", "embeddings")
 # Methods of `simex select`: simex, then the transferability estimators of :mod:`simex_ray.transfer.estimators`.
 SELECTION_METHODS = ("simex", "logme", "leep", "nce", "hscore", "gbc", "knn", "entropy", "nuclear-norm",
                      "silhouette")
+
+# What a member trains with when nothing says otherwise: the defaults of ``training.TrainConfig`` and of
+# `simex train`'s flags, written once. (The architecture's default depends on the format:
+# ``models.default_architecture``.)
+TRAIN_DEFAULTS = {"loss": "mse", "epochs": 10, "optimizer": "adam", "lr": None, "batch_size": 16}

@@ -20,7 +20,7 @@ import torch
 from .losses import check_loss, per_sample_delta
 from .formats import LEGACY, ImageFormat
 from .models import architectures, create_autoencoder, refusal
-from .choices import AUTO_MAX_EPOCHS, AUTO_MIN_GAIN, AUTO_PATIENCE, DEFAULT_PRECISION, PRECISIONS
+from .choices import AUTO_MAX_EPOCHS, AUTO_MIN_GAIN, AUTO_PATIENCE, DEFAULT_PRECISION, PRECISIONS, TRAIN_DEFAULTS
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,11 @@ class TrainConfig:
     """Everything that determines one member's training; saved in the manifest."""
 
     architecture: str = "lenet"
-    loss: str = "mse"
-    epochs: int = 10
-    batch_size: int = 16
-    optimizer: str = "adam"
-    lr: float | None = None  # None: the optimizer's default
+    loss: str = TRAIN_DEFAULTS["loss"]
+    epochs: int = TRAIN_DEFAULTS["epochs"]
+    batch_size: int = TRAIN_DEFAULTS["batch_size"]
+    optimizer: str = TRAIN_DEFAULTS["optimizer"]
+    lr: float | None = TRAIN_DEFAULTS["lr"]  # None: the optimizer's default
     seed: int = 0
     image_format: str = str(LEGACY)  # CxHxW of the images the member takes
     precision: str = DEFAULT_PRECISION  # "bf16": forward passes under bfloat16 autocast (the weights and the optimizer stay fp32)

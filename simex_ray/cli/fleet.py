@@ -14,23 +14,20 @@ from .common import (UsageError, add_address_arg, add_data_args, add_device_arg,
 
 log = logging.getLogger("simex")
 
-TRAIN_DEFAULTS = {"loss": "mse", "epochs": 10, "optimizer": "adam", "lr": None, "batch_size": 16,
-                  "architecture": None}  # None: lenet at 1x28x28, conv at any other format
-
-
 def add_train_args(p) -> None:
     """Training and cluster flags, shared by `simex train` and the jobs."""
     from ..choices import (ARCHITECTURES, AUTO_MAX_EPOCHS, AUTO_MIN_GAIN, AUTO_PATIENCE, DEFAULT_PRECISION, OPTIMIZERS,
-                           PRECISIONS, STREAM_BYTES, STREAM_MODES)
+                           PRECISIONS, STREAM_BYTES, STREAM_MODES, TRAIN_DEFAULTS)
 
-    add_loss_arg(p, help="reconstruction error delta (default mse)")
+    add_loss_arg(p, help=f"reconstruction error delta (default {TRAIN_DEFAULTS['loss']})")
     p.add_argument("--epochs", type=epochs_arg, default=None, metavar="N|auto",
-                   help="training epochs (default 10); auto: until the member's own held-out delta stops improving "
+                   help=f"training epochs (default {TRAIN_DEFAULTS['epochs']}); auto: until the member's own held-out delta stops improving "
                         f"({AUTO_PATIENCE} epochs without a {AUTO_MIN_GAIN:.0%} gain, at most {AUTO_MAX_EPOCHS})".replace("%", "%%"))
     p.add_argument("--per-class", action="store_true", help="one member per class of each reference")
-    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None, help="(default adam)")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None,
+                   help=f"(default {TRAIN_DEFAULTS['optimizer']})")
     p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the optimizer's)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="(default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help=f"(default {TRAIN_DEFAULTS['batch_size']})")
     p.add_argument("--architecture", "--arch", choices=sorted(ARCHITECTURES), default=None,
                    help="autoencoder (default: lenet, the paper's, at 1x28x28; conv at any other format)")
     p.add_argument("--image-format", default="auto", metavar="auto|CxHxW",
@@ -165,8 +162,10 @@ def train_config(args, image_format=None):
             raise UsageError(f"--from-study: {path} is not valid JSON ({e})") from None
         log.info("from the study: %s, %d epochs (%s)", study["config"], study["epochs"],
                  "its earliest stable epoch" if study["stable"] else "never stable: every epoch it ran")
+    from ..choices import TRAIN_DEFAULTS
+
     kw = {}
-    for key, default in TRAIN_DEFAULTS.items():
+    for key, default in {**TRAIN_DEFAULTS, "architecture": None}.items():  # None: the format's default
         given = getattr(args, key)
         kw[key] = given if given is not None else study.get(key) if study.get(key) is not None else default
     from ..formats import LEGACY
