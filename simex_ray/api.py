@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .data import SpecError, decode_image, to_unit_images
-from .errors import clip, one_line, squash
+from .errors import UnknownMemberError, check_members, clip, one_line, squash
 from .formats import LEGACY, ImageFormat, conversion, convert, format_of
 
 JSON = "application/json"
@@ -336,9 +336,10 @@ def select_members(requested: list[str] | None, available: list[str]) -> list[st
         return list(available)
     if not requested:
         raise ApiError(422, '"members" is empty; leave it out to use every member')
-    unknown = [m for m in requested if m not in available]
-    if unknown:
-        raise ApiError(404, f"unknown member(s) {', '.join(unknown)}; available: {', '.join(available)}")
+    try:
+        check_members(requested, available)
+    except UnknownMemberError as e:
+        raise ApiError(404, str(e)) from None
     return list(dict.fromkeys(requested))
 
 

@@ -3,6 +3,8 @@ error type: what a user can fix."""
 
 from __future__ import annotations
 
+from typing import Iterable
+
 
 class UserError(ValueError):
     """A mistake the user can fix (a bad flag, spec, file, member name...), said in one line that names the fix.
@@ -26,6 +28,19 @@ class UnknownMemberError(UserError, KeyError):
 
     def __str__(self) -> str:  # KeyError's str() would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+def check_members(requested: Iterable[str], available: Iterable[str]) -> list[str]:
+    """``requested`` as a list when every name is one of ``available``; else :class:`UnknownMemberError` naming
+    the unknown ones and what there is. The one check of member names: the CLI, the engine, Serve and batch
+    scoring all ask it."""
+    requested, available = list(requested), list(available)
+    known = set(available)
+    unknown = [n for n in requested if n not in known]
+    if unknown:
+        shown = ", ".join(available[:20]) + (f" and {len(available) - 20} more" if len(available) > 20 else "")
+        raise UnknownMemberError(f"unknown member(s) {', '.join(unknown)}; fleet has: {shown}")
+    return requested
 
 
 def _lines(e: BaseException | str) -> list[str]:

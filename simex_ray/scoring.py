@@ -58,7 +58,7 @@ from .losses import check_loss, per_sample_delta
 from .models import ConvAutoencoder, LeNetAutoencoder
 from .models.conv import KERNEL, PAD, STRIDE
 from .choices import DEVICES
-from .errors import UserError, UnknownMemberError
+from .errors import UserError, check_members
 
 log = logging.getLogger(__name__)
 
@@ -511,10 +511,7 @@ class ScoringEngine:
     def iter_chunks(self, x, names: Iterable[str] | None = None, loss: str | None = None) -> Iterator[np.ndarray]:
         """Like :meth:`per_sample`, one (members, chunk) block at a time; ``x`` may be any
         indexable of (N, C, H, W) images (an array, a memory map) or an iterable of such blocks."""
-        names = tuple(names) if names is not None else tuple(self.names)
-        unknown = [n for n in names if n not in self._models]
-        if unknown:
-            raise UnknownMemberError(f"unknown member(s) {', '.join(unknown)}; fleet has: {', '.join(self.names)}")
+        names = tuple(check_members(names, self.names)) if names is not None else tuple(self.names)
         if loss is not None:
             check_loss(loss)
         groups = self._plan(names, loss)

@@ -10,6 +10,7 @@ import torch
 
 from simex_ray import data
 from simex_ray.fleet import Fleet, FleetError, mean_l2_norm, read_manifest
+from simex_ray.errors import UnknownMemberError
 from simex_ray.losses import per_sample_delta
 from simex_ray.models import architectures, create_autoencoder
 from simex_ray.fleet.plan import FleetWriter, plan_fleet
@@ -201,7 +202,7 @@ def test_score_errors(tiny_fleet):
         fleet.score(np.zeros((0, 1, 28, 28), np.float32))
     with pytest.raises(KeyError, match="fleet has"):
         fleet.score(np.zeros((1, 1, 28, 28), np.float32), members=["mnist"])
-    with pytest.raises(FleetError, match="unknown member"):
+    with pytest.raises(UnknownMemberError, match="unknown member"):
         Fleet.load(tiny_fleet, names=["mnist"])
 
 

@@ -33,7 +33,7 @@ from ..fleet import Fleet
 from ..fleet.manifest import Member, read_manifest
 from ..fleet.result import ScoreResult, merge_results, score_result
 from ..formats import ImageFormat, conversion, convert, format_of
-from ..errors import UserError, UnknownMemberError
+from ..errors import UserError, check_members
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +167,7 @@ def score_batch(fleet_dir: str, spec: str, *, fmt: ImageFormat | None = None, st
     manifest = read_manifest(fleet_dir)
     records = [r for r in manifest["members"] if members is None or r["name"] in members]
     if members is not None:
-        unknown = sorted(set(members) - {r["name"] for r in records})
-        if unknown:
-            raise UnknownMemberError(f"unknown member(s) {', '.join(unknown)}")
+        check_members(members, [r["name"] for r in manifest["members"]])
         records = sorted(records, key=lambda r: members.index(r["name"]))
     if not records:
         raise UserError(f"{fleet_dir}: no members to score")

@@ -16,7 +16,7 @@ from ..models import create_autoencoder
 from ..training import TrainConfig
 from .manifest import MANIFEST, RELOADS, FleetError, Member, StaleWeightsError, read_manifest, read_weights
 from .result import DEFAULT_RANKING, RANKINGS, ScoreResult, score_result
-from ..errors import UserError, UnknownMemberError
+from ..errors import UserError, check_members
 
 class Fleet:
     """Trained autoencoders keyed by member name; ``score`` needs no Ray.
@@ -47,11 +47,7 @@ class Fleet:
         if not members:
             raise FleetError(f"{loc.join(MANIFEST)} lists no members; train some with `simex train`")
         if names is not None:
-            names = list(names)
-            unknown = [n for n in names if n not in members]
-            if unknown:
-                raise FleetError(f"unknown member(s) {', '.join(unknown)}; fleet has: {', '.join(members)}")
-            members = {n: members[n] for n in names}
+            members = {n: members[n] for n in check_members(names, members)}
         models = {}
         for name in list(members):
             members[name], models[name] = _load_current(loc, members[name], device)
@@ -116,10 +112,7 @@ class Fleet:
             check_loss(loss)
         if method not in RANKINGS:
             raise UserError(f"unknown ranking '{method}'; known: {', '.join(RANKINGS)}")
-        names = list(members) if members is not None else self.names
-        unknown = [n for n in names if n not in self.members]
-        if unknown:
-            raise UnknownMemberError(f"unknown member(s) {', '.join(unknown)}; fleet has: {', '.join(self.names)}")
+        names = check_members(members, self.names) if members is not None else self.names
         d = self.engine.per_sample(x, names, loss)
         if d.shape[1] == 0:
             raise UserError("cannot score an empty batch")
