@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 from .errors import UserError
+from .results import write_figure
 
 
 def pyplot():
@@ -54,9 +55,7 @@ def heatmap(matrix, rows: Sequence[str], cols: Sequence[str], path, *, title: st
 def save_figure(fig, path) -> Path:
     """Lay out, write and close ``fig``; creates the folder."""
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    path = write_figure(path, fig)
     pyplot().close(fig)
     return path
 

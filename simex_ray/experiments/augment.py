@@ -23,7 +23,6 @@ accuracy gains; ``order`` reports both orders and their Spearman ρ.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import tempfile
@@ -46,6 +45,7 @@ from ..ranking import nanmean, spearman
 from ..training import TrainConfig
 from .fleets import FleetTrainer, local_trainer
 from ..errors import UserError
+from ..results import write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -346,13 +346,12 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_augment(result: dict[str, Any], out_dir) -> dict[str, Path]:
     """augment.json, augment.parquet (one row per trial), augment.png (Fig. 7 grid)."""
-    import pandas as pd
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "augment.json", "parquet": out / "augment.parquet", "png": out / "augment.png"}
-    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
-    pd.DataFrame(result["rows"]).to_parquet(paths["parquet"], index=False)
+    write_json(paths["json"], result)
+    write_table(paths["parquet"], result["rows"])
     plot_augment(result, paths["png"])
     return paths
 

@@ -33,7 +33,6 @@ probability are compared with opposite signs).
 from __future__ import annotations
 from ..errors import UserError
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -54,6 +53,7 @@ from ..formats import ImageFormat
 from ..models import default_architecture
 from ..training import TrainConfig
 from .fleets import FleetTrainer, is_complete, local_trainer, provide_fleet
+from ..results import write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -308,19 +308,17 @@ def inter_class(spec: str, *, losses: tuple[str, ...] = LOSSES, config: InterCla
 
 def write_inter_class(result: dict[str, Any], out_dir) -> dict[str, Path]:
     """inter_class.json, inter_class.parquet (every matrix, long), inter_class.png (Fig. 8), table2.png."""
-    import pandas as pd
-
     from ..plots import heatmap
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "inter_class.json", "parquet": out / "inter_class.parquet",
              "png": out / "inter_class.png", "table2": out / "table2.png"}
-    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    write_json(paths["json"], result)
     classes = result["classes"]
     rows = [{"matrix": name, "row_class": classes[k], "column_class": classes[j], "value": v}
             for name, m in result["matrices"].items() for k, row in enumerate(m) for j, v in enumerate(row)]
-    pd.DataFrame(rows).to_parquet(paths["parquet"], index=False)
+    write_table(paths["parquet"], rows)
     plot_matrices(result, paths["png"])
     grid = result["table2"]
     heatmap([[grid[r][c] for c in next(iter(grid.values()))] for r in grid], list(grid),

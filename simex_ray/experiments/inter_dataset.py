@@ -18,7 +18,6 @@ to ``ProtocolConfig.test_samples``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from ..transfer.library import Library
 from ..transfer.selection import METHODS, SIMEX, needs_labels, select
 from .fleets import FleetTrainer, local_trainer, provide_fleet
 from ..errors import UserError
+from ..results import write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -333,8 +333,6 @@ def rho_bars(result: dict[str, Any], path) -> Path:
 
 def write_inter_dataset(result: dict[str, Any], out_dir) -> dict[str, Path]:
     """Write inter_dataset.json, inter_dataset.parquet (long table) and the PNG figures (paper Fig. 4)."""
-    import pandas as pd
-
     from ..plots import heatmap
 
     out = Path(out_dir)
@@ -342,7 +340,7 @@ def write_inter_dataset(result: dict[str, Any], out_dir) -> dict[str, Path]:
     paths = {"json": out / "inter_dataset.json", "parquet": out / "inter_dataset.parquet",
              "delta_png": out / "delta.png", "accuracy_png": out / "transfer_accuracy.png",
              "efficiency_png": out / "transfer_efficiency.png", "rho_png": out / "rho.png"}
-    paths["json"].write_text(json.dumps(jsonable(result), indent=2) + "\n")
+    write_json(paths["json"], jsonable(result))
     refs = result["references"]
     rows = []
     for i, x in enumerate(refs):
@@ -359,7 +357,7 @@ def write_inter_dataset(result: dict[str, Any], out_dir) -> dict[str, Path]:
             for c, m in result["transfer_accuracy_per_config"].items():
                 row[f"accuracy_{c}"] = m[i][j]
             rows.append(row)
-    pd.DataFrame(rows).to_parquet(paths["parquet"], index=False)
+    write_table(paths["parquet"], rows)
     heatmap(result["delta"], refs, refs, paths["delta_png"],
             title=f"Δ(X | Y), {result['loss']} (box = most similar)",
             xlabel="reference autoencoder Y", ylabel="unknown data X")

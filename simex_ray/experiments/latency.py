@@ -17,7 +17,6 @@ them once per reference, not per query.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import statistics
 import time
@@ -34,6 +33,7 @@ from ..protocol import DEFAULT, MapFn, Progress, ProtocolConfig, canonical_refs,
 from .fleets import FleetTrainer
 from .inter_dataset import resolve_fleet
 from ..errors import UserError
+from ..results import write_figure, write_json
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def write_latency(result: dict[str, Any], out_dir) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "latency.json", "png": out / "latency.png"}
-    paths["json"].write_text(json.dumps(jsonable(result), indent=2) + "\n")
+    write_json(paths["json"], jsonable(result))
 
     plt = pyplot()
     estimators = result.get("estimator_seconds", {})
@@ -184,6 +184,6 @@ def write_latency(result: dict[str, Any], out_dir) -> dict[str, Path]:
                  f"{result['speedup']:.3g}x\nover the fastest transfer ({result['fastest_transfer']}, "
                  f"time to min. val. loss)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(paths["png"])
+    write_figure(paths["png"], fig)
     plt.close(fig)
     return paths

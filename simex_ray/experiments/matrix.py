@@ -6,7 +6,6 @@ Rows are unknown datasets (their held-out test split by default, the same
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +16,7 @@ from .. import data
 from ..fleet import Fleet
 from ..formats import conversion
 from ..errors import UserError
+from ..results import write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +91,18 @@ def _row(spec, result, members, delta, normalized, rankings, sizes, on_row) -> N
 
 def write_matrix(result: dict[str, Any], out_dir, name: str = "delta_matrix") -> dict[str, Path]:
     """Write ``name``.json, ``name``.parquet (long table) and ``name``.png (heatmap)."""
-    import pandas as pd
-
     from ..plots import heatmap
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{name}.json", "parquet": out / f"{name}.parquet", "png": out / f"{name}.png"}
-    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    write_json(paths["json"], result)
     rows = [
         {"unknown": u, "reference": r, "delta": result["delta"][i][j],
          "delta_normalized": result["delta_normalized"][i][j]}
         for i, u in enumerate(result["unknown"]) for j, r in enumerate(result["references"])
     ]
-    pd.DataFrame(rows).to_parquet(paths["parquet"], index=False)
+    write_table(paths["parquet"], rows)
     heatmap(result["delta"], result["unknown"], result["references"], paths["png"],
             title=f"Δ(X | Y), {result['loss']} ({result['split']} split; box = most similar)",
             xlabel="reference autoencoder Y", ylabel="unknown data X")

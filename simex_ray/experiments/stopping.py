@@ -32,6 +32,7 @@ import torch
 from ..ranking import agreement
 from ..training import TrainConfig, as_tensor, initial_state, train_one_epoch
 from ..errors import UserError
+from ..results import write_table
 
 
 @dataclass(frozen=True)
@@ -319,8 +320,6 @@ def write_study(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], o
     import json
     from pathlib import Path
 
-    import pandas as pd
-
     from ..fleet import atomic_write_bytes
     from ..protocol import jsonable
 
@@ -328,7 +327,7 @@ def write_study(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], o
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "stopping.json", "parquet": out / "stopping.parquet", "png": out / "stopping.png"}
     flat = [{k: (json.dumps(jsonable(v)) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in rows]
-    pd.DataFrame(flat).to_parquet(paths["parquet"], index=False)
+    write_table(paths["parquet"], flat)
     plot_stopping(summary, paths["png"])
     atomic_write_bytes(paths["json"], (json.dumps(jsonable(summary), indent=2) + "\n").encode())
     return paths

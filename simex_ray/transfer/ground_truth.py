@@ -48,6 +48,7 @@ from .learning import finetune, tl_config, transfer, transfer_efficiency
 from .library import FILE as LIBRARY_FILE
 from .library import Classifier, LibraryWriter, classifier_name
 from ..errors import UserError
+from ..results import write_table
 
 log = logging.getLogger("simex_ray.ground_truth")
 
@@ -244,8 +245,6 @@ class GroundTruth:
 
     def save(self, out_dir) -> dict[str, Path]:
         """Write the directory (JSON atomically, then the table and the figure)."""
-        import pandas as pd
-
         from ..plots import heatmap
 
         out = Path(out_dir)
@@ -268,7 +267,7 @@ class GroundTruth:
                 for c, m in self.accuracy_per_config.items():
                     row[f"accuracy_{c}"] = float(m[i, j])
                 rows.append(row)
-        pd.DataFrame(rows).to_parquet(paths["parquet"], index=False)
+        write_table(paths["parquet"], rows)
         matrix, what = (self.gain, "gain over scratch") if self.gain is not None else (self.accuracy, "accuracy")
         snr = self.snr()["snr"]
         heatmap(matrix, self.references, self.references, paths["png"], cmap="viridis", mark_row_min=False,
