@@ -252,3 +252,19 @@ def test_a_colour_fleet_over_http(colour_service):
         out = json.loads(proc.stdout)
         assert out["image_format"] == "3x32x32"
         assert_same(out, want)
+
+
+def test_one_rule_names_a_fleets_format_and_loss():
+    from simex_ray.fleet.manifest import Member, common_format, common_loss
+    from simex_ray.fleet import FleetError
+
+    def member(name, fmt, loss):
+        return Member(name=name, spec=name, config={"loss": loss, "image_format": fmt}, fingerprint="")
+
+    same = [member("a", "3x32x32", "mse"), member("b", "3x32x32", "mse")]
+    assert common_format(same) == COLOUR and common_loss(same) == "mse"
+    assert common_format([]) == LEGACY
+    mixed = [member("a", "1x28x28", "mse"), member("b", "3x32x32", "issim")]
+    assert common_loss(mixed) == "mixed"
+    with pytest.raises(FleetError, match=r"mixes image formats \(1x28x28: a; 3x32x32: b\); do this"):
+        common_format(mixed, "do this")

@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import data, storage
 from ..fleet import Fleet
-from ..fleet.manifest import Member, read_manifest
+from ..fleet.manifest import Member, common_format, common_loss, read_manifest
 from ..fleet.result import ScoreResult, merge_results, score_result
 from ..formats import ImageFormat, conversion, convert, format_of
 from ..errors import UserError, check_members
@@ -171,13 +171,10 @@ def score_batch(fleet_dir: str, spec: str, *, fmt: ImageFormat | None = None, st
         records = sorted(records, key=lambda r: members.index(r["name"]))
     if not records:
         raise UserError(f"{fleet_dir}: no members to score")
-    formats = {Member.from_json(r).image_format for r in records}
-    if len(formats) != 1:
-        raise UserError(f"{fleet_dir}: members of several image formats ({', '.join(map(str, sorted(formats)))}); "
-                         f"score each format's members on their own with --members")
-    fmt = fmt or formats.pop()
+    chosen = [Member.from_json(r) for r in records]
+    fmt = fmt or common_format(chosen)
     names = [r["name"] for r in records]
-    used_loss = loss or (records[0]["config"]["loss"] if len({r["config"]["loss"] for r in records}) == 1 else "mixed")
+    used_loss = loss or common_loss(chosen)
     t0 = time.perf_counter()
     block = settings.block or settings.batch_size
     slices = data.plan_slices(spec, block=block) if split == "all" and not samples else None

@@ -14,7 +14,8 @@ from ..formats import ImageFormat
 from ..losses import check_loss
 from ..models import create_autoencoder
 from ..training import TrainConfig
-from .manifest import MANIFEST, RELOADS, FleetError, Member, StaleWeightsError, read_manifest, read_weights
+from .manifest import (MANIFEST, RELOADS, FleetError, Member, StaleWeightsError, common_format, common_loss,
+                       read_manifest, read_weights)
 from .result import DEFAULT_RANKING, RANKINGS, ScoreResult, score_result
 from ..errors import UserError, check_members
 
@@ -74,18 +75,11 @@ class Fleet:
     @property
     def image_format(self) -> ImageFormat:
         """The one format every member takes (a fleet of mixed formats cannot be scored as one)."""
-        formats = {m.image_format for m in self.members.values()}
-        if len(formats) != 1:
-            found = ", ".join(f"{f} ({', '.join(n for n, m in self.members.items() if m.image_format == f)})"
-                              for f in sorted(formats))
-            raise FleetError(f"fleet {self.path} mixes image formats: {found}; score each format's members "
-                             f"on their own with --members")
-        return formats.pop()
+        return common_format(self.members.values())
 
     @property
     def loss(self) -> str:
-        losses = {m.loss for m in self.members.values()}
-        return losses.pop() if len(losses) == 1 else "mixed"
+        return common_loss(self.members.values())
 
     @property
     def engine(self):

@@ -122,6 +122,25 @@ class Member:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def common_format(members: Iterable[Member], hint: str = "score each format's members on their own with --members"
+                  ) -> ImageFormat:
+    """The one image format of ``members`` (none: 1x28x28); a one-line FleetError naming each format's members,
+    and ``hint``, when they mix formats. The one rule of `simex score`, Serve and batch scoring."""
+    formats: dict[ImageFormat, list[str]] = {}
+    for m in members:
+        formats.setdefault(m.image_format, []).append(m.name)
+    if len(formats) > 1:
+        found = "; ".join(f"{f}: {', '.join(names)}" for f, names in sorted(formats.items(), key=lambda kv: str(kv[0])))
+        raise FleetError(f"the fleet mixes image formats ({found}); {hint}")
+    return next(iter(formats), LEGACY)
+
+
+def common_loss(members: Iterable[Member]) -> str:
+    """The one loss of ``members``, or "mixed" (each member then scores with its own)."""
+    losses = sorted({m.loss for m in members})
+    return losses[0] if len(losses) == 1 else "mixed"
+
+
 def record_format(record: dict) -> ImageFormat:
     """The image format of a manifest record (only its config is read); none recorded: 1×28×28."""
     return ImageFormat.parse((record.get("config") or {}).get("image_format", LEGACY))
@@ -286,11 +305,10 @@ def write_manifest(fleet_dir: storage.PathLike, members: Iterable[Member], **ext
     Then collects the weight files neither it nor the manifest it replaced lists (module docstring).
     Returns its path (a Path for a local fleet, the URI otherwise)."""
     members = list(members)
-    losses = sorted({m.loss for m in members})
     manifest = {
         "format": FORMAT_VERSION,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "loss": losses[0] if len(losses) == 1 else "mixed",
+        "loss": common_loss(members),
         "members": [m.to_json() for m in members],
         **extra,
     }
