@@ -96,52 +96,6 @@ def split_members(text: str | None) -> list[str] | None:
     return names or None
 
 
-def read_unknown(spec: str, *, split: str = "all", samples: int | None = None, seed: int = 0, data_dir=None,
-                 stream: bool = True, fmt=None, strict: bool = False, cache: dict | None = None):
-    """Spec + split + samples -> (images, labels): the one rule of `simex score`, `matrix` and `query`.
-
-    ``split='all'`` reads every image (an uncompressed npz is streamed block by block, memory flat in N,
-    when ``stream`` and no ``samples``); ``train``/``test`` are the 5:1 split `simex train` uses.
-    ``images`` is an array (N, C, H, W) in ``fmt`` (the fleet's format; default the legacy 1x28x28),
-    converted by the rule (``strict``: refused), or, when streamed, an iterable of such blocks.
-    """
-    from .. import data
-    from ..formats import LEGACY
-
-    fmt = fmt or LEGACY
-    conv = dict(fmt=fmt, strict=strict)
-    data.parse_spec(spec)
-    if split not in ("all", "train", "test"):
-        raise UsageError(f"unknown split '{split}'; known: all, train, test")
-    if samples is not None and samples < 1:
-        raise UsageError(f"--samples must be a positive integer, got {samples}")
-    streamed = data.stream(spec) if stream and split == "all" and not samples else None
-    if streamed is not None:
-        if strict and streamed.native_format() != fmt:  # refuse before any image is scored
-            next(streamed.blocks(1, **conv))
-        return streamed.blocks(**conv), streamed.y
-    if split == "all":
-        ds = data.load(spec, seed=seed, data_dir=data_dir, cache=cache, **conv)
-        if samples:
-            ds = data.balanced_sample(ds, samples, seed=seed)
-        return ds.x, ds.y
-    train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir, cache=cache, **conv)
-    ds = train if split == "train" else test
-    return ds.x, ds.y
-
-
-def fleet_format_note(spec: str, fmt, *, seed: int = 0, data_dir=None, cache: dict | None = None) -> str | None:
-    """What the conversion rule does to ``spec``'s images to reach the fleet's ``fmt`` (None: nothing);
-    ``cache``: the one :func:`read_unknown` filled, so the data is not read again."""
-    from .. import data
-    from ..formats import conversion
-
-    streamed = data.stream(spec)
-    native = streamed.native_format() if streamed is not None else data.native_format(
-        spec, seed=seed, data_dir=data_dir, cache=cache)
-    return conversion(native, fmt)
-
-
 def add_strict_format_arg(p) -> None:
     p.add_argument("--strict-format", action="store_true",
                    help="refuse data that is not in the fleet's image format instead of converting it")

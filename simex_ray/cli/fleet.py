@@ -8,8 +8,8 @@ import sys
 import time
 
 from .common import (UsageError, add_address_arg, add_data_args, add_device_arg, add_loss_arg,
-                     add_strict_format_arg, data_seed, fleet_format_note,
-                     epoch_printer, format_score, positive_float, positive_int, read_unknown, spec_help,
+                     add_strict_format_arg, data_seed,
+                     epoch_printer, format_score, positive_float, positive_int, spec_help,
                      split_members)
 
 log = logging.getLogger("simex")
@@ -246,18 +246,18 @@ def cmd_score(args) -> int:
     data.parse_spec(args.data)  # a bad spec or fleet fails before any data is read (a bad spec: or torch imported)
     if args.address:
         return score_on_ray(args)
+    from ..data.unknown import conversion_note, read_unknown
     from ..fleet import DEFAULT_RANKING, Fleet, atomic_write_bytes
-    from ..scoring import keep_freed_memory
+    from ..scoring import keep_freed_memory, resolve_device
 
     keep_freed_memory()  # this process scores: freed chunk buffers are reused (docs/results.md, "Memory")
-    from ..scoring import resolve_device
 
     fleet = Fleet.load(args.fleet, names=split_members(args.members), device=resolve_device(args.device))
     fleet.precision = args.precision
     fmt, cache = fleet.image_format, {}
     images, labels = read_unknown(args.data, split=args.split, samples=args.samples, seed=data_seed(args),
                                   data_dir=args.data_dir, fmt=fmt, strict=args.strict_format, cache=cache)
-    converted = fleet_format_note(args.data, fmt, seed=data_seed(args), data_dir=args.data_dir, cache=cache)
+    converted = conversion_note(args.data, fmt, seed=data_seed(args), data_dir=args.data_dir, cache=cache)
     t0 = time.perf_counter()
     result = fleet.score(images, loss=args.loss, method=args.ranking or DEFAULT_RANKING,
                          per_sample=args.per_sample is not None)

@@ -8,7 +8,7 @@ import sys
 import time
 
 from .common import (UsageError, add_address_arg, add_data_args, add_device_arg, add_loss_arg, data_seed,
-                     positive_float, positive_int, read_unknown, spec_help, stage_printer)
+                     positive_float, positive_int, spec_help, stage_printer)
 
 
 def add_parsers(sub) -> None:
@@ -81,6 +81,8 @@ def cmd_select(args) -> int:
     if fleet is not None and fleet.image_format != fmt:
         raise UsageError(f"the library's classifiers take {fmt} but the fleet's autoencoders {fleet.image_format}; "
                          f"select with a fleet of the library's format (or without --fleet)")
+    from ..data.unknown import read_unknown
+
     x, y = read_unknown(args.data, split=args.split, samples=args.samples, seed=seed, data_dir=args.data_dir,
                         stream=False, fmt=fmt)
     methods = resolve_methods(args.method, labelled=y is not None, fleet=fleet is not None)

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from .common import (UsageError, add_data_args, add_device_arg, add_strict_format_arg, data_seed, fleet_format_note,
-                     format_score, non_negative_int, positive_int, read_unknown, split_members)
+from .common import (UsageError, add_data_args, add_device_arg, add_strict_format_arg, data_seed, format_score,
+                     non_negative_int, positive_int, split_members)
 from ..errors import UserError
 
 log = logging.getLogger("simex.serve")
@@ -357,9 +357,13 @@ def cmd_query(args) -> int:
                              retries=args.retries, strict=args.strict_format)
         what, source = f"{len(args.files)} file(s)", {"files": args.files}
     else:  # read and converted here by the rule, as `simex score` does; sent as arrays in the fleet's format
+        from ..data.unknown import conversion_note, read_unknown
+
+        cache: dict = {}  # the data is read once, for the images and for the note
         images, _ = read_unknown(args.data, split=args.split, samples=args.samples, seed=data_seed(args),
-                                 data_dir=args.data_dir, stream=False, fmt=fmt, strict=args.strict_format)
-        converted = fleet_format_note(args.data, fmt, seed=data_seed(args), data_dir=args.data_dir)
+                                 data_dir=args.data_dir, stream=False, fmt=fmt, strict=args.strict_format,
+                                 cache=cache)
+        converted = conversion_note(args.data, fmt, seed=data_seed(args), data_dir=args.data_dir, cache=cache)
         t0 = time.perf_counter()
         result = query(args.url, images, members=members, api_key=args.api_key, batch=args.batch,
                        retries=args.retries)

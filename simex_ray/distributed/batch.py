@@ -32,6 +32,7 @@ from .. import data, storage
 from ..fleet import Fleet
 from ..fleet.manifest import Member, common_format, common_loss, read_manifest
 from ..fleet.result import ScoreResult, merge_results, score_result
+from ..data.unknown import read_unknown
 from ..formats import ImageFormat, conversion, convert, format_of
 from ..errors import UserError, check_members
 
@@ -226,11 +227,5 @@ def score_batch(fleet_dir: str, spec: str, *, fmt: ImageFormat | None = None, st
 
 def _read_here(spec: str, *, fmt, strict, split, samples, seed, data_dir):
     """A spec that cannot be sliced in place, read on the driver: the rule of `simex score`."""
-    if split == "all":
-        ds = data.load(spec, seed=seed, data_dir=data_dir, fmt=fmt, strict=strict)
-        if samples:
-            ds = data.balanced_sample(ds, samples, seed=seed)
-        return ds.x, ds.y
-    train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir, fmt=fmt, strict=strict)
-    ds = train if split == "train" else test
-    return ds.x, ds.y
+    return read_unknown(spec, split=split, samples=samples, seed=seed, data_dir=data_dir, stream=False, fmt=fmt,
+                        strict=strict)

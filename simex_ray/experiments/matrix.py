@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import data
 from ..fleet import Fleet
-from ..formats import conversion
+from ..data.unknown import conversion_note, read_unknown
 from ..errors import UserError
 from ..results import write_json, write_table
 
@@ -48,19 +48,14 @@ def delta_matrix(fleet: Fleet, unknown: list[str], *, samples: int | None = None
                 conversions[spec] = step
             _row(spec, result, members, delta, normalized, rankings, sizes, on_row)
             continue
-        step = conversion(data.native_format(spec, seed=seed, data_dir=data_dir, cache=cache), fmt)
+        x, _ = read_unknown(spec, split=split, samples=samples, seed=seed, data_dir=data_dir, stream=False,
+                            cache=cache, **conv)
+        step = conversion_note(spec, fmt, seed=seed, data_dir=data_dir, cache=cache)
         if step:
             conversions[spec] = step
-        if split == "all":
-            ds = data.load(spec, seed=seed, data_dir=data_dir, cache=cache, **conv)
-            if samples:
-                ds = data.balanced_sample(ds, samples, seed=seed)
-        else:
-            train, test = data.prepare(spec, samples=samples, seed=seed, data_dir=data_dir, cache=cache, **conv)
-            ds = test if split == "test" else train
-        result = fleet.score(ds.x, loss=loss)
+        result = fleet.score(x, loss=loss)
         if on_scored is not None:
-            on_scored(spec, ds.x, result)
+            on_scored(spec, x, result)
         _row(spec, result, members, delta, normalized, rankings, sizes, on_row)
     matched = [spec for spec in unknown if spec in members]
     return {
