@@ -43,3 +43,15 @@ SELECTION_METHODS = ("simex", "logme", "leep", "nce", "hscore", "gbc", "knn", "e
 # `simex train`'s flags, written once. (The architecture's default depends on the format:
 # ``models.default_architecture``.)
 TRAIN_DEFAULTS = {"loss": "mse", "epochs": 10, "optimizer": "adam", "lr": None, "batch_size": 16}
+
+# Serve layouts (:mod:`simex_ray.distributed.serving`): name -> what it is, for `--mode`'s help.
+SERVE_MODES = {
+    "members": "one application per member (scale members independently; for up to 64 members)",
+    "fused": "one application holding the whole fleet (one hop past the ingress)",
+    "embedded": "the ingress replicas hold the whole fleet (no hop past the proxy; --replicas and "
+                "--cpus-per-replica size them)",
+    "sharded": "the fleet in shard applications of K members each, asked at once and merged (large fleets)",
+}
+# The defaults of ``ServeSettings`` and of `simex serve`'s flags, written once.
+SERVE_DEFAULTS = {"mode": "members", "replicas": 1, "cpus_per_replica": 0.25, "ingress_replicas": 1,
+                  "gpus_per_replica": 0.0, "deploy_timeout_s": 600.0}

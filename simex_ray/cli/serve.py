@@ -19,6 +19,7 @@ log = logging.getLogger("simex.serve")
 
 def add_parsers(sub) -> None:
     from ..api import Limits  # the one home of the request limits' defaults
+    from ..choices import SERVE_DEFAULTS, SERVE_MODES
 
     s = sub.add_parser("serve", help="run the scoring service (Ray Serve)",
                        description="HTTP scoring service: POST /v1/score, GET /v1/members, GET /healthz, /docs.")
@@ -27,24 +28,23 @@ def add_parsers(sub) -> None:
 
     def deployment_flags(p):
         p.add_argument("--fleet", required=True, help="fleet directory written by `simex train`")
-        p.add_argument("--replicas", type=int, default=1,
-                       help="replicas per scorer: per member, shard or fleet, as --mode says (default 1)")
+        p.add_argument("--replicas", type=int, default=SERVE_DEFAULTS["replicas"],
+                       help="replicas per scorer: per member, shard or fleet, as --mode says "
+                            f"(default {SERVE_DEFAULTS['replicas']})")
         p.add_argument("--autoscale", default=None, metavar="MIN:MAX",
                        help="autoscale each scorer (member, shard or fleet) between MIN and MAX replicas instead "
                             "of --replicas")
-        p.add_argument("--cpus-per-replica", type=float, default=0.25, help="(default 0.25)")
+        p.add_argument("--cpus-per-replica", type=float, default=SERVE_DEFAULTS["cpus_per_replica"],
+                       help=f"(default {SERVE_DEFAULTS['cpus_per_replica']:g})")
         p.add_argument("--api-key", default=os.environ.get("SIMEX_API_KEY"),
                        help="require this key in the X-API-Key header (default $SIMEX_API_KEY; none)")
         p.add_argument("--max-images", type=int, default=Limits.max_images,
                        help=f"images per request (default {Limits.max_images})")
         p.add_argument("--max-body-mb", type=float, default=Limits.max_body_bytes / 2**20,
                        help=f"request body limit in MiB (default {Limits.max_body_bytes / 2**20:g})")
-        p.add_argument("--mode", choices=("members", "fused", "embedded", "sharded"), default="members",
-                       help="members: one application per member (scale members independently; default; for "
-                            "up to 64 members); fused: one application holding the whole fleet (one hop past the "
-                            "ingress); embedded: the ingress replicas hold the whole fleet (no hop past the proxy; "
-                            "--replicas and --cpus-per-replica size them); sharded: the fleet in shard "
-                            "applications of K members each, asked at once and merged (large fleets)")
+        p.add_argument("--mode", choices=tuple(SERVE_MODES), default=SERVE_DEFAULTS["mode"],
+                       help="; ".join(f"{name}: {what}" + (" (default)" if name == SERVE_DEFAULTS["mode"] else "")
+                                      for name, what in SERVE_MODES.items()))
         shards = p.add_mutually_exclusive_group()
         shards.add_argument("--shards", type=positive_int, default=None, metavar="S",
                             help="(--mode sharded) split the fleet into S shards of near-equal size")
@@ -52,16 +52,17 @@ def add_parsers(sub) -> None:
                             help="(--mode sharded) shards of K members, in fleet order (default 16); appending "
                                  "members to the fleet leaves the earlier shards as they are")
         add_device_arg(p, help="where the scorers run (default cpu); cuda needs --gpus-per-replica")
-        p.add_argument("--gpus-per-replica", type=float, default=0.0, help="(default 0; fractions allowed)")
+        p.add_argument("--gpus-per-replica", type=float, default=SERVE_DEFAULTS["gpus_per_replica"],
+                       help=f"(default {SERVE_DEFAULTS['gpus_per_replica']:g}; fractions allowed)")
         p.add_argument("--library", default=None,
                        help="a classifier library (`simex train-bases`) to answer POST /v1/select: which "
                             "classifier to transfer from")
-        p.add_argument("--deploy-timeout", type=float, default=600.0, metavar="S",
+        p.add_argument("--deploy-timeout", type=float, default=SERVE_DEFAULTS["deploy_timeout_s"], metavar="S",
                        help="new scorer applications not running after S seconds (e.g. no room for their replicas) "
                             "are removed again and the command fails; the running service is left as it was "
-                            "(default 600)")
-        p.add_argument("--ingress-replicas", type=int, default=1,
-                       help="replicas of the HTTP ingress (default 1; 2 or more on a cluster, so a lost node "
+                            f"(default {SERVE_DEFAULTS['deploy_timeout_s']:g})")
+        p.add_argument("--ingress-replicas", type=int, default=SERVE_DEFAULTS["ingress_replicas"],
+                       help=f"replicas of the HTTP ingress (default {SERVE_DEFAULTS['ingress_replicas']}; 2 or more on a cluster, so a lost node "
                             "does not take the only one)")
 
     start = verbs.add_parser("start", help="start serving a fleet",

@@ -13,6 +13,7 @@ from ray import serve
 
 from ... import storage
 from ...api import Limits, key_digest
+from ...choices import SERVE_DEFAULTS, SERVE_MODES
 from ...errors import OperationalError, squash, UserError
 from ...fleet import read_manifest, slug
 from ...fleet.manifest import verify_fleet
@@ -25,7 +26,7 @@ MEMBER_PREFIX = "simex-m-"
 FLEET_PREFIX = "simex-fleet-"
 SHARD_PREFIX = "simex-shard-"
 SCORER_PREFIXES = (MEMBER_PREFIX, FLEET_PREFIX, SHARD_PREFIX)
-MODES = ("members", "fused", "embedded", "sharded")
+MODES = tuple(SERVE_MODES)
 # Above this many members, `--mode members` (one Serve application per member) is warned against:
 # Serve's controller reconciles every application, and a deploy or update of hundreds takes minutes.
 MEMBERS_MODE_LIMIT = 64
@@ -33,19 +34,19 @@ MEMBERS_MODE_LIMIT = 64
 
 @dataclass(frozen=True)
 class ServeSettings:
-    replicas: int = 1  # per scorer (a member, the fleet or a shard)
+    replicas: int = SERVE_DEFAULTS["replicas"]  # per scorer (a member, the fleet or a shard)
     autoscaling: dict | None = None  # Serve autoscaling_config per scorer, instead of replicas
-    cpus_per_replica: float = 0.25
-    ingress_replicas: int = 1
+    cpus_per_replica: float = SERVE_DEFAULTS["cpus_per_replica"]
+    ingress_replicas: int = SERVE_DEFAULTS["ingress_replicas"]
     api_key: str | None = None
     limits: Limits = field(default_factory=Limits)
-    mode: str = "members"  # one of MODES (app.py's docstring: the layouts)
+    mode: str = SERVE_DEFAULTS["mode"]  # one of MODES (app.py's docstring: the layouts)
     device: str = "cpu"
-    gpus_per_replica: float = 0.0
+    gpus_per_replica: float = SERVE_DEFAULTS["gpus_per_replica"]
     library: str | None = None  # a classifier library for POST /v1/select (absolute path or URI)
     shards: int | None = None  # sharded: this many shards of near-equal size, or
     members_per_shard: int | None = None  # shards of this many members (neither: sharded.DEFAULT_MEMBERS_PER_SHARD)
-    deploy_timeout_s: float = 600.0  # new scorer apps not RUNNING by then: removed again, the old ones kept
+    deploy_timeout_s: float = SERVE_DEFAULTS["deploy_timeout_s"]  # new scorer apps not RUNNING by then: removed again, the old ones kept
 
     def __post_init__(self):
         if self.mode not in MODES:
