@@ -122,13 +122,15 @@ class Member:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def common_format(members: Iterable[Member], hint: str = "score each format's members on their own with --members"
-                  ) -> ImageFormat:
-    """The one image format of ``members`` (none: 1x28x28); a one-line FleetError naming each format's members,
-    and ``hint``, when they mix formats. The one rule of `simex score`, Serve and batch scoring."""
+def common_format(members: Iterable[Member | dict], hint: str = "score each format's members on their own with "
+                                                                  "--members") -> ImageFormat:
+    """The one image format of ``members`` (Members or manifest records; none: 1x28x28); a one-line FleetError
+    naming each format's members, and ``hint``, when they mix formats. The one rule of `simex score`, Serve and
+    batch scoring."""
     formats: dict[ImageFormat, list[str]] = {}
     for m in members:
-        formats.setdefault(m.image_format, []).append(m.name)
+        name, fmt = (m["name"], record_format(m)) if isinstance(m, dict) else (m.name, m.image_format)
+        formats.setdefault(fmt, []).append(name)
     if len(formats) > 1:
         found = "; ".join(f"{f}: {', '.join(names)}" for f, names in sorted(formats.items(), key=lambda kv: str(kv[0])))
         raise FleetError(f"the fleet mixes image formats ({found}); {hint}")

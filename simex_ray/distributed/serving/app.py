@@ -40,7 +40,7 @@ from ...api import JSON, MULTIPART, NPY, ApiError, Limits, check_api_key, check_
     select_members
 from ...errors import one_line
 from ...fleet import Fleet, FleetError, StaleWeightsError, read_manifest
-from ...fleet.manifest import Member, common_format, record_format
+from ...fleet.manifest import common_format, record_format
 from ...formats import LEGACY, ImageFormat
 from .sharded import gather_shards
 
@@ -141,7 +141,7 @@ def fleet_digest(members: list[dict]) -> str:
 def served_format(records: list[dict]) -> ImageFormat:
     """The one image format of the manifest ``records`` a service serves (records without one are
     1x28x28); a one-line FleetError for a fleet of mixed formats."""
-    return common_format([Member.from_json(r) for r in records], "serve each format's members as their own fleet")
+    return common_format(records, "serve each format's members as their own fleet")
 
 
 def check_library(library, fmt: ImageFormat) -> None:
