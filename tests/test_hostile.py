@@ -328,6 +328,15 @@ def test_pickle_opcode_soup(tmp_path, proto, body, gz):
     _clean(f"pkl:{p}")
 
 
+@pytest.mark.parametrize("op", [b"X", b"T", b"B"])  # BINUNICODE, BINSTRING, BINBYTES: a 4-byte length, then data
+def test_a_tiny_gzip_pickle_claiming_a_large_item_costs_what_it_holds(tmp_path, op):
+    """Found by the soup above: 5 bytes claiming a 64 MiB item made the gzip reader allocate the claim."""
+    p = os.path.join(_fresh(tmp_path), "x.pkl")
+    with open(p, "wb") as f:
+        f.write(gzip.compress(op + b"\x00\x00\x00\x04"))
+    _clean(f"pkl:{p}")  # a one-line error, and a peak far under the claim
+
+
 _GLOBALS = [b"cnumpy._core.multiarray\n_reconstruct\n", b"cnumpy.core.multiarray\n_reconstruct\n",
             b"cnumpy._core.multiarray\nscalar\n", b"cnumpy._core.numeric\n_frombuffer\n", b"cnumpy\nndarray\n",
             b"cnumpy\ndtype\n", b"c_codecs\nencode\n"]

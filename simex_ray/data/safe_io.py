@@ -321,6 +321,9 @@ def _clip(s: str, n: int = 80) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
+READ_CHUNK = 1 << 20  # what one read of a stream of unknown size may ask for at once
+
+
 class _CappedReader:
     """``read``/``readline`` over a stream that refuse, before reading, to go past ``cap`` bytes.
 
@@ -344,7 +347,16 @@ class _CappedReader:
             n = (self.end if self.end is not None else self.cap + 1) - self.pos
         else:
             self._room(n)
-        data = self.f.read(n)
+        if self.end is None and n > READ_CHUNK:
+            # A stream of unknown size (gzip): a claim is read piece by piece, so a 5-byte file that claims a
+            # 64 MiB string costs what it holds, not what it claims (one read(n) would allocate n up front).
+            parts, left = [], n
+            while left > 0 and (part := self.f.read(min(left, READ_CHUNK))):
+                parts.append(part)
+                left -= len(part)
+            data = b"".join(parts)
+        else:
+            data = self.f.read(n)
         self.pos += len(data)
         if self.pos > self.cap:
             self._room(0)
