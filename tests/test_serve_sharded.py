@@ -20,7 +20,7 @@ from simex_ray import data
 from simex_ray.api import ApiError
 from simex_ray.distributed.serving.deploy import ServeSettings, fleet_shards, shard_app_name
 from simex_ray.distributed.serving.sharded import gather_shards, shard_layout
-from simex_ray.fleet import SCORE_FIELDS, Fleet, read_manifest
+from simex_ray.fleet import DEFAULT_RANKING, SCORE_FIELDS, Fleet, read_manifest
 
 REFS = ["digits", "rotated:digits", "bgrand:digits", "bgimage:digits"]
 
@@ -210,7 +210,7 @@ def assert_same(got: dict, expected: dict, tolerance: float = 1e-6) -> None:
             np.testing.assert_allclose(got["per_sample"]["delta"][name], row, rtol=tolerance, atol=tolerance)
 
 
-def in_process(fleet, x, members=None, method="raw") -> dict:
+def in_process(fleet, x, members=None, method=DEFAULT_RANKING) -> dict:
     r = Fleet.load(fleet).score(x, members=members, method=method, per_sample=True)
     return {**r.to_json(), "per_sample": {"delta": dict(zip(r.delta, r.per_sample.tolist())),
                                           "nearest": r.nearest}}
