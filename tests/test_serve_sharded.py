@@ -347,7 +347,7 @@ def test_update_redeploys_only_the_changed_shard_and_a_lost_replica_is_never_par
     while not (len(replicas_of(changes["added"][0])) == 1 and victim[0] not in replicas_of(changes["added"][0])
                and score_http(service, x).status_code == 200):
         assert time.time() < deadline, replicas_of(changes["added"][0])
-        time.sleep(1)
+        time.sleep(0.2)
     assert score_http(service, x).json()["delta"] == pytest.approx(expected, rel=1e-6)
 
     print(f"lost shard replica: {codes.count(200)} answers of 200, {codes.count(503)} of 503, slowest "
