@@ -491,7 +491,7 @@ class MultiNodeCluster:
                         if info.get("is_head_node"):
                             self.nodes[0].node_id = info["node_id"]
                     return alive
-            time.sleep(1)
+            time.sleep(0.5)  # the dashboard answers each look: not too often on a busy machine
         raise TimeoutError(f"{n} alive node(s) expected; last seen: {last}")
 
     def train_controller_log(self) -> list[str]:

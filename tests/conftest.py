@@ -149,7 +149,7 @@ def ray_cluster():
         while "Ray runtime started" not in open(log.name).read():
             if head.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"ray head did not start: {open(log.name).read()[-2000:]}")
-            time.sleep(1)
+            time.sleep(0.2)
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
         yield Cluster(address, f"http://127.0.0.1:{dash_port}", env)
     finally:

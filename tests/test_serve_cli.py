@@ -60,7 +60,7 @@ def _wait_healthy(url: str, server, log_path, deadline_s: float = 300) -> None:
         except requests.RequestException:
             pass
         assert server.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-        time.sleep(1)
+        time.sleep(0.2)
 
 
 def _wait_logged(text: str, server, log_path, deadline_s: float = 120) -> None:

@@ -330,7 +330,7 @@ def _stop(args) -> int:
     os.kill(record.pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_WAIT_S
     while is_alive(record) and time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.1)
     if is_alive(record):
         raise ProcessLookupError(f"the service on port {args.port} (pid {record.pid}) is still running "
                                  f"{STOP_WAIT_S:.0f} s after SIGTERM; run `simex serve stop` again, or kill it")

@@ -274,10 +274,21 @@ def undeploy() -> list[str]:
             if a == INGRESS_APP or a.startswith(SCORER_PREFIXES)]
     if INGRESS_APP in apps:  # stop taking requests first
         serve.delete(INGRESS_APP)
-    for app in apps:
-        if app != INGRESS_APP:
-            serve.delete(app)
+    _delete_together([app for app in apps if app != INGRESS_APP])
     return apps
+
+
+def _delete_together(apps: list[str], timeout_s: float = 60.0, poll_s: float = 0.2) -> None:
+    """Delete ``apps`` at once and wait until Serve lists none of them: its own blocking delete waits
+    for each in turn (about 3 s apiece on an idle machine, its replicas' graceful shutdown included)."""
+    for app in apps:
+        serve.delete(app, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while left := [a for a in apps if a in serve.status().applications]:
+        if time.monotonic() > deadline:
+            raise DeployError(f"{len(left)} Serve application(s) still not deleted after {timeout_s:.0f} s: "
+                              f"{', '.join(left)}")
+        time.sleep(poll_s)
 
 
 def serve_config(fleet_dir, settings: ServeSettings = ServeSettings(), host="127.0.0.1", port=8000) -> dict:
