@@ -196,7 +196,7 @@ BAD = [
     ("too many images", lambda s: post_npy(s, np.zeros((513, 28, 28), np.uint8)), 413, "limit"),
     ("body too large", lambda s: post_npy(s, np.zeros((700, 28, 28), np.float64)), 413, "limit"),
     ("unknown member", lambda s: post_json(s, {"images": np.zeros((1, 28, 28)).tolist(), "members": ["mnst"]}),
-     404, "available"),
+     404, "fleet has: "),
     ("members not a list", lambda s: post_json(s, {"images": np.zeros((1, 28, 28)).tolist(), "members": "x"}),
      422, "members"),
     ("no images field", lambda s: post_json(s, {"pictures": []}), 422, "images"),
