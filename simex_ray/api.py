@@ -320,10 +320,11 @@ def decode_files(files: list[tuple[str, bytes]], limits: Limits, fmt: ImageForma
             x = decode_image(content, where)  # (1, C, H, W) at the file's own format
         except SpecError as e:
             raise ApiError(422, str(e)) from None
-        if strict and format_of(x) != fmt:
-            raise ApiError(422, f"{where} is {format_of(x)} but the fleet takes {fmt}; convert it yourself, or "
-                                f"leave out strict_format=true to apply the rule ({conversion(format_of(x), fmt)})")
-        step = conversion(format_of(x), fmt)
+        native = format_of(x)
+        step = conversion(native, fmt)
+        if strict and step:
+            raise ApiError(422, f"{where} is {native} but the fleet takes {fmt}; convert it yourself, or "
+                                f"leave out strict_format=true to apply the rule ({step})")
         if step:
             steps[step] = steps.get(step, 0) + 1
         out.append(convert(x, fmt, name=where))

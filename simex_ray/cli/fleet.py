@@ -173,11 +173,8 @@ def train_config(args, image_format=None):
 
     fmt = image_format or LEGACY
     kw["architecture"] = kw["architecture"] or default_architecture(fmt)
-    if kw["epochs"] == "auto":
-        del kw["epochs"]
-        return TrainConfig.auto(seed=args.seed, image_format=str(fmt), precision=getattr(args, "precision", "fp32"),
-                                **kw)
-    return TrainConfig(seed=args.seed, image_format=str(fmt), precision=getattr(args, "precision", "fp32"), **kw)
+    make = TrainConfig.auto if kw["epochs"] == "auto" else TrainConfig  # auto sets epochs (the cap) and patience
+    return make(seed=args.seed, image_format=str(fmt), precision=getattr(args, "precision", "fp32"), **kw)
 
 
 def resources_from(args):

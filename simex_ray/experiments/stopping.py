@@ -32,7 +32,7 @@ import torch
 from ..ranking import agreement
 from ..training import TrainConfig, as_tensor, initial_state, train_one_epoch
 from ..errors import UserError
-from ..results import write_table
+from ..results import write_json, write_table
 
 
 @dataclass(frozen=True)
@@ -320,7 +320,6 @@ def write_study(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], o
     import json
     from pathlib import Path
 
-    from ..fleet import atomic_write_bytes
     from ..protocol import jsonable
 
     out = Path(out_dir)
@@ -329,5 +328,5 @@ def write_study(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], o
     flat = [{k: (json.dumps(jsonable(v)) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in rows]
     write_table(paths["parquet"], flat)
     plot_stopping(summary, paths["png"])
-    atomic_write_bytes(paths["json"], (json.dumps(jsonable(summary), indent=2) + "\n").encode())
+    write_json(paths["json"], jsonable(summary))
     return paths

@@ -39,7 +39,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..fleet import atomic_write_bytes
 from ..formats import LEGACY
 from ..protocol import (DEFAULT, MapFn, Progress, ProtocolConfig, Splits, canonical_refs, jsonable, load_splits,
                        run_units)
@@ -48,7 +47,7 @@ from .learning import finetune, tl_config, transfer, transfer_efficiency
 from .library import FILE as LIBRARY_FILE
 from .library import Classifier, LibraryWriter, classifier_name
 from ..errors import UserError
-from ..results import write_table
+from ..results import write_json, write_table
 
 log = logging.getLogger("simex_ray.ground_truth")
 
@@ -274,7 +273,7 @@ class GroundTruth:
                 title=f"transfer {what} of X from B(Y) (SNR {snr:.2g})", xlabel="base classifier Y",
                 ylabel="unknown data X")
         # The JSON last: a directory with ground_truth.json is complete.
-        atomic_write_bytes(paths["json"], (json.dumps(self.to_json(), indent=2) + "\n").encode())
+        write_json(paths["json"], self.to_json())
         self.path = out
         return paths
 
