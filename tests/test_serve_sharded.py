@@ -18,9 +18,12 @@ import requests
 
 from simex_ray import data
 from simex_ray.api import ApiError
-from simex_ray.distributed.serving.deploy import ServeSettings, fleet_shards, shard_app_name
+from simex_ray.distributed.serving.deploy import ServeSettings
+from simex_ray.distributed.serving.layouts import Sharded, shard_app_name
 from simex_ray.distributed.serving.sharded import gather_shards, shard_layout
 from simex_ray.fleet import DEFAULT_RANKING, SCORE_FIELDS, Fleet, read_manifest
+
+fleet_shards = Sharded.shards
 
 REFS = ["digits", "rotated:digits", "bgrand:digits", "bgimage:digits"]
 
@@ -401,3 +404,24 @@ def test_an_update_with_no_room_is_removed_again_and_the_service_keeps_answering
     again = score_http(service, x)
     assert again.status_code == 200, again.text
     assert_same(again.json(), expected)
+
+
+def test_every_layout_is_one_registry_object_and_the_cli_offers_exactly_them(tmp_path):
+    from simex_ray.choices import SERVE_MODES
+    from simex_ray.distributed.serving.deploy import _ingress_args, _scorers
+    from simex_ray.distributed.serving.layouts import LAYOUTS, mode_of
+
+    assert list(LAYOUTS) == list(SERVE_MODES)  # --mode's choices and help name the registry's layouts, in order
+    members = records(5)
+    for name, layout in LAYOUTS.items():
+        s = ServeSettings(mode=name, **({"members_per_shard": 2} if name == "sharded" else {}))
+        scorers = _scorers(str(tmp_path), members, s)
+        # Each layout's applications hold every member exactly once (embedded: the ingress holds them).
+        held = [m for a in scorers for m in ([a.args["member"]] if "member" in a.args else
+                                              a.args.get("names", [r["name"] for r in a.records.get("records", [])]))]
+        assert sorted(held) == ([] if name == "embedded" else sorted(m["name"] for m in members))
+        assert len({a.name for a in scorers}) == len(scorers)
+        args = _ingress_args(str(tmp_path), members, s)
+        assert mode_of(args) == name == args["mode"]
+        # A config written before `mode` existed names its layout by its keys.
+        assert mode_of({k: v for k, v in args.items() if k != "mode"}) == name

@@ -42,7 +42,7 @@ from ...errors import one_line
 from ...fleet import Fleet, FleetError, StaleWeightsError, read_manifest
 from ...fleet.manifest import common_format, record_format
 from ...formats import LEGACY, ImageFormat
-from .sharded import gather_shards
+from .layouts import LAYOUTS, Router, fleet_digest, mode_of
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +129,6 @@ class FleetScorer:
 
     def pid(self) -> int:
         return os.getpid()
-
-
-def fleet_digest(members: list[dict]) -> str:
-    """Names and weight hashes of every member: a new digest = a new fused application."""
-    import hashlib
-
-    return hashlib.sha256("|".join(f"{m['name']}={m['sha256']}" for m in members).encode()).hexdigest()
 
 
 def served_format(records: list[dict]) -> ImageFormat:
@@ -293,17 +286,17 @@ class Ingress:
 
     def __init__(self):
         self.members: dict[str, dict] = {}
-        self.handles: dict[str, Any] = {}
-        self.shards: list[tuple[Any, list[str]]] = []  # sharded layout: (handle, its members) per shard
+        self.router: Router | None = None  # the layout's way to the scorers (layouts.py)
         self.layout: dict[str, Any] = {"mode": "members"}
-        self.fused, self.order, self.local, self.local_key = None, [], None, None
+        self.order, self.local, self.local_key = [], None, None
         self.api_key, self.limits, self.loss, self.fleet = None, Limits(), "mse", ""
         self.library, self.library_path = None, None
         self.image_format, self.openapi_cache = LEGACY, None
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """config: fleet, members {name: {app, sha256}}, fused (the whole-fleet app, or None), shards
-        ([{app, members}] of the sharded layout, or None), api_key_sha256, max_images, max_body_bytes; from
+        """config: fleet, mode (the layout, :mod:`.layouts`; older configs say it by their keys), members
+        {name: {app, sha256}}, the layout's own keys (fused: the whole-fleet app; sharded: shards [{app,
+        members}]; embedded: embedded, threads, device), api_key_sha256, max_images, max_body_bytes; from
         :func:`deploy` also records and loss (the checked manifest's members and loss; without them, as from a
         Serve config file, the manifest is read here)."""
         manifest = ({"members": config["records"], "loss": config.get("loss", "mse")} if "records" in config
@@ -315,7 +308,8 @@ class Ingress:
         self.records = {name: records[name] for name in self.members}  # as in the manifest
         self.image_format, self.openapi_cache = fmt, None
         self.order = [m["name"] for m in manifest["members"]]  # the fused scorer's row order
-        if config.get("embedded"):  # this replica scores itself: no scorer application, no second hop
+        mode = mode_of(config)
+        if mode == "embedded":  # this replica scores itself: no scorer application, no second hop
             key = (config["fleet"], fleet_digest(config_members(config)), config.get("device", "cpu"))
             if key != self.local_key:  # a change of API key or limits alone does not reload the fleet
                 import torch
@@ -332,14 +326,8 @@ class Ingress:
             self.order = list(self.local.members)
         else:
             self.local = self.local_key = None
-        self.fused = serve.get_app_handle(config["fused"]) if config.get("fused") else None
-        shards = config.get("shards") or []
-        self.shards = [(serve.get_app_handle(s["app"]), list(s["members"])) for s in shards]
-        self.handles = {} if self.fused or self.local or self.shards else {
-            name: serve.get_app_handle(spec["app"]) for name, spec in self.members.items()}
-        mode = "embedded" if self.local else "fused" if self.fused else "sharded" if self.shards else "members"
-        self.layout = {"mode": mode, **({"shards": [{"app": s["app"], "members": list(s["members"])}
-                                                    for s in shards]} if shards else {})}
+        self.router = LAYOUTS[mode].router(config, serve.get_app_handle, self.order, self._score_here)
+        self.layout = {"mode": mode, **self.router.describe()}
         self.api_key = config.get("api_key_sha256") or None
         self.limits = Limits(int(config.get("max_images", Limits.max_images)),
                              int(config.get("max_body_bytes", Limits.max_body_bytes)))
@@ -426,16 +414,8 @@ class Ingress:
         return BytesValue(value=json.dumps(jsonable_encoder(answer)).encode())
 
     async def _per_sample(self, x: np.ndarray, names: list[str]) -> np.ndarray:
-        """Per-sample δ of ``names`` from the layout's scorers: (len(names), N)."""
-        if self.local is not None:  # no hop: every member in fleet order, then the requested rows
-            d = await self._score_here(x)
-            return d[[self.order.index(n) for n in names]]
-        if self.fused is not None:  # one hop: every member in manifest order, then the requested rows
-            d = await self._call(self.fused, "the fleet scorer", x)
-            return d[[self.order.index(n) for n in names]]
-        if self.shards:  # every shard holding a requested member at once; all of them, or a 503
-            return await gather_shards(self.shards, names, len(x), lambda handle, what: self._call(handle, what, x))
-        return np.stack(await asyncio.gather(*(self._call(self.handles[n], f"member '{n}'", x) for n in names)))
+        """Per-sample δ of ``names`` from the layout's scorers (its router): (len(names), N)."""
+        return await self.router.per_sample(x, names, self._call)
 
     @api.post("/v1/select", responses=ERRORS, openapi_extra=select_body(),
               summary="rank the library's classifiers for a batch of images: which to transfer from")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -13,20 +12,18 @@ from ray import serve
 
 from ... import storage
 from ...api import Limits, key_digest
-from ...choices import SERVE_DEFAULTS, SERVE_MODES
+from ...choices import SERVE_DEFAULTS
 from ...errors import OperationalError, squash, UserError
-from ...fleet import read_manifest, slug
+from ...fleet import read_manifest
 from ...fleet.manifest import verify_fleet
-from .app import INGRESS_APP, check_library, fleet_app, fleet_digest, ingress_app, member_app, served_format
+from . import app as applications
+from .app import INGRESS_APP, check_library, ingress_app, served_format
+from .layouts import LAYOUTS, SCORER_PREFIXES, ScorerApp, member_app_name, served_record
 from .sharded import shard_layout
 
 log = logging.getLogger(__name__)
 
-MEMBER_PREFIX = "simex-m-"
-FLEET_PREFIX = "simex-fleet-"
-SHARD_PREFIX = "simex-shard-"
-SCORER_PREFIXES = (MEMBER_PREFIX, FLEET_PREFIX, SHARD_PREFIX)
-MODES = tuple(SERVE_MODES)
+MODES = tuple(LAYOUTS)
 # Above this many members, `--mode members` (one Serve application per member) is warned against:
 # Serve's controller reconciles every application, and a deploy or update of hundreds takes minutes.
 MEMBERS_MODE_LIMIT = 64
@@ -71,28 +68,6 @@ class DeployError(OperationalError):
     removed again and whatever served before still serves."""
 
 
-def member_app_name(name: str, sha256: str) -> str:
-    """The weights' hash is in the name: changed weights = a new application, never a restart in place."""
-    return f"{MEMBER_PREFIX}{slug(name)}-{sha256[:8]}"
-
-
-def fleet_app_name(members: list[dict]) -> str:
-    return f"{FLEET_PREFIX}{fleet_digest(members)[:8]}"
-
-
-def shard_app_name(members: list[dict]) -> str:
-    """A shard is named by its members' names and weight hashes: a shard whose members did not change
-    keeps its application (and replicas) across an update."""
-    return f"{SHARD_PREFIX}{fleet_digest(members)[:8]}"
-
-
-def fleet_shards(members: list[dict], s: ServeSettings) -> list[list[dict]]:
-    """The manifest records ``members`` in the shards of the sharded layout (contiguous, fleet order)."""
-    by_name = {m["name"]: m for m in members}
-    return [[by_name[n] for n in shard]
-            for shard in shard_layout([m["name"] for m in members], s.shards, s.members_per_shard)]
-
-
 def _scaling(s: ServeSettings) -> dict[str, Any]:
     args: dict[str, Any] = {"num_cpus": s.cpus_per_replica, "device": s.device}
     if s.gpus_per_replica:
@@ -104,67 +79,28 @@ def _scaling(s: ServeSettings) -> dict[str, Any]:
     return args
 
 
-def _member_args(fleet: Path, m: dict, s: ServeSettings) -> dict[str, Any]:
-    return {"fleet": str(fleet), "member": m["name"], "sha256": m["sha256"], **_scaling(s)}
+def _scorers(fleet: str, members: list[dict], s: ServeSettings) -> list[ScorerApp]:
+    """The scorer applications of the layout ``s.mode``; each replica gets its own members' records."""
+    return LAYOUTS[s.mode].scorers(str(fleet), members, s, _scaling(s))
 
 
-def _fleet_args(fleet: Path, members: list[dict], s: ServeSettings) -> dict[str, Any]:
-    return {"fleet": str(fleet), "digest": fleet_digest(members), **_scaling(s)}
+def _application(scorer: ScorerApp):
+    """The Serve application of ``scorer``, passing it the checked records (no manifest read again)."""
+    return getattr(applications, scorer.builder)({**scorer.args, **scorer.records})
 
 
-def _shard_args(fleet: Path, shard: list[dict], s: ServeSettings) -> dict[str, Any]:
-    return {**_fleet_args(fleet, shard, s), "names": [m["name"] for m in shard]}
-
-
-def served_record(record: dict) -> dict:
-    """What a replica needs of a checked manifest record: all of it but the training history."""
-    return {k: v for k, v in record.items() if k != "history"}
-
-
-def _wanted(fleet: Path, members: list[dict], s: ServeSettings) -> dict[str, Any]:
-    """{application name: its application} that serve this fleet under ``s.mode``; each replica gets its
-    own members' records of the checked manifest, and loads only their weights."""
-    if s.mode == "embedded":
-        return {}  # the ingress holds the fleet
-    records = [served_record(m) for m in members]
-    if s.mode == "fused":
-        return {fleet_app_name(members): fleet_app({**_fleet_args(fleet, members, s), "records": records})}
-    if s.mode == "sharded":
-        return {shard_app_name(shard): fleet_app({**_shard_args(fleet, shard, s),
-                                                  "records": [served_record(m) for m in shard]})
-                for shard in fleet_shards(members, s)}
-    return {member_app_name(m["name"], m["sha256"]): member_app({**_member_args(fleet, m, s), "record": r})
-            for m, r in zip(members, records)}
-
-
-def _ingress_args(fleet: Path, members: list[dict], s: ServeSettings) -> dict[str, Any]:
+def _ingress_args(fleet: str, members: list[dict], s: ServeSettings) -> dict[str, Any]:
     return {
-        "fleet": str(fleet),
+        "fleet": str(fleet), "mode": s.mode,
         "members": {m["name"]: {"app": member_app_name(m["name"], m["sha256"]), "sha256": m["sha256"]}
                     for m in members},
-        "fused": fleet_app_name(members) if s.mode == "fused" else None,
         "api_key_sha256": key_digest(s.api_key) if s.api_key else None,
         "max_images": s.limits.max_images,
         "max_body_bytes": s.limits.max_body_bytes,
         "num_replicas": s.ingress_replicas,
         **({"library": s.library} if s.library else {}),
-        **(_embedded_args(s) if s.mode == "embedded" else {}),
-        **(_sharded_args(members, s) if s.mode == "sharded" else {}),
+        **LAYOUTS[s.mode].ingress_args(members, s, _scaling(s)),
     }
-
-
-def _sharded_args(members: list[dict], s: ServeSettings) -> dict[str, Any]:
-    """The ingress's shard layout: each shard's application and its members, fleet order."""
-    return {"shards": [{"app": shard_app_name(shard), "members": [m["name"] for m in shard]}
-                       for shard in fleet_shards(members, s)]}
-
-
-def _embedded_args(s: ServeSettings) -> dict[str, Any]:
-    """The ingress replicas are the scorers: sized like them (--replicas, or --ingress-replicas if more)."""
-    args = {"embedded": True, **_scaling(s)}
-    if not s.autoscaling:
-        args["num_replicas"] = max(s.replicas, s.ingress_replicas)
-    return args
 
 
 def deploy(fleet_dir, settings: ServeSettings = ServeSettings(), manifest: dict | None = None
@@ -194,14 +130,14 @@ def deploy(fleet_dir, settings: ServeSettings = ServeSettings(), manifest: dict 
         from ...transfer.library import Library
 
         check_library(Library.load(settings.library), fmt)
-    wanted = _wanted(fleet, members, settings)
+    wanted = {scorer.name: scorer for scorer in _scorers(fleet, members, settings)}
     running = set(serve.status().applications)
     existing = {a for a in running if a.startswith(SCORER_PREFIXES)}
     new = [a for a in wanted if a not in existing]
     if new:
         log.info("deploying %d scorer app(s): %s", len(new), ", ".join(new))
         _warn_short_of_cpus(len(new) * settings.initial_replicas * settings.cpus_per_replica, settings)
-        run_and_wait([RunTarget(wanted[a], name=a, route_prefix=None) for a in new], settings.deploy_timeout_s,
+        run_and_wait([RunTarget(_application(wanted[a]), name=a, route_prefix=None) for a in new], settings.deploy_timeout_s,
                      remove_on_failure=True)
     ingress = {**_ingress_args(fleet, members, settings), "records": [served_record(m) for m in members],
                "loss": manifest.get("loss", "mse")}
@@ -298,16 +234,7 @@ def serve_config(fleet_dir, settings: ServeSettings = ServeSettings(), host="127
     served_format(members)
     apps = [{"name": INGRESS_APP, "route_prefix": "/", "import_path": "simex_ray.distributed.serving.app:ingress_app",
              "args": _ingress_args(fleet, members, settings)}]
-    if settings.mode == "fused":
-        apps.append({"name": fleet_app_name(members), "route_prefix": None,
-                     "import_path": "simex_ray.distributed.serving.app:fleet_app",
-                     "args": _fleet_args(fleet, members, settings)})
-    elif settings.mode == "sharded":
-        apps += [{"name": shard_app_name(shard), "route_prefix": None,
-                  "import_path": "simex_ray.distributed.serving.app:fleet_app",
-                  "args": _shard_args(fleet, shard, settings)} for shard in fleet_shards(members, settings)]
-    elif settings.mode == "members":
-        apps += [{"name": member_app_name(m["name"], m["sha256"]), "route_prefix": None,
-                  "import_path": "simex_ray.distributed.serving.app:member_app",
-                  "args": _member_args(fleet, m, settings)} for m in members]
+    apps += [{"name": scorer.name, "route_prefix": None,
+              "import_path": f"simex_ray.distributed.serving.app:{scorer.builder}", "args": scorer.args}
+             for scorer in _scorers(fleet, members, settings)]
     return {"proxy_location": "HeadOnly", "http_options": {"host": host, "port": port}, "applications": apps}

@@ -4,7 +4,6 @@ redeploying when its manifest changes, until Ctrl-C, SIGTERM or `simex serve sto
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time

@@ -12,7 +12,7 @@ member on the same sample, so only the ingress, holding every row, can answer th
 (members, N) array is exactly what the fused layout's one scorer returns.
 
 Shards are contiguous in fleet order. A shard application is named by the digest of its members'
-names and weight hashes (:func:`~simex_ray.distributed.serving.deploy.shard_app_name`), so an update
+names and weight hashes (:func:`~simex_ray.distributed.serving.layouts.shard_app_name`), so an update
 deploys only the shards whose members changed, and a shard that did not change keeps its replicas.
 Each shard is its own application, with its own replicas or autoscaling: a hot shard scales alone.
 
