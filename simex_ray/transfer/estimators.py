@@ -104,7 +104,9 @@ Label-based (all need the target labels):
   fewest principal axes whose variance reaches 80% of the total (scikit-learn's rule for
   ``PCA(n_components=0.8)``), a Gaussian mixture of 5 components per target class (full covariances,
   scikit-learn's ``GaussianMixture``, ``random_state`` fixed, components capped at N) fitted to them
-  without labels, then LEEP with the mixture's posteriors p(z | x) in place of the source softmax.
+  without labels (on the samples sorted by their signed principal coordinates, so that the order they
+  come in does not move EM's seeded start), then LEEP with the mixture's posteriors p(z | x) in place
+  of the source softmax.
   In [log of the label prior's geometric mean, 0]-ish: 0 when every component is pure. Constant
   features (zero variance) give one zero coordinate. Scale enters only through the mixture's
   ``reg_covar`` (1e-6). O(N D min(N, D)) + EM: O(N K d^2 + K d^3) per iteration (K = 5C, d kept axes).
@@ -486,7 +488,8 @@ def sfda(features, labels, *, shrinkage: float | None = None) -> float:
     f = _features(features)
     codes, c = _labels(labels, f.shape[0], "features")
     if shrinkage is not None and not 0.0 <= float(shrinkage) < 1.0:
-        raise UserError(f"shrinkage must be in [0, 1) or None (adaptive), got {shrinkage}")
+        raise UserError(f"shrinkage must be in [0, 1) or None, got {shrinkage}: pass a value in [0, 1), or None "
+                        "for the paper's adaptive lambda")
     f = f - f.mean(axis=0)
     n = f.shape[0]
     rows = np.arange(n)
@@ -607,7 +610,8 @@ def nleep(features, labels, *, components_per_class: int = 5, variance: float = 
     codes, c = _labels(labels, f.shape[0], "features")
     if isinstance(components_per_class, bool) or not isinstance(components_per_class, (int, np.integer)) \
             or components_per_class < 1:
-        raise UserError(f"components_per_class must be a positive integer, got {components_per_class!r}")
+        raise UserError(f"components_per_class must be a positive integer, got {components_per_class!r}: pass "
+                        "e.g. 5")
     if not 0.0 < float(variance) <= 1.0:
         raise UserError(f"variance must be in (0, 1], got {variance}: pass e.g. 0.8")
     from sklearn.exceptions import ConvergenceWarning
@@ -620,9 +624,13 @@ def nleep(features, labels, *, components_per_class: int = 5, variance: float = 
         ratio = np.cumsum(var) / var.sum()
         z = z[:, :int(np.searchsorted(ratio, float(variance), side="right")) + 1]
     k = min(int(components_per_class) * c, f.shape[0])
+    # EM's start (k-means++ from a seeded generator) picks samples by position: fit on the samples in one
+    # canonical order (by their signed principal coordinates) so that the order they come in changes nothing.
+    canonical = z[np.lexsort(z.T[::-1])]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        post = GaussianMixture(n_components=k, covariance_type="full", random_state=seed).fit(z).predict_proba(z)
+        mixture = GaussianMixture(n_components=k, covariance_type="full", random_state=seed).fit(canonical)
+    post = mixture.predict_proba(z)
     return leep(post, codes)
 
 
@@ -689,7 +697,7 @@ def mano_normalise(logits, *, eta: float = 5.0) -> np.ndarray:
     if phi >= eta:
         return np.exp(logp)
     m = np.maximum(np.abs(q).max(axis=1, keepdims=True), 1.0)
-    v = (1.0 + q) / m ** 2 + (q / m) ** 2 / 2                    # (1 + q + q^2/2) / m^2: no overflow
+    v = (1.0 + q) / m / m + (q / m) ** 2 / 2                     # (1 + q + q^2/2) / m^2: no overflow
     return v / v.sum(axis=1, keepdims=True)
 
 
