@@ -91,8 +91,9 @@ def cmd_select(args) -> int:
     if not methods:
         from ..choices import LABEL_FREE_METHODS
 
+        free = ", ".join(m for m in LABEL_FREE_METHODS if m != "simex")
         raise UsageError("no method applies: the data has no labels and no --fleet was given; pass --fleet for "
-                         f"simex, or use a label-free method ({', '.join(m for m in LABEL_FREE_METHODS if m != 'simex')})")
+                         f"simex, or use a label-free method ({free})")
     if args.verify and y is None:
         raise UsageError("--verify transfers the classifiers for real, which needs the data's labels")
     t0 = time.perf_counter()
