@@ -36,8 +36,11 @@ STREAM_BYTES = 1 << 28
 # Class distances of `simex pair` (:mod:`simex_ray.pairing`).
 PAIRING_METHODS = ("simex", "sample-mse", "embeddings")
 # Methods of `simex select`: simex, then the transferability estimators of :mod:`simex_ray.transfer.estimators`.
-SELECTION_METHODS = ("simex", "logme", "leep", "nce", "hscore", "gbc", "knn", "entropy", "nuclear-norm",
-                     "silhouette")
+# The label-using estimators come first, then the label-free ones (LABEL_FREE_METHODS, with simex).
+SELECTION_METHODS = ("simex", "logme", "leep", "nce", "hscore", "gbc", "knn", "sfda", "ncti", "parc", "transrate",
+                     "nleep", "entropy", "nuclear-norm", "silhouette", "energy", "mano")
+# Those of SELECTION_METHODS that need no labels (the registry's needs_labels agrees: tests/test_estimators.py).
+LABEL_FREE_METHODS = ("simex", "entropy", "nuclear-norm", "silhouette", "energy", "mano")
 
 # What a member trains with when nothing says otherwise: the defaults of ``training.TrainConfig`` and of
 # `simex train`'s flags, written once. (The architecture's default depends on the format:

@@ -9,11 +9,15 @@ import pytest
 from scipy.optimize import minimize
 from scipy.stats import multivariate_normal
 
-from simex_ray.transfer.estimators import (ESTIMATORS, Estimator, estimate, gbc, hscore, kmeans_silhouette,
-                                           knn_accuracy, leep, logme, nce, nuclear_norm, prediction_entropy)
+from simex_ray.choices import LABEL_FREE_METHODS
+from simex_ray.transfer.estimators import (ESTIMATORS, NEEDS, Estimator, combine_scores, energy, estimate, gbc,
+                                           hscore, kmeans_silhouette, knn_accuracy, leep, logme, mano,
+                                           mano_normalise, ncti_combine, ncti_terms, nce, nleep, nuclear_norm, parc,
+                                           prediction_entropy, raw_score, sfda, transrate)
 
-LABEL_BASED = ("logme", "leep", "nce", "hscore", "gbc", "knn")
-LABEL_FREE = ("entropy", "nuclear-norm", "silhouette")
+LABEL_BASED = ("logme", "leep", "nce", "hscore", "gbc", "knn", "sfda", "ncti", "parc", "transrate", "nleep")
+LABEL_FREE = ("entropy", "nuclear-norm", "silhouette", "energy", "mano")
+NEW = ("sfda", "ncti", "parc", "transrate", "nleep", "energy", "mano")
 
 
 def blobs(n=300, d=20, c=3, sep=4.0, seed=0):
@@ -36,9 +40,17 @@ def source_probs(y, c_s=4, agree=0.9, seed=0):
     return p / p.sum(axis=1, keepdims=True)
 
 
-def inputs(name, f, y, p):
+def inputs(name, f, y, p, q=None):
     needs = ESTIMATORS[name].needs
+    if needs == "logits":
+        return {"logits": np.log(p) if q is None else q}
     return {"features": f} if needs == "features" else {"probs": p}
+
+
+def rotation(d, seed=0):
+    """A random orthogonal (d, d) matrix."""
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
+    return q * np.sign(np.diag(r))
 
 
 # --- LogME -----------------------------------------------------------------------------------------
@@ -218,9 +230,9 @@ def test_invariant_to_renaming_classes(name):
     f, y = blobs(n=150, sep=2.0, seed=3)
     p = source_probs(y, seed=3)
     renamed = np.array([30, 10, 20])[y]                         # a permutation, and non-contiguous values
-    a = estimate(name, labels=y, **inputs(name, f, y, p))
-    b = estimate(name, labels=renamed, **inputs(name, f, y, p))
-    assert a == pytest.approx(b, abs=1e-10)
+    a = raw_score(name, labels=y, **inputs(name, f, y, p))
+    b = raw_score(name, labels=renamed, **inputs(name, f, y, p))
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", LABEL_BASED)
@@ -228,8 +240,20 @@ def test_higher_for_informative_source_than_for_shuffled_labels(name):
     f, y = blobs(n=300, sep=3.0, seed=6)
     p = source_probs(y, agree=0.9, seed=6)
     shuffled = np.random.default_rng(7).permutation(y)
-    assert estimate(name, labels=y, **inputs(name, f, y, p)) > estimate(name, labels=shuffled,
-                                                                          **inputs(name, f, y, p))
+    # scored together, as `simex select` scores candidates (NCTI's combine step needs them side by side)
+    s = combine_scores(name, {"true": raw_score(name, labels=y, **inputs(name, f, y, p)),
+                              "shuffled": raw_score(name, labels=shuffled, **inputs(name, f, y, p))})
+    assert s["true"] > s["shuffled"]
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_new_estimators_do_not_depend_on_sample_order(name):
+    f, y = blobs(n=120, d=6, sep=2.0, seed=8)
+    q = np.random.default_rng(8).normal(scale=2.0, size=(120, 5))
+    order = np.random.default_rng(9).permutation(120)
+    a = raw_score(name, features=f, logits=q, labels=y)
+    b = raw_score(name, features=f[order], logits=q[order], labels=y[order])
+    np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9)
 
 
 def test_estimate_equals_the_functions():
@@ -244,10 +268,15 @@ def test_estimate_equals_the_functions():
 
 def test_registry():
     assert set(ESTIMATORS) == set(LABEL_BASED) | set(LABEL_FREE)
+    assert set(LABEL_FREE_METHODS) == {"simex", *LABEL_FREE}
+    # label-using ones first, then the label-free ones
+    assert list(ESTIMATORS) == [*LABEL_BASED, *LABEL_FREE]
     for name, est in ESTIMATORS.items():
         assert isinstance(est, Estimator) and est.name == name
         assert est.needs_labels == (name in LABEL_BASED)
-        assert est.needs in ("features", "probs", "source_labels")
+        assert est.needs in NEEDS
+        assert (est.combine is not None) == (name == "ncti")
+    assert {ESTIMATORS[m].needs for m in ("energy", "mano")} == {"logits"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         ESTIMATORS["logme"].name = "x"                          # frozen
 
@@ -284,6 +313,230 @@ def test_silhouette_constant_features_are_the_worst():
     assert kmeans_silhouette(np.ones((20, 3)), k=3) == -1.0
 
 
+# --- SFDA ------------------------------------------------------------------------------------------
+
+
+def _sklearn_fisher_posterior(x, y, lam):
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    p = LinearDiscriminantAnalysis(solver="eigen", shrinkage=lam).fit(x, y).predict_proba(x)
+    return p if p.shape[1] > 1 else np.c_[1 - p, p]
+
+
+def test_sfda_equals_an_independent_computation_through_sklearn_lda():
+    """SFDA's Fisher posterior is scikit-learn's shrunk eigen-LDA (the reference code is a copy of it); with
+    the paper's lambda and the reference's ConfMix written as a loop, the score is the same number."""
+    f, y = blobs(n=90, d=5, c=3, sep=1.5, seed=11)
+    f = f + 3.0                                                 # sklearn sees uncentred features
+    sw = sum(np.mean(y == c) * np.cov(f[y == c].T, bias=True) for c in range(3))
+    lam = max(np.exp(-5 * np.linalg.eigvalsh(sw).max()), 1e-10)
+    prob = _sklearn_fisher_posterior(f, y, lam)
+    soft = np.exp(prob) / np.exp(prob).sum(axis=1, keepdims=True)
+    means = np.array([f[y == c].mean(axis=0) for c in range(3)])
+    mixed = f.copy()
+    for i in range(len(y)):
+        other = np.mean([means[c] for c in range(3) if c != y[i]], axis=0)
+        mixed[i] = soft[i, y[i]] * f[i] + (1 - soft[i, y[i]]) * other
+    expected = np.mean(_sklearn_fisher_posterior(mixed, y, lam)[np.arange(len(y)), y])
+    assert sfda(f, y) == pytest.approx(expected, abs=1e-8)
+    # a fixed lambda goes straight through
+    assert sfda(f, y, shrinkage=0.3) != pytest.approx(sfda(f, y), abs=1e-6)
+
+
+def test_sfda_invariant_to_rotation_and_shift_and_higher_for_separated_classes():
+    f, y = blobs(n=150, d=6, sep=1.0, seed=12)
+    assert sfda(f @ rotation(6) - 4.0, y) == pytest.approx(sfda(f, y), abs=1e-9)
+    far, _ = blobs(n=150, d=6, sep=5.0, seed=12)
+    assert 0.0 < sfda(f, y) < sfda(far, y) <= 1.0
+
+
+def test_sfda_constant_features_give_the_prior_and_collapsed_classes_stay_finite():
+    y = np.array([0, 0, 0, 1])
+    assert sfda(np.ones((4, 3)), y) == pytest.approx(0.75 * 0.75 + 0.25 * 0.25)   # mean prior of the true class
+    collapsed = np.eye(3)[[0, 0, 1, 1, 2, 2]]                   # every class a single point: S_w = 0
+    assert 0.9 < sfda(collapsed, [0, 0, 1, 1, 2, 2]) <= 1.0
+
+
+# --- NCTI ------------------------------------------------------------------------------------------
+
+
+def test_ncti_terms_equal_a_loop_computation():
+    f, y = blobs(n=60, d=4, c=3, sep=2.0, seed=13)
+    n, d, c = 60, 4, 3
+    mu_g = f.mean(axis=0)
+    mu = np.array([f[y == k].mean(axis=0) for k in range(c)])
+    sigma_w = sum(np.outer(f[i] - mu[y[i]], f[i] - mu[y[i]]) for i in range(n)) / n
+    sigma_b = sum(np.outer(mu[k] - mu_g, mu[k] - mu_g) for k in range(c)) / c
+    nc1 = np.trace(sigma_w @ np.linalg.pinv(sigma_b, hermitian=True)) / c
+    s2 = np.trace(sigma_w) / d
+    post = np.zeros((n, c))
+    for i in range(n):
+        e = np.array([-np.sum((f[i] - mu[k]) ** 2) / (2 * s2) for k in range(c)])
+        post[i] = np.exp(e - e.max()) / np.exp(e - e.max()).sum()
+    ncc = np.mean([np.log(post[i, y[i]]) for i in range(n)])
+    seli = np.linalg.svd(post, compute_uv=False).sum() / np.sqrt(n * c)
+    np.testing.assert_allclose(ncti_terms(f, y), [-np.log(nc1), seli, ncc], rtol=1e-9)
+
+
+def test_ncti_terms_invariant_to_similarity_maps_and_higher_for_separated_classes():
+    f, y = blobs(n=120, d=5, sep=1.0, seed=14)
+    np.testing.assert_allclose(ncti_terms(7.0 * f @ rotation(5) + 2.0, y), ncti_terms(f, y), rtol=1e-9)
+    far, _ = blobs(n=120, d=5, sep=5.0, seed=14)
+    assert (ncti_terms(far, y) > ncti_terms(f, y)).all()       # each of the three terms
+
+
+def test_ncti_combine_min_max_normalises_each_term_over_the_candidates():
+    terms = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [2.0, 2.0, 2.0]])
+    # term 1 -> 0, 1, .5; term 2 equal for all -> 0; term 3 -> 1, 0, .5
+    np.testing.assert_allclose(ncti_combine(terms), [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(ncti_combine(terms[:2] * [1, 1, 2]), [1.0, 1.0])
+    assert ncti_combine(terms[:1]).tolist() == [0.0]            # one candidate alone: well defined, 0
+    f, y = blobs(n=60, d=4, seed=15)
+    assert estimate("ncti", features=f, labels=y) == 0.0
+    far, _ = blobs(n=60, d=4, sep=8.0, seed=15)
+    s = combine_scores("ncti", {"near": ncti_terms(f, y), "far": ncti_terms(far, y)})
+    assert s == {"near": 0.0, "far": 3.0}
+
+
+def test_ncti_coinciding_class_means_stay_finite():
+    x = np.random.default_rng(0).normal(size=(10, 3))
+    terms = ncti_terms(np.vstack([x, x]), np.repeat([0, 1], 10))  # the two classes are the same points
+    assert np.isfinite(terms).all() and terms[0] == pytest.approx(-np.log(1e12))
+
+
+# --- PARC ------------------------------------------------------------------------------------------
+
+
+def _parc_loop(f, y, dim=32):
+    from scipy.stats import spearmanr
+
+    fc = f - f.mean(axis=0)
+    w, v = np.linalg.eigh(fc.T @ fc)
+    v = v[:, ::-1][:, :min(dim, np.sum(w > 1e-9 * w.max()))]
+    z = fc @ v
+    z = z * np.sign(z[np.argmax(np.abs(z), axis=0), np.arange(z.shape[1])])
+    z = z / z.std(axis=0)
+    onehot = np.eye(y.max() + 1)[y]
+    df, dy = [], []
+    for i in range(len(y)):
+        for j in range(i + 1, len(y)):
+            df.append(1 - np.corrcoef(z[i], z[j])[0, 1])
+            dy.append(1 - np.corrcoef(onehot[i], onehot[j])[0, 1])
+    return spearmanr(df, np.round(dy, 12))[0]                   # 1.5 +- 2e-16 are the same dissimilarity
+
+
+def test_parc_equals_a_loop_computation():
+    f, y = blobs(n=40, d=5, c=3, sep=2.0, seed=16)
+    assert parc(f, y) == pytest.approx(_parc_loop(f, y), abs=1e-10)
+    g, z = blobs(n=30, d=8, c=2, sep=2.0, seed=17)
+    assert parc(g, z, pca_dim=3) == pytest.approx(_parc_loop(g, z, dim=3), abs=1e-10)
+
+
+def test_parc_invariant_to_similarity_maps_and_higher_for_separated_classes():
+    f, y = blobs(n=100, d=6, sep=1.0, seed=18)
+    assert parc(3.0 * f @ rotation(6) - 1.0, y) == pytest.approx(parc(f, y), abs=1e-9)
+    far, _ = blobs(n=100, d=6, sep=6.0, seed=18)
+    assert parc(far, y) > parc(f, y) + 0.1
+    assert parc(np.ones((20, 3)), np.arange(20) % 2) == 0.0     # constant features: no information
+
+
+# --- TransRate -------------------------------------------------------------------------------------
+
+
+def test_transrate_hand_computed_and_equal_to_the_log_determinants():
+    eps = 1e-4
+    z = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])   # centred; class 0 on x, class 1 on y
+    expected = np.log(1 + 1 / (2 * eps)) - 0.5 * np.log(1 + 1 / eps)
+    assert transrate(z, [0, 0, 1, 1]) == pytest.approx(expected, rel=1e-12)
+
+    def rate(a):
+        return 0.5 * np.linalg.slogdet(np.eye(a.shape[1]) + a.T @ a / (len(a) * eps))[1]
+
+    f, y = blobs(n=80, d=4, sep=2.0, seed=19)
+    fc = f - f.mean(axis=0)
+    direct = rate(fc) - np.mean([rate(fc[y == c]) for c in range(3)])
+    assert transrate(f, y) == pytest.approx(direct, rel=1e-10)
+
+
+def test_transrate_invariant_to_rotation_and_shift_and_higher_for_separated_classes():
+    f, y = blobs(n=120, d=5, sep=1.0, seed=20)
+    assert transrate(f @ rotation(5) + 3.0, y) == pytest.approx(transrate(f, y), rel=1e-10)
+    far, _ = blobs(n=120, d=5, sep=5.0, seed=20)
+    assert transrate(far, y) > transrate(f, y) + 0.5
+
+
+# --- N-LEEP ----------------------------------------------------------------------------------------
+
+
+def test_nleep_equals_leep_on_an_independent_pca_and_mixture():
+    from sklearn.decomposition import PCA
+    from sklearn.mixture import GaussianMixture
+
+    f, y = blobs(n=90, d=6, c=3, sep=3.0, seed=21)
+    z = PCA(n_components=0.8, svd_solver="full").fit_transform(f)
+    z = z * np.sign(z[np.argmax(np.abs(z), axis=0), np.arange(z.shape[1])])   # N-LEEP's sign rule
+    rows = sorted(range(90), key=lambda i: tuple(z[i]))                       # and its order of the samples
+    post = GaussianMixture(n_components=15, covariance_type="full", random_state=0).fit(z[rows]).predict_proba(z)
+    joint = np.array([[post[y == c, k].sum() for k in range(15)] for c in range(3)]) / 90
+    cond = joint / joint.sum(axis=0)
+    expected = np.mean([np.log(sum(cond[y[i], k] * post[i, k] for k in range(15))) for i in range(90)])
+    assert nleep(f, y) == pytest.approx(expected, abs=1e-6)
+
+
+def test_nleep_is_zero_for_pure_components_and_higher_for_separated_classes():
+    f, y = blobs(n=90, d=3, c=3, sep=60.0, seed=22)             # tight, far apart: every component is pure
+    assert nleep(f, y) == pytest.approx(0.0, abs=1e-9)
+    near, _ = blobs(n=90, d=3, c=3, sep=0.5, seed=22)
+    assert nleep(near, y) < nleep(blobs(n=90, d=3, c=3, sep=4.0, seed=22)[0], y) < 0.0
+    assert np.isfinite(nleep(np.ones((12, 3)), np.arange(12) % 3))   # constant features, more components than 1
+
+
+# --- energy, MaNo ----------------------------------------------------------------------------------
+
+
+def test_energy_known_values_and_shift():
+    assert energy(np.zeros((5, 4))) == pytest.approx(np.log(4))
+    q = np.array([[0.0, np.log(3.0)], [1000.0, 1000.0]])          # log 4, and 1000 + log 2 without overflow
+    assert energy(q) == pytest.approx((np.log(4) + 1000 + np.log(2)) / 2)
+    r = np.random.default_rng(23).normal(size=(20, 6))
+    assert energy(r + 2.5) == pytest.approx(energy(r) + 2.5)
+    assert energy(r[:, ::-1]) == pytest.approx(energy(r))       # the order of the source classes
+    assert energy(r, temperature=2.0) == pytest.approx(np.mean(2 * np.log(np.exp(r / 2).sum(axis=1))))
+    assert energy(5 * np.eye(4)) > energy(np.zeros((4, 4)))     # confident beats undecided
+
+
+def test_mano_known_values_through_both_normalisations():
+    # uniform logits: Phi = 0 < 5, Taylor; every entry 1/C -> 1/C
+    assert mano(np.zeros((6, 4))) == pytest.approx(0.25)
+    # a Taylor row by hand: v = 1 + q + q^2/2 = (1, 2.5)
+    q = np.array([[0.0, 1.0], [0.0, 1.0]])
+    sig = np.array([1.0, 2.5]) / 3.5
+    np.testing.assert_allclose(mano_normalise(q), [sig, sig])
+    assert mano(q) == pytest.approx(np.mean(sig ** 4) ** 0.25)
+    # very confident logits: Phi ~ 100 >= 5, softmax; one-hot rows -> C^(-1/4)
+    assert mano(100.0 * np.eye(4)) == pytest.approx(4 ** -0.25)
+    np.testing.assert_allclose(mano_normalise(100.0 * np.eye(4)), np.eye(4), atol=1e-40)
+
+
+def test_mano_picks_softmax_exactly_from_eta_on():
+    # two classes, logits (0, t): Phi = -log 2 + t/2 - log(1 + e^t) ... computed, then eta set on each side
+    q = np.array([[0.0, 12.0]] * 3)
+    logp = q - np.log(np.exp(q).sum(axis=1, keepdims=True))
+    phi = np.mean(-np.log(2) - logp.mean(axis=1))
+    soft = np.exp(logp)
+    taylor = np.array([[1.0, 1 + 12 + 72]] * 3) / (2 + 12 + 72)
+    np.testing.assert_allclose(mano_normalise(q, eta=phi), soft)
+    np.testing.assert_allclose(mano_normalise(q, eta=phi + 1e-9), taylor)
+
+
+def test_mano_stays_finite_for_huge_logits_and_is_invariant_to_orders():
+    # Taylor, forced: v ~ q^2/2 dominates each row, so both rows are one-hot: (2 / 4)^(1/4)
+    assert mano(np.array([[1e200, 0.0], [0.0, -1e200]]), eta=np.inf) == pytest.approx(0.5 ** 0.25)
+    r = np.random.default_rng(24).normal(scale=3.0, size=(30, 5))
+    assert mano(r[::-1, ::-1]) == pytest.approx(mano(r))
+    assert mano(6 * np.eye(5)[np.arange(30) % 5]) > mano(r / 10)   # confident beats unsure
+
+
 # --- estimate: errors are one line and name the fix ------------------------------------------------
 
 
@@ -318,3 +571,23 @@ def test_estimate_errors_name_the_fix():
     one_line_error("k must be an integer in 2..N-1", name="silhouette", features=f, k=1)
     one_line_error("unknown LogME path", name="logme", features=f, labels=y, path="svd")
     one_line_error("numeric array", name="logme", features=[["a", "b"], ["c", "d"]], labels=[0, 1])
+    # the seven later estimators
+    one_line_error("needs logits=", name="energy", probs=p)
+    one_line_error("needs logits=", name="mano", features=f)
+    one_line_error("logits must be 2-D .*reshape", name="mano", logits=np.zeros(30))
+    bad_q = np.zeros((30, 4))
+    bad_q[0, 0] = np.nan
+    one_line_error("logits contain 1 NaN", name="energy", logits=bad_q)
+    one_line_error("temperature must be > 0", name="energy", logits=np.zeros((30, 4)), temperature=0)
+    one_line_error("p must be >= 1", name="mano", logits=np.zeros((30, 4)), p=0.5)
+    one_line_error("shrinkage must be in", name="sfda", features=f, labels=y, shrinkage=1.5)
+    one_line_error("eps must be > 0", name="transrate", features=f, labels=y, eps=0)
+    one_line_error("pca_dim must be a positive integer", name="parc", features=f, labels=y, pca_dim=0)
+    one_line_error("components_per_class must be", name="nleep", features=f, labels=y, components_per_class=0)
+    one_line_error("variance must be in", name="nleep", features=f, labels=y, variance=1.5)
+    one_line_error("29 entries but features has 30 rows", name="ncti", features=f, labels=y[:-1])
+    one_line_error("single class", name="transrate", features=f, labels=np.zeros(30))
+    one_line_error("2-D .*reshape", name="parc", features=f[:, 0], labels=y)
+    with pytest.raises(ValueError, match="one row per candidate") as info:
+        ncti_combine(np.zeros(3))
+    assert "\n" not in str(info.value)

@@ -70,6 +70,41 @@ def test_methods_that_cannot_run_are_one_line_errors_naming_the_fix(gt):
     assert set(scores) == set(lib.names) and all(np.isfinite(v) for v in scores.values())
 
 
+def test_the_later_estimators_run_in_select_and_all_includes_them(gt):
+    """sfda, ncti, parc, transrate, nleep (labels) and energy, mano (logits, no labels): offered by `--method all`
+    as the data allows, scored by select(), NCTI combined over the classifiers scored together."""
+    from scipy.special import softmax
+
+    from simex_ray.transfer.estimators import energy, ncti_combine, ncti_terms
+    from simex_ray.transfer.selection import available_methods
+
+    new = ["sfda", "ncti", "parc", "transrate", "nleep", "energy", "mano"]
+    assert set(new) <= set(available_methods(labelled=True, fleet=False))
+    free = available_methods(labelled=False, fleet=False)
+    assert {"energy", "mano"} <= set(free) and not set(new[:5]) & set(free)
+    lib = Library.in_memory(gt.bases)
+    kw = load_splits("rotated:digits", samples=240, data_seed=0, protocol=TINY).clf_kwargs(TINY.transfer_samples)
+    x, y = kw["x_train"], kw["y_train"]
+    sel = select(lib, x, y, methods=new)
+    names = lib.names
+    assert len(names) == 3 and all(np.isfinite(list(sel.scores[m].values())).all() for m in new)
+    terms = np.stack([ncti_terms(lib.features(c, x), y) for c in names])
+    assert [sel.scores["ncti"][c] for c in names] == pytest.approx(ncti_combine(terms).tolist(), abs=1e-12)
+    assert max(sel.scores["ncti"].values()) > 0.0
+    # the logits are the pre-softmax outputs: their softmax is the classifier's probabilities
+    first = names[0]
+    logits = lib.logits(first, x)
+    assert logits.shape == (len(x), 10) and logits.dtype == np.float64
+    np.testing.assert_allclose(softmax(logits, axis=1), lib.probabilities(first, x), rtol=1e-4, atol=1e-6)
+    assert sel.scores["energy"][first] == pytest.approx(energy(logits))
+    # one candidate alone: NCTI is defined (0), every other score is what it was among the three
+    one = select(lib, x, y, methods=new, classifiers=[first])
+    assert one.scores["ncti"] == {first: 0.0}
+    for m in new:
+        if m != "ncti":
+            assert one.scores[m][first] == pytest.approx(sel.scores[m][first], rel=1e-9)
+
+
 def test_inter_dataset_estimators_agree_like_the_formula_says(gt):
     from simex_ray.experiments.inter_dataset import estimator_matrices, selection_table
 
@@ -108,7 +143,7 @@ def test_simex_select_json_ranks_verifies_and_refuses_unlabelled_data(library, t
     assert bad.returncode == 2 and "need the data's labels" in bad.stderr and len(bad.stderr.splitlines()) == 1
     free = json.loads(simex_here("select", "--library", library, "--data", f"npz:{tmp_path / 'u.npz'}",
                                  "--json").stdout)
-    assert set(free["ranking"]) == {"entropy", "nuclear-norm", "silhouette"}
+    assert set(free["ranking"]) == {"entropy", "nuclear-norm", "silhouette", "energy", "mano"}
 
 
 def test_train_bases_resumes_without_training_again(library, simex_here):

@@ -505,7 +505,7 @@ def test_select_over_http_answers_like_the_cli(service, tmp_path):
                 assert http["scores"][m][name] == pytest.approx(v, rel=1e-5, abs=1e-9), (m, name)
         # Without labels only label-free methods run by default; asking for a label-using one is a 422.
         free = requests.post(service.url + "/v1/select", json={"images": images[:, 0].tolist()}, timeout=60).json()
-        assert set(free["ranking"]) == {"simex", "entropy", "nuclear-norm", "silhouette"}
+        assert set(free["ranking"]) == {"simex", "entropy", "nuclear-norm", "silhouette", "energy", "mano"}
         bad = requests.post(service.url + "/v1/select", json={"images": images[:, 0].tolist(), "methods": ["logme"]},
                             timeout=60)
         assert bad.status_code == 422 and "labels" in bad.json()["error"]

@@ -12,14 +12,16 @@ from .common import (UsageError, add_address_arg, add_data_args, add_device_arg,
 
 
 def add_parsers(sub) -> None:
-    from ..choices import SELECTION_METHODS as METHODS
+    from ..choices import LABEL_FREE_METHODS, SELECTION_METHODS as METHODS
 
+    labelled = [m for m in METHODS if m not in LABEL_FREE_METHODS]
+    free = [m for m in LABEL_FREE_METHODS if m != "simex"]
     s = sub.add_parser("select", help="rank a library's pretrained classifiers for a dataset (which to transfer from)",
                        description="Score every classifier of a library (from `simex train-bases` or `simex "
                                    "experiment transfer`'s OUT/ground_truth/library) for unknown data: simex "
-                                   "(-Δ through the fleet, no labels) and the transferability estimators (LogME, "
-                                   "LEEP, NCE, H-score, GBC, k-NN need labels; entropy, nuclear-norm and silhouette "
-                                   "do not). Higher score = better transfer.")
+                                   "(-Δ through the fleet, no labels) and the transferability estimators "
+                                   f"({', '.join(labelled)} need labels; {', '.join(free)} do not). Higher score "
+                                   "= better transfer.")
     s.add_argument("--library", required=True, help="classifier library directory or URI")
     s.add_argument("--data", required=True, help=spec_help())
     s.add_argument("--fleet", default=None, help="fleet of the library's references (for --method simex)")
@@ -87,8 +89,11 @@ def cmd_select(args) -> int:
                         stream=False, fmt=fmt)
     methods = resolve_methods(args.method, labelled=y is not None, fleet=fleet is not None)
     if not methods:
+        from ..choices import LABEL_FREE_METHODS
+
+        free = ", ".join(m for m in LABEL_FREE_METHODS if m != "simex")
         raise UsageError("no method applies: the data has no labels and no --fleet was given; pass --fleet for "
-                         "simex, or use a label-free method (entropy, nuclear-norm, silhouette)")
+                         f"simex, or use a label-free method ({free})")
     if args.verify and y is None:
         raise UsageError("--verify transfers the classifiers for real, which needs the data's labels")
     t0 = time.perf_counter()

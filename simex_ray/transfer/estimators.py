@@ -1,8 +1,9 @@
 """Transferability estimators: one score per (frozen source model, labelled target data), higher = better.
 
-Pure functions on numpy arrays (numpy and scipy; scikit-learn only for k-means, imported lazily), no
-training, no Ray, no torch. Written from the papers' formulas. Inputs: ``features`` (N, D), the source
-model's penultimate features on the target samples; ``probs`` (N, C_s), its softmax; ``labels`` (N,), the
+Pure functions on numpy arrays (numpy and scipy; scikit-learn only for k-means and the Gaussian mixture,
+imported lazily), no training, no Ray, no torch. Written from the papers' formulas. Inputs: ``features``
+(N, D), the source model's penultimate features on the target samples; ``probs`` (N, C_s), its softmax;
+``logits`` (N, C_s), its pre-softmax outputs; ``labels`` (N,), the
 target labels (any values: they are remapped to 0..C-1, so no class is empty and renaming classes does not
 change a score). Everything is computed in float64. :func:`estimate` is the single checked entry point and
 :data:`ESTIMATORS` the registry, by name.
@@ -51,6 +52,65 @@ Label-based (all need the target labels):
   index); majority vote, a tie going to the tied class with the nearest neighbour. k is clipped to N - 1.
   O(N^2 D) time (plus a partition of each row), O(N x block) memory (rows in blocks).
 
+- ``sfda`` (Shao et al., ECCV 2022, "Not all models are equal"). A regularised Fisher discriminant: S_w =
+  sum_c pi_c cov_c (pi_c = n_c / N, population covariances), S_t the total covariance, both shrunk as
+  S(lambda) = (1 - lambda) S + lambda tr(S)/D I with the paper's adaptive lambda = max(exp(-5 sigma_max(S_w)),
+  1e-10) (sigma_max the largest eigenvalue of S_w, computed exactly where the reference code takes three
+  power iterations), S_b = S_t(lambda) - S_w(lambda). The projection V solves S_b v = e S_w(lambda) v
+  (scipy's generalised eigh, V^T S_w(lambda) V = I); the class posterior of the projected features is
+  softmax_c(f V V^T mu_c - 1/2 mu_c^T V V^T mu_c + log pi_c), all D directions kept as in the authors'
+  ``predict_proba`` (so V V^T = S_w(lambda)^-1). ConfMix (the reference code's self-challenging step):
+  p_i = softmax over classes of the posteriors themselves (a softening), at the sample's own class;
+  x_i <- p_i x_i + (1 - p_i) m_{y_i}, m_c the mean of the other classes' means; then the same Fisher
+  posterior again, with the first lambda, on the mixed features. Score: the mean posterior of the true
+  class (no log, as in the reference), in (0, 1]. Features are centred first (the posterior is
+  translation-invariant; centring keeps dead units out of S_w(lambda)^-1). Invariant to rotations and
+  shifts of the features, not to their scale (lambda reads sigma_max). Guards: S_w's ridge is
+  lambda max(tr(S_w)/D, 1e-12 tr(S_t)/D), so S_w(lambda) stays definite when every class collapses to
+  a point; constant features give the class priors. O(N D^2 + D^3).
+- ``ncti`` (Wang et al., 2023, neural-collapse-informed transferability). Three terms per model, each
+  higher = nearer the collapsed geometry fine-tuning would reach, on centred features: variability
+  collapse S_vc = -log NC1, NC1 = tr(Sigma_W Sigma_B^+) / C (Papyan et al.'s metric: Sigma_W the
+  within-class covariance over the N samples, Sigma_B = 1/C sum_c mu_c mu_c^T of the centred class
+  means; computed as C/N |(F - M_y) M^+|_F^2 / C through the pseudo-inverse of the C x D matrix of
+  means, singular values below 1e-5 x the largest dropped), NC1 clipped to [1e-12, 1e12] (coinciding
+  class means give 1e12); the nearest-centre classifier p(c | f) = softmax_c(-|f - mu_c|^2 / (2 s^2)),
+  s^2 = tr(Sigma_W) / D (a shared isotropic Gaussian per class, floored at 1e-12 tr(Sigma_T)/D and
+  tiny), whose mean log-likelihood of the labels is S_ncc; and the simplex/SELI term S_seli =
+  |P|_* / sqrt(N min(N, C)), the normalised nuclear norm of that classifier's N x C posterior matrix
+  (1 for confident predictions spread over the classes, the simplex geometry; lower when predictions
+  are unsure or collapse onto few classes). All three are invariant to rotations, shifts and isotropic
+  scaling of the features. Across candidates (``Estimator.combine``): each term min-max normalised over
+  the candidates scored together, NCTI = the sum of the three, in [0, 3]; a term equal for every
+  candidate (always so for a single candidate) contributes 0, so one model scored alone gets 0: NCTI
+  ranks models against each other, :func:`ncti_terms` gives the raw terms. O(N D C + C^2 D + N C^2).
+- ``parc`` (Bolya et al., NeurIPS 2021). The centred features projected on their top k = min(32, rank)
+  principal axes (the paper's 32; each axis signed so that its largest-magnitude coordinate is
+  positive, so the result does not depend on the SVD's signs), each axis standardised (the reference
+  code's StandardScaler); D_f = 1 - the Pearson correlation between the samples' reduced feature
+  vectors, D_y = 1 - the Pearson correlation between their one-hot labels (0 within a class, C/(C-1)
+  across); PARC = Spearman's rho between the upper triangles of D_f and D_y (the paper's rank
+  correlation; the reference code's x100 dropped), in [-1, 1]. Guards: a sample whose reduced vector is
+  constant (always so with k = 1) correlates 0 with every other; a constant triangle (e.g. every class
+  a single sample) gives 0. Invariant to rotations, shifts and isotropic scaling of the features.
+  O(N D min(N, D) + N^2 k + N^2 log N) time, O(N^2) memory.
+- ``transrate`` (Huang et al., ICML 2022). On the centred features Z, the coding rate R(Z, eps) =
+  1/2 logdet(I_D + Z^T Z / (n eps)) (n the rows of Z), eps = 1e-4 as in the paper's code, and
+  TransRate = R(Z) - 1/C sum_c R(Z_c), Z_c the rows of class c (not re-centred), as in the reference
+  code. Computed as 1/2 sum log1p(s_i^2 / (n eps)) over Z's singular values (no determinant, no
+  overflow). Invariant to rotations and shifts of the features, not to their scale (eps is absolute).
+  O(N D min(N, D)).
+- ``nleep`` (Li et al., CVPR 2021, "Ranking neural checkpoints"). The centred features projected on the
+  fewest principal axes whose variance reaches 80% of the total (scikit-learn's rule for
+  ``PCA(n_components=0.8)``), a Gaussian mixture of 5 components per target class (full covariances,
+  scikit-learn's ``GaussianMixture``, ``random_state`` fixed, components capped at N) fitted to them
+  without labels (on the samples sorted by their signed principal coordinates, so that the order they
+  come in does not move EM's seeded start), then LEEP with the mixture's posteriors p(z | x) in place
+  of the source softmax.
+  In [log of the label prior's geometric mean, 0]-ish: 0 when every component is pure. Constant
+  features (zero variance) give one zero coordinate. Scale enters only through the mixture's
+  ``reg_covar`` (1e-6). O(N D min(N, D)) + EM: O(N K d^2 + K d^3) per iteration (K = 5C, d kept axes).
+
 Label-free (``needs_labels=False``; for ranking sources without the target's labels):
 
 - ``entropy``: the negative mean Shannon entropy (nats) of the source softmax rows, sum_z p log p averaged
@@ -64,6 +124,23 @@ Label-free (``needs_labels=False``; for ranking sources without the target's lab
   features, then the mean silhouette of that clustering (Euclidean), in [-1, 1]. If the features hold fewer than two
   distinct clusters (e.g. constant features) the score is -1, the worst. O(N k D per k-means iteration
   + N^2 D).
+- ``energy`` (ETran, Gholami et al., ICCV 2023: its energy score). From the source model's LOGITS q (N,
+  C_s): mean_i T logsumexp(q_i / T), T = 1, minus the free energy: higher = the samples look more
+  in-distribution to the source model. scipy's logsumexp (no overflow). Shift-equivariant: adding b to
+  every logit adds b. O(N C_s).
+- ``mano`` (Xie et al., NeurIPS 2024, "MaNo"). From the logits: the calibration proxy Phi = mean_i
+  KL(uniform || softmax(q_i)) = mean_i (-log C_s - 1/C_s sum_k log softmax(q_i)_k) picks the
+  normalisation (the paper's "softrun"): softmax when Phi >= eta = 5, else the second-order Taylor
+  normalisation sigma(q)_k = v_k / sum_j v_j, v = 1 + q + q^2/2 (> 0 for every real q). MaNo =
+  (1/(N C_s) sum_ik sigma_ik^p)^(1/p), p = 4: the normalised entrywise L_p norm, in [1/C_s, 1]-ish
+  (1/C_s for uniform rows, C_s^(-1/p) for one-hot ones). A label-free accuracy estimate that needs no
+  head for the target's classes. Guards: the Taylor terms are computed on q / max(1, max_k |q_k|) per
+  row (the ratio is unchanged, nothing overflows); log_softmax for Phi. O(N C_s).
+
+Cross-candidate scores: an estimator with ``combine`` (NCTI) returns raw per-model terms from its
+function; :func:`combine_scores` turns the raw values of the candidates scored together into their
+scores, and ``simex select`` applies it after scoring every classifier. :func:`estimate` returns the
+score of one model alone (the combine step over that single candidate).
 """
 
 from __future__ import annotations
@@ -76,8 +153,10 @@ import numpy as np
 from scipy.special import xlogy
 from ..errors import UserError
 
-__all__ = ["ESTIMATORS", "Estimator", "estimate", "gbc", "hscore", "kmeans_silhouette", "knn_accuracy",
-           "leep", "logme", "nce", "nuclear_norm", "prediction_entropy"]
+__all__ = ["ESTIMATORS", "Estimator", "NEEDS", "combine_scores", "energy", "estimate", "gbc", "hscore",
+           "kmeans_silhouette", "knn_accuracy", "leep", "logme", "mano", "mano_normalise", "ncti_combine",
+           "ncti_terms", "nce", "nleep", "nuclear_norm", "parc", "prediction_entropy", "raw_score", "sfda",
+           "transrate"]
 
 LOGME_PATHS = ("auto", "feature", "sample")
 _PROB_SUM_ATOL = 1e-3
@@ -363,6 +442,198 @@ def knn_accuracy(features, labels, k: int = 5, *, block: int = 1024) -> float:
     return correct / n
 
 
+# --- SFDA, NCTI, PARC, TransRate, N-LEEP ------------------------------------------------------------
+
+
+def _shrink(cov: np.ndarray, lam: float, ridge_scale: float) -> np.ndarray:
+    """(1 - lam) cov + lam * ridge_scale * I (ridge_scale: tr(cov)/D, floored by the caller)."""
+    out = (1.0 - lam) * cov
+    out.flat[::cov.shape[0] + 1] += lam * ridge_scale
+    return out
+
+
+def _fisher_posterior(f: np.ndarray, codes: np.ndarray, c: int, lam: float | None) -> tuple[np.ndarray, float]:
+    """SFDA's class posteriors (N, C) of centred features ``f`` and the shrinkage used (adaptive when None)."""
+    from scipy.linalg import eigh
+    from scipy.special import softmax
+
+    n, d = f.shape
+    counts = np.bincount(codes, minlength=c).astype(np.float64)
+    priors = counts / n
+    means = _onehot(codes, c).T @ f / counts[:, None]           # (C, D)
+    within = f - means[codes]
+    sw = within.T @ within / n                                   # sum_c pi_c cov_c
+    mean = f.mean(axis=0)
+    st = (f - mean).T @ (f - mean) / n
+    tr_t = float(np.trace(st)) / d
+    if tr_t <= 0.0:                                              # constant features: nothing separates classes
+        return np.tile(priors, (n, 1)), (1e-10 if lam is None else lam)
+    if lam is None:
+        lam = max(float(np.exp(-5.0 * np.linalg.eigvalsh(sw)[-1])), 1e-10)
+    floor = 1e-12 * tr_t
+    sw_l = _shrink(sw, lam, max(float(np.trace(sw)) / d, floor))
+    st_l = _shrink(st, lam, max(tr_t, floor))
+    _, v = eigh(st_l - sw_l, sw_l)                               # V^T S_w(lambda) V = I
+    coef = (means @ v) @ v.T                                     # (C, D) = means S_w(lambda)^-1
+    logits = f @ coef.T - 0.5 * np.einsum("cd,cd->c", means, coef) + np.log(priors)
+    return softmax(logits, axis=1), lam
+
+
+def sfda(features, labels, *, shrinkage: float | None = None) -> float:
+    """SFDA: the mean Fisher-discriminant posterior of the true class after the ConfMix step; in (0, 1].
+
+    ``shrinkage``: lambda in [0, 1) instead of the paper's adaptive exp(-5 sigma_max(S_w))."""
+    from scipy.special import softmax
+
+    f = _features(features)
+    codes, c = _labels(labels, f.shape[0], "features")
+    if shrinkage is not None and not 0.0 <= float(shrinkage) < 1.0:
+        raise UserError(f"shrinkage must be in [0, 1) or None, got {shrinkage}: pass a value in [0, 1), or None "
+                        "for the paper's adaptive lambda")
+    f = f - f.mean(axis=0)
+    n = f.shape[0]
+    rows = np.arange(n)
+    prob, lam = _fisher_posterior(f, codes, c, shrinkage)
+    own = softmax(prob, axis=1)[rows, codes][:, None]            # the reference code's softening
+    counts = np.bincount(codes, minlength=c)[:, None]
+    means = _onehot(codes, c).T @ f / counts
+    others = (means.sum(axis=0) - means) / (c - 1)               # mean of the other classes' means
+    mixed = own * f + (1.0 - own) * others[codes]
+    prob, _ = _fisher_posterior(mixed, codes, c, lam)
+    return float(prob[rows, codes].mean())
+
+
+_NC1_RANGE = (1e-12, 1e12)
+
+
+def ncti_terms(features, labels) -> np.ndarray:
+    """NCTI's raw terms of one model, (3,): [S_vc = -log NC1, S_seli (normalised nuclear norm of the
+    nearest-centre posteriors), S_ncc (their mean log-likelihood of the labels)], each higher = better."""
+    from scipy.special import log_softmax
+
+    f = _features(features)
+    codes, c = _labels(labels, f.shape[0], "features")
+    n, d = f.shape
+    f = f - f.mean(axis=0)
+    counts = np.bincount(codes, minlength=c).astype(np.float64)
+    means = _onehot(codes, c).T @ f / counts[:, None]           # (C, D), centred class means
+    within = f - means[codes]
+    # NC1 = tr(Sigma_W Sigma_B^+) / C with Sigma_B = M^T M / C: Sigma_B^+ = C M^+ M^+T
+    u, s, vt = np.linalg.svd(means, full_matrices=False)
+    keep = s > 1e-5 * s[0] if s[0] > 0 else np.zeros_like(s, dtype=bool)
+    if keep.any():
+        m_pinv = vt[keep].T / s[keep] @ u[:, keep].T             # (D, C)
+        nc1 = float(((within @ m_pinv) ** 2).sum()) / n
+    else:
+        nc1 = _NC1_RANGE[1]                                      # class means coincide
+    s_vc = -np.log(np.clip(nc1, *_NC1_RANGE))
+    tr_t = float((f ** 2).sum()) / (n * d)
+    var = max(float((within ** 2).sum()) / (n * d), 1e-12 * tr_t, np.finfo(np.float64).tiny)
+    sq = (f ** 2).sum(axis=1)[:, None] + (means ** 2).sum(axis=1)[None, :] - 2.0 * f @ means.T
+    logp = log_softmax(-np.maximum(sq, 0.0) / (2.0 * var), axis=1)   # (N, C), nearest-centre posterior
+    s_ncc = float(logp[np.arange(n), codes].mean())
+    s_seli = float(np.linalg.svd(np.exp(logp), compute_uv=False).sum() / np.sqrt(n * min(n, c)))
+    return np.array([s_vc, s_seli, s_ncc])
+
+
+def ncti_combine(terms) -> np.ndarray:
+    """NCTI over the candidates scored together: ``terms`` (M, T) raw terms -> (M,) scores, each term
+    min-max normalised over the M candidates and the normalised terms summed (a term equal for every
+    candidate, or a single candidate, contributes 0)."""
+    t = np.asarray(terms, dtype=np.float64)
+    if t.ndim != 2 or t.shape[0] < 1:
+        raise UserError(f"NCTI combines an (M, T) array of per-model terms, got shape {t.shape}: pass one row "
+                        f"per candidate")
+    lo, hi = t.min(axis=0), t.max(axis=0)
+    span = hi - lo
+    norm = np.divide(t - lo, span, out=np.zeros_like(t), where=span > 0)
+    return norm.sum(axis=1)
+
+
+def _principal(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centred ``f``'s principal coordinates (N, r) and variances (r,) over its numerical rank r, each axis
+    signed so that its largest-magnitude coordinate is positive (independent of the SVD's signs)."""
+    f = f - f.mean(axis=0)
+    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    r = int((s > s[0] * max(f.shape) * np.finfo(np.float64).eps).sum()) if s[0] > 0 else 0
+    z = u[:, :r] * s[:r]
+    if r:
+        z *= np.sign(z[np.argmax(np.abs(z), axis=0), np.arange(r)])
+    return z, s[:r] ** 2 / f.shape[0]
+
+
+def parc(features, labels, *, pca_dim: int = 32) -> float:
+    """PARC: Spearman's rho between the samples' feature dissimilarities (1 - Pearson, on the top
+    ``pca_dim`` standardised principal coordinates) and their label dissimilarities; in [-1, 1]."""
+    from scipy.stats import rankdata
+
+    f = _features(features)
+    codes, c = _labels(labels, f.shape[0], "features")
+    if isinstance(pca_dim, bool) or not isinstance(pca_dim, (int, np.integer)) or pca_dim < 1:
+        raise UserError(f"pca_dim must be a positive integer, got {pca_dim!r}: pass e.g. 32")
+    z, var = _principal(f)
+    if z.shape[1] == 0:                                          # constant features: no dissimilarity
+        return 0.0
+    z = z[:, :pca_dim] / np.sqrt(var[:pca_dim])                 # standardised axes
+    z = z - z.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(z, axis=1, keepdims=True)
+    z = np.divide(z, norm, out=np.zeros_like(z), where=norm > 1e-12 * max(float(norm.max(initial=0.0)), 1e-300))
+    n = f.shape[0]
+    iu = np.triu_indices(n, 1)
+    d_f = 1.0 - (z @ z.T)[iu]
+    d_y = (codes[iu[0]] != codes[iu[1]]) * (c / (c - 1))
+    r_f, r_y = rankdata(d_f), rankdata(d_y)
+    r_f, r_y = r_f - r_f.mean(), r_y - r_y.mean()
+    den = np.sqrt((r_f ** 2).sum() * (r_y ** 2).sum())
+    return float((r_f @ r_y) / den) if den > 0 else 0.0
+
+
+def _coding_rate(z: np.ndarray, eps: float) -> float:
+    s = np.linalg.svd(z, compute_uv=False)
+    return 0.5 * float(np.log1p(s ** 2 / (z.shape[0] * eps)).sum())
+
+
+def transrate(features, labels, *, eps: float = 1e-4) -> float:
+    """TransRate: the coding-rate difference R(Z) - 1/C sum_c R(Z_c) of the centred features, in nats."""
+    f = _features(features)
+    codes, c = _labels(labels, f.shape[0], "features")
+    if not eps > 0:
+        raise UserError(f"eps must be > 0, got {eps}: pass e.g. 1e-4")
+    f = f - f.mean(axis=0)
+    return _coding_rate(f, eps) - float(np.mean([_coding_rate(f[codes == k], eps) for k in range(c)]))
+
+
+def nleep(features, labels, *, components_per_class: int = 5, variance: float = 0.8, seed: int = 0) -> float:
+    """N-LEEP: LEEP with the posteriors of a Gaussian mixture (``components_per_class`` x C components,
+    fixed ``seed``) fitted to the features' principal coordinates that keep ``variance`` of the total."""
+    f = _features(features)
+    codes, c = _labels(labels, f.shape[0], "features")
+    if isinstance(components_per_class, bool) or not isinstance(components_per_class, (int, np.integer)) \
+            or components_per_class < 1:
+        raise UserError(f"components_per_class must be a positive integer, got {components_per_class!r}: pass "
+                        "e.g. 5")
+    if not 0.0 < float(variance) <= 1.0:
+        raise UserError(f"variance must be in (0, 1], got {variance}: pass e.g. 0.8")
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    z, var = _principal(f)
+    if z.shape[1] == 0:
+        z = np.zeros((f.shape[0], 1))
+    else:
+        ratio = np.cumsum(var) / var.sum()
+        z = z[:, :int(np.searchsorted(ratio, float(variance), side="right")) + 1]
+    k = min(int(components_per_class) * c, f.shape[0])
+    # EM's start (k-means++ from a seeded generator) picks samples by position: fit on the samples in one
+    # canonical order (by their signed principal coordinates) so that the order they come in changes nothing.
+    canonical = z[np.lexsort(z.T[::-1])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        mixture = GaussianMixture(n_components=k, covariance_type="full", random_state=seed).fit(canonical)
+    post = mixture.predict_proba(z)
+    return leep(post, codes)
+
+
 # --- label-free scores -----------------------------------------------------------------------------
 
 
@@ -401,23 +672,68 @@ def kmeans_silhouette(features, k: int = 10, *, seed: int = 0, n_init: int = 4) 
     return float(silhouette_score(f, assign, metric="euclidean"))
 
 
+def _logits(logits: Any) -> np.ndarray:
+    return _as_matrix(logits, "logits", "(N, C_s)")
+
+
+def energy(logits, *, temperature: float = 1.0) -> float:
+    """The energy score: mean_i T logsumexp(logits_i / T), higher = more in-distribution for the source."""
+    from scipy.special import logsumexp
+
+    q = _logits(logits)
+    if not temperature > 0:
+        raise UserError(f"temperature must be > 0, got {temperature}: pass e.g. 1")
+    return float(np.mean(temperature * logsumexp(q / temperature, axis=1)))
+
+
+def mano_normalise(logits, *, eta: float = 5.0) -> np.ndarray:
+    """MaNo's "softrun" normalisation of the logits (N, C_s): softmax when the calibration proxy Phi =
+    mean KL(uniform || softmax) is at least ``eta``, else the second-order Taylor normalisation."""
+    from scipy.special import log_softmax
+
+    q = _logits(logits)
+    logp = log_softmax(q, axis=1)
+    phi = float(np.mean(-np.log(q.shape[1]) - logp.mean(axis=1)))
+    if phi >= eta:
+        return np.exp(logp)
+    m = np.maximum(np.abs(q).max(axis=1, keepdims=True), 1.0)
+    v = (1.0 + q) / m / m + (q / m) ** 2 / 2                     # (1 + q + q^2/2) / m^2: no overflow
+    return v / v.sum(axis=1, keepdims=True)
+
+
+def mano(logits, *, p: float = 4.0, eta: float = 5.0) -> float:
+    """MaNo: the normalised entrywise L_p norm (1/(N C_s) sum sigma^p)^(1/p) of the softrun-normalised
+    logits; higher = more accurate predictions expected."""
+    if not p >= 1:
+        raise UserError(f"p must be >= 1, got {p}: pass e.g. 4")
+    s = mano_normalise(logits, eta=eta)
+    return float(np.mean(s ** p) ** (1.0 / p))
+
+
 # --- registry and entry point ----------------------------------------------------------------------
+
+
+NEEDS = ("features", "probs", "source_labels", "logits")
 
 
 @dataclass(frozen=True)
 class Estimator:
-    """One registered score. ``needs``: the array it reads ("features", "probs" or "source_labels", the
-    last also accepting ``probs`` and taking their argmax); ``fn(x, labels, **options)``, or ``fn(x,
-    **options)`` when ``needs_labels`` is False. Every score is higher = better transfer."""
+    """One registered score. ``needs``: the array it reads ("features", "probs", "logits" or
+    "source_labels", the last also accepting ``probs`` and taking their argmax); ``fn(x, labels,
+    **options)``, or ``fn(x, **options)`` when ``needs_labels`` is False. Every score is higher = better
+    transfer. ``combine``: for a score defined across the candidates scored together (NCTI), ``fn``
+    returns one model's raw terms (T,) and ``combine`` maps the (M, T) terms of M candidates to their M
+    scores; None for the others, whose ``fn`` returns the score itself."""
 
     name: str
     needs: str
-    fn: Callable[..., float]
+    fn: Callable[..., Any]
     needs_labels: bool = True
+    combine: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __post_init__(self):
-        if self.needs not in ("features", "probs", "source_labels"):
-            raise UserError(f"Estimator.needs must be features, probs or source_labels, got '{self.needs}'")
+        if self.needs not in NEEDS:
+            raise UserError(f"Estimator.needs must be one of {', '.join(NEEDS)}, got '{self.needs}'")
 
 
 ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
@@ -427,36 +743,72 @@ ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
     Estimator("hscore", "features", hscore),
     Estimator("gbc", "features", gbc),
     Estimator("knn", "features", knn_accuracy),
+    Estimator("sfda", "features", sfda),
+    Estimator("ncti", "features", ncti_terms, combine=ncti_combine),
+    Estimator("parc", "features", parc),
+    Estimator("transrate", "features", transrate),
+    Estimator("nleep", "features", nleep),
     Estimator("entropy", "probs", prediction_entropy, needs_labels=False),
     Estimator("nuclear-norm", "probs", nuclear_norm, needs_labels=False),
     Estimator("silhouette", "features", kmeans_silhouette, needs_labels=False),
+    Estimator("energy", "logits", energy, needs_labels=False),
+    Estimator("mano", "logits", mano, needs_labels=False),
 )}
 
 _WHAT = {"features": "features= (the source model's (N, D) features on the target samples)",
          "probs": "probs= (the source model's (N, C_s) softmax on the target samples)",
+         "logits": "logits= (the source model's (N, C_s) pre-softmax outputs on the target samples)",
          "source_labels": "probs= (the source softmax) or source_labels= (its (N,) predicted labels)"}
 
 
-def estimate(name: str, *, features=None, probs=None, labels=None, source_labels=None, **options) -> float:
-    """The score of estimator ``name`` (see :data:`ESTIMATORS`), inputs checked first; higher = better.
-
-    Pass what the estimator needs (``features``, ``probs``, or for ``nce`` either ``source_labels`` or
-    ``probs``) and ``labels`` unless it is label-free (labels are then ignored); ``options`` go to the
-    function (``k=`` for knn and silhouette, ``path=`` for logme, ``pca_dim=`` for gbc). Every problem is
-    a one-line ValueError that names the fix.
-    """
+def _estimator(name: str) -> Estimator:
     try:
-        est = ESTIMATORS[name]
+        return ESTIMATORS[name]
     except (KeyError, TypeError):
         raise UserError(f"unknown estimator {name!r}; known: {', '.join(ESTIMATORS)}") from None
+
+
+def raw_score(name: str, *, features=None, probs=None, logits=None, labels=None, source_labels=None,
+              **options) -> Any:
+    """One model's value before the cross-candidate step: the score itself (a float), or for an
+    estimator with ``combine`` (NCTI) its raw terms (an array). Inputs as for :func:`estimate`."""
+    est = _estimator(name)
     if est.needs == "features":
         x = features
     elif est.needs == "probs":
         x = probs
+    elif est.needs == "logits":
+        x = logits
     else:
         x = source_labels if source_labels is not None else probs
     if x is None:
         raise UserError(f"estimator '{name}' needs {_WHAT[est.needs]}: pass it")
-    if est.needs_labels:
-        return float(est.fn(x, labels, **options))
-    return float(est.fn(x, **options))
+    value = est.fn(x, labels, **options) if est.needs_labels else est.fn(x, **options)
+    return float(value) if est.combine is None else np.asarray(value, dtype=np.float64)
+
+
+def combine_scores(name: str, raw: dict[str, Any]) -> dict[str, float]:
+    """The scores of the candidates scored together, from their :func:`raw_score` values (candidate ->
+    value): ``combine`` applied over all of them, or the values themselves."""
+    est = _estimator(name)
+    if est.combine is None or not raw:
+        return {c: float(v) for c, v in raw.items()}
+    names = list(raw)
+    return dict(zip(names, map(float, est.combine(np.stack([raw[c] for c in names])))))
+
+
+def estimate(name: str, *, features=None, probs=None, logits=None, labels=None, source_labels=None,
+             **options) -> float:
+    """The score of estimator ``name`` (see :data:`ESTIMATORS`) for one model, inputs checked first;
+    higher = better.
+
+    Pass what the estimator needs (``features``, ``probs``, ``logits``, or for ``nce`` either
+    ``source_labels`` or ``probs``) and ``labels`` unless it is label-free (labels are then ignored);
+    ``options`` go to the function (``k=`` for knn and silhouette, ``path=`` for logme, ``pca_dim=`` for
+    gbc and parc, ``eps=`` for transrate, ``shrinkage=`` for sfda). An estimator defined across candidates
+    (NCTI) scores one model as a single candidate (0: rank several with :func:`combine_scores`). Every
+    problem is a one-line ValueError that names the fix.
+    """
+    raw = raw_score(name, features=features, probs=probs, logits=logits, labels=labels,
+                    source_labels=source_labels, **options)
+    return combine_scores(name, {"model": raw})["model"]

@@ -238,6 +238,18 @@ class Library:
         self.check_images(name, x)
         return predict_proba(self.model(name), x)
 
+    @torch.no_grad()
+    def logits(self, name: str, x, batch_size: int = 512) -> np.ndarray:
+        """B(Y)'s pre-softmax outputs over its own classes (what energy and MaNo read): (N, K) float64."""
+        from ..training import as_tensor
+
+        self.check_images(name, x)
+        model = self.model(name).eval()
+        x = as_tensor(x)
+        if len(x) == 0:
+            return np.zeros((0, self.classifiers[name].n_classes))
+        return torch.cat([model(b) for b in torch.split(x, batch_size)]).double().numpy()
+
     def select(self, names: Iterable[str]) -> "Library":
         names = list(names)
         unknown = [n for n in names if n not in self.classifiers]

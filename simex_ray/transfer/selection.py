@@ -2,10 +2,12 @@
 for one dataset, higher = better (Ray-free).
 
 ``simex`` is label-free: -Δ(X | A(Y)) through the fleet member of the classifier's reference Y. The
-transferability estimators of :mod:`.estimators` read the frozen classifier B(Y)'s penultimate features
-and softmax on X; most need X's labels (LogME, LEEP, NCE, H-score, GBC, k-NN), three do not (entropy,
-nuclear norm, silhouette). Forward passes are shared: each classifier runs once over X, whatever the
-number of methods.
+transferability estimators of :mod:`.estimators` read the frozen classifier B(Y)'s penultimate features,
+softmax or logits on X; most need X's labels (LogME, LEEP, NCE, H-score, GBC, k-NN, SFDA, NCTI, PARC,
+TransRate, N-LEEP), five do not (entropy, nuclear norm, silhouette, energy, MaNo). Forward passes are
+shared: each classifier runs over X once per output a requested method reads (features, softmax, logits),
+whatever the number of methods. A score defined across candidates (NCTI) is combined over the
+classifiers scored together, after all of them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .estimators import ESTIMATORS, estimate
+from .estimators import ESTIMATORS, combine_scores, raw_score
 from .library import Library
 from ..choices import SELECTION_METHODS
 from ..errors import UserError
@@ -102,17 +104,23 @@ def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, meth
             by_spec = {s: deltas[s] for s in specs}
         scores[SIMEX] = {c: -float(by_spec[library.classifiers[c].spec]) for c in names}
         seconds[SIMEX] = time.perf_counter() - t0
+    needs = {ESTIMATORS[m].needs for m in estimators}
     for c in names:
         if not estimators:
             break
         t0 = time.perf_counter()
-        feats = library.features(c, x) if any(ESTIMATORS[m].needs == "features" for m in estimators) else None
-        probs = library.probabilities(c, x) if any(ESTIMATORS[m].needs != "features" for m in estimators) else None
+        feats = library.features(c, x) if "features" in needs else None
+        probs = library.probabilities(c, x) if needs & {"probs", "source_labels"} else None
+        logits = library.logits(c, x) if "logits" in needs else None
         forward = time.perf_counter() - t0
         for m in estimators:
             t1 = time.perf_counter()
-            scores[m][c] = estimate(m, features=feats, probs=probs, labels=y, **options.get(m, {}))
+            scores[m][c] = raw_score(m, features=feats, probs=probs, logits=logits, labels=y, **options.get(m, {}))
             seconds[m] += time.perf_counter() - t1 + forward
+    for m in estimators:  # scores defined across the candidates (NCTI) once every classifier has its terms
+        t1 = time.perf_counter()
+        scores[m] = combine_scores(m, scores[m])
+        seconds[m] += time.perf_counter() - t1
     return Selection(scores, seconds, int(len(x)), y is not None)
 
 
