@@ -150,3 +150,33 @@ def test_train_bases_resumes_without_training_again(library, simex_here):
     proc = simex_here("train-bases", "--refs", ",".join(REFS[:2]), "--samples", 240, "--no-ray", "--out", library)
     assert "0 trained now" in proc.stderr and proc.stderr.count("already trained") == 2
     assert Library.load(library).references == REFS[:2]
+
+
+def test_the_no_transfer_baseline_is_each_estimator_on_raw_pixels_and_says_when_nothing_beats_it(gt):
+    from simex_ray.cli.select import format_selection
+    from simex_ray.transfer.estimators import knn_accuracy
+    from simex_ray.transfer.selection import PIXEL_FEATURES, Selection, no_transfer, pixel_features
+
+    lib = Library.in_memory(gt.bases)
+    split = load_splits("rotated:digits", samples=240, data_seed=0, protocol=TINY)
+    x, y = split.clf_kwargs(TINY.transfer_samples)["x_train"], split.clf_kwargs(TINY.transfer_samples)["y_train"]
+    sel = select(lib, x, y, methods=["knn", "leep", "nce", "ncti", "entropy"])
+    base = sel.to_json()["no_transfer"]
+    # Computed the same way, on the pixels: the same estimator's value; no source = predictions saying nothing.
+    assert base["scores"]["knn"] == knn_accuracy(x.reshape(len(x), -1), y)
+    p = np.bincount(y) / len(y)
+    minus_entropy = float(np.sum(p[p > 0] * np.log(p[p > 0])))
+    assert base["scores"]["leep"] == pytest.approx(minus_entropy) and base["scores"]["nce"] == pytest.approx(minus_entropy)
+    assert base["scores"]["ncti"] is None and base["scores"]["entropy"] is None  # no such baseline
+    assert base["method"] == "knn"
+    assert base["transfer_helps"] == (max(sel.scores["knn"].values()) > base["scores"]["knn"])
+    # The verdict follows the scores: candidates all below the baseline -> the warning, in one CLI line.
+    low = Selection({"knn": {c: -1.0 for c in lib.names}}, {"knn": 0.0}, len(x), True)
+    high = Selection({"knn": {c: 2.0 for c in lib.names}}, {"knn": 0.0}, len(x), True)
+    assert no_transfer(low, x, y)["transfer_helps"] is False and no_transfer(high, x, y)["transfer_helps"] is True
+    low.extra["no_transfer"] = no_transfer(low, x, y)
+    out = {**low.to_json(), "data": "rotated:digits", "classifiers": {c: lib.classifiers[c].spec for c in lib.names}}
+    assert sum("no transfer:" in line for line in format_selection(out).splitlines()) == 1
+    # Large images are area-shrunk to a bounded width, aspect kept.
+    big = np.random.default_rng(0).random((4, 3, 224, 112)).astype(np.float32)
+    assert pixel_features(big).shape[1] <= PIXEL_FEATURES and pixel_features(x).shape == (len(x), 784)

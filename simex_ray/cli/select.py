@@ -144,6 +144,10 @@ def format_selection(out: dict) -> str:
     lines.append("needs labels: " + (", ".join(m for m in methods if out["needs_labels"][m]) or "none"))
     for m in methods:
         lines.append(f"  best by {m:<12} {label[out['ranking'][m][0]]}  ({out['seconds'][m]:.2f}s)")
+    base = out.get("no_transfer") or {}
+    if base.get("transfer_helps") is False:
+        lines.append(f"no transfer: no classifier beats {base['features']} under {base['method']}; transfer may "
+                     f"not help (a network trained from scratch may do as well)")
     if "verified" in out:
         v = out["verified"]
         lines.append(f"verified by transfer ({', '.join(v['tl_configs'])}): " + ", ".join(

@@ -80,11 +80,13 @@ class Selection:
 
 def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, methods: Sequence[str] = METHODS,
            classifiers: Sequence[str] | None = None, fleet=None, loss: str | None = None,
-           deltas: dict[str, float] | None = None, options: dict[str, dict[str, Any]] | None = None) -> Selection:
-    """Score ``classifiers`` (default: every one in ``library``) for images ``x`` (N, 1, 28, 28) with labels
+           deltas: dict[str, float] | None = None, options: dict[str, dict[str, Any]] | None = None,
+           baseline: bool = True) -> Selection:
+    """Score ``classifiers`` (default: every one in ``library``) for images ``x`` (N, C, H, W) with labels
     ``y`` (needed by the label-using methods). ``fleet``: a :class:`~simex_ray.fleet.Fleet` whose members
     are named by the classifiers' reference specs (for ``simex``), or ``deltas``: Δ(X | A(spec)) already
-    computed (e.g. by a Serve layout). ``options``: per-method keyword options."""
+    computed (e.g. by a Serve layout). ``options``: per-method keyword options. ``baseline``: also score
+    "no source model" (:func:`no_transfer`) and say, per method, whether any classifier beats it."""
     methods = check_methods(methods, labelled=y is not None, fleet=fleet is not None or deltas is not None)
     names = list(classifiers) if classifiers is not None else library.names
     options = options or {}
@@ -121,7 +123,10 @@ def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, meth
         t1 = time.perf_counter()
         scores[m] = combine_scores(m, scores[m])
         seconds[m] += time.perf_counter() - t1
-    return Selection(scores, seconds, int(len(x)), y is not None)
+    selection = Selection(scores, seconds, int(len(x)), y is not None)
+    if baseline and estimators:
+        selection.extra["no_transfer"] = no_transfer(selection, x, y, options)
+    return selection
 
 
 def verify(library: Library, candidates: Sequence[str], spec: str, *, samples: int | None, data_seed: int,
@@ -158,3 +163,53 @@ def verify(library: Library, candidates: Sequence[str], spec: str, *, samples: i
     ranking = sorted(accuracy, key=lambda n: (-accuracy[n], n))
     return {"accuracy": accuracy, "ranking": ranking, "best": ranking[0], "tl_configs": configs,
             "transfer_samples": protocol.transfer_samples, "seconds": time.perf_counter() - t0}
+
+
+# --- "should I transfer at all?" -------------------------------------------------------------------
+
+PIXEL_FEATURES = 1024  # the no-transfer features: the raw pixels, area-shrunk to at most this many values
+
+
+def pixel_features(x: np.ndarray) -> np.ndarray:
+    """The raw pixels of ``x`` (N, C, H, W) as (N, D) float64 features, each image area-shrunk (aspect kept,
+    by :func:`~simex_ray.formats.convert`'s rule) so that D <= :data:`PIXEL_FEATURES`: a bound on the
+    estimators' O(D^3) cost at 224 px, not a tuned constant."""
+    from ..formats import ImageFormat, convert
+
+    n, c, h, w = x.shape
+    if c * h * w > PIXEL_FEATURES:
+        f = np.sqrt(PIXEL_FEATURES / (c * h * w))
+        x = convert(np.asarray(x, dtype=np.float32), ImageFormat(c, max(1, int(h * f)), max(1, int(w * f))))
+    return np.asarray(x, dtype=np.float64).reshape(n, -1)
+
+
+def no_transfer(selection: Selection, x: np.ndarray, y: np.ndarray | None,
+                options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The score of "no source model" under each estimator of ``selection``, computed the same way, and
+    whether any classifier beats it.
+
+    No source model means: features = the raw pixels (:func:`pixel_features`), and source predictions that
+    say nothing (one constant source class, so LEEP and NCE give -H(Y)). Estimators that read only the
+    source's predictions without labels (entropy, nuclear norm, energy, MaNo), and those scored across the
+    candidates (NCTI), have no such baseline (None). ``transfer_helps`` is the verdict of the first method
+    of the selection that has one: False when no classifier scores above the baseline, which is the
+    warning "transfer may not help; a network trained from scratch may do as well".
+    """
+    options = options or {}
+    feats = pixel_features(x)
+    constant = np.ones((len(x), 1))
+    scores: dict[str, float | None] = {}
+    beaten: dict[str, bool | None] = {}
+    for m in selection.scores:
+        est = ESTIMATORS.get(m)
+        if est is None or est.combine is not None or (est.needs != "features" and not est.needs_labels):
+            scores[m] = beaten[m] = None
+            continue
+        value = raw_score(m, features=feats if est.needs == "features" else None,
+                          probs=constant if est.needs != "features" else None, labels=y, **options.get(m, {}))
+        scores[m] = float(value)
+        beaten[m] = any(np.isfinite(v) and v > value for v in selection.scores[m].values())
+    decided = [m for m in selection.scores if beaten.get(m) is not None]
+    return {"features": f"raw pixels ({feats.shape[1]} values per image)", "scores": scores, "beaten": beaten,
+            "method": decided[0] if decided else None,
+            "transfer_helps": beaten[decided[0]] if decided else None}
