@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -78,13 +78,18 @@ class Selection:
 
 def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, methods: Sequence[str] = METHODS,
            classifiers: Sequence[str] | None = None, fleet=None, loss: str | None = None,
-           deltas: dict[str, float] | None = None, options: dict[str, dict[str, Any]] | None = None) -> Selection:
-    """Score ``classifiers`` (default: every one in ``library``) for images ``x`` (N, 1, 28, 28) with labels
+           deltas: dict[str, float] | None = None, options: dict[str, dict[str, Any]] | None = None,
+           outputs: Callable[[str], Any] | None = None) -> Selection:
+    """Score ``classifiers`` (default: every one in ``library``) for images ``x`` (N, C, H, W) with labels
     ``y`` (needed by the label-using methods). ``fleet``: a :class:`~simex_ray.fleet.Fleet` whose members
     are named by the classifiers' reference specs (for ``simex``), or ``deltas``: Δ(X | A(spec)) already
-    computed (e.g. by a Serve layout). ``options``: per-method keyword options."""
+    computed (e.g. by a Serve layout). ``options``: per-method keyword options. ``outputs``: classifier
+    name -> its :class:`~simex_ray.transfer.features.ClassifierOutputs` on ``x`` (e.g. through the feature
+    cache, or computed on Ray; ``x`` may then be None unless simex runs); default: the library's forward
+    passes here."""
     methods = check_methods(methods, labelled=y is not None, fleet=fleet is not None or deltas is not None)
     names = list(classifiers) if classifiers is not None else library.names
+    n = len(x) if x is not None else outputs(names[0]).n
     options = options or {}
     scores = {m: {} for m in methods}
     seconds = {m: 0.0 for m in methods}
@@ -106,14 +111,18 @@ def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, meth
         if not estimators:
             break
         t0 = time.perf_counter()
-        feats = library.features(c, x) if any(ESTIMATORS[m].needs == "features" for m in estimators) else None
-        probs = library.probabilities(c, x) if any(ESTIMATORS[m].needs != "features" for m in estimators) else None
+        if outputs is not None:
+            record = outputs(c)
+            feats, probs = record.features, record.probabilities
+        else:
+            feats = library.features(c, x) if any(ESTIMATORS[m].needs == "features" for m in estimators) else None
+            probs = library.probabilities(c, x) if any(ESTIMATORS[m].needs != "features" for m in estimators) else None
         forward = time.perf_counter() - t0
         for m in estimators:
             t1 = time.perf_counter()
             scores[m][c] = estimate(m, features=feats, probs=probs, labels=y, **options.get(m, {}))
             seconds[m] += time.perf_counter() - t1 + forward
-    return Selection(scores, seconds, int(len(x)), y is not None)
+    return Selection(scores, seconds, int(n), y is not None)
 
 
 def verify(library: Library, candidates: Sequence[str], spec: str, *, samples: int | None, data_seed: int,
