@@ -36,6 +36,8 @@ STREAM_BYTES = 1 << 28
 # Class distances of `simex pair` (:mod:`simex_ray.pairing`).
 PAIRING_METHODS = ("simex", "sample-mse", "embeddings")
 # Methods of `simex select`: simex, then the transferability estimators of :mod:`simex_ray.transfer.estimators`.
+FEATURE_WHERE = ("auto", "here", "ray")  # where `simex select` computes the classifiers' outputs
+
 SELECTION_METHODS = ("simex", "logme", "leep", "nce", "hscore", "gbc", "knn", "entropy", "nuclear-norm",
                      "silhouette")
 

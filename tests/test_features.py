@@ -169,3 +169,28 @@ def test_default_cache_is_in_a_writable_local_library_only(tmp_path):
             assert default_cache_dir(lib) is None
     finally:
         lib.chmod(0o755)
+
+
+def test_simex_select_twice_computes_outputs_once_and_says_so(tmp_path, simex_here, forwards):
+    import json
+
+    lib = write_library(tmp_path / "lib")
+    x = np.round(np.random.default_rng(1).random((50, 28, 28)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "u.npz", x=x)
+    args = ["select", "--library", lib, "--data", f"npz:{tmp_path / 'u.npz'}", "--json"]
+    first = simex_here(*args)
+    a = json.loads(first.stdout)
+    assert a["features"]["where"] == "here" and a["features"]["cache"] == str(lib / "features")
+    assert {n: r["cached"] for n, r in a["features"]["classifiers"].items()} == {"digits@s0": False, "digits@s1": False}
+    assert "features digits@s0: computed here" in first.stderr and "images/s" in first.stderr
+    forwards.clear()
+    again = simex_here(*args)
+    b = json.loads(again.stdout)
+    assert forwards == []  # no forward pass at all
+    assert all(r["cached"] for r in b["features"]["classifiers"].values())
+    assert "features digits@s1: from the cache" in again.stderr
+    assert b["scores"] == a["scores"] and b["features"]["fingerprint"] == a["features"]["fingerprint"]
+    # --feature-cache none computes again; another directory is a cold cache.
+    c = json.loads(simex_here(*args, "--feature-cache", "none").stdout)
+    assert c["features"]["cache"] is None and not any(r["cached"] for r in c["features"]["classifiers"].values())
+    assert c["scores"] == a["scores"] and forwards

@@ -278,7 +278,7 @@ class Outputs:
     ``report[name]``: ``{"cached": bool, "seconds": ..., "images_per_s": ...}`` (rate: computed ones only);
     ``on_progress(name, report)`` is called after each classifier."""
 
-    where = "in-process"
+    where = "here"
 
     def __init__(self, library, x, *, cache: FeatureCache | None = None, layer: str | None = None,
                  batch_size: int = 512, device: str = "cpu",
