@@ -37,6 +37,7 @@ STREAM_BYTES = 1 << 28
 PAIRING_METHODS = ("simex", "sample-mse", "embeddings")
 # Methods of `simex select`: simex, then the transferability estimators of :mod:`simex_ray.transfer.estimators`.
 FEATURE_WHERE = ("auto", "here", "ray")  # where `simex select` computes the classifiers' outputs
+FEATURE_BLOCK = 2048  # images per slice of Ray feature extraction
 
 SELECTION_METHODS = ("simex", "logme", "leep", "nce", "hscore", "gbc", "knn", "entropy", "nuclear-norm",
                      "silhouette")

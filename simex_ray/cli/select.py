@@ -13,7 +13,7 @@ from .common import (UsageError, add_address_arg, add_data_args, add_device_arg,
 
 
 def add_parsers(sub) -> None:
-    from ..choices import FEATURE_WHERE, SELECTION_METHODS as METHODS
+    from ..choices import FEATURE_BLOCK, FEATURE_WHERE, SELECTION_METHODS as METHODS
 
     s = sub.add_parser("select", help="rank a library's pretrained classifiers for a dataset (which to transfer from)",
                        description="Score every classifier of a library (from `simex train-bases` or `simex "
@@ -48,6 +48,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--cpus-per-actor", type=positive_float, default=1.0,
                    help="with Ray features on a cluster without GPUs: CPUs per feature actor (default 1; "
                         "with GPUs each actor takes one)")
+    s.add_argument("--batch-images", type=positive_int, default=FEATURE_BLOCK,
+                   help=f"with Ray features: images per slice, one actor's input (default {FEATURE_BLOCK})")
     add_loss_arg(s, help="override the fleet's delta (simex)")
     s.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     add_device_arg(s)
@@ -116,7 +118,8 @@ def cmd_select(args) -> int:
 
             session.enter_context(ray_session(args.address))
             outputs = extract_outputs(args.library, args.data, fmt=fmt, layer=args.layer, cache=cache,
-                                      settings=FeatureSettings(cpus_per_actor=args.cpus_per_actor),
+                                      settings=FeatureSettings(cpus_per_actor=args.cpus_per_actor,
+                                                               block=args.batch_images),
                                       split=args.split, samples=args.samples, seed=seed, data_dir=args.data_dir,
                                       on_progress=feature_printer("on Ray"))
             y = outputs.labels if x is None else y

@@ -6,8 +6,8 @@ rounding: only the batches differ), computed by an actor pool and kept in the sa
 (:mod:`simex_ray.data.slices`: Parquet row groups and npz blocks are read by the workers themselves, any
 other spec is read on the driver and handed out in slices)::
 
-    [cache given]  slice numbers --hash (tasks of 1/4 CPU)--> index, digest per image [, label]
-                   -> the data fingerprint -> which classifiers the cache already has
+    [cache has entries of these weights]  slice numbers --hash (tasks of 1/4 CPU)--> index, digest per
+                   image [, label] -> the data fingerprint -> which classifiers the cache already has
     [any missing]  slice numbers --read, hash, every missing classifier (actor pool)--> index, digest,
                    features/<name>, probabilities/<name>[, logits/<name>] [, label]
 
@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import data, storage
+from ..choices import FEATURE_BLOCK
 from ..data.unknown import read_unknown
 from ..errors import UserError
 from ..formats import ImageFormat
@@ -48,7 +49,7 @@ class FeatureSettings:
 
     actors: int | None = None
     cpus_per_actor: float = 1.0
-    block: int = 2048
+    block: int = FEATURE_BLOCK
     batch_size: int = 512
 
     def __post_init__(self):
@@ -179,13 +180,14 @@ def extract_outputs(library: str, spec: str, names: list[str] | None = None, *, 
     n = sum(sl.n for sl in slices)
     ds_slices = ray.data.from_items([{"slice": i} for i in range(len(slices))], override_num_blocks=len(slices))
     first = here
-    if cache is not None and first is None:
+    may_hit = cache is not None and any(cache.may_have(lib.classifiers[c].sha256) for c in names)
+    if may_hit and first is None:
         first = _collect(ds_slices.map_batches(_hash_slices, fn_kwargs={"slices": slices, "fmt": str(fmt)},
                                                batch_size=1, num_cpus=0.25, batch_format="numpy"), n)
     fingerprint = data_fingerprint(first["digest"], fmt.shape) if first is not None else None
     outputs: dict[str, ClassifierOutputs] = {}
     report: dict[str, dict[str, Any]] = {}
-    if cache is not None:
+    if may_hit:
         for name in names:
             t1 = time.perf_counter()
             got = cache.get(lib.classifiers[name].sha256, fingerprint, layer, n, logits=has_logits(lib))

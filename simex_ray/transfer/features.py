@@ -5,7 +5,7 @@ its features (the penultimate layer, or a named one), its softmax probabilities 
 are computed together, in batches, as one :class:`ClassifierOutputs` record, and kept in a
 :class:`FeatureCache`::
 
-    DIR/<sha256(weights sha256 | data fingerprint | layer)>.npz
+    DIR/<weights sha256, 16 hex>-<sha256(weights sha256 | data fingerprint | layer)>.npz
 
 keyed by the sha256 of the classifier's weight file (the library's record), the *data fingerprint*
 (:func:`data_fingerprint`: the sha256 of the exact float32 images fed, after split, samples and format
@@ -186,7 +186,15 @@ class FeatureCache:
         return hashlib.sha256(f"{weights}|{data}|{layer_name(layer)}".encode()).hexdigest()
 
     def entry(self, weights: str, data: str, layer: str | None) -> storage.Location:
-        return self.root.join(f"{self.key(weights, data, layer)}.npz")
+        return self.root.join(f"{weights[:16]}-{self.key(weights, data, layer)}.npz")
+
+    def may_have(self, weights: str) -> bool:
+        """False when no entry of these weights exists (on any data): a lookup would miss, so the data need
+        not be hashed before computing (one listing of the directory)."""
+        try:
+            return any(n.startswith(f"{weights[:16]}-") for n in self.root.listdir())
+        except OSError:
+            return True
 
     def get(self, weights: str, data: str, layer: str | None, n: int, *, logits: bool = False
             ) -> ClassifierOutputs | None:
