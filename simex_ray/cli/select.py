@@ -132,7 +132,7 @@ def cmd_select(args) -> int:
                "features": {"where": outputs.where, "cache": None if cache is None else str(cache.root),
                             "layer": outputs_layer(args.layer),
                             "fingerprint": outputs.fingerprint if outputs.report else None,
-                            "classifiers": dict(outputs.report)}}
+                            "actors": getattr(outputs, "actors", 0), "classifiers": dict(outputs.report)}}
         if args.verify:
             first = methods[0]
             candidates = result.ranking(first)[:args.verify]
