@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from simex_ray.transfer.classifiers import LeNet5
-from simex_ray.transfer.features import (ClassifierOutputs, FeatureCache, Outputs, compute_outputs, data_fingerprint,
-                                         default_cache_dir, hooked_outputs, row_digests)
+from simex_ray.transfer.features import (ClassifierOutputs, FeatureCache, Outputs, check_layer, compute_outputs,
+                                         data_fingerprint, default_cache_dir, hooked_outputs, row_digests)
 from simex_ray.transfer.library import Classifier, Library, LibraryWriter
 from simex_ray.transfer.selection import select
 
@@ -73,6 +73,9 @@ def test_unknown_layer_is_a_one_line_error_listing_the_layers(lib, x):
 
     with pytest.raises(UserError, match=r"no layer 'fc9'; its layers: .*features\.0.*head\.5.*penultimate"):
         compute_outputs(lib, lib.names[0], x, layer="fc9")
+    with pytest.raises(UserError, match="no layer 'fc9'"):
+        check_layer(lib, lib.names[0], "fc9")
+    check_layer(lib, lib.names[0], "head.3")
 
 
 def test_fingerprint_is_of_the_exact_images_and_the_same_from_slices(x):
@@ -153,6 +156,13 @@ def test_a_damaged_entry_is_computed_again_never_trusted(lib, x, tmp_path, forwa
     np.testing.assert_array_equal(got.features, good.features)
     assert Outputs(lib, x, cache=cache)(name) is not None  # rewritten: a hit now
     assert cache.get(lib.classifiers[name].sha256, again.fingerprint, None, len(x)) is not None
+
+
+def test_a_cache_that_cannot_be_written_costs_a_recomputation_not_the_answer(lib, x, tmp_path, caplog):
+    (tmp_path / "taken").write_text("a file, not a directory")
+    out = Outputs(lib, x, cache=FeatureCache(tmp_path / "taken" / "cache"))
+    np.testing.assert_array_equal(out(lib.names[0]).features, compute_outputs(lib, lib.names[0], x).features)
+    assert "cannot write feature cache entry" in caplog.text
 
 
 def test_default_cache_is_in_a_writable_local_library_only(tmp_path):

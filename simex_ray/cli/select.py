@@ -175,7 +175,8 @@ def feature_printer(where: str):
         if report["cached"]:
             print(f"features {name}: from the cache", file=sys.stderr, flush=True)
         else:
-            shared = f", one pass for {report['pass_classifiers']} classifiers" if report.get("pass_classifiers") else ""
+            k = report.get("pass_classifiers")
+            shared = f", one pass for {k} classifiers" if k else ""
             print(f"features {name}: computed {where} in {report['seconds']:.2f}s, {report['images_per_s']:.0f} "
                   f"images/s{shared}", file=sys.stderr, flush=True)
 

@@ -31,8 +31,8 @@ from ..choices import FEATURE_BLOCK
 from ..data.unknown import read_unknown
 from ..errors import UserError
 from ..formats import ImageFormat
-from ..transfer.features import (ClassifierOutputs, FeatureCache, compute_outputs, data_fingerprint, has_logits,
-                                 layer_name, row_digests)
+from ..transfer.features import (ClassifierOutputs, FeatureCache, check_layer, compute_outputs, data_fingerprint,
+                                 has_logits, layer_name, row_digests)
 from ..transfer.library import Library
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,8 @@ def extract_outputs(library: str, spec: str, names: list[str] | None = None, *, 
     lib = Library.load(library)
     names = list(names) if names is not None else lib.names
     layer = layer_name(layer)
+    for name in names:  # here, in one line, not as an actor's traceback
+        check_layer(lib, name, layer)
     t0 = time.perf_counter()
     slices = data.plan_slices(spec, block=settings.block) if split == "all" and not samples else None
     here = None

@@ -42,7 +42,8 @@ from ..errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PENULTIMATE", "ClassifierOutputs", "FeatureCache", "Outputs", "compute_outputs", "data_fingerprint",
+__all__ = ["PENULTIMATE", "ClassifierOutputs", "FeatureCache", "Outputs", "check_layer", "compute_outputs",
+           "data_fingerprint",
            "default_cache_dir", "has_logits", "row_digests"]
 
 PENULTIMATE = "penultimate"
@@ -91,6 +92,15 @@ def _module(model: torch.nn.Module, layer: str) -> torch.nn.Module:
         raise UserError(f"the classifier has no layer '{layer}'; its layers: {', '.join(named)} "
                         f"(or {PENULTIMATE})")
     return modules[layer]
+
+
+def check_layer(library, name: str, layer: str | None) -> None:
+    """A one-line :class:`UserError` listing the layers when classifier ``name`` has no ``layer``."""
+    model = library.model(name)
+    if layer_name(layer) == PENULTIMATE:
+        _last_linear(model)
+    else:
+        _module(model, layer)
 
 
 def _last_linear(model: torch.nn.Module) -> torch.nn.Linear:
@@ -222,17 +232,23 @@ class FeatureCache:
             return None
         return ClassifierOutputs(arrays["features"], arrays["probabilities"], arrays.get("logits"), layer_name(layer))
 
-    def put(self, weights: str, data: str, outputs: ClassifierOutputs) -> storage.Location:
-        """Write ``outputs`` atomically as the entry of (``weights``, ``data``, its layer)."""
+    def put(self, weights: str, data: str, outputs: ClassifierOutputs) -> storage.Location | None:
+        """Write ``outputs`` atomically as the entry of (``weights``, ``data``, its layer); None (and a warning)
+        when it cannot be written."""
         arrays = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in outputs.arrays().items()}
         meta = {"version": np.array(ENTRY_VERSION), "weights": np.array(weights), "data": np.array(data),
                 "layer": np.array(outputs.layer), "digest": np.array(_digest(arrays))}
         buf = io.BytesIO()
         np.savez(buf, **arrays, **meta)
         loc = self.entry(weights, data, outputs.layer)
-        if self.root.is_local:
-            self.root.makedirs()
-        loc.write_bytes_atomic(buf.getvalue())
+        try:
+            if self.root.is_local:
+                self.root.makedirs()
+            loc.write_bytes_atomic(buf.getvalue())
+        except (OSError, UserError) as e:  # a cache that cannot be written costs a recomputation, not the answer
+            log.warning("cannot write feature cache entry %s (%s); the outputs are used but not kept", loc,
+                        one_line(e))
+            return None
         return loc
 
 
