@@ -262,9 +262,11 @@ def test_batch_scoring_on_one_cpu_nodes_equals_in_process(cluster, tiny_fleet, t
 
 
 def test_classifier_features_on_two_nodes_equal_in_process(cluster, tmp_path):
-    """`simex select --address auto` as a job on nodes of one CPU each: two feature actors read the npz's
+    """`simex select --address` on nodes of one CPU each: two feature actors read the npz's
     slices themselves and compute every classifier's outputs; the cache entries they write equal those of
     in-process extraction (same keys: the workers' image hashes make the same data fingerprint)."""
+    import sys
+
     import numpy as np
 
     from simex_ray.transfer.features import FeatureCache
@@ -277,10 +279,12 @@ def test_classifier_features_on_two_nodes_equal_in_process(cluster, tmp_path):
     np.savez(tmp_path / "u.npz", x=np.round(rng.random((600, 28, 28)) * 255).astype(np.uint8),
              y=np.arange(600) % 10)
     args = ["--library", lib, "--data", f"npz:{tmp_path / 'u.npz'}", "--method", "entropy,logme"]
-    job = submit(cluster, "simex", "select", "--address", "auto", *args, "--batch-images", "128",
-                 "--feature-cache", tmp_path / "ray", "--json")
+    # A driver of its own (not a Ray job: no working-dir upload, no job supervisor), joining the cluster.
+    cmd = [sys.executable, "-m", "simex_ray.cli", "select", "--address", cluster.address, *map(str, args),
+           "--batch-images", "128", "--feature-cache", str(tmp_path / "ray"), "--json"]
+    job = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=300)
     assert job.returncode == 0, job.stderr[-3000:]
-    ours = json.loads(job.stdout[job.stdout.index("{"):job.stdout.rindex("}") + 1])
+    ours = json.loads(job.stdout)
     theirs = simex_json("select", *args, "--feature-cache", tmp_path / "here")
     assert ours["features"]["where"] == "ray" and theirs["features"]["where"] == "here"
     assert ours["features"]["fingerprint"] == theirs["features"]["fingerprint"]
