@@ -36,6 +36,9 @@ STREAM_BYTES = 1 << 28
 # Class distances of `simex pair` (:mod:`simex_ray.pairing`).
 PAIRING_METHODS = ("simex", "sample-mse", "embeddings")
 # Methods of `simex select`: simex, then the transferability estimators of :mod:`simex_ray.transfer.estimators`.
+FEATURE_WHERE = ("auto", "here", "ray")  # where `simex select` computes the classifiers' outputs
+FEATURE_BLOCK = 2048  # images per slice of Ray feature extraction
+
 # The label-using estimators come first, then the label-free ones (LABEL_FREE_METHODS, with simex).
 SELECTION_METHODS = ("simex", "logme", "leep", "nce", "hscore", "gbc", "knn", "sfda", "ncti", "parc", "transrate",
                      "nleep", "entropy", "nuclear-norm", "silhouette", "energy", "mano")

@@ -261,6 +261,45 @@ def test_batch_scoring_on_one_cpu_nodes_equals_in_process(cluster, tiny_fleet, t
     assert ours["delta"] == pytest.approx(theirs["delta"], rel=1e-5)
 
 
+def test_classifier_features_on_two_nodes_equal_in_process(cluster, tmp_path):
+    """`simex select --address` on nodes of one CPU each: two feature actors read the npz's
+    slices themselves and compute every classifier's outputs; the cache entries they write equal those of
+    in-process extraction (same keys: the workers' image hashes make the same data fingerprint)."""
+    import sys
+
+    import numpy as np
+
+    from simex_ray.transfer.features import FeatureCache
+    from simex_ray.transfer.library import Library
+    from tests.test_features import write_library
+
+    _ensure_workers(cluster, 2)
+    lib = write_library(tmp_path / "lib")
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "u.npz", x=np.round(rng.random((600, 28, 28)) * 255).astype(np.uint8),
+             y=np.arange(600) % 10)
+    args = ["--library", lib, "--data", f"npz:{tmp_path / 'u.npz'}", "--method", "entropy,logme"]
+    # A driver of its own (not a Ray job: no working-dir upload, no job supervisor), joining the cluster.
+    cmd = [sys.executable, "-m", "simex_ray.cli", "select", "--address", cluster.address, *map(str, args),
+           "--batch-images", "128", "--feature-cache", str(tmp_path / "ray"), "--json"]
+    job = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stderr[-3000:]
+    ours = json.loads(job.stdout)
+    theirs = simex_json("select", *args, "--feature-cache", tmp_path / "here")
+    assert ours["features"]["where"] == "ray" and theirs["features"]["where"] == "here"
+    assert ours["features"]["fingerprint"] == theirs["features"]["fingerprint"]
+    assert not any(r["cached"] for r in ours["features"]["classifiers"].values())
+    assert ours["labelled"] and ours["n"] == 600  # the labels came back from the workers
+    assert ours["features"]["actors"] == 2  # one per node's CPU (5 slices of 128)
+    for name, c in Library.load(lib).classifiers.items():
+        got, want = (FeatureCache(tmp_path / d).get(c.sha256, ours["features"]["fingerprint"], None, 600)
+                     for d in ("ray", "here"))
+        for k, v in want.arrays().items():
+            np.testing.assert_allclose(got.arrays()[k], v, rtol=1e-5, atol=1e-7, err_msg=f"{name} {k}")
+    for m, scores in theirs["scores"].items():
+        assert ours["scores"][m] == pytest.approx(scores, rel=1e-5)
+
+
 # ---------------------------------------------------------------------- the Tune study and the driver
 
 

@@ -3,6 +3,7 @@ classifier library)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -12,7 +13,7 @@ from .common import (UsageError, add_address_arg, add_data_args, add_device_arg,
 
 
 def add_parsers(sub) -> None:
-    from ..choices import LABEL_FREE_METHODS, SELECTION_METHODS as METHODS
+    from ..choices import FEATURE_BLOCK, FEATURE_WHERE, LABEL_FREE_METHODS, SELECTION_METHODS as METHODS
 
     labelled = [m for m in METHODS if m not in LABEL_FREE_METHODS]
     free = [m for m in LABEL_FREE_METHODS if m != "simex"]
@@ -35,6 +36,22 @@ def add_parsers(sub) -> None:
                         "(needs labels; Ray tasks unless --no-ray)")
     s.add_argument("--no-ray", action="store_true", help="run --verify's transfers in this process")
     add_address_arg(s)
+    s.add_argument("--features", choices=FEATURE_WHERE, default="auto",
+                   help="where the classifiers' outputs are computed: ray (Ray Data actor pools, the workers "
+                        "reading parquet/npz slices themselves), here (this process), or auto (default: ray "
+                        "with --address, else here)")
+    s.add_argument("--feature-cache", default=None, metavar="DIR|none",
+                   help="keep each classifier's outputs per (weights, exact images, layer) in DIR (path or URI) "
+                        "and reuse them (default: LIBRARY/features when the library is a writable local "
+                        "directory, else no cache; none: no cache)")
+    s.add_argument("--layer", default=None,
+                   help="the features the estimators read: penultimate (default) or a module name of the "
+                        "classifier (e.g. head.3)")
+    s.add_argument("--cpus-per-actor", type=positive_float, default=1.0,
+                   help="with Ray features on a cluster without GPUs: CPUs per feature actor (default 1; "
+                        "with GPUs each actor takes one)")
+    s.add_argument("--batch-images", type=positive_int, default=FEATURE_BLOCK,
+                   help=f"with Ray features: images per slice, one actor's input (default {FEATURE_BLOCK})")
     add_loss_arg(s, help="override the fleet's delta (simex)")
     s.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     add_device_arg(s)
@@ -84,10 +101,68 @@ def cmd_select(args) -> int:
         raise UsageError(f"the library's classifiers take {fmt} but the fleet's autoencoders {fleet.image_format}; "
                          f"select with a fleet of the library's format (or without --fleet)")
     from ..data.unknown import read_unknown
+    from ..transfer.features import FeatureCache, Outputs, default_cache_dir
 
-    x, y = read_unknown(args.data, split=args.split, samples=args.samples, seed=seed, data_dir=args.data_dir,
-                        stream=False, fmt=fmt)
-    methods = resolve_methods(args.method, labelled=y is not None, fleet=fleet is not None)
+    cache_dir = default_cache_dir(args.library) if args.feature_cache is None else (
+        None if args.feature_cache == "none" else args.feature_cache)
+    cache = FeatureCache(cache_dir) if cache_dir is not None else None
+    on_ray = args.features == "ray" or (args.features == "auto" and args.address is not None)
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as session:
+        x = y = None
+        if fleet is not None or not on_ray:  # simex reads the images here; Ray features do not
+            x, y = read_unknown(args.data, split=args.split, samples=args.samples, seed=seed,
+                                data_dir=args.data_dir, stream=False, fmt=fmt)
+        methods = None if x is None else usable_methods(args, y)
+        if on_ray and (methods is None or any(m != "simex" for m in methods)):
+            from ..distributed.features import FeatureSettings, extract_outputs
+            from ..distributed.runtime import ray_session
+
+            session.enter_context(ray_session(args.address))
+            outputs = extract_outputs(args.library, args.data, fmt=fmt, layer=args.layer, cache=cache,
+                                      settings=FeatureSettings(cpus_per_actor=args.cpus_per_actor,
+                                                               block=args.batch_images),
+                                      split=args.split, samples=args.samples, seed=seed, data_dir=args.data_dir,
+                                      on_progress=feature_printer("on Ray"))
+            y = outputs.labels if x is None else y
+        else:  # lazy: only the classifiers select() asks for, and none for simex alone
+            outputs = Outputs(library, x, cache=cache, layer=args.layer, on_progress=feature_printer("here"))
+        methods = methods or usable_methods(args, y)
+        result = select(library, x, y, methods=methods, fleet=fleet, loss=args.loss, outputs=outputs)
+        out = {"library": str(args.library), "data": args.data, **result.to_json(),
+               "classifiers": {n: library.classifiers[n].spec for n in library.names},
+               "features": {"where": outputs.where, "cache": None if cache is None else str(cache.root),
+                            "layer": outputs_layer(args.layer),
+                            "fingerprint": outputs.fingerprint if outputs.report else None,
+                            "actors": getattr(outputs, "actors", 0), "classifiers": dict(outputs.report)}}
+        if args.verify:
+            first = methods[0]
+            candidates = result.ranking(first)[:args.verify]
+            show = stage_printer(time.perf_counter(), [args.data])
+            if args.no_ray:
+                verified = verify(library, candidates, args.data, samples=args.samples, data_seed=seed,
+                                  data_dir=args.data_dir, on_progress=show)
+            else:
+                from ..distributed.map import ray_map
+                from ..distributed.runtime import ray_session
+
+                with ray_session(args.address):  # the features' session when there is one
+                    verified = verify(library, candidates, args.data, samples=args.samples, data_seed=seed,
+                                      data_dir=args.data_dir, map_fn=ray_map(1.0), on_progress=show)
+            verified["method"] = first
+            verified["predicted_best"] = candidates[0]
+            verified["predicted_best_came"] = verified["ranking"].index(candidates[0]) + 1
+            out["verified"] = verified
+    out["seconds_total"] = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(format_selection(out))
+    return 0
+
+
+def usable_methods(args, y) -> list[str]:
+    methods = resolve_methods(args.method, labelled=y is not None, fleet=args.fleet is not None)
     if not methods:
         from ..choices import LABEL_FREE_METHODS
 
@@ -96,34 +171,27 @@ def cmd_select(args) -> int:
                          f"simex, or use a label-free method ({free})")
     if args.verify and y is None:
         raise UsageError("--verify transfers the classifiers for real, which needs the data's labels")
-    t0 = time.perf_counter()
-    result = select(library, x, y, methods=methods, fleet=fleet, loss=args.loss)
-    out = {"library": str(args.library), "data": args.data, **result.to_json(),
-           "classifiers": {n: library.classifiers[n].spec for n in library.names}}
-    if args.verify:
-        first = methods[0]
-        candidates = result.ranking(first)[:args.verify]
-        show = stage_printer(time.perf_counter(), [args.data])
-        if args.no_ray:
-            verified = verify(library, candidates, args.data, samples=args.samples, data_seed=seed,
-                              data_dir=args.data_dir, on_progress=show)
-        else:
-            from ..distributed.map import ray_map
-            from ..distributed.runtime import ray_session
+    return methods
 
-            with ray_session(args.address):
-                verified = verify(library, candidates, args.data, samples=args.samples, data_seed=seed,
-                                  data_dir=args.data_dir, map_fn=ray_map(1.0), on_progress=show)
-        verified["method"] = first
-        verified["predicted_best"] = candidates[0]
-        verified["predicted_best_came"] = verified["ranking"].index(candidates[0]) + 1
-        out["verified"] = verified
-    out["seconds_total"] = time.perf_counter() - t0
-    if args.json:
-        print(json.dumps(out))
-        return 0
-    print(format_selection(out))
-    return 0
+
+def feature_printer(where: str):
+    """A progress line per classifier on stderr: cached, or how fast its outputs were computed."""
+    def show(name: str, report: dict) -> None:
+        if report["cached"]:
+            print(f"features {name}: from the cache", file=sys.stderr, flush=True)
+        else:
+            k = report.get("pass_classifiers")
+            shared = f", one pass for {k} classifiers" if k else ""
+            print(f"features {name}: computed {where} in {report['seconds']:.2f}s, {report['images_per_s']:.0f} "
+                  f"images/s{shared}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def outputs_layer(layer: str | None) -> str:
+    from ..transfer.features import layer_name
+
+    return layer_name(layer)
 
 
 def format_selection(out: dict) -> str:

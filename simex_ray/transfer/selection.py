@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -81,14 +81,18 @@ class Selection:
 def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, methods: Sequence[str] = METHODS,
            classifiers: Sequence[str] | None = None, fleet=None, loss: str | None = None,
            deltas: dict[str, float] | None = None, options: dict[str, dict[str, Any]] | None = None,
-           baseline: bool = True) -> Selection:
+           outputs: Callable[[str], Any] | None = None, baseline: bool = True) -> Selection:
     """Score ``classifiers`` (default: every one in ``library``) for images ``x`` (N, C, H, W) with labels
     ``y`` (needed by the label-using methods). ``fleet``: a :class:`~simex_ray.fleet.Fleet` whose members
     are named by the classifiers' reference specs (for ``simex``), or ``deltas``: Δ(X | A(spec)) already
-    computed (e.g. by a Serve layout). ``options``: per-method keyword options. ``baseline``: also score
-    "no source model" (:func:`no_transfer`) and say, per method, whether any classifier beats it."""
+    computed (e.g. by a Serve layout). ``options``: per-method keyword options. ``outputs``: classifier
+    name -> its :class:`~simex_ray.transfer.features.ClassifierOutputs` on ``x`` (e.g. through the feature
+    cache, or computed on Ray; ``x`` may then be None unless simex runs); default: the library's forward
+    passes here. ``baseline``: also score "no source model" (:func:`no_transfer`, which reads the pixels:
+    only when ``x`` is given) and say, per method, whether any classifier beats it."""
     methods = check_methods(methods, labelled=y is not None, fleet=fleet is not None or deltas is not None)
     names = list(classifiers) if classifiers is not None else library.names
+    n = len(x) if x is not None else outputs(names[0]).n
     options = options or {}
     scores = {m: {} for m in methods}
     seconds = {m: 0.0 for m in methods}
@@ -111,9 +115,13 @@ def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, meth
         if not estimators:
             break
         t0 = time.perf_counter()
-        feats = library.features(c, x) if "features" in needs else None
-        probs = library.probabilities(c, x) if needs & {"probs", "source_labels"} else None
-        logits = library.logits(c, x) if "logits" in needs else None
+        if outputs is not None:
+            record = outputs(c)
+            feats, probs, logits = record.features, record.probabilities, record.logits
+        else:
+            feats = library.features(c, x) if "features" in needs else None
+            probs = library.probabilities(c, x) if needs & {"probs", "source_labels"} else None
+            logits = library.logits(c, x) if "logits" in needs else None
         forward = time.perf_counter() - t0
         for m in estimators:
             t1 = time.perf_counter()
@@ -123,8 +131,8 @@ def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, meth
         t1 = time.perf_counter()
         scores[m] = combine_scores(m, scores[m])
         seconds[m] += time.perf_counter() - t1
-    selection = Selection(scores, seconds, int(len(x)), y is not None)
-    if baseline and estimators:
+    selection = Selection(scores, seconds, int(n), y is not None)
+    if baseline and estimators and x is not None:
         selection.extra["no_transfer"] = no_transfer(selection, x, y, options)
     return selection
 
