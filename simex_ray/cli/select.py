@@ -29,8 +29,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--split", choices=("all", "train", "test"), default="all",
                    help="score all samples, or the train/test part of the 5:1 split")
     s.add_argument("--verify", type=positive_int, default=None, metavar="K",
-                   help="transfer the top K classifiers of the first method for real and report their accuracy "
-                        "(needs labels; Ray tasks unless --no-ray)")
+                   help="transfer the best classifier of each of the top K references of the first method for "
+                        "real and report their accuracy (needs labels; Ray tasks unless --no-ray)")
     s.add_argument("--no-ray", action="store_true", help="run --verify's transfers in this process")
     add_address_arg(s)
     add_loss_arg(s, help="override the fleet's delta (simex)")
@@ -66,7 +66,7 @@ def resolve_methods(text: str, *, labelled: bool, fleet: bool) -> list[str]:
 def cmd_select(args) -> int:
     from .. import data
     from ..transfer.library import Library
-    from ..transfer.selection import select, verify
+    from ..transfer.selection import select, top_references, verify
 
     data.parse_spec(args.data)
     library = Library.load(args.library)
@@ -77,14 +77,15 @@ def cmd_select(args) -> int:
 
         fleet = Fleet.load(args.fleet, device=resolve_device(args.device))
     seed = data_seed(args)
-    fmt = library.image_format(next(iter(library.classifiers)))
-    if fleet is not None and fleet.image_format != fmt:
-        raise UsageError(f"the library's classifiers take {fmt} but the fleet's autoencoders {fleet.image_format}; "
-                         f"select with a fleet of the library's format (or without --fleet)")
     from ..data.unknown import read_unknown
 
-    x, y = read_unknown(args.data, split=args.split, samples=args.samples, seed=seed, data_dir=args.data_dir,
-                        stream=False, fmt=fmt)
+    formats = library.formats + ([fleet.image_format] if fleet is not None else [])
+    cache: dict = {}
+    images = {}
+    for fmt in dict.fromkeys(formats):  # the same samples in every format a classifier (or the fleet) takes
+        images[str(fmt)], y = read_unknown(args.data, split=args.split, samples=args.samples, seed=seed,
+                                           data_dir=args.data_dir, stream=False, fmt=fmt, cache=cache)
+    x = images if len(images) > 1 else next(iter(images.values()))
     methods = resolve_methods(args.method, labelled=y is not None, fleet=fleet is not None)
     if not methods:
         raise UsageError("no method applies: the data has no labels and no --fleet was given; pass --fleet for "
@@ -97,7 +98,7 @@ def cmd_select(args) -> int:
            "classifiers": {n: library.classifiers[n].spec for n in library.names}}
     if args.verify:
         first = methods[0]
-        candidates = result.ranking(first)[:args.verify]
+        candidates = top_references(library, result.ranking(first), args.verify)
         show = stage_printer(time.perf_counter(), [args.data])
         if args.no_ray:
             verified = verify(library, candidates, args.data, samples=args.samples, data_seed=seed,
@@ -127,7 +128,7 @@ def format_selection(out: dict) -> str:
     methods = list(out["ranking"])
     shown = display_names(out["classifiers"].values())
     names = list(out["classifiers"])
-    label = {n: f"{shown[out['classifiers'][n]]}@{n.rsplit('@', 1)[-1]}" for n in names}
+    label = {n: classifier_label(n, out["classifiers"][n], shown) for n in names}
     width = max(len(v) for v in label.values())
     first = methods[0]
     lines = [f"which classifier to transfer from, for {out['data']} ({out['n']} samples; higher = better; "
@@ -146,6 +147,14 @@ def format_selection(out: dict) -> str:
         lines.append(f"predicted best by {v['method']} ({label[v['predicted_best']]}) came "
                      f"{v['predicted_best_came']} of {len(v['ranking'])}")
     return "\n".join(lines)
+
+
+def classifier_label(name: str, spec: str, shown: dict[str, str]) -> str:
+    """A classifier as the table shows it: ``<reference>@s<seed>`` for those trained here, the name (and its
+    reference, when it has another) for those added."""
+    if name.startswith(f"{spec}@"):
+        return f"{shown[spec]}@{name[len(spec) + 1:]}"
+    return name if name == spec else f"{name} ({shown[spec]})"
 
 
 def cmd_train_bases(args) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -76,19 +76,25 @@ class Selection:
                 "seconds": self.seconds, **self.extra}
 
 
-def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, methods: Sequence[str] = METHODS,
-           classifiers: Sequence[str] | None = None, fleet=None, loss: str | None = None,
-           deltas: dict[str, float] | None = None, options: dict[str, dict[str, Any]] | None = None) -> Selection:
-    """Score ``classifiers`` (default: every one in ``library``) for images ``x`` (N, 1, 28, 28) with labels
-    ``y`` (needed by the label-using methods). ``fleet``: a :class:`~simex_ray.fleet.Fleet` whose members
-    are named by the classifiers' reference specs (for ``simex``), or ``deltas``: Δ(X | A(spec)) already
-    computed (e.g. by a Serve layout). ``options``: per-method keyword options."""
+def select(library: Library, x: np.ndarray | Mapping[str, np.ndarray], y: np.ndarray | None = None, *,
+           methods: Sequence[str] = METHODS, classifiers: Sequence[str] | None = None, fleet=None,
+           loss: str | None = None, deltas: dict[str, float] | None = None,
+           options: dict[str, dict[str, Any]] | None = None) -> Selection:
+    """Score ``classifiers`` (default: every one in ``library``) for images ``x`` (N, C, H, W) with labels
+    ``y`` (needed by the label-using methods). ``x``: one array in the classifiers' format, or, for a library
+    of several formats, the same N images in each (``{str(format): array}``; the fleet's format too for
+    ``simex``). ``fleet``: a :class:`~simex_ray.fleet.Fleet` whose members are named by the classifiers'
+    reference specs (for ``simex``), or ``deltas``: Δ(X | A(spec)) already computed (e.g. by a Serve layout).
+    ``options``: per-method keyword options. Each classifier runs once over X (features and softmax from
+    one forward pass), whatever the number of methods."""
     methods = check_methods(methods, labelled=y is not None, fleet=fleet is not None or deltas is not None)
     names = list(classifiers) if classifiers is not None else library.names
     options = options or {}
     scores = {m: {} for m in methods}
     seconds = {m: 0.0 for m in methods}
     estimators = [m for m in methods if m != SIMEX]
+    images = (lambda fmt: x[str(fmt)]) if isinstance(x, Mapping) else (lambda fmt: x)
+    n = len(next(iter(x.values()))) if isinstance(x, Mapping) else len(x)
     if SIMEX in methods:
         t0 = time.perf_counter()
         specs = list(dict.fromkeys(library.classifiers[c].spec for c in names))
@@ -97,7 +103,7 @@ def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, meth
             raise UserError(f"the fleet has no member for {', '.join(missing)}; train one with "
                              f"`simex train --refs {','.join(missing)}`")
         if fleet is not None:
-            by_spec = dict(zip(specs, fleet.engine.per_sample(x, specs, loss).mean(axis=1)))
+            by_spec = dict(zip(specs, fleet.engine.per_sample(images(fleet.image_format), specs, loss).mean(axis=1)))
         else:
             by_spec = {s: deltas[s] for s in specs}
         scores[SIMEX] = {c: -float(by_spec[library.classifiers[c].spec]) for c in names}
@@ -106,14 +112,25 @@ def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, meth
         if not estimators:
             break
         t0 = time.perf_counter()
-        feats = library.features(c, x) if any(ESTIMATORS[m].needs == "features" for m in estimators) else None
-        probs = library.probabilities(c, x) if any(ESTIMATORS[m].needs != "features" for m in estimators) else None
+        feats, probs = library.outputs(c, images(library.image_format(c)),
+                                       features=any(ESTIMATORS[m].needs == "features" for m in estimators))
         forward = time.perf_counter() - t0
         for m in estimators:
             t1 = time.perf_counter()
             scores[m][c] = estimate(m, features=feats, probs=probs, labels=y, **options.get(m, {}))
             seconds[m] += time.perf_counter() - t1 + forward
-    return Selection(scores, seconds, int(len(x)), y is not None)
+    return Selection(scores, seconds, int(n), y is not None)
+
+
+def top_references(library: Library, ranking: Sequence[str], k: int) -> list[str]:
+    """The best-ranked classifier of each of the first ``k`` references in ``ranking`` (best first): what
+    ``--verify K`` transfers, so that K seeds or variants of one reference never fill the K places."""
+    best: dict[str, str] = {}
+    for name in ranking:
+        best.setdefault(library.classifiers[name].spec, name)
+        if len(best) == k:
+            break
+    return list(best.values())
 
 
 def verify(library: Library, candidates: Sequence[str], spec: str, *, samples: int | None, data_seed: int,
@@ -122,31 +139,49 @@ def verify(library: Library, candidates: Sequence[str], spec: str, *, samples: i
     """The ground truth on demand: transfer each candidate classifier to ``spec`` for real.
 
     Each candidate B(Y) is transferred under the protocol's transfer settings (default: the ``default``
-    preset, every TL config of it) with its classifier seed, on ``spec``'s labelled splits; the score is
-    the mean held-out accuracy. ``map_fn`` runs the transfers (e.g. as Ray tasks). Returns
-    ``{"accuracy": {classifier: acc}, "ranking": best first, "best": ..., "protocol": ..., "seconds": ...}``.
+    preset, every TL config of it) with its classifier seed, on ``spec``'s labelled splits read in the
+    candidate's image format; the score is the mean held-out accuracy. A LeNet-5 takes the paper's
+    protocol (:func:`~.learning.transfer`); any other network gets a fresh final Linear for X's classes
+    trained on its frozen features (:func:`~.learning.transfer_head`, the same optimizer, epochs, patience
+    and batch size). ``map_fn`` runs the transfers (e.g. as Ray tasks). Returns ``{"accuracy": {classifier:
+    acc}, "ranking": best first, "best": ..., "protocol": ..., "seconds": ...}``.
     """
     from ..protocol import DEFAULT, load_splits, run_units
-    from .learning import tl_config, transfer
+    from .learning import tl_config, transfer, transfer_head
+    from .zoo import LENET, weight_suffix
 
-    protocol = dataclasses.replace(protocol or DEFAULT, image_format=str(library.image_format(candidates[0])))
+    protocol = protocol or DEFAULT
     t0 = time.perf_counter()
-    splits = load_splits(spec, samples=samples, data_seed=data_seed, data_dir=data_dir, protocol=protocol)
+    splits: dict[str, Any] = {}
     configs = list(tl_configs or protocol.tl_configs)
-    units, keys = [], []
+    units: dict[Any, list[tuple[str, dict[str, Any]]]] = {transfer: [], transfer_head: []}  # fn -> (name, kwargs)
     for name in candidates:
         c = library.classifiers[name]
-        state = {k: v.detach().clone() for k, v in library.model(name).state_dict().items()}
-        for cfg in configs:
-            keys.append(name)
-            units.append(dict(base_state=state, **splits.clf_kwargs(protocol.transfer_samples), config=tl_config(cfg),
-                              fc_init=protocol.fc_init, fc_layers=protocol.fc_layers,
-                              max_epochs=protocol.clf_max_epochs, patience=protocol.clf_patience,
-                              batch_size=protocol.clf_batch_size, seed=c.seed))
-    results = run_units(transfer, units, stage="verify", map_fn=map_fn, on_progress=on_progress)
+        fmt = str(library.image_format(name))
+        if fmt not in splits:
+            splits[fmt] = load_splits(spec, samples=samples, data_seed=data_seed, data_dir=data_dir,
+                                      protocol=dataclasses.replace(protocol, image_format=fmt))
+        data = splits[fmt].clf_kwargs(protocol.transfer_samples)
+        common = dict(max_epochs=protocol.clf_max_epochs, patience=protocol.clf_patience,
+                      batch_size=protocol.clf_batch_size, seed=c.seed)
+        if c.architecture == LENET:
+            state = {k: v.detach().clone().cpu() for k, v in library.model(name).state_dict().items()}
+            fn, base = transfer, dict(base_state=state, fc_init=protocol.fc_init, fc_layers=protocol.fc_layers)
+        else:
+            fn, base = transfer_head, dict(base={
+                "architecture": c.architecture, "n_classes": c.n_classes, "image_format": fmt,
+                "weights": library.weight_bytes(name), "suffix": weight_suffix(c.weights, c.architecture),
+                "mean": c.mean, "std": c.std, "layer": c.layer})
+        units[fn] += [(name, dict(**base, **data, config=tl_config(cfg), **common)) for cfg in configs]
+    keys, results = [], []
+    for fn, todo in units.items():
+        if todo:
+            keys += [name for name, _ in todo]
+            results += run_units(fn, [kw for _, kw in todo], stage="verify", map_fn=map_fn, on_progress=on_progress)
     accuracy: dict[str, float] = {name: 0.0 for name in candidates}
     for name, r in zip(keys, results):
         accuracy[name] += r["accuracy"] / len(configs)
     ranking = sorted(accuracy, key=lambda n: (-accuracy[n], n))
     return {"accuracy": accuracy, "ranking": ranking, "best": ranking[0], "tl_configs": configs,
             "transfer_samples": protocol.transfer_samples, "seconds": time.perf_counter() - t0}
+
