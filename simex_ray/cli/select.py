@@ -35,7 +35,7 @@ def add_parsers(sub) -> None:
     add_address_arg(s)
     add_loss_arg(s, help="override the fleet's delta (simex)")
     s.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    add_device_arg(s)
+    add_device_arg(s, help="where the autoencoders and the classifiers run (default cpu; auto = cuda when present)")
     add_data_args(s)
 
     b = sub.add_parser("train-bases", help="train a library of base classifiers B(Y), one per reference (Ray Train)",
@@ -68,14 +68,16 @@ def cmd_select(args) -> int:
     from ..transfer.library import Library
     from ..transfer.selection import select, top_references, verify
 
+    from ..scoring import resolve_device
+
     data.parse_spec(args.data)
-    library = Library.load(args.library)
+    device = resolve_device(args.device)
+    library = Library.load(args.library, device=device)
     fleet = None
     if args.fleet:
         from ..fleet import Fleet
-        from ..scoring import resolve_device
 
-        fleet = Fleet.load(args.fleet, device=resolve_device(args.device))
+        fleet = Fleet.load(args.fleet, device=device)
     seed = data_seed(args)
     from ..data.unknown import read_unknown
 

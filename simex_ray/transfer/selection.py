@@ -162,25 +162,24 @@ def verify(library: Library, candidates: Sequence[str], spec: str, *, samples: i
             splits[fmt] = load_splits(spec, samples=samples, data_seed=data_seed, data_dir=data_dir,
                                       protocol=dataclasses.replace(protocol, image_format=fmt))
         data = splits[fmt].clf_kwargs(protocol.transfer_samples)
-        common = dict(max_epochs=protocol.clf_max_epochs, patience=protocol.clf_patience,
+        common = dict(**data, max_epochs=protocol.clf_max_epochs, patience=protocol.clf_patience,
                       batch_size=protocol.clf_batch_size, seed=c.seed)
-        if c.architecture == LENET:
+        if c.architecture == LENET:  # one unit per TL config, the paper's protocol
             state = {k: v.detach().clone().cpu() for k, v in library.model(name).state_dict().items()}
-            fn, base = transfer, dict(base_state=state, fc_init=protocol.fc_init, fc_layers=protocol.fc_layers)
-        else:
-            fn, base = transfer_head, dict(base={
-                "architecture": c.architecture, "n_classes": c.n_classes, "image_format": fmt,
-                "weights": library.weight_bytes(name), "suffix": weight_suffix(c.weights, c.architecture),
-                "mean": c.mean, "std": c.std, "layer": c.layer})
-        units[fn] += [(name, dict(**base, **data, config=tl_config(cfg), **common)) for cfg in configs]
-    keys, results = [], []
-    for fn, todo in units.items():
-        if todo:
-            keys += [name for name, _ in todo]
-            results += run_units(fn, [kw for _, kw in todo], stage="verify", map_fn=map_fn, on_progress=on_progress)
+            units[transfer] += [(name, dict(base_state=state, config=tl_config(cfg), fc_init=protocol.fc_init,
+                                            fc_layers=protocol.fc_layers, **common)) for cfg in configs]
+        else:  # one unit for every TL config: the frozen network's features are read once
+            base = {"architecture": c.architecture, "n_classes": c.n_classes, "image_format": fmt,
+                    "weights": library.weight_bytes(name), "suffix": weight_suffix(c.weights, c.architecture),
+                    "mean": c.mean, "std": c.std, "layer": c.layer}
+            units[transfer_head].append((name, dict(base=base, configs=configs, **common)))
     accuracy: dict[str, float] = {name: 0.0 for name in candidates}
-    for name, r in zip(keys, results):
-        accuracy[name] += r["accuracy"] / len(configs)
+    for fn, todo in units.items():
+        if not todo:
+            continue
+        results = run_units(fn, [kw for _, kw in todo], stage="verify", map_fn=map_fn, on_progress=on_progress)
+        for (name, _), r in zip(todo, results):  # transfer: one config's accuracy; transfer_head: their mean
+            accuracy[name] += r["accuracy"] / (len(configs) if fn is transfer else 1)
     ranking = sorted(accuracy, key=lambda n: (-accuracy[n], n))
     return {"accuracy": accuracy, "ranking": ranking, "best": ranking[0], "tl_configs": configs,
             "transfer_samples": protocol.transfer_samples, "seconds": time.perf_counter() - t0}
