@@ -483,7 +483,10 @@ def test_cli_http_and_query_answer_every_field_alike(service):
 
 
 def test_select_over_http_answers_like_the_cli(service, tmp_path):
-    """POST /v1/select on the same deployment as /v1/score: the same scores as `simex select --json`."""
+    """POST /v1/select on the same deployment as /v1/score: the same scores as `simex select --json`, for a
+    library of LeNet-5s and a user's own TorchScript classifier."""
+    from simex_ray.transfer.library import add_classifier
+
     library = tmp_path / "lib"
     built = cli_run("train-bases", "--refs", "digits,bgrand:digits", "--samples", 240, "--no-ray", "--out", library)
     assert built.returncode == 0, built.stderr
@@ -494,9 +497,8 @@ def test_select_over_http_answers_like_the_cli(service, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(torch.jit.script(net), tmp_path / "mine.pt")
-    added = cli_run("library", "add", "--library", library, "--arch", "torchscript", "--weights", tmp_path / "mine.pt",
-                    "--num-classes", 10, "--image-format", "1x28x28", "--source", "digits")
-    assert added.returncode == 0, added.stderr
+    add_classifier(library, arch="torchscript", weights=tmp_path / "mine.pt", n_classes=10, image_format="1x28x28",
+                   source="digits")  # what `simex library add` does, without a new interpreter
     images, labels = data.prepare("digits", samples=300, seed=0)[1].x, data.prepare("digits", samples=300, seed=0)[1].y
     none = requests.post(service.url + "/v1/select", json={"images": images[:, 0].tolist()}, timeout=60)
     assert none.status_code == 404 and "--library" in none.json()["error"]

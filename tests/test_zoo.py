@@ -218,3 +218,15 @@ def test_generic_transfer_learns_from_informative_features_only(zoo):
     assert [r["config"] for r in flat["configs"]] == ["TL-1", "TL-2"]
     assert flat["accuracy"] == pytest.approx(np.mean([r["accuracy"] for r in flat["configs"]]))
     assert all(r["accuracy"] <= share + 1e-9 for r in flat["configs"])
+
+
+def test_simex_needs_the_reference_of_every_classifier(library):
+    from simex_ray.transfer.selection import select
+
+    lib = Library.load(library)
+    deltas = {"digits": 0.25, "rotated:digits": 0.5}
+    with pytest.raises(ValueError, match=r"classifier\(s\) tiny have no reference dataset.*--source SPEC"):
+        select(lib, images(), None, methods=["simex"], deltas=deltas)
+    scores = select(lib, images(), None, methods=["simex"], deltas=deltas,
+                    classifiers=["mnv3", "mnv3-b", "lenet"]).scores["simex"]
+    assert scores == {"mnv3": -0.25, "mnv3-b": -0.25, "lenet": -0.5}  # -Δ of each one's reference

@@ -99,6 +99,10 @@ def select(library: Library, x: np.ndarray | Mapping[str, np.ndarray], y: np.nda
         t0 = time.perf_counter()
         specs = list(dict.fromkeys(library.classifiers[c].spec for c in names))
         missing = [s for s in specs if s not in (fleet.members if fleet is not None else deltas)]
+        own = [s for s in missing if s in library.classifiers]  # added without --source: its own reference
+        if own:
+            raise UserError(f"classifier(s) {', '.join(own)} have no reference dataset for simex; add them again "
+                             f"with `simex library add ... --source SPEC`, or leave simex out of --method")
         if missing:
             raise UserError(f"the fleet has no member for {', '.join(missing)}; train one with "
                              f"`simex train --refs {','.join(missing)}`")
