@@ -15,8 +15,9 @@ def add_parsers(sub) -> None:
     from ..choices import SELECTION_METHODS as METHODS
 
     s = sub.add_parser("select", help="rank a library's pretrained classifiers for a dataset (which to transfer from)",
-                       description="Score every classifier of a library (from `simex train-bases` or `simex "
-                                   "experiment transfer`'s OUT/ground_truth/library) for unknown data: simex "
+                       description="Score every classifier of a library (from `simex train-bases`, `simex library "
+                                   "add` or `simex experiment transfer`'s OUT/ground_truth/library) for unknown "
+                                   "data: simex "
                                    "(-Δ through the fleet, no labels) and the transferability estimators (LogME, "
                                    "LEEP, NCE, H-score, GBC, k-NN need labels; entropy, nuclear-norm and silhouette "
                                    "do not). Higher score = better transfer.")

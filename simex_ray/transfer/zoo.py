@@ -32,7 +32,7 @@ import difflib
 import io
 import threading
 import warnings
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -344,9 +344,3 @@ def check_model(model: ZooModel, fmt: ImageFormat, n_classes: int) -> int:
                            "export the network up to its logits")
     return int(feats.shape[1])
 
-
-def describe(arch: str, n_classes: int, fmt: ImageFormat, mean, std, layer) -> dict[str, Any]:
-    """The record fields of a classifier (architecture, classes, format, normalisation, feature layer)."""
-    return {"architecture": arch, "n_classes": int(n_classes), "image_format": str(fmt),
-            "mean": None if mean is None else [float(v) for v in mean],
-            "std": None if std is None else [float(v) for v in std], "layer": layer or None}
