@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..choices import CLASSIFIER_ARCHITECTURES
-from ..errors import UserError, one_line
+from ..errors import UserError, clip, one_line
 from ..formats import LEGACY, ImageFormat
 
 LENET = "lenet5"
@@ -205,9 +205,12 @@ def build_network(arch: str, n_classes: int, image_format: ImageFormat | str, bl
         model = torchvision.models.get_model(name, weights=None, num_classes=n_classes)
     else:
         model = import_timm().create_model(name, pretrained=False, num_classes=n_classes)
-    head_name, head = head_linear(model)
+    try:
+        head_name, _ = head_linear(model)
+    except ZooError:  # no Linear head (e.g. a convolutional one): the probe images check its output's size
+        head_name = None
     key = f"{head_name}.weight" if head_name else "weight"
-    if key in state and state[key].ndim == 2 and state[key].shape[0] != n_classes:
+    if head_name is not None and key in state and state[key].ndim == 2 and state[key].shape[0] != n_classes:
         raise ZooError(f"--num-classes {n_classes} but the weights' classification head ({key}) has "
                        f"{state[key].shape[0]} outputs; pass --num-classes {state[key].shape[0]}")
     missing, unexpected = sorted(set(model.state_dict()) - set(state)), sorted(set(state) - set(model.state_dict()))
@@ -217,8 +220,10 @@ def build_network(arch: str, n_classes: int, image_format: ImageFormat | str, bl
         raise ZooError(f"the weights do not fit {arch}: {' and '.join(said)} keys; check --arch")
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:  # a size mismatch
-        raise ZooError(f"the weights do not fit {arch} ({one_line(e, 200).rstrip(':')}); check --arch") from None
+    except RuntimeError as e:  # a size mismatch: torch names each on a line of its own
+        said = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), one_line(e))
+        raise ZooError(f"the weights do not fit {arch} with {n_classes} classes ({clip(said.rstrip('.'), 240)}); "
+                       f"check --arch and --num-classes") from None
     return model.eval()
 
 
@@ -232,7 +237,12 @@ class ZooModel:
         self.network, self.layer = network.eval(), layer
         self.device = torch.device(device)
         self.scripted = isinstance(network, torch.jit.ScriptModule)
-        self.head_name, self.head = head_linear(network)
+        try:
+            self.head_name, self.head = head_linear(network)
+        except ZooError:
+            if not layer or self.scripted:
+                raise
+            self.head_name, self.head = None, None  # features from --layer; no Linear head needed
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.features_net = None
@@ -270,7 +280,8 @@ class ZooModel:
 
     @property
     def n_classes(self) -> int:
-        return int(self.head.weight.shape[0])
+        """The head's classes (0 when the network has no Linear head: only an empty batch asks)."""
+        return int(self.head.weight.shape[0]) if self.head is not None else 0
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device)
