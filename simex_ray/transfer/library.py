@@ -178,6 +178,10 @@ def add_classifier(library: storage.PathLike, *, arch: str, weights: storage.Pat
     ``arch``, a missing timm, an unknown ``layer`` are one-line :class:`~.zoo.ZooError` s.
     """
     parse_architecture(arch)
+    if source is not None:
+        from ..data import parse_spec
+
+        parse_spec(source)  # a one-line SpecError for a spec that names no dataset: simex would miss it later
     src = storage.resolve(weights)
     try:
         blob = src.read_bytes() if src.is_file() else None
