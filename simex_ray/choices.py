@@ -35,6 +35,8 @@ STREAM_MODES = ("auto", "always", "never")
 STREAM_BYTES = 1 << 28
 # Class distances of `simex pair` (:mod:`simex_ray.pairing`).
 PAIRING_METHODS = ("simex", "sample-mse", "embeddings")
+# How a weight file in a classifier library becomes a network (simex_ray/transfer/zoo.py builds them).
+CLASSIFIER_ARCHITECTURES = ("lenet5", "torchvision:<name>", "timm:<name>", "torchscript")
 # Methods of `simex select`: simex, then the transferability estimators of :mod:`simex_ray.transfer.estimators`.
 FEATURE_WHERE = ("auto", "here", "ray")  # where `simex select` computes the classifiers' outputs
 FEATURE_BLOCK = 2048  # images per slice of Ray feature extraction

@@ -94,7 +94,7 @@ def test_train_and_score_npz_files_the_project_never_saw(tmp_path, simex_here):
         assert (tmp_path / "m" / f"delta_matrix.{ext}").stat().st_size > 0
 
 
-VERBS = {"train", "score", "matrix", "pair", "select", "train-bases", "serve", "query", "experiment", "tune",
+VERBS = {"train", "score", "matrix", "pair", "select", "train-bases", "library", "serve", "query", "experiment", "tune",
          "cluster"}
 
 

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from simex_ray.protocol import ProtocolConfig, load_splits
 from simex_ray.transfer.classifiers import LeNet5, predict_proba
@@ -45,6 +46,9 @@ def test_the_ground_truth_keeps_every_base_classifier_as_a_library(gt):
         np.testing.assert_allclose(lib.probabilities(name, x), predict_proba(model, x), rtol=1e-6)
         assert lib.features(name, x).shape == (20, 84)
         np.testing.assert_allclose(lib.features(name, x), penultimate_features(model, x))
+        with torch.no_grad():  # the 84-dim FC layer after its activation, the input of the last Linear
+            np.testing.assert_array_equal(lib.features(name, x),
+                                          model.head[:-1](model.forward_features(torch.from_numpy(x))).double())
 
 
 def test_a_library_weight_file_that_changed_is_refused_in_one_line(gt, tmp_path):
@@ -86,3 +90,37 @@ def test_a_ground_truth_written_before_libraries_still_loads(gt, tmp_path):
     old = GroundTruth.load(tmp_path)
     assert old.library is None
     np.testing.assert_array_equal(old.accuracy, GroundTruth.load(out).accuracy)
+
+
+# The record fields of format 1, as simex wrote them before classifiers could be added (LeNet-5 only).
+FORMAT_1_FIELDS = ("name", "spec", "seed", "n_classes", "fingerprint", "architecture", "image_format", "data_seed",
+                   "samples", "config", "accuracy", "val_accuracy", "seconds", "weights", "sha256")
+
+
+def test_a_format_1_library_loads_scores_the_same_and_takes_added_classifiers(gt, tmp_path):
+    import shutil
+
+    from simex_ray.transfer.library import add_classifier
+    from simex_ray.transfer.selection import select
+
+    out, computed = gt
+    old = tmp_path / "old"
+    shutil.copytree(out / "library", old)
+    doc = json.loads((old / "library.json").read_text())
+    doc.update(format=1, refs=REFS, classifiers=[{k: c[k] for k in FORMAT_1_FIELDS} for c in doc["classifiers"]])
+    (old / "library.json").write_text(json.dumps(doc, indent=2))
+    split = load_splits("rotated:digits", samples=150, data_seed=0, protocol=TINY)
+    x, y = split.clf["train"]
+    methods = ["logme", "knn", "leep", "entropy"]
+    reference = select(Library.in_memory(computed.bases), x, y, methods=methods).scores
+    assert select(Library.load(old), x, y, methods=methods).scores == reference
+    # Adding to it keeps every record and key, and writes format 2.
+    record, state = computed.bases[0]
+    torch.save(state, tmp_path / "mine.pt")
+    add_classifier(old, arch="lenet5", weights=tmp_path / "mine.pt", n_classes=10, source="digits")
+    doc = json.loads((old / "library.json").read_text())
+    assert doc["format"] == 2 and doc["refs"] == REFS
+    lib = Library.load(old)
+    assert lib.names == [*reference["knn"], "mine"] and lib.references == REFS
+    assert select(lib, x, y, methods=methods).scores["knn"] == {**reference["knn"],
+                                                                "mine": reference["knn"][record.name]}

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
 import requests
+import torch
 
 from simex_ray import data
 from simex_ray.api import Limits
@@ -481,10 +483,22 @@ def test_cli_http_and_query_answer_every_field_alike(service):
 
 
 def test_select_over_http_answers_like_the_cli(service, tmp_path):
-    """POST /v1/select on the same deployment as /v1/score: the same scores as `simex select --json`."""
+    """POST /v1/select on the same deployment as /v1/score: the same scores as `simex select --json`, for a
+    library of LeNet-5s and a user's own TorchScript classifier."""
+    from simex_ray.transfer.library import add_classifier
+
     library = tmp_path / "lib"
     built = cli_run("train-bases", "--refs", "digits,bgrand:digits", "--samples", 240, "--no-ray", "--out", library)
     assert built.returncode == 0, built.stderr
+    # ... and a classifier of the user's own zoo beside them: a TorchScript archive, trained on digits
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(7), torch.nn.Flatten(), torch.nn.Linear(49, 16),
+                              torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(net), tmp_path / "mine.pt")
+    add_classifier(library, arch="torchscript", weights=tmp_path / "mine.pt", n_classes=10, image_format="1x28x28",
+                   source="digits")  # what `simex library add` does, without a new interpreter
     images, labels = data.prepare("digits", samples=300, seed=0)[1].x, data.prepare("digits", samples=300, seed=0)[1].y
     none = requests.post(service.url + "/v1/select", json={"images": images[:, 0].tolist()}, timeout=60)
     assert none.status_code == 404 and "--library" in none.json()["error"]
@@ -500,6 +514,7 @@ def test_select_over_http_answers_like_the_cli(service, tmp_path):
         assert cli.returncode == 0, cli.stderr
         expected = json.loads(cli.stdout)
         assert http["ranking"] == expected["ranking"] and http["needs_labels"] == expected["needs_labels"]
+        assert set(expected["scores"]["knn"]) == {"digits@s0", "bgrand:digits@s0", "mine"}
         for m in methods:
             for name, v in expected["scores"][m].items():
                 assert http["scores"][m][name] == pytest.approx(v, rel=1e-5, abs=1e-9), (m, name)

@@ -7,11 +7,11 @@ import argparse
 import logging
 import sys
 
-from . import cluster, experiment, fleet, pair, select, serve, tune
+from . import cluster, experiment, fleet, library, pair, select, serve, tune
 from .common import run_cli
 
 # Verb groups in the order `simex --help` lists them.
-GROUPS = (fleet, pair, select, serve, experiment, tune, cluster)
+GROUPS = (fleet, pair, select, library, serve, experiment, tune, cluster)
 
 
 def build_parser() -> argparse.ArgumentParser:

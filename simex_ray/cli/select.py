@@ -18,9 +18,9 @@ def add_parsers(sub) -> None:
     labelled = [m for m in METHODS if m not in LABEL_FREE_METHODS]
     free = [m for m in LABEL_FREE_METHODS if m != "simex"]
     s = sub.add_parser("select", help="rank a library's pretrained classifiers for a dataset (which to transfer from)",
-                       description="Score every classifier of a library (from `simex train-bases` or `simex "
-                                   "experiment transfer`'s OUT/ground_truth/library) for unknown data: simex "
-                                   "(-Δ through the fleet, no labels) and the transferability estimators "
+                       description="Score every classifier of a library (from `simex train-bases`, `simex library "
+                                   "add` or `simex experiment transfer`'s OUT/ground_truth/library) for unknown "
+                                   "data: simex (-Δ through the fleet, no labels) and the transferability estimators "
                                    f"({', '.join(labelled)} need labels; {', '.join(free)} do not). Higher score "
                                    "= better transfer.")
     s.add_argument("--library", required=True, help="classifier library directory or URI")
@@ -32,8 +32,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--split", choices=("all", "train", "test"), default="all",
                    help="score all samples, or the train/test part of the 5:1 split")
     s.add_argument("--verify", type=positive_int, default=None, metavar="K",
-                   help="transfer the top K classifiers of the first method for real and report their accuracy "
-                        "(needs labels; Ray tasks unless --no-ray)")
+                   help="transfer the best classifier of each of the top K references of the first method for "
+                        "real and report their accuracy (needs labels; Ray tasks unless --no-ray)")
     s.add_argument("--no-ray", action="store_true", help="run --verify's transfers in this process")
     add_address_arg(s)
     s.add_argument("--features", choices=FEATURE_WHERE, default="auto",
@@ -54,7 +54,7 @@ def add_parsers(sub) -> None:
                    help=f"with Ray features: images per slice, one actor's input (default {FEATURE_BLOCK})")
     add_loss_arg(s, help="override the fleet's delta (simex)")
     s.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    add_device_arg(s)
+    add_device_arg(s, help="where the autoencoders and the classifiers run (default cpu; auto = cuda when present)")
     add_data_args(s)
 
     b = sub.add_parser("train-bases", help="train a library of base classifiers B(Y), one per reference (Ray Train)",
@@ -85,21 +85,19 @@ def resolve_methods(text: str, *, labelled: bool, fleet: bool) -> list[str]:
 def cmd_select(args) -> int:
     from .. import data
     from ..transfer.library import Library
-    from ..transfer.selection import select, verify
+    from ..transfer.selection import select, top_references, verify
+
+    from ..scoring import resolve_device
 
     data.parse_spec(args.data)
-    library = Library.load(args.library)
+    device = resolve_device(args.device)
+    library = Library.load(args.library, device=device)
     fleet = None
     if args.fleet:
         from ..fleet import Fleet
-        from ..scoring import resolve_device
 
-        fleet = Fleet.load(args.fleet, device=resolve_device(args.device))
+        fleet = Fleet.load(args.fleet, device=device)
     seed = data_seed(args)
-    fmt = library.image_format(next(iter(library.classifiers)))
-    if fleet is not None and fleet.image_format != fmt:
-        raise UsageError(f"the library's classifiers take {fmt} but the fleet's autoencoders {fleet.image_format}; "
-                         f"select with a fleet of the library's format (or without --fleet)")
     from ..data.unknown import read_unknown
     from ..transfer.features import FeatureCache, Outputs, default_cache_dir
 
@@ -107,19 +105,27 @@ def cmd_select(args) -> int:
         None if args.feature_cache == "none" else args.feature_cache)
     cache = FeatureCache(cache_dir) if cache_dir is not None else None
     on_ray = args.features == "ray" or (args.features == "auto" and args.address is not None)
+    formats = library.formats + ([fleet.image_format] if fleet is not None else [])
+    if on_ray and len(library.formats) > 1:
+        raise UsageError(f"--features ray takes a library of one image format; this one has "
+                         f"{', '.join(map(str, library.formats))}: use --features here")
     t0 = time.perf_counter()
     with contextlib.ExitStack() as session:
         x = y = None
         if fleet is not None or not on_ray:  # simex reads the images here; Ray features do not
-            x, y = read_unknown(args.data, split=args.split, samples=args.samples, seed=seed,
-                                data_dir=args.data_dir, stream=False, fmt=fmt)
+            read: dict = {}
+            images = {}
+            for fmt in dict.fromkeys(formats):  # the same samples in every format a classifier (or the fleet) takes
+                images[str(fmt)], y = read_unknown(args.data, split=args.split, samples=args.samples, seed=seed,
+                                                   data_dir=args.data_dir, stream=False, fmt=fmt, cache=read)
+            x = images if len(images) > 1 else next(iter(images.values()))
         methods = None if x is None else usable_methods(args, y)
         if on_ray and (methods is None or any(m != "simex" for m in methods)):
             from ..distributed.features import FeatureSettings, extract_outputs
             from ..distributed.runtime import ray_session
 
             session.enter_context(ray_session(args.address))
-            outputs = extract_outputs(args.library, args.data, fmt=fmt, layer=args.layer, cache=cache,
+            outputs = extract_outputs(args.library, args.data, fmt=library.formats[0], layer=args.layer, cache=cache,
                                       settings=FeatureSettings(cpus_per_actor=args.cpus_per_actor,
                                                                block=args.batch_images),
                                       split=args.split, samples=args.samples, seed=seed, data_dir=args.data_dir,
@@ -137,7 +143,7 @@ def cmd_select(args) -> int:
                             "actors": getattr(outputs, "actors", 0), "classifiers": dict(outputs.report)}}
         if args.verify:
             first = methods[0]
-            candidates = result.ranking(first)[:args.verify]
+            candidates = top_references(library, result.ranking(first), args.verify)
             show = stage_printer(time.perf_counter(), [args.data])
             if args.no_ray:
                 verified = verify(library, candidates, args.data, samples=args.samples, data_seed=seed,
@@ -200,7 +206,7 @@ def format_selection(out: dict) -> str:
     methods = list(out["ranking"])
     shown = display_names(out["classifiers"].values())
     names = list(out["classifiers"])
-    label = {n: f"{shown[out['classifiers'][n]]}@{n.rsplit('@', 1)[-1]}" for n in names}
+    label = {n: classifier_label(n, out["classifiers"][n], shown) for n in names}
     width = max(len(v) for v in label.values())
     first = methods[0]
     lines = [f"which classifier to transfer from, for {out['data']} ({out['n']} samples; higher = better; "
@@ -223,6 +229,14 @@ def format_selection(out: dict) -> str:
         lines.append(f"predicted best by {v['method']} ({label[v['predicted_best']]}) came "
                      f"{v['predicted_best_came']} of {len(v['ranking'])}")
     return "\n".join(lines)
+
+
+def classifier_label(name: str, spec: str, shown: dict[str, str]) -> str:
+    """A classifier as the table shows it: ``<reference>@s<seed>`` for those trained here, the name (and its
+    reference, when it has another) for those added."""
+    if name.startswith(f"{spec}@"):
+        return f"{shown[spec]}@{name[len(spec) + 1:]}"
+    return name if name == spec else f"{name} ({shown[spec]})"
 
 
 def cmd_train_bases(args) -> int:

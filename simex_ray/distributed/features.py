@@ -31,8 +31,8 @@ from ..choices import FEATURE_BLOCK
 from ..data.unknown import read_unknown
 from ..errors import UserError
 from ..formats import ImageFormat
-from ..transfer.features import (ClassifierOutputs, FeatureCache, check_layer, compute_outputs, data_fingerprint,
-                                 has_logits, layer_name, row_digests)
+from ..transfer.features import (PENULTIMATE, ClassifierOutputs, FeatureCache, check_layer, compute_outputs,
+                                 data_fingerprint, layer_name, row_digests)
 from ..transfer.library import Library
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,9 @@ class _Extractor:
     def __init__(self, library: str, names: list[str], layer: str, slices: list, fmt: str, batch_size: int):
         import ray
 
-        self.library = Library.load(library).select(names)
-        self.names, self.layer, self.slices, self.fmt, self.batch_size = names, layer, slices, fmt, batch_size
-        self.device = "cuda" if ray.get_gpu_ids() else "cpu"
+        self.library = Library.load(library, device="cuda" if ray.get_gpu_ids() else "cpu").select(names)
+        self.names, self.slices, self.fmt, self.batch_size = names, slices, fmt, batch_size
+        self.layer = None if layer_name(layer) == PENULTIMATE else layer
         for n in names:
             self.library.model(n)  # weights checked and loaded here, once per actor
 
@@ -124,8 +124,7 @@ class _Extractor:
             if y is not None:
                 part["label"] = np.asarray(y)
             for name in self.names:
-                rec = compute_outputs(self.library, name, x, layer=self.layer, batch_size=self.batch_size,
-                                      device=self.device)
+                rec = compute_outputs(self.library, name, x, layer=self.layer, batch_size=self.batch_size)
                 for what, a in rec.arrays().items():
                     part[f"{what}/{name}"] = a
             parts.append(part)
@@ -169,6 +168,8 @@ def extract_outputs(library: str, spec: str, names: list[str] | None = None, *, 
     layer = layer_name(layer)
     for name in names:  # here, in one line, not as an actor's traceback
         check_layer(lib, name, layer)
+    chosen = None if layer == PENULTIMATE else layer
+    keys = {name: lib.feature_layer(name, chosen) for name in names}  # where each one's features come from
     t0 = time.perf_counter()
     slices = data.plan_slices(spec, block=settings.block) if split == "all" and not samples else None
     here = None
@@ -192,7 +193,7 @@ def extract_outputs(library: str, spec: str, names: list[str] | None = None, *, 
     if may_hit:
         for name in names:
             t1 = time.perf_counter()
-            got = cache.get(lib.classifiers[name].sha256, fingerprint, layer, n, logits=has_logits(lib))
+            got = cache.get(lib.classifiers[name].sha256, fingerprint, keys[name], n, logits=True)
             if got is not None:
                 outputs[name] = got
                 report[name] = {"cached": True, "seconds": time.perf_counter() - t1, "images_per_s": None}
@@ -224,7 +225,7 @@ def extract_outputs(library: str, spec: str, names: list[str] | None = None, *, 
             raise UserError(f"{spec} changed while it was read (its images differ between two reads); run again "
                             f"once it is still")
         for name in missing:
-            rec = ClassifierOutputs(*(rows.get(f"{what}/{name}") for what in OUTPUTS), layer=layer)
+            rec = ClassifierOutputs(*(rows.get(f"{what}/{name}") for what in OUTPUTS), layer=keys[name])
             outputs[name] = rec
             if cache is not None and lib.classifiers[name].sha256:
                 cache.put(lib.classifiers[name].sha256, fingerprint, rec)

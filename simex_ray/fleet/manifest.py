@@ -172,9 +172,15 @@ def write_state(directory: storage.PathLike, name: str, state_dict: dict[str, to
     The one content-addressed write of fleets and classifier libraries."""
     buf = io.BytesIO()
     torch.save({k: torch.as_tensor(v).detach().cpu() for k, v in state_dict.items()}, buf)
-    blob = buf.getvalue()
+    return write_blob(directory, name, buf.getvalue(), on_path=on_path)
+
+
+def write_blob(directory: storage.PathLike, name: str, blob: bytes, suffix: str = ".pt",
+               on_path=None) -> tuple[str, str]:
+    """Write the bytes of a weight file atomically as ``directory/weights/<slug>-<sha16><suffix>``: (relative
+    path, sha256); not again when a file of that name and size is there (:func:`write_state`'s rule)."""
     digest = hashlib.sha256(blob).hexdigest()
-    rel = f"{WEIGHTS}/{slug(name)}-{digest[:HASH_CHARS]}.pt"
+    rel = f"{WEIGHTS}/{slug(name)}-{digest[:HASH_CHARS]}{suffix}"
     path = storage.resolve(directory).join(rel)
     if on_path is not None:
         on_path(path)

@@ -17,10 +17,9 @@ An entry is written atomically (:meth:`~simex_ray.storage.Location.write_bytes_a
 as many as the images) and the sha256 of its arrays' bytes all check out; anything else (truncated,
 corrupted, another key) is a miss and is computed again.
 
-Cost: one forward pass per classifier per batch for each of features, probabilities and logits
-(:meth:`~simex_ray.transfer.library.Library` methods, so the outputs are exactly the library's), or
-one pass in all with a named layer or on a non-CPU device (forward hooks on the model); hashing is
-O(N C H W) at memory speed, and an entry is O(N (D + 2K)) float64.
+Cost: one forward pass per classifier (``Library.outputs``: features, probabilities and logits
+together, so the outputs are exactly the library's); hashing is O(N C H W) at memory speed, and an
+entry is O(N (D + 2K)) float64.
 """
 
 from __future__ import annotations
@@ -32,10 +31,9 @@ import os
 import time
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
-import torch
 
 from .. import storage
 from ..errors import UserError, one_line
@@ -44,7 +42,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PENULTIMATE", "ClassifierOutputs", "FeatureCache", "Outputs", "check_layer", "compute_outputs",
            "data_fingerprint",
-           "default_cache_dir", "has_logits", "row_digests"]
+           "default_cache_dir", "row_digests"]
 
 PENULTIMATE = "penultimate"
 DIGEST = 32  # bytes of one image's sha256
@@ -73,11 +71,6 @@ class ClassifierOutputs:
         return out
 
 
-def has_logits(library) -> bool:
-    """True when ``library`` gives pre-softmax outputs (``Library.logits``)."""
-    return callable(getattr(library, "logits", None))
-
-
 def layer_name(layer: str | None) -> str:
     return layer or PENULTIMATE
 
@@ -85,77 +78,20 @@ def layer_name(layer: str | None) -> str:
 # --------------------------------------------------------------------------- computing
 
 
-def _module(model: torch.nn.Module, layer: str) -> torch.nn.Module:
-    modules = dict(model.named_modules())
-    if layer not in modules or not layer:
-        named = [n for n in modules if n]
-        raise UserError(f"the classifier has no layer '{layer}'; its layers: {', '.join(named)} "
-                        f"(or {PENULTIMATE})")
-    return modules[layer]
-
-
 def check_layer(library, name: str, layer: str | None) -> None:
-    """A one-line :class:`UserError` listing the layers when classifier ``name`` has no ``layer``."""
-    model = library.model(name)
-    if layer_name(layer) == PENULTIMATE:
-        _last_linear(model)
-    else:
-        _module(model, layer)
+    """A one-line :class:`~simex_ray.transfer.library.LibraryError` naming close matches when classifier
+    ``name`` has no module ``layer``."""
+    if layer_name(layer) != PENULTIMATE:
+        library.layer_runner(name, layer)
 
 
-def _last_linear(model: torch.nn.Module) -> torch.nn.Linear:
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if not linears:
-        raise UserError(f"the classifier has no linear head; name a layer for its features instead of {PENULTIMATE}")
-    return linears[-1]
-
-
-@torch.no_grad()
-def hooked_outputs(model: torch.nn.Module, x: torch.Tensor, layer: str | None) -> tuple[torch.Tensor, ...]:
-    """One forward pass of ``model`` on ``x`` (B, C, H, W): (features (B, D), logits (B, K)), float32 on the
-    model's device. Features: the input of the last linear layer (the penultimate features: what
-    ``Library.features`` returns) or the flattened output of the module named ``layer``."""
-    got: dict[str, torch.Tensor] = {}
-    if layer_name(layer) == PENULTIMATE:
-        hook = _last_linear(model).register_forward_pre_hook(lambda m, args: got.__setitem__("f", args[0]))
-    else:
-        hook = _module(model, layer).register_forward_hook(lambda m, args, out: got.__setitem__("f", out))
-    try:
-        logits = model(x)
-    finally:
-        hook.remove()
-    return got["f"].flatten(1), logits
-
-
-def compute_outputs(library, name: str, x, *, layer: str | None = None, batch_size: int = 512,
-                    device: str = "cpu") -> ClassifierOutputs:
-    """Classifier ``name``'s outputs on images ``x`` (N, C, H, W) in its format, ``batch_size`` images at a time.
-
-    On the CPU with the penultimate layer, each batch goes through the library's own ``features``,
-    ``probabilities`` and ``logits`` (when it has them): the record equals those calls. With a named
-    ``layer`` or another ``device``, one forward pass per batch with hooks (the model moved to ``device``);
-    probabilities are the float32 softmax of the logits, as the library computes them."""
-    library.check_images(name, x)
-    n = len(x)
-    parts: dict[str, list[np.ndarray]] = {"features": [], "probabilities": [], "logits": []}
-    logits_too = has_logits(library)
-    hooked = layer_name(layer) != PENULTIMATE or torch.device(device).type != "cpu"
-    model = library.model(name).to(device) if hooked else None
-    for start in range(0, max(n, 1), batch_size):
-        xb = x[start:start + batch_size]
-        if hooked:
-            f, z = hooked_outputs(model, torch.as_tensor(np.asarray(xb, dtype=np.float32)).to(device), layer)
-            parts["features"].append(f.double().cpu().numpy())
-            parts["probabilities"].append(torch.softmax(z, dim=1).double().cpu().numpy())
-            parts["logits"].append(z.double().cpu().numpy())
-            continue
-        parts["features"].append(np.asarray(library.features(name, xb), dtype=np.float64))
-        parts["probabilities"].append(np.asarray(library.probabilities(name, xb), dtype=np.float64))
-        if logits_too:
-            parts["logits"].append(np.asarray(library.logits(name, xb), dtype=np.float64))
-    joined = {k: np.concatenate(v) if v else None for k, v in parts.items()}
-    return ClassifierOutputs(joined["features"], joined["probabilities"],
-                             joined["logits"] if (logits_too or hooked) else None, layer_name(layer))
+def compute_outputs(library, name: str, x, *, layer: str | None = None, batch_size: int = 512) -> ClassifierOutputs:
+    """Classifier ``name``'s outputs on images ``x`` (N, C, H, W) in its format: one forward pass of the
+    library's (``Library.outputs``: preprocessing, features of its record's layer or of ``layer``, softmax
+    and logits), ``batch_size`` images at a time, on the library's device."""
+    chosen = None if layer_name(layer) == PENULTIMATE else layer
+    feats, probs, logits = library.outputs(name, x, layer=chosen, batch_size=batch_size)
+    return ClassifierOutputs(feats, probs, logits, library.feature_layer(name, chosen))
 
 
 # --------------------------------------------------------------------------- the data fingerprint
@@ -296,7 +232,8 @@ def default_cache_dir(library_path: storage.PathLike | None) -> storage.Location
 
 
 class Outputs:
-    """``outputs(name)``: classifier ``name``'s :class:`ClassifierOutputs` on images ``x``, from ``cache`` when it
+    """``outputs(name)``: classifier ``name``'s :class:`ClassifierOutputs` on images ``x`` (one array, or for a
+    library of several formats ``{str(format): array}``, the same images in each), from ``cache`` when it
     has them, else computed in this process (and then cached). Each is computed at most once per object.
 
     ``report[name]``: ``{"cached": bool, "seconds": ..., "images_per_s": ...}`` (rate: computed ones only);
@@ -305,37 +242,47 @@ class Outputs:
     where = "here"
 
     def __init__(self, library, x, *, cache: FeatureCache | None = None, layer: str | None = None,
-                 batch_size: int = 512, device: str = "cpu",
-                 on_progress: Callable[[str, dict[str, Any]], None] | None = None):
+                 batch_size: int = 512, on_progress: Callable[[str, dict[str, Any]], None] | None = None):
         self.library, self.x, self.cache, self.layer = library, x, cache, layer_name(layer)
-        self.batch_size, self.device, self.on_progress = batch_size, device, on_progress
+        self.batch_size, self.on_progress = batch_size, on_progress
         self.done: dict[str, ClassifierOutputs] = {}
         self.report: dict[str, dict[str, Any]] = {}
-        self._fingerprint: str | None = None
+        self._fingerprints: dict[str, str] = {}
+
+    def images(self, name: str) -> np.ndarray:
+        """The images classifier ``name`` reads (in its format)."""
+        return self.x[str(self.library.image_format(name))] if isinstance(self.x, Mapping) else self.x
+
+    def fingerprint_of(self, x: np.ndarray) -> str:
+        key = "x".join(str(v) for v in np.shape(x)[1:])
+        if key not in self._fingerprints:
+            self._fingerprints[key] = data_fingerprint(row_digests(x), np.shape(x)[1:])
+        return self._fingerprints[key]
 
     @property
     def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = data_fingerprint(row_digests(self.x), np.shape(self.x)[1:])
-        return self._fingerprint
+        """The data's fingerprint (of the first format's images, for a library of several)."""
+        return self.fingerprint_of(next(iter(self.x.values())) if isinstance(self.x, Mapping) else self.x)
 
     def __call__(self, name: str) -> ClassifierOutputs:
         if name in self.done:
             return self.done[name]
         t0 = time.perf_counter()
+        x = self.images(name)
         weights = self.library.classifiers[name].sha256
+        chosen = None if self.layer == PENULTIMATE else self.layer
+        layer = self.library.feature_layer(name, chosen)  # the key names where the features come from
         got = None
         if self.cache is not None and weights:
-            got = self.cache.get(weights, self.fingerprint, self.layer, len(self.x), logits=has_logits(self.library))
+            got = self.cache.get(weights, self.fingerprint_of(x), layer, len(x), logits=True)
         cached = got is not None
         if got is None:
-            got = compute_outputs(self.library, name, self.x, layer=self.layer, batch_size=self.batch_size,
-                                  device=self.device)
+            got = compute_outputs(self.library, name, x, layer=chosen, batch_size=self.batch_size)
             if self.cache is not None and weights:
-                self.cache.put(weights, self.fingerprint, got)
+                self.cache.put(weights, self.fingerprint_of(x), got)
         seconds = time.perf_counter() - t0
         self.report[name] = {"cached": cached, "seconds": seconds,
-                             "images_per_s": None if cached else len(self.x) / max(seconds, 1e-9)}
+                             "images_per_s": None if cached else len(x) / max(seconds, 1e-9)}
         self.done[name] = got
         if self.on_progress is not None:
             self.on_progress(name, self.report[name])

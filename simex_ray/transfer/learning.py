@@ -8,7 +8,7 @@ every layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -165,3 +165,69 @@ def transfer_efficiency(accuracy) -> np.ndarray:
         raise UserError(f"transfer efficiency needs a square matrix, got shape {acc.shape}")
     with np.errstate(divide="ignore", invalid="ignore"):
         return acc / np.diag(acc)[:, None]
+
+
+class LinearProbe(torch.nn.Module):
+    """The fresh final Linear of a generic transfer: (N, D) features -> (N, C) logits."""
+
+    def __init__(self, in_features: int, n_classes: int):
+        super().__init__()
+        self.fc = torch.nn.Linear(in_features, n_classes)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.fc(f)
+
+    @property
+    def fc_layers(self) -> list[torch.nn.Linear]:
+        return [self.fc]
+
+
+def transfer_head(base: dict[str, Any], x_train, y_train, x_val, y_val, x_test, y_test, *,
+                  configs: Sequence[str | TLConfig] = ("TL-2",), max_epochs: int = 30, patience: int = 5,
+                  batch_size: int = 32, seed: int = 0, feature_batch: int = 256) -> dict[str, Any]:
+    """Unit of work "transfer any classifier B(Y) to X": its final Linear replaced by a fresh one for X's
+    classes, trained on X's train split under each of ``configs``, the rest of B(Y) frozen; the mean
+    accuracy on X's test split.
+
+    ``base``: what :func:`simex_ray.transfer.zoo.build_network` needs (``architecture``, ``n_classes``,
+    ``image_format``, ``weights`` (the weight file's bytes), ``suffix``) and the preprocessing (``mean``,
+    ``std``, ``layer``). The frozen part runs in eval mode, so it runs once per split, whatever the number
+    of configs: B(Y)'s features f (N, D) of the three splits, as
+    :class:`~simex_ray.transfer.zoo.ZooModel` reads them. Per config a fresh Linear (D -> C, C = the largest
+    label + 1, seeded with ``seed``) trains on them by :func:`train_classifier` (cross-entropy, the config's
+    optimizer and lr, early stopping at the minimum validation loss). LeNet-5 bases take :func:`transfer`,
+    the paper's protocol; this is the same idea (frozen features, retrained head) for any network. Cost:
+    one forward pass of B(Y) per image, then O(epochs N D C) per config. Returns ``accuracy`` (mean over the
+    configs), ``configs`` (per config: config, optimizer, lr, accuracy, test_loss, epochs, best_epoch,
+    val_loss, val_accuracy), ``seconds`` (features included), sizes and ``feature_dim``.
+    """
+    import time
+
+    from .zoo import ZooModel, build_network
+
+    cfgs = [tl_config(c) for c in configs]
+    if not cfgs:
+        raise UserError("transfer_head needs at least one transfer config")
+    t0 = time.perf_counter()
+    network = build_network(base["architecture"], base["n_classes"], base["image_format"], base["weights"],
+                            base["suffix"])
+    model = ZooModel(network, mean=base.get("mean"), std=base.get("std"), layer=base.get("layer"),
+                     blob=base["weights"])
+    f_train, f_val, f_test = (model.forward(x, batch_size=feature_batch)[0] for x in (x_train, x_val, x_test))
+    n_classes = int(max(np.max(y_train), np.max(y_val), np.max(y_test))) + 1
+    y_test = check_labels(y_test, n_classes, "test labels")
+    runs = []
+    for cfg in cfgs:
+        torch.manual_seed(seed)
+        probe = LinearProbe(f_train.shape[1], n_classes)
+        _, info = train_classifier(
+            f_train, y_train, f_val, y_val, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+            max_epochs=max_epochs, patience=patience, batch_size=batch_size, seed=seed, model=probe,
+            trainable="all")
+        test_loss, acc = evaluate_classifier(probe, f_test, y_test)
+        runs.append({"config": cfg.name, "optimizer": cfg.optimizer, "lr": cfg.lr, "accuracy": acc,
+                     "test_loss": test_loss, "epochs": info["epochs_run"], "best_epoch": info["best_epoch"],
+                     "val_loss": info["val_loss"], "val_accuracy": info["val_accuracy"]})
+    return {"accuracy": float(np.mean([r["accuracy"] for r in runs])), "configs": runs,
+            "seconds": time.perf_counter() - t0, "n_train": int(len(y_train)), "n_val": int(len(y_val)),
+            "n_test": int(len(y_test)), "feature_dim": int(f_train.shape[1])}

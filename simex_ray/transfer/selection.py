@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -78,34 +78,44 @@ class Selection:
                 "seconds": self.seconds, **self.extra}
 
 
-def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, methods: Sequence[str] = METHODS,
-           classifiers: Sequence[str] | None = None, fleet=None, loss: str | None = None,
-           deltas: dict[str, float] | None = None, options: dict[str, dict[str, Any]] | None = None,
-           outputs: Callable[[str], Any] | None = None, baseline: bool = True) -> Selection:
+def select(library: Library, x: np.ndarray | Mapping[str, np.ndarray] | None, y: np.ndarray | None = None, *,
+           methods: Sequence[str] = METHODS, classifiers: Sequence[str] | None = None, fleet=None,
+           loss: str | None = None, deltas: dict[str, float] | None = None,
+           options: dict[str, dict[str, Any]] | None = None, outputs: Callable[[str], Any] | None = None,
+           baseline: bool = True) -> Selection:
     """Score ``classifiers`` (default: every one in ``library``) for images ``x`` (N, C, H, W) with labels
-    ``y`` (needed by the label-using methods). ``fleet``: a :class:`~simex_ray.fleet.Fleet` whose members
-    are named by the classifiers' reference specs (for ``simex``), or ``deltas``: Δ(X | A(spec)) already
-    computed (e.g. by a Serve layout). ``options``: per-method keyword options. ``outputs``: classifier
-    name -> its :class:`~simex_ray.transfer.features.ClassifierOutputs` on ``x`` (e.g. through the feature
-    cache, or computed on Ray; ``x`` may then be None unless simex runs); default: the library's forward
-    passes here. ``baseline``: also score "no source model" (:func:`no_transfer`, which reads the pixels:
-    only when ``x`` is given) and say, per method, whether any classifier beats it."""
+    ``y`` (needed by the label-using methods). ``x``: one array in the classifiers' format, or, for a library
+    of several formats, the same N images in each (``{str(format): array}``; the fleet's format too for
+    ``simex``). ``fleet``: a :class:`~simex_ray.fleet.Fleet` whose members are named by the classifiers'
+    reference specs (for ``simex``), or ``deltas``: Δ(X | A(spec)) already computed (e.g. by a Serve layout).
+    ``options``: per-method keyword options. ``outputs``: classifier name -> its
+    :class:`~simex_ray.transfer.features.ClassifierOutputs` on X (through the feature cache, or computed on
+    Ray; ``x`` may then be None unless simex runs); default: one forward pass of each classifier here
+    (features, softmax and logits), whatever the number of methods. ``baseline``: also score "no source
+    model" (:func:`no_transfer`, which reads the pixels: only when ``x`` is given) and say, per method,
+    whether any classifier beats it."""
     methods = check_methods(methods, labelled=y is not None, fleet=fleet is not None or deltas is not None)
     names = list(classifiers) if classifiers is not None else library.names
-    n = len(x) if x is not None else outputs(names[0]).n
     options = options or {}
     scores = {m: {} for m in methods}
     seconds = {m: 0.0 for m in methods}
     estimators = [m for m in methods if m != SIMEX]
+    images = (lambda fmt: x[str(fmt)]) if isinstance(x, Mapping) else (lambda fmt: x)
+    n = (outputs(names[0]).n if x is None else len(next(iter(x.values()))) if isinstance(x, Mapping)
+         else len(x))
     if SIMEX in methods:
         t0 = time.perf_counter()
         specs = list(dict.fromkeys(library.classifiers[c].spec for c in names))
         missing = [s for s in specs if s not in (fleet.members if fleet is not None else deltas)]
+        own = [s for s in missing if s in library.classifiers]  # added without --source: its own reference
+        if own:
+            raise UserError(f"classifier(s) {', '.join(own)} have no reference dataset for simex; add them again "
+                             f"with `simex library add ... --source SPEC`, or leave simex out of --method")
         if missing:
             raise UserError(f"the fleet has no member for {', '.join(missing)}; train one with "
                              f"`simex train --refs {','.join(missing)}`")
         if fleet is not None:
-            by_spec = dict(zip(specs, fleet.engine.per_sample(x, specs, loss).mean(axis=1)))
+            by_spec = dict(zip(specs, fleet.engine.per_sample(images(fleet.image_format), specs, loss).mean(axis=1)))
         else:
             by_spec = {s: deltas[s] for s in specs}
         scores[SIMEX] = {c: -float(by_spec[library.classifiers[c].spec]) for c in names}
@@ -119,9 +129,7 @@ def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, meth
             record = outputs(c)
             feats, probs, logits = record.features, record.probabilities, record.logits
         else:
-            feats = library.features(c, x) if "features" in needs else None
-            probs = library.probabilities(c, x) if needs & {"probs", "source_labels"} else None
-            logits = library.logits(c, x) if "logits" in needs else None
+            feats, probs, logits = library.outputs(c, images(library.image_format(c)), features="features" in needs)
         forward = time.perf_counter() - t0
         for m in estimators:
             t1 = time.perf_counter()
@@ -133,8 +141,19 @@ def select(library: Library, x: np.ndarray, y: np.ndarray | None = None, *, meth
         seconds[m] += time.perf_counter() - t1
     selection = Selection(scores, seconds, int(n), y is not None)
     if baseline and estimators and x is not None:
-        selection.extra["no_transfer"] = no_transfer(selection, x, y, options)
+        selection.extra["no_transfer"] = no_transfer(selection, images(library.image_format(names[0])), y, options)
     return selection
+
+
+def top_references(library: Library, ranking: Sequence[str], k: int) -> list[str]:
+    """The best-ranked classifier of each of the first ``k`` references in ``ranking`` (best first): what
+    ``--verify K`` transfers, so that K seeds or variants of one reference never fill the K places."""
+    best: dict[str, str] = {}
+    for name in ranking:
+        best.setdefault(library.classifiers[name].spec, name)
+        if len(best) == k:
+            break
+    return list(best.values())
 
 
 def verify(library: Library, candidates: Sequence[str], spec: str, *, samples: int | None, data_seed: int,
@@ -143,31 +162,47 @@ def verify(library: Library, candidates: Sequence[str], spec: str, *, samples: i
     """The ground truth on demand: transfer each candidate classifier to ``spec`` for real.
 
     Each candidate B(Y) is transferred under the protocol's transfer settings (default: the ``default``
-    preset, every TL config of it) with its classifier seed, on ``spec``'s labelled splits; the score is
-    the mean held-out accuracy. ``map_fn`` runs the transfers (e.g. as Ray tasks). Returns
-    ``{"accuracy": {classifier: acc}, "ranking": best first, "best": ..., "protocol": ..., "seconds": ...}``.
+    preset, every TL config of it) with its classifier seed, on ``spec``'s labelled splits read in the
+    candidate's image format; the score is the mean held-out accuracy. A LeNet-5 takes the paper's
+    protocol (:func:`~.learning.transfer`); any other network gets a fresh final Linear for X's classes
+    trained on its frozen features (:func:`~.learning.transfer_head`, the same optimizer, epochs, patience
+    and batch size). ``map_fn`` runs the transfers (e.g. as Ray tasks). Returns ``{"accuracy": {classifier:
+    acc}, "ranking": best first, "best": ..., "protocol": ..., "seconds": ...}``.
     """
     from ..protocol import DEFAULT, load_splits, run_units
-    from .learning import tl_config, transfer
+    from .learning import tl_config, transfer, transfer_head
+    from .zoo import LENET, weight_suffix
 
-    protocol = dataclasses.replace(protocol or DEFAULT, image_format=str(library.image_format(candidates[0])))
+    protocol = protocol or DEFAULT
     t0 = time.perf_counter()
-    splits = load_splits(spec, samples=samples, data_seed=data_seed, data_dir=data_dir, protocol=protocol)
+    splits: dict[str, Any] = {}
     configs = list(tl_configs or protocol.tl_configs)
-    units, keys = [], []
+    units: dict[Any, list[tuple[str, dict[str, Any]]]] = {transfer: [], transfer_head: []}  # fn -> (name, kwargs)
     for name in candidates:
         c = library.classifiers[name]
-        state = {k: v.detach().clone() for k, v in library.model(name).state_dict().items()}
-        for cfg in configs:
-            keys.append(name)
-            units.append(dict(base_state=state, **splits.clf_kwargs(protocol.transfer_samples), config=tl_config(cfg),
-                              fc_init=protocol.fc_init, fc_layers=protocol.fc_layers,
-                              max_epochs=protocol.clf_max_epochs, patience=protocol.clf_patience,
-                              batch_size=protocol.clf_batch_size, seed=c.seed))
-    results = run_units(transfer, units, stage="verify", map_fn=map_fn, on_progress=on_progress)
+        fmt = str(library.image_format(name))
+        if fmt not in splits:
+            splits[fmt] = load_splits(spec, samples=samples, data_seed=data_seed, data_dir=data_dir,
+                                      protocol=dataclasses.replace(protocol, image_format=fmt))
+        data = splits[fmt].clf_kwargs(protocol.transfer_samples)
+        common = dict(**data, max_epochs=protocol.clf_max_epochs, patience=protocol.clf_patience,
+                      batch_size=protocol.clf_batch_size, seed=c.seed)
+        if c.architecture == LENET:  # one unit per TL config, the paper's protocol
+            state = {k: v.detach().clone().cpu() for k, v in library.model(name).state_dict().items()}
+            units[transfer] += [(name, dict(base_state=state, config=tl_config(cfg), fc_init=protocol.fc_init,
+                                            fc_layers=protocol.fc_layers, **common)) for cfg in configs]
+        else:  # one unit for every TL config: the frozen network's features are read once
+            base = {"architecture": c.architecture, "n_classes": c.n_classes, "image_format": fmt,
+                    "weights": library.weight_bytes(name), "suffix": weight_suffix(c.weights, c.architecture),
+                    "mean": c.mean, "std": c.std, "layer": c.layer}
+            units[transfer_head].append((name, dict(base=base, configs=configs, **common)))
     accuracy: dict[str, float] = {name: 0.0 for name in candidates}
-    for name, r in zip(keys, results):
-        accuracy[name] += r["accuracy"] / len(configs)
+    for fn, todo in units.items():
+        if not todo:
+            continue
+        results = run_units(fn, [kw for _, kw in todo], stage="verify", map_fn=map_fn, on_progress=on_progress)
+        for (name, _), r in zip(todo, results):  # transfer: one config's accuracy; transfer_head: their mean
+            accuracy[name] += r["accuracy"] / (len(configs) if fn is transfer else 1)
     ranking = sorted(accuracy, key=lambda n: (-accuracy[n], n))
     return {"accuracy": accuracy, "ranking": ranking, "best": ranking[0], "tl_configs": configs,
             "transfer_samples": protocol.transfer_samples, "seconds": time.perf_counter() - t0}
