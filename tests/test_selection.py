@@ -135,6 +135,10 @@ def test_simex_select_json_ranks_verifies_and_refuses_unlabelled_data(library, t
     v = out["verified"]
     assert v["method"] == "knn" and v["predicted_best"] == out["ranking"]["knn"][0]
     assert list(v["accuracy"]) == [v["predicted_best"]] and v["predicted_best_came"] == 1
+    # No transfer, verified: the same head on the raw pixels; the warning checked against it.
+    assert 0.1 < v["no_transfer_accuracy"] <= 1  # digits are linearly separable from their pixels: above chance
+    assert v["transfer_helped"] == (v["accuracy"][v["best"]] > v["no_transfer_accuracy"])
+    assert v["no_transfer_warning_right"] == (out["no_transfer"]["transfer_helps"] == v["transfer_helped"])
     # Unlabelled data: label-using methods refuse in one line; label-free ones run.
     x = np.random.default_rng(0).random((30, 28, 28)).astype(np.float32)
     np.savez(tmp_path / "u.npz", x=x)
@@ -155,7 +159,8 @@ def test_train_bases_resumes_without_training_again(library, simex_here):
 def test_the_no_transfer_baseline_is_each_estimator_on_raw_pixels_and_says_when_nothing_beats_it(gt):
     from simex_ray.cli.select import format_selection
     from simex_ray.transfer.estimators import knn_accuracy
-    from simex_ray.transfer.selection import PIXEL_FEATURES, Selection, no_transfer, pixel_features
+    from simex_ray.transfer.features import PIXEL_FEATURES, pixel_features
+    from simex_ray.transfer.selection import Selection, no_transfer
 
     lib = Library.in_memory(gt.bases)
     split = load_splits("rotated:digits", samples=240, data_seed=0, protocol=TINY)

@@ -34,6 +34,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--verify", type=positive_int, default=None, metavar="K",
                    help="transfer the best classifier of each of the top K references of the first method for "
                         "real and report their accuracy (needs labels; Ray tasks unless --no-ray)")
+    s.add_argument("--protocol", default=None,
+                   help="preset or JSON file whose transfer settings --verify uses (default: 'default'; 'few-shot': "
+                        "10 labelled images per class)")
     s.add_argument("--no-ray", action="store_true", help="run --verify's transfers in this process")
     add_address_arg(s)
     s.add_argument("--features", choices=FEATURE_WHERE, default="auto",
@@ -145,16 +148,23 @@ def cmd_select(args) -> int:
             first = methods[0]
             candidates = top_references(library, result.ranking(first), args.verify)
             show = stage_printer(time.perf_counter(), [args.data])
+            from ..protocol import load_protocol
+
+            protocol = load_protocol(args.protocol) if args.protocol else None
             if args.no_ray:
                 verified = verify(library, candidates, args.data, samples=args.samples, data_seed=seed,
-                                  data_dir=args.data_dir, on_progress=show)
+                                  data_dir=args.data_dir, protocol=protocol, on_progress=show)
             else:
                 from ..distributed.map import ray_map
                 from ..distributed.runtime import ray_session
 
                 with ray_session(args.address):  # the features' session when there is one
                     verified = verify(library, candidates, args.data, samples=args.samples, data_seed=seed,
-                                      data_dir=args.data_dir, map_fn=ray_map(1.0), on_progress=show)
+                                      data_dir=args.data_dir, protocol=protocol, map_fn=ray_map(1.0),
+                                      on_progress=show)
+            helps = (out.get("no_transfer") or {}).get("transfer_helps")
+            if helps is not None and "transfer_helped" in verified:  # was the no-transfer warning (or its absence) right?
+                verified["no_transfer_warning_right"] = helps == verified["transfer_helped"]
             verified["method"] = first
             verified["predicted_best"] = candidates[0]
             verified["predicted_best_came"] = verified["ranking"].index(candidates[0]) + 1
@@ -228,6 +238,9 @@ def format_selection(out: dict) -> str:
             f"{label[n]} {v['accuracy'][n]:.3f}" for n in v["ranking"]))
         lines.append(f"predicted best by {v['method']} ({label[v['predicted_best']]}) came "
                      f"{v['predicted_best_came']} of {len(v['ranking'])}")
+        if "no_transfer_accuracy" in v:
+            lines.append(f"no transfer (the same head on the raw pixels): {v['no_transfer_accuracy']:.3f}; transfer "
+                         f"{'helped' if v['transfer_helped'] else 'did not help'}")
     return "\n".join(lines)
 
 

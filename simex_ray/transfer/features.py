@@ -40,9 +40,8 @@ from ..errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PENULTIMATE", "ClassifierOutputs", "FeatureCache", "Outputs", "check_layer", "compute_outputs",
-           "data_fingerprint",
-           "default_cache_dir", "row_digests"]
+__all__ = ["PENULTIMATE", "PIXEL_FEATURES", "ClassifierOutputs", "FeatureCache", "Outputs", "check_layer",
+           "compute_outputs", "data_fingerprint", "default_cache_dir", "pixel_features", "row_digests"]
 
 PENULTIMATE = "penultimate"
 DIGEST = 32  # bytes of one image's sha256
@@ -92,6 +91,22 @@ def compute_outputs(library, name: str, x, *, layer: str | None = None, batch_si
     chosen = None if layer_name(layer) == PENULTIMATE else layer
     feats, probs, logits = library.outputs(name, x, layer=chosen, batch_size=batch_size)
     return ClassifierOutputs(feats, probs, logits, library.feature_layer(name, chosen))
+
+
+PIXEL_FEATURES = 1024  # the no-transfer features (selection.no_transfer, learning.pixel_probe): the raw pixels, area-shrunk to at most this many values
+
+
+def pixel_features(x: np.ndarray) -> np.ndarray:
+    """The raw pixels of ``x`` (N, C, H, W) as (N, D) float64 features, each image area-shrunk (aspect kept,
+    by :func:`~simex_ray.formats.convert`'s rule) so that D <= :data:`PIXEL_FEATURES`: a bound on the
+    estimators' O(D^3) cost at 224 px, not a tuned constant."""
+    from ..formats import ImageFormat, convert
+
+    n, c, h, w = x.shape
+    if c * h * w > PIXEL_FEATURES:
+        f = np.sqrt(PIXEL_FEATURES / (c * h * w))
+        x = convert(np.asarray(x, dtype=np.float32), ImageFormat(c, max(1, int(h * f)), max(1, int(w * f))))
+    return np.asarray(x, dtype=np.float64).reshape(n, -1)
 
 
 # --------------------------------------------------------------------------- the data fingerprint

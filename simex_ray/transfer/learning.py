@@ -214,20 +214,50 @@ def transfer_head(base: dict[str, Any], x_train, y_train, x_val, y_val, x_test, 
     model = ZooModel(network, mean=base.get("mean"), std=base.get("std"), layer=base.get("layer"),
                      blob=base["weights"])
     f_train, f_val, f_test = (model.forward(x, batch_size=feature_batch)[0] for x in (x_train, x_val, x_test))
+    out = probe(f_train, y_train, f_val, y_val, f_test, y_test, configs=cfgs, max_epochs=max_epochs,
+                patience=patience, batch_size=batch_size, seed=seed)
+    return {**out, "seconds": time.perf_counter() - t0}
+
+
+def pixel_probe(x_train, y_train, x_val, y_val, x_test, y_test, *, configs: Sequence[str | TLConfig] = ("TL-2",),
+                max_epochs: int = 30, patience: int = 5, batch_size: int = 32, seed: int = 0) -> dict[str, Any]:
+    """Unit of work "no transfer": the head of :func:`transfer_head` trained the same way on the raw pixels
+    (:func:`~simex_ray.transfer.selection.pixel_features`) instead of a source network's features. What
+    ``--verify`` compares the transferred candidates with, to check the no-transfer warning."""
+    import time
+
+    from .features import pixel_features
+
+    t0 = time.perf_counter()
+    out = probe(*(pixel_features(np.asarray(x)) if i % 2 == 0 else x
+                  for i, x in enumerate((x_train, y_train, x_val, y_val, x_test, y_test))),
+                configs=[tl_config(c) for c in configs], max_epochs=max_epochs, patience=patience,
+                batch_size=batch_size, seed=seed)
+    return {**out, "seconds": time.perf_counter() - t0}
+
+
+def probe(f_train, y_train, f_val, y_val, f_test, y_test, *, configs: Sequence[TLConfig], max_epochs: int,
+          patience: int, batch_size: int, seed: int) -> dict[str, Any]:
+    """A fresh Linear (D -> C, C = the largest label + 1, seeded) per config, trained on features ``f_*`` by
+    :func:`train_classifier` (cross-entropy, the config's optimizer and lr, early stopping at the minimum
+    validation loss): the mean test accuracy over the configs, and each config's run."""
+    if not configs:
+        raise UserError("a linear probe needs at least one transfer config")
     n_classes = int(max(np.max(y_train), np.max(y_val), np.max(y_test))) + 1
     y_test = check_labels(y_test, n_classes, "test labels")
+    f_train, f_val, f_test = (np.asarray(f, dtype=np.float32) for f in (f_train, f_val, f_test))
     runs = []
-    for cfg in cfgs:
+    for cfg in configs:
         torch.manual_seed(seed)
-        probe = LinearProbe(f_train.shape[1], n_classes)
+        head = LinearProbe(f_train.shape[1], n_classes)
         _, info = train_classifier(
             f_train, y_train, f_val, y_val, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-            max_epochs=max_epochs, patience=patience, batch_size=batch_size, seed=seed, model=probe,
+            max_epochs=max_epochs, patience=patience, batch_size=batch_size, seed=seed, model=head,
             trainable="all")
-        test_loss, acc = evaluate_classifier(probe, f_test, y_test)
+        test_loss, acc = evaluate_classifier(head, f_test, y_test)
         runs.append({"config": cfg.name, "optimizer": cfg.optimizer, "lr": cfg.lr, "accuracy": acc,
                      "test_loss": test_loss, "epochs": info["epochs_run"], "best_epoch": info["best_epoch"],
                      "val_loss": info["val_loss"], "val_accuracy": info["val_accuracy"]})
     return {"accuracy": float(np.mean([r["accuracy"] for r in runs])), "configs": runs,
-            "seconds": time.perf_counter() - t0, "n_train": int(len(y_train)), "n_val": int(len(y_val)),
-            "n_test": int(len(y_test)), "feature_dim": int(f_train.shape[1])}
+            "n_train": int(len(y_train)), "n_val": int(len(y_val)), "n_test": int(len(y_test)),
+            "feature_dim": int(f_train.shape[1])}

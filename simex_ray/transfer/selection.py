@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .estimators import ESTIMATORS, combine_scores, raw_score
+from .features import pixel_features
 from .library import Library
 from ..choices import SELECTION_METHODS
 from ..errors import UserError
@@ -158,7 +159,7 @@ def top_references(library: Library, ranking: Sequence[str], k: int) -> list[str
 
 def verify(library: Library, candidates: Sequence[str], spec: str, *, samples: int | None, data_seed: int,
            data_dir=None, protocol=None, tl_configs: Sequence[str] | None = None, map_fn=None,
-           on_progress=None) -> dict[str, Any]:
+           on_progress=None, baseline: bool = True) -> dict[str, Any]:
     """The ground truth on demand: transfer each candidate classifier to ``spec`` for real.
 
     Each candidate B(Y) is transferred under the protocol's transfer settings (default: the ``default``
@@ -166,11 +167,13 @@ def verify(library: Library, candidates: Sequence[str], spec: str, *, samples: i
     candidate's image format; the score is the mean held-out accuracy. A LeNet-5 takes the paper's
     protocol (:func:`~.learning.transfer`); any other network gets a fresh final Linear for X's classes
     trained on its frozen features (:func:`~.learning.transfer_head`, the same optimizer, epochs, patience
-    and batch size). ``map_fn`` runs the transfers (e.g. as Ray tasks). Returns ``{"accuracy": {classifier:
-    acc}, "ranking": best first, "best": ..., "protocol": ..., "seconds": ...}``.
+    and batch size). ``map_fn`` runs the transfers (e.g. as Ray tasks). ``baseline``: also train the same
+    head on the raw pixels (:func:`~.learning.pixel_probe`, the first candidate's format): no transfer.
+    Returns ``{"accuracy": {classifier: acc}, "ranking": best first, "best": ..., "protocol": ..., "seconds":
+    ..., "no_transfer_accuracy": ..., "transfer_helped": best accuracy > no_transfer_accuracy}``.
     """
     from ..protocol import DEFAULT, load_splits, run_units
-    from .learning import tl_config, transfer, transfer_head
+    from .learning import pixel_probe, tl_config, transfer, transfer_head
     from .zoo import LENET, weight_suffix
 
     protocol = protocol or DEFAULT
@@ -196,35 +199,29 @@ def verify(library: Library, candidates: Sequence[str], spec: str, *, samples: i
                     "weights": library.weight_bytes(name), "suffix": weight_suffix(c.weights, c.architecture),
                     "mean": c.mean, "std": c.std, "layer": c.layer}
             units[transfer_head].append((name, dict(base=base, configs=configs, **common)))
+    if baseline:  # no source model: the head on the pixels of the first candidate's format, once
+        first = splits[str(library.image_format(candidates[0]))].clf_kwargs(protocol.transfer_samples)
+        units[pixel_probe] = [(None, dict(**first, configs=configs, max_epochs=protocol.clf_max_epochs,
+                                          patience=protocol.clf_patience, batch_size=protocol.clf_batch_size))]
     accuracy: dict[str, float] = {name: 0.0 for name in candidates}
+    extra: dict[str, Any] = {}
     for fn, todo in units.items():
         if not todo:
             continue
         results = run_units(fn, [kw for _, kw in todo], stage="verify", map_fn=map_fn, on_progress=on_progress)
         for (name, _), r in zip(todo, results):  # transfer: one config's accuracy; transfer_head: their mean
+            if fn is pixel_probe:
+                extra["no_transfer_accuracy"] = r["accuracy"]
+                continue
             accuracy[name] += r["accuracy"] / (len(configs) if fn is transfer else 1)
     ranking = sorted(accuracy, key=lambda n: (-accuracy[n], n))
+    if extra:
+        extra["transfer_helped"] = accuracy[ranking[0]] > extra["no_transfer_accuracy"]
     return {"accuracy": accuracy, "ranking": ranking, "best": ranking[0], "tl_configs": configs,
-            "transfer_samples": protocol.transfer_samples, "seconds": time.perf_counter() - t0}
+            "transfer_samples": protocol.transfer_samples, "seconds": time.perf_counter() - t0, **extra}
 
 
 # --- "should I transfer at all?" -------------------------------------------------------------------
-
-PIXEL_FEATURES = 1024  # the no-transfer features: the raw pixels, area-shrunk to at most this many values
-
-
-def pixel_features(x: np.ndarray) -> np.ndarray:
-    """The raw pixels of ``x`` (N, C, H, W) as (N, D) float64 features, each image area-shrunk (aspect kept,
-    by :func:`~simex_ray.formats.convert`'s rule) so that D <= :data:`PIXEL_FEATURES`: a bound on the
-    estimators' O(D^3) cost at 224 px, not a tuned constant."""
-    from ..formats import ImageFormat, convert
-
-    n, c, h, w = x.shape
-    if c * h * w > PIXEL_FEATURES:
-        f = np.sqrt(PIXEL_FEATURES / (c * h * w))
-        x = convert(np.asarray(x, dtype=np.float32), ImageFormat(c, max(1, int(h * f)), max(1, int(w * f))))
-    return np.asarray(x, dtype=np.float64).reshape(n, -1)
-
 
 def no_transfer(selection: Selection, x: np.ndarray, y: np.ndarray | None,
                 options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
