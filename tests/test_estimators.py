@@ -360,48 +360,80 @@ def test_sfda_constant_features_give_the_prior_and_collapsed_classes_stay_finite
 # --- NCTI ------------------------------------------------------------------------------------------
 
 
-def test_ncti_terms_equal_a_loop_computation():
-    f, y = blobs(n=60, d=4, c=3, sep=2.0, seed=13)
-    n, d, c = 60, 4, 3
-    mu_g = f.mean(axis=0)
-    mu = np.array([f[y == k].mean(axis=0) for k in range(c)])
-    sigma_w = sum(np.outer(f[i] - mu[y[i]], f[i] - mu[y[i]]) for i in range(n)) / n
-    sigma_b = sum(np.outer(mu[k] - mu_g, mu[k] - mu_g) for k in range(c)) / c
-    nc1 = np.trace(sigma_w @ np.linalg.pinv(sigma_b, hermitian=True)) / c
-    s2 = np.trace(sigma_w) / d
-    post = np.zeros((n, c))
-    for i in range(n):
-        e = np.array([-np.sum((f[i] - mu[k]) ** 2) / (2 * s2) for k in range(c)])
-        post[i] = np.exp(e - e.max()) / np.exp(e - e.max()).sum()
-    ncc = np.mean([np.log(post[i, y[i]]) for i in range(n)])
-    seli = np.linalg.svd(post, compute_uv=False).sum() / np.sqrt(n * c)
-    np.testing.assert_allclose(ncti_terms(f, y), [-np.log(nc1), seli, ncc], rtol=1e-9)
+def _ncti_reference(f, y, signs=None):
+    """NCTI's terms written as the authors' code computes them (PCA to 64, LDA shrunk by exp(-sum of the
+    top-32 variances)); ``signs`` flips PCA axes first."""
+    from sklearn.decomposition import PCA
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    c = len(np.unique(y))
+    pca = PCA(n_components=min(64, f.shape[0] - 1, f.shape[1]), svd_solver="full")
+    x = pca.fit_transform(f)
+    if signs is not None:
+        x = x * signs
+    temp = max(np.exp(-np.sum(pca.explained_variance_[:32])), 1e-10)
+    if temp == 1e-10:
+        clf = LinearDiscriminantAnalysis(solver="svd")
+    else:
+        clf = LinearDiscriminantAnalysis(solver="eigen", shrinkage=temp)
+    low = clf.fit_transform(x, y)
+    low = low - np.mean(low, axis=0, keepdims=True)
+    seli = np.linalg.norm(low, ord="nuc")
+    pred = clf.predict_proba(x)
+    ncc = np.sum(pred[np.arange(len(y)), y]) / len(y)
+    vc = np.log(sum(np.linalg.norm(pred[y == k], ord="nuc") for k in range(c)))
+    return np.array([seli, ncc, vc]), temp
 
 
-def test_ncti_terms_invariant_to_similarity_maps_and_higher_for_separated_classes():
-    f, y = blobs(n=120, d=5, sep=1.0, seed=14)
-    np.testing.assert_allclose(ncti_terms(7.0 * f @ rotation(5) + 2.0, y), ncti_terms(f, y), rtol=1e-9)
-    far, _ = blobs(n=120, d=5, sep=5.0, seed=14)
-    assert (ncti_terms(far, y) > ncti_terms(f, y)).all()       # each of the three terms
+@pytest.mark.parametrize("scale, n, d, solver", [(0.3, 90, 6, "eigen"), (3.0, 90, 6, "svd"),
+                                                 (0.1, 40, 80, "eigen"), (1.0, 14, 100, "svd")])
+def test_ncti_terms_equal_the_authors_pca_and_lda(scale, n, d, solver):
+    f, y = blobs(n=n, d=d, c=3, sep=2.0, seed=13)
+    f = scale * f + 5.0
+    ref, temp = _ncti_reference(f, y)
+    assert (temp == 1e-10) == (solver == "svd")                  # both of the reference's branches covered
+    np.testing.assert_allclose(ncti_terms(f, y), ref, rtol=1e-8)
+    # the terms do not depend on the signs PCA gives its axes, so nor on rotations of the features
+    signs = np.where(np.random.default_rng(1).random(min(64, n - 1, d)) < 0.5, -1.0, 1.0)
+    np.testing.assert_allclose(_ncti_reference(f, y, signs)[0], ref, rtol=1e-8)
+    np.testing.assert_allclose(ncti_terms(f @ rotation(d) - 2.0, y), ref, rtol=1e-7)
+
+
+def test_ncti_terms_invariant_to_label_names_and_sample_order():
+    f, y = blobs(n=100, d=8, sep=1.5, seed=14)
+    order = np.random.default_rng(14).permutation(100)
+    renamed = np.array([30, 10, 20])[y]
+    np.testing.assert_allclose(ncti_terms(f[order], renamed[order]), ncti_terms(f, y), rtol=1e-8)
 
 
 def test_ncti_combine_min_max_normalises_each_term_over_the_candidates():
-    terms = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [2.0, 2.0, 2.0]])
-    # term 1 -> 0, 1, .5; term 2 equal for all -> 0; term 3 -> 1, 0, .5
-    np.testing.assert_allclose(ncti_combine(terms), [1.0, 1.0, 1.0])
-    np.testing.assert_allclose(ncti_combine(terms[:2] * [1, 1, 2]), [1.0, 1.0])
+    terms = np.array([[10.0, 0.5, 3.0], [20.0, 0.9, 2.0], [15.0, 0.7, 4.0]])
+    # seli -> 0, 1, .5; ncc -> 0, 1, .5; vc (counts against) -> .5, 0, 1
+    np.testing.assert_allclose(ncti_combine(terms), [-0.5, 2.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(ncti_combine([[1.0, 0.5, 2.0], [3.0, 0.5, 2.0]]), [0.0, 1.0])  # equal terms: 0
     assert ncti_combine(terms[:1]).tolist() == [0.0]            # one candidate alone: well defined, 0
     f, y = blobs(n=60, d=4, seed=15)
     assert estimate("ncti", features=f, labels=y) == 0.0
-    far, _ = blobs(n=60, d=4, sep=8.0, seed=15)
-    s = combine_scores("ncti", {"near": ncti_terms(f, y), "far": ncti_terms(far, y)})
-    assert s == {"near": 0.0, "far": 3.0}
+    assert combine_scores("ncti", {"a": ncti_terms(f, y), "b": ncti_terms(f, y)}) == {"a": 0.0, "b": 0.0}
 
 
-def test_ncti_coinciding_class_means_stay_finite():
-    x = np.random.default_rng(0).normal(size=(10, 3))
-    terms = ncti_terms(np.vstack([x, x]), np.repeat([0, 1], 10))  # the two classes are the same points
-    assert np.isfinite(terms).all() and terms[0] == pytest.approx(-np.log(1e12))
+def test_ncti_separated_classes_score_higher_than_mixed_ones():
+    mixed, y = blobs(n=120, d=5, sep=0.5, seed=16)
+    far, _ = blobs(n=120, d=5, sep=4.0, seed=16)
+    s = combine_scores("ncti", {"mixed": ncti_terms(mixed, y), "far": ncti_terms(far, y)})
+    assert s["far"] > s["mixed"]
+    t_mixed, t_far = ncti_terms(mixed, y), ncti_terms(far, y)
+    assert t_far[0] > t_mixed[0] and t_far[1] > t_mixed[1]     # seli and ncc both favour the separated classes
+
+
+def test_ncti_constant_features_and_too_few_samples():
+    y = np.array([0, 0, 0, 1, 2, 2])
+    pi = np.array([3, 1, 2]) / 6
+    # nothing separates the classes: zero projection, the priors as posteriors (each class's rows rank 1)
+    expect = [0.0, pi @ pi, np.log((np.sqrt(3) + 1 + np.sqrt(2)) * np.linalg.norm(pi))]
+    np.testing.assert_allclose(ncti_terms(np.full((6, 4), 0.1), y), expect, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="more samples than classes") as info:
+        ncti_terms(np.eye(3), [0, 1, 2])
+    assert "\n" not in str(info.value)
 
 
 # --- PARC ------------------------------------------------------------------------------------------

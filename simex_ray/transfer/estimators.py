@@ -503,51 +503,60 @@ def sfda(features, labels, *, shrinkage: float | None = None) -> float:
     return float(prob[rows, codes].mean())
 
 
-_NC1_RANGE = (1e-12, 1e12)
+_NCTI_PCA_DIM, _NCTI_SHRINK_DIM = 64, 32   # the authors' PCA width and the variances their shrinkage reads
 
 
 def ncti_terms(features, labels) -> np.ndarray:
-    """NCTI's raw terms of one model, (3,): [S_vc = -log NC1, S_seli (normalised nuclear norm of the
-    nearest-centre posteriors), S_ncc (their mean log-likelihood of the labels)], each higher = better."""
-    from scipy.special import log_softmax
+    """NCTI's raw terms of one model, (3,): [S_seli (nuclear norm of the centred LDA projection, higher =
+    better), S_ncc (mean LDA posterior of the true class, higher = better), S_vc (log of the summed
+    per-class nuclear norms of the LDA posteriors, higher = worse)], as in the authors' code."""
+    from sklearn.decomposition import PCA
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
     f = _features(features)
     codes, c = _labels(labels, f.shape[0], "features")
     n, d = f.shape
-    f = f - f.mean(axis=0)
+    if n <= c:
+        raise UserError(f"NCTI's discriminant needs more samples than classes, got {n} samples of {c} classes: "
+                        "pass more labelled samples")
     counts = np.bincount(codes, minlength=c).astype(np.float64)
-    means = _onehot(codes, c).T @ f / counts[:, None]           # (C, D), centred class means
-    within = f - means[codes]
-    # NC1 = tr(Sigma_W Sigma_B^+) / C with Sigma_B = M^T M / C: Sigma_B^+ = C M^+ M^+T
-    u, s, vt = np.linalg.svd(means, full_matrices=False)
-    keep = s > 1e-5 * s[0] if s[0] > 0 else np.zeros_like(s, dtype=bool)
-    if keep.any():
-        m_pinv = vt[keep].T / s[keep] @ u[:, keep].T             # (D, C)
-        nc1 = float(((within @ m_pinv) ** 2).sum()) / n
+    if not np.ptp(f, axis=0).any():      # constant features: the discriminant predicts the class priors
+        priors = counts / n
+        vc = np.log(np.sqrt(counts).sum() * np.linalg.norm(priors))        # each P[y == c] rank 1
+        return np.array([0.0, float(priors @ priors), float(vc)])
+    pca = PCA(n_components=min(_NCTI_PCA_DIM, n - 1, d), svd_solver="full")
+    x = pca.fit_transform(f)                                                  # (N, k)
+    shrink = max(float(np.exp(-pca.explained_variance_[:_NCTI_SHRINK_DIM].sum())), 1e-10)
+    if shrink == 1e-10:
+        lda = LinearDiscriminantAnalysis(solver="svd")
     else:
-        nc1 = _NC1_RANGE[1]                                      # class means coincide
-    s_vc = -np.log(np.clip(nc1, *_NC1_RANGE))
-    tr_t = float((f ** 2).sum()) / (n * d)
-    var = max(float((within ** 2).sum()) / (n * d), 1e-12 * tr_t, np.finfo(np.float64).tiny)
-    sq = (f ** 2).sum(axis=1)[:, None] + (means ** 2).sum(axis=1)[None, :] - 2.0 * f @ means.T
-    logp = log_softmax(-np.maximum(sq, 0.0) / (2.0 * var), axis=1)   # (N, C), nearest-centre posterior
-    s_ncc = float(logp[np.arange(n), codes].mean())
-    s_seli = float(np.linalg.svd(np.exp(logp), compute_uv=False).sum() / np.sqrt(n * min(n, c)))
-    return np.array([s_vc, s_seli, s_ncc])
+        lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage=shrink)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Variables are collinear")  # rank-deficient features: handled
+        low = lda.fit_transform(x, codes)                                     # (N, <= C - 1)
+        post = lda.predict_proba(x)                                           # (N, C), columns = codes 0..C-1
+    low = low - low.mean(axis=0)
+    s_seli = float(np.linalg.svd(low, compute_uv=False).sum())
+    s_ncc = float(post[np.arange(n), codes].mean())
+    s_vc = float(np.log(sum(np.linalg.svd(post[codes == k], compute_uv=False).sum() for k in range(c))))
+    return np.array([s_seli, s_ncc, s_vc])
+
+
+_NCTI_SIGNS = np.array([1.0, 1.0, -1.0])     # seli and ncc count for a model, vc against it
 
 
 def ncti_combine(terms) -> np.ndarray:
-    """NCTI over the candidates scored together: ``terms`` (M, T) raw terms -> (M,) scores, each term
-    min-max normalised over the M candidates and the normalised terms summed (a term equal for every
-    candidate, or a single candidate, contributes 0)."""
+    """NCTI over the candidates scored together: ``terms`` (M, 3) raw [S_seli, S_ncc, S_vc] -> (M,) scores
+    seli_n + ncc_n - vc_n, each term min-max normalised over the M candidates (a term equal for every
+    candidate, or a single candidate, normalises to 0)."""
     t = np.asarray(terms, dtype=np.float64)
-    if t.ndim != 2 or t.shape[0] < 1:
-        raise UserError(f"NCTI combines an (M, T) array of per-model terms, got shape {t.shape}: pass one row "
-                        f"per candidate")
+    if t.ndim != 2 or t.shape[0] < 1 or t.shape[1] != _NCTI_SIGNS.size:
+        raise UserError(f"NCTI combines an (M, 3) array of per-model terms, got shape {t.shape}: pass one row "
+                        f"per candidate (its ncti_terms)")
     lo, hi = t.min(axis=0), t.max(axis=0)
     span = hi - lo
     norm = np.divide(t - lo, span, out=np.zeros_like(t), where=span > 0)
-    return norm.sum(axis=1)
+    return norm @ _NCTI_SIGNS
 
 
 def _principal(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
