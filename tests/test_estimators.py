@@ -396,6 +396,8 @@ def test_ncti_terms_equal_the_authors_pca_and_lda(scale, n, d, solver):
     signs = np.where(np.random.default_rng(1).random(min(64, n - 1, d)) < 0.5, -1.0, 1.0)
     np.testing.assert_allclose(_ncti_reference(f, y, signs)[0], ref, rtol=1e-8)
     np.testing.assert_allclose(ncti_terms(f @ rotation(d) - 2.0, y), ref, rtol=1e-7)
+    if solver == "svd":                                          # scale enters through the shrinkage alone
+        np.testing.assert_allclose(ncti_terms(4.0 * f, y), ref, rtol=1e-7)
 
 
 def test_ncti_terms_invariant_to_label_names_and_sample_order():

@@ -1,9 +1,9 @@
 """Transferability estimators: one score per (frozen source model, labelled target data), higher = better.
 
-Pure functions on numpy arrays (numpy and scipy; scikit-learn only for k-means and the Gaussian mixture,
-imported lazily), no training, no Ray, no torch. Written from the papers' formulas. Inputs: ``features``
-(N, D), the source model's penultimate features on the target samples; ``probs`` (N, C_s), its softmax;
-``logits`` (N, C_s), its pre-softmax outputs; ``labels`` (N,), the
+Pure functions on numpy arrays (numpy and scipy; scikit-learn only for k-means, the Gaussian mixture and
+NCTI's PCA and LDA, imported lazily), no training, no Ray, no torch. Written from the papers' formulas (NCTI
+from its authors' code). Inputs: ``features`` (N, D), the source model's penultimate features on the target
+samples; ``probs`` (N, C_s), its softmax; ``logits`` (N, C_s), its pre-softmax outputs; ``labels`` (N,), the
 target labels (any values: they are remapped to 0..C-1, so no class is empty and renaming classes does not
 change a score). Everything is computed in float64. :func:`estimate` is the single checked entry point and
 :data:`ESTIMATORS` the registry, by name.
@@ -68,22 +68,28 @@ Label-based (all need the target labels):
   shifts of the features, not to their scale (lambda reads sigma_max). Guards: S_w's ridge is
   lambda max(tr(S_w)/D, 1e-12 tr(S_t)/D), so S_w(lambda) stays definite when every class collapses to
   a point; constant features give the class priors. O(N D^2 + D^3).
-- ``ncti`` (Wang et al., 2023, neural-collapse-informed transferability). Three terms per model, each
-  higher = nearer the collapsed geometry fine-tuning would reach, on centred features: variability
-  collapse S_vc = -log NC1, NC1 = tr(Sigma_W Sigma_B^+) / C (Papyan et al.'s metric: Sigma_W the
-  within-class covariance over the N samples, Sigma_B = 1/C sum_c mu_c mu_c^T of the centred class
-  means; computed as C/N |(F - M_y) M^+|_F^2 / C through the pseudo-inverse of the C x D matrix of
-  means, singular values below 1e-5 x the largest dropped), NC1 clipped to [1e-12, 1e12] (coinciding
-  class means give 1e12); the nearest-centre classifier p(c | f) = softmax_c(-|f - mu_c|^2 / (2 s^2)),
-  s^2 = tr(Sigma_W) / D (a shared isotropic Gaussian per class, floored at 1e-12 tr(Sigma_T)/D and
-  tiny), whose mean log-likelihood of the labels is S_ncc; and the simplex/SELI term S_seli =
-  |P|_* / sqrt(N min(N, C)), the normalised nuclear norm of that classifier's N x C posterior matrix
-  (1 for confident predictions spread over the classes, the simplex geometry; lower when predictions
-  are unsure or collapse onto few classes). All three are invariant to rotations, shifts and isotropic
-  scaling of the features. Across candidates (``Estimator.combine``): each term min-max normalised over
-  the candidates scored together, NCTI = the sum of the three, in [0, 3]; a term equal for every
-  candidate (always so for a single candidate) contributes 0, so one model scored alone gets 0: NCTI
-  ranks models against each other, :func:`ncti_terms` gives the raw terms. O(N D C + C^2 D + N C^2).
+- ``ncti`` (Wang et al., ICCV 2023, "How far pre-trained models are from neural collapse on the target
+  dataset informs their transferability"), following the authors' code (BUserName/NCTI, also in
+  OpenGVLab/Multitask-Model-Selector). X = the features on their top k = min(64, N - 1, D) principal axes
+  (scikit-learn's PCA, exact SVD solver: the reference's default solver turns randomised, unseeded, for
+  large inputs); shrinkage s = max(exp(-sum of the top-32 PCA variances), 1e-10); a linear discriminant
+  (scikit-learn's LDA) fitted to (X, y): ``solver="svd"`` when s = 1e-10, else ``solver="eigen"`` with
+  ``shrinkage=s``. Three terms per model: S_seli = |Z - mean(Z)|_*, the nuclear norm of the centred LDA
+  projection Z (N, <= C - 1) (the simplex-ETF term, higher = better); S_ncc = 1/N sum_i P[i, y_i], the mean
+  LDA posterior of the true class (the nearest-centre term, higher = better); S_vc = log sum_c
+  |P[y == c]|_*, the summed nuclear norms of each class's posterior rows (within-class variability, higher =
+  worse). Across candidates (``Estimator.combine``): each term min-max normalised over the candidates scored
+  together, NCTI = seli_n + ncc_n - vc_n (equal weights), in [-1, 2]; a term equal for every candidate
+  (always so for a single candidate) normalises to 0, so one model scored alone gets 0: NCTI ranks models
+  against each other, :func:`ncti_terms` gives the raw terms [S_seli, S_ncc, S_vc]. Invariant to rotations
+  and shifts of the features (PCA's axis signs change only the signs of Z's columns and not P), and their
+  scale enters through s alone (the LDA projection whitens the within-class scatter): scaling changes
+  nothing while s stays at 1e-10, i.e. top-32 variances summing to at least 10 ln 10 ~ 23.0. Guards: N > C
+  (the discriminant needs it; a one-line error otherwise); rank-deficient features pass (the shrunk
+  covariance stays definite, the svd solver drops null directions); constant features give the
+  discriminant's limit without fitting it: Z = 0 (S_seli = 0), the class priors pi as every posterior (S_ncc
+  = sum_c pi_c^2, S_vc = log(|pi|_2 sum_c sqrt(n_c)), each class's rows rank 1). O(N D min(N, D)) for the
+  PCA, O(N k^2 + k^3) for the LDA, O(N C^2) for the nuclear norms.
 - ``parc`` (Bolya et al., NeurIPS 2021). The centred features projected on their top k = min(32, rank)
   principal axes (the paper's 32; each axis signed so that its largest-magnitude coordinate is
   positive, so the result does not depend on the SVD's signs), each axis standardised (the reference
