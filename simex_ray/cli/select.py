@@ -48,8 +48,9 @@ def add_parsers(sub) -> None:
                         "and reuse them (default: LIBRARY/features when the library is a writable local "
                         "directory, else no cache; none: no cache)")
     s.add_argument("--layer", default=None,
-                   help="the features the estimators read: penultimate (default) or a module name of the "
-                        "classifier (e.g. head.3)")
+                   help="the features the estimators read: a module name of every classifier (e.g. head.3) "
+                        "(default: each classifier's own: the layer it was added with, else the input of its "
+                        "final Linear)")
     s.add_argument("--cpus-per-actor", type=positive_float, default=1.0,
                    help="with Ray features on a cluster without GPUs: CPUs per feature actor (default 1; "
                         "with GPUs each actor takes one)")
