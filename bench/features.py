@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scoring import matmul_ceiling  # noqa: E402  (bench/scoring.py: the project's one ceiling)
+from scoring import matmul_ceiling, timed as best  # noqa: E402  (bench/scoring.py: the one ceiling and timer)
 
 from simex_ray.transfer.classifiers import LeNet5  # noqa: E402
 from simex_ray.transfer.features import FeatureCache, compute_outputs, data_fingerprint, row_digests  # noqa: E402
@@ -41,16 +40,6 @@ def flops_per_image(model: torch.nn.Module, shape) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.rand(1, *shape))
     return float(counter.get_total_flops())
-
-
-def best(fn, rounds: int) -> float:
-    fn()  # warm-up
-    out = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        out = min(out, time.perf_counter() - t0)
-    return out
 
 
 def main() -> None:
