@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -419,7 +421,7 @@ def _driver_pids(cluster, needle: str) -> list[int]:
             if (info := proc_info(pid)) and needle in (cmd := " ".join(info[0])) and "ray job submit" not in cmd]
 
 
-def test_driver_lost_across_nodes_then_rerun_resumes(cluster, tmp_path):
+def test_driver_lost_across_nodes_then_rerun_resumes(cluster, tmp_path, request):
     """The job's driver (on the head) dies mid-training; its Train workers on the worker nodes go
     with it. Submitting the same command again resumes from the checkpoints on shared storage
     (``--out`` a ``file://`` URI): no member starts over, and the fleet equals an uninterrupted one."""
@@ -430,7 +432,12 @@ def test_driver_lost_across_nodes_then_rerun_resumes(cluster, tmp_path):
     flags = ["--refs", "digits,bgrand:digits", "--samples", "1500", "--epochs", "12"]
     cmd = ["simex", "train", "--address", "auto", *flags, "--cpus-per-worker", "0.5", "--out", f"file://{fleet}"]
     reference = tmp_path / "ref"  # one member per pass, as each Ray Train run here holds one member
-    assert simex_main(["train", "--no-ray", *flags, "--members-per-pass", "1", "--out", str(reference)]) == 0
+    # Trained in a process of its own while the job runs (it took 20 s of the test's 93 s before it, most of
+    # the job's time is Ray starting things); one thread, as a 0.5-CPU Train worker has.
+    here = subprocess.Popen([sys.executable, "-m", "simex_ray.cli", "train", "--no-ray", *flags,
+                             "--members-per-pass", "1", "--out", str(reference)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    request.addfinalizer(lambda: here.poll() is None and here.kill())  # should the test fail before its end
     t0 = time.time()
     job = submit(cluster, *cmd, wait=False)
     try:
@@ -459,6 +466,8 @@ def test_driver_lost_across_nodes_then_rerun_resumes(cluster, tmp_path):
     # it was the one before: the snapshot named epoch 2 of a member the restored run handed epoch 1.
     for member in saved:
         assert ran.get(member) and min(ran[member]) > 1, (member, saved, ran)
+    here_out, _ = here.communicate(timeout=600)
+    assert here.returncode == 0, here_out[-3000:]
     ours, theirs = simex_json("matrix", "--fleet", fleet), simex_json("matrix", "--fleet", reference)
     for row_ours, row_theirs in zip(ours["delta"], theirs["delta"], strict=True):
         assert row_ours == pytest.approx(row_theirs, rel=1e-4)

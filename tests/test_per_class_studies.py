@@ -208,34 +208,61 @@ def test_augment_config_overrides_and_errors():
 # --------------------------------------------------------------------------- on Ray
 
 
+@pytest.fixture(scope="module")
+def cluster_jobs(ray_cluster, tmp_path_factory):
+    """Both per-class jobs, started together at the first test that asks: their drivers' start-ups (the
+    imports, the connection to Ray, the data) overlap, and Ray queues their Train runs on the 2-CPU test
+    cluster. Back to back they took 66 + 46 s. Each test waits for its own job and asserts on it alone;
+    stdout and stderr go to files (a pipe nobody reads could fill and stall the other job).
+
+    --cpus-per-task 1: two concurrent Train runs per job; 0.5 made four per job, whose start-ups (not their
+    work) cost about 30 s more. The wiring is the same."""
+    commands = {
+        "inter_class": ["--data", "digits", "--loss", "mse", "--preset", "tiny"],
+        "augment": ["--target", "digits", "--refs", "rotated:digits", "--preset", "tiny",
+                    "--methods", "simex,sample-mse"],
+    }
+    jobs = {}
+    for name, flags in commands.items():
+        out = tmp_path_factory.mktemp(name)
+        with open(out / "stdout.txt", "w") as stdout, open(out / "stderr.txt", "w") as stderr:
+            proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / f"{name}.py"), "--address",
+                                     ray_cluster.address, *flags, "--cpus-per-task", "1", "--out", str(out / "out")],
+                                    stdout=stdout, stderr=stderr, text=True)
+        jobs[name] = (proc, out)
+    yield jobs
+    for proc, _ in jobs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _finished(jobs, name: str):
+    """The job's exit status, stdout, stderr and output directory, once it has ended."""
+    proc, out = jobs[name]
+    returncode = proc.wait(timeout=900)
+    return returncode, (out / "stdout.txt").read_text(), (out / "stderr.txt").read_text(), out / "out"
+
+
 @pytest.mark.ray
-def test_inter_class_job_on_the_cluster(ray_cluster, tmp_path):
+def test_inter_class_job_on_the_cluster(cluster_jobs):
     """Autoencoders and the leave-one-class-out classifiers on Ray Train, progress from start to end."""
-    # --cpus-per-task 1: two concurrent Train runs on the 2-CPU test cluster; 0.5 made four, whose start-ups
-    # (not their work) cost about 30 s more. The wiring is the same.
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "inter_class.py"), "--address", ray_cluster.address,
-                           "--data", "digits", "--loss", "mse", "--preset", "tiny", "--cpus-per-task", "1",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout)
+    returncode, stdout, stderr, out = _finished(cluster_jobs, "inter_class")
+    assert returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout)
     assert list(summary["table2"]) == ["SimEx-MSE", "sample-mse", "sample-issim"]
-    counts = [int(c) for c in re.findall(r"\] classifiers\s+(\d+)/20", proc.stderr)]
+    counts = [int(c) for c in re.findall(r"\] classifiers\s+(\d+)/20", stderr)]
     assert counts and counts[0] == 0 and counts[-1] == 20 and counts == sorted(counts)
-    assert (tmp_path / "fleet-mse" / "manifest.json").is_file()
-    assert (tmp_path / "inter_class.png").stat().st_size > 10_000
+    assert (out / "fleet-mse" / "manifest.json").is_file()
+    assert (out / "inter_class.png").stat().st_size > 10_000
 
 
 @pytest.mark.ray
-def test_augment_job_on_the_cluster(ray_cluster, tmp_path):
-    # --cpus-per-task 1: two concurrent Train runs on the 2-CPU test cluster; 0.5 made four, whose start-ups
-    # (not their work) cost about 30 s more. The wiring is the same.
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "augment.py"), "--address", ray_cluster.address,
-                           "--target", "digits", "--refs", "rotated:digits", "--preset", "tiny",
-                           "--methods", "simex,sample-mse", "--cpus-per-task", "1", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout)
+def test_augment_job_on_the_cluster(cluster_jobs):
+    returncode, stdout, stderr, out = _finished(cluster_jobs, "augment")
+    assert returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout)
     assert summary["references"] == ["rotated:digits"]
-    result = json.loads((tmp_path / "augment.json").read_text())
-    assert result["runs"] == 1 + 2 * 2 and re.search(r"\] trials\s+\d+/\d+", proc.stderr)
-    assert len(list((tmp_path / "fleets").glob("*-per-class/manifest.json"))) == 1
+    result = json.loads((out / "augment.json").read_text())
+    assert result["runs"] == 1 + 2 * 2 and re.search(r"\] trials\s+\d+/\d+", stderr)
+    assert len(list((out / "fleets").glob("*-per-class/manifest.json"))) == 1

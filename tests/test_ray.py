@@ -23,6 +23,35 @@ pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def inter_dataset_job(request, tmp_path_factory):
+    """`jobs/inter_dataset.py --address` on the session cluster, started as the module starts when its test is
+    selected: it runs beside the module's first tests (their Ray start-ups and Train runs wait on other
+    things than the CPU much of the time) instead of for about 58 s of its own, and its test waits for it.
+    stdout and stderr go to files: a pipe nobody reads could fill and stall it. Yields (process, refs, dir)."""
+    if not any(item.nodeid.endswith("test_ray.py::test_inter_dataset_job_on_the_cluster")
+               for item in request.session.items):
+        yield None
+        return
+    ray_cluster = request.getfixturevalue("ray_cluster")
+    tmp_path = tmp_path_factory.mktemp("inter_dataset")
+    protocol = tmp_path / "tiny.json"
+    protocol.write_text(json.dumps({"ae_epochs": 1, "tl_configs": ["TL-1"], "clf_max_epochs": 2, "clf_patience": 1,
+                                    "n_pairs": 32, "embedding_samples": 60, "test_samples": 60}))
+    refs = "digits,rotated:digits,bgrand:digits"
+    # --cpus-per-task 1: two concurrent Train runs on the 2-CPU test cluster; 0.5 made four, whose start-ups
+    # (not their work) cost about 30 s more. The wiring is the same.
+    with open(tmp_path / "stdout.txt", "w") as stdout, open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "inter_dataset.py"), "--address",
+                                 ray_cluster.address, "--refs", refs, "--samples", "120", "--protocol", str(protocol),
+                                 "--cpus-per-task", "1", "--out", str(tmp_path / "out")],
+                                stdout=stdout, stderr=stderr, text=True)
+    yield proc, refs, tmp_path
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def run(*args):
     proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -215,17 +244,13 @@ def test_base_classifiers_on_ray_train_survive_a_crash_and_match_local(ray_clust
         assert set(ours["state"]) == set(local["state"])
 
 
-def test_inter_dataset_job_on_the_cluster(ray_cluster, tmp_path):
+def test_inter_dataset_job_on_the_cluster(inter_dataset_job):
     """The experiment's Ray path end to end: autoencoders and base classifiers on Ray Train, transfers as tasks."""
-    protocol = tmp_path / "tiny.json"
-    protocol.write_text(json.dumps({"ae_epochs": 1, "tl_configs": ["TL-1"], "clf_max_epochs": 2, "clf_patience": 1,
-                                    "n_pairs": 32, "embedding_samples": 60, "test_samples": 60}))
-    refs = "digits,rotated:digits,bgrand:digits"
-    # --cpus-per-task 1: two concurrent Train runs on the 2-CPU test cluster; 0.5 made four, whose start-ups
-    # (not their work) cost about 30 s more. The wiring is the same.
-    proc = run(ROOT / "jobs" / "inter_dataset.py", "--address", ray_cluster.address, "--refs", refs,
-               "--samples", "120", "--protocol", protocol, "--cpus-per-task", "1", "--out", tmp_path / "out")
-    summary = json.loads(proc.stdout)
+    proc, refs, tmp_path = inter_dataset_job
+    returncode = proc.wait(timeout=900)
+    stdout, stderr = (tmp_path / "stdout.txt").read_text(), (tmp_path / "stderr.txt").read_text()
+    assert returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout)
     result = json.loads((tmp_path / "out" / "inter_dataset.json").read_text())
     assert summary["references"] == refs.split(",")
     per_base = [v for v in result["rho_per_base"].values() if v is not None]  # NaN is written as null
@@ -233,7 +258,7 @@ def test_inter_dataset_job_on_the_cluster(ray_cluster, tmp_path):
     # progress as units finish: 3 base classifiers (Ray Train), 9 transfers (Ray tasks)
     # progress per stage, from its start to its end (units finishing between two polls share a line)
     for stage, total in (("base-classifiers", 3), ("transfer", 9)):
-        counts = [int(m) for m in re.findall(rf"\] {stage}\s+(\d+)/{total}", proc.stderr)]
+        counts = [int(m) for m in re.findall(rf"\] {stage}\s+(\d+)/{total}", stderr)]
         assert counts and counts[0] == 0 and counts[-1] == total and counts == sorted(counts), (stage, counts)
     result = json.loads((tmp_path / "out" / "inter_dataset.json").read_text())
     assert result["sizes"]["digits"]["ae_test"] == 60 and result["sizes"]["digits"]["ae_train"] == 100

@@ -17,23 +17,53 @@ from tests.conftest import free_port
 pytestmark = pytest.mark.ray
 
 
-def test_serve_start_query_reload_stop(tiny_fleet, tmp_path):
-    fleet = shutil.copytree(tiny_fleet, tmp_path / "fleet")
-    port = free_port()
-    env = {**os.environ, "SIMEX_DATA": str(tmp_path / "cache")}
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "simex_ray.cli", "serve", "start", "--fleet", str(fleet),
-                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+class Service:
+    """A `simex serve start` process on a free port: its environment, log and (``grpc``) gRPC port."""
+
+    def __init__(self, fleet, tmp, *flags, grpc: bool = False):
+        self.port, self.log_path = free_port(), tmp / "serve.log"
+        self.env = {**os.environ, "SIMEX_DATA": str(tmp / "cache")}
+        self.url, self.grpc_port = f"http://127.0.0.1:{self.port}", free_port() if grpc else None
+        grpc_flags = ["--grpc-port", str(self.grpc_port)] if grpc else []
+        with open(self.log_path, "w") as log:
+            self.server = subprocess.Popen([sys.executable, "-m", "simex_ray.cli", "serve", "start", "--fleet",
+                                            str(fleet), "--port", str(self.port), *flags, *grpc_flags],
+                                           env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def services(tiny_fleet, tmp_path_factory):
+    """The module's three services, started together at its first test: their start-ups (each its own
+    embedded Ray, Serve and replicas) overlap instead of following one another (back to back the three
+    tests took 33 + 49 + 21 s). Each test checks its own service and stops it; what is left is stopped here."""
+    edited = tmp_path_factory.mktemp("default")
+    fleet = shutil.copytree(tiny_fleet, edited / "fleet")  # the reload test edits its fleet
+    started = {
+        "default": Service(fleet, edited),
+        "haproxy": Service(tiny_fleet, tmp_path_factory.mktemp("haproxy"), "--api-key", "k", "--mode", "embedded",
+                           "--ingress", "haproxy"),
+        "grpc": Service(tiny_fleet, tmp_path_factory.mktemp("grpc"), "--api-key", "k", "--mode", "embedded",
+                        grpc=True),
+    }
+    yield started
+    for service in started.values():
+        if service.server.poll() is None:
+            _stop(service.port, service.server, service.env)
+
+
+def test_serve_start_query_reload_stop(services):
+    service = services["default"]
+    server, port, env, url, log_path = service.server, service.port, service.env, service.url, service.log_path
+    fleet = log_path.parent / "fleet"
     try:
-        _wait_healthy(url, server, tmp_path / "serve.log")
+        _wait_healthy(url, server, log_path)
         out = subprocess.run([sys.executable, "-m", "simex_ray.cli", "query", "--url", url, "--data",
                               "bgrand:digits", "--samples", "60", "--json"], capture_output=True, text=True,
                              timeout=300)
         assert json.loads(out.stdout)["ranking"][0] == "bgrand:digits", out.stderr
         # Bad fleet edits are reported and the previous fleet keeps serving.
         (fleet / "manifest.json").write_text(json.dumps(json.loads((fleet / "manifest.json").read_text())) + " ")
-        _wait_logged("fleet changed", server, tmp_path / "serve.log")  # the edit was seen (not: 3 s passed)
+        _wait_logged("fleet changed", server, log_path)  # the edit was seen (not: 3 s passed)
         assert requests.get(url + "/healthz", timeout=10).json()["members"] == 2
     finally:
         stop = subprocess.run([sys.executable, "-m", "simex_ray.cli", "serve", "stop", "--port", str(port)],
@@ -42,10 +72,9 @@ def test_serve_start_query_reload_stop(tiny_fleet, tmp_path):
             server.wait(timeout=120)
         except subprocess.TimeoutExpired:
             server.kill()
-        log.close()
     assert stop.returncode == 0, stop.stderr
-    assert server.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
-    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+    assert server.returncode == 0, log_path.read_text()[-3000:]
+    assert "Traceback" not in log_path.read_text()
     again = subprocess.run([sys.executable, "-m", "simex_ray.cli", "serve", "stop", "--port", str(port)],
                            env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "no `simex serve start` is running" in again.stderr
@@ -80,7 +109,7 @@ def _stop(port: int, server, env) -> None:
 
 
 @pytest.mark.parametrize("ingress", ["haproxy", "grpc"])
-def test_faster_ingresses_answer_like_the_default(tiny_fleet, tmp_path, ingress):
+def test_faster_ingresses_answer_like_the_default(services, tiny_fleet, ingress):
     """`--ingress haproxy` (HAProxy + Serve's throughput-optimized mode) and `--grpc-port` (Serve's gRPC
     proxy, simex.Scorer/Score): the same answer as in-process scoring, and the API key still holds."""
     import io
@@ -90,14 +119,9 @@ def test_faster_ingresses_answer_like_the_default(tiny_fleet, tmp_path, ingress)
     from simex_ray import data
     from simex_ray.fleet import Fleet
 
-    port, env = free_port(), {**os.environ, "SIMEX_DATA": str(tmp_path / "cache")}
-    flags = ["--ingress", "haproxy"] if ingress == "haproxy" else ["--grpc-port", str(grpc_port := free_port())]
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "simex_ray.cli", "serve", "start", "--fleet",
-                                   str(tiny_fleet), "--port", str(port), "--api-key", "k", "--mode", "embedded",
-                                   *flags], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    service = services[ingress]
+    server, port, env, url, log_path = service.server, service.port, service.env, service.url, service.log_path
+    grpc_port = service.grpc_port
     x = data.prepare("bgrand:digits", samples=120, seed=0)[1].x[:16]
     buf = io.BytesIO()
     np.save(buf, x)
