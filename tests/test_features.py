@@ -145,7 +145,7 @@ def test_a_damaged_entry_is_computed_again_never_trusted(lib, x, tmp_path, forwa
         i = blob.index(b"features.npy") + 400
         entry.write_bytes(blob[:i] + bytes([blob[i] ^ 1]) + blob[i + 1:])
     elif damage == "other-size":  # a well-formed entry of 36 rows under this key
-        short = ClassifierOutputs(good.features[:36], good.probabilities[:36])
+        short = ClassifierOutputs(good.features[:36], good.probabilities[:36], good.logits[:36])
         fp = data_fingerprint(row_digests(x), x.shape[1:])
         cache.put(lib.classifiers[name].sha256, fp, short)
         assert cache.get(lib.classifiers[name].sha256, fp, None, 36) is not None

@@ -31,8 +31,8 @@ from ..choices import FEATURE_BLOCK
 from ..data.unknown import read_unknown
 from ..errors import UserError
 from ..formats import ImageFormat
-from ..transfer.features import (PENULTIMATE, ClassifierOutputs, FeatureCache, check_layer, compute_outputs,
-                                 data_fingerprint, layer_name, row_digests)
+from ..transfer.features import (ClassifierOutputs, FeatureCache, check_layer, compute_outputs, data_fingerprint,
+                                 layer_name, module_of, row_digests)
 from ..transfer.library import Library
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class _Extractor:
 
         self.library = Library.load(library, device="cuda" if ray.get_gpu_ids() else "cpu").select(names)
         self.names, self.slices, self.fmt, self.batch_size = names, slices, fmt, batch_size
-        self.layer = None if layer_name(layer) == PENULTIMATE else layer
+        self.layer = module_of(layer)
         for n in names:
             self.library.model(n)  # weights checked and loaded here, once per actor
 
@@ -168,7 +168,7 @@ def extract_outputs(library: str, spec: str, names: list[str] | None = None, *, 
     layer = layer_name(layer)
     for name in names:  # here, in one line, not as an actor's traceback
         check_layer(lib, name, layer)
-    chosen = None if layer == PENULTIMATE else layer
+    chosen = module_of(layer)
     keys = {name: lib.feature_layer(name, chosen) for name in names}  # where each one's features come from
     t0 = time.perf_counter()
     slices = data.plan_slices(spec, block=settings.block) if split == "all" and not samples else None
@@ -193,7 +193,7 @@ def extract_outputs(library: str, spec: str, names: list[str] | None = None, *, 
     if may_hit:
         for name in names:
             t1 = time.perf_counter()
-            got = cache.get(lib.classifiers[name].sha256, fingerprint, keys[name], n, logits=True)
+            got = cache.get(lib.classifiers[name].sha256, fingerprint, keys[name], n)
             if got is not None:
                 outputs[name] = got
                 report[name] = {"cached": True, "seconds": time.perf_counter() - t1, "images_per_s": None}

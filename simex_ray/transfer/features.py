@@ -41,7 +41,7 @@ from ..errors import UserError, one_line
 log = logging.getLogger(__name__)
 
 __all__ = ["PENULTIMATE", "PIXEL_FEATURES", "ClassifierOutputs", "FeatureCache", "Outputs", "check_layer",
-           "compute_outputs", "data_fingerprint", "default_cache_dir", "pixel_features", "row_digests"]
+           "compute_outputs", "data_fingerprint", "default_cache_dir", "module_of", "pixel_features", "row_digests"]
 
 PENULTIMATE = "penultimate"
 DIGEST = 32  # bytes of one image's sha256
@@ -51,12 +51,11 @@ ENTRY_VERSION = 1
 @dataclass(frozen=True)
 class ClassifierOutputs:
     """B(Y)'s outputs on N images: ``features`` (N, D), ``probabilities`` (N, K) softmax, ``logits`` (N, K)
-    pre-softmax (None when the library does not give them), all float64; ``layer``: where the features
-    come from."""
+    pre-softmax, all float64; ``layer``: where the features come from."""
 
     features: np.ndarray
     probabilities: np.ndarray
-    logits: np.ndarray | None = None
+    logits: np.ndarray
     layer: str = PENULTIMATE
 
     @property
@@ -64,23 +63,25 @@ class ClassifierOutputs:
         return int(len(self.features))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        out = {"features": self.features, "probabilities": self.probabilities}
-        if self.logits is not None:
-            out["logits"] = self.logits
-        return out
+        return {"features": self.features, "probabilities": self.probabilities, "logits": self.logits}
 
 
 def layer_name(layer: str | None) -> str:
     return layer or PENULTIMATE
 
 
+def module_of(layer: str | None) -> str | None:
+    """The module a ``--layer`` names, None for the default (each classifier's own features)."""
+    return None if layer_name(layer) == PENULTIMATE else layer
+
+
 # --------------------------------------------------------------------------- computing
 
 
 def check_layer(library, name: str, layer: str | None) -> None:
-    """A one-line :class:`~simex_ray.transfer.library.LibraryError` naming close matches when classifier
-    ``name`` has no module ``layer``."""
-    if layer_name(layer) != PENULTIMATE:
+    """A one-line :class:`~simex_ray.transfer.zoo.ZooError` naming close matches when classifier ``name`` has
+    no module ``layer``."""
+    if module_of(layer) is not None:
         library.layer_runner(name, layer)
 
 
@@ -88,12 +89,12 @@ def compute_outputs(library, name: str, x, *, layer: str | None = None, batch_si
     """Classifier ``name``'s outputs on images ``x`` (N, C, H, W) in its format: one forward pass of the
     library's (``Library.outputs``: preprocessing, features of its record's layer or of ``layer``, softmax
     and logits), ``batch_size`` images at a time, on the library's device."""
-    chosen = None if layer_name(layer) == PENULTIMATE else layer
-    feats, probs, logits = library.outputs(name, x, layer=chosen, batch_size=batch_size)
-    return ClassifierOutputs(feats, probs, logits, library.feature_layer(name, chosen))
+    feats, probs, logits = library.outputs(name, x, layer=module_of(layer), batch_size=batch_size)
+    return ClassifierOutputs(feats, probs, logits, library.feature_layer(name, module_of(layer)))
 
 
-PIXEL_FEATURES = 1024  # the no-transfer features (selection.no_transfer, learning.pixel_probe): the raw pixels, area-shrunk to at most this many values
+# The no-transfer features (selection.no_transfer, learning.pixel_probe): raw pixels, at most this many values.
+PIXEL_FEATURES = 1024
 
 
 def pixel_features(x: np.ndarray) -> np.ndarray:
@@ -157,10 +158,9 @@ class FeatureCache:
         except OSError:
             return True
 
-    def get(self, weights: str, data: str, layer: str | None, n: int, *, logits: bool = False
-            ) -> ClassifierOutputs | None:
+    def get(self, weights: str, data: str, layer: str | None, n: int) -> ClassifierOutputs | None:
         """The entry, checked, or None (missing, unreadable, corrupt, of another key or size, or without the
-        logits when ``logits``): a miss is computed again, never trusted."""
+        logits): a miss is computed again, never trusted."""
         loc = self.entry(weights, data, layer)
         try:
             if not loc.is_file():
@@ -179,9 +179,9 @@ class FeatureCache:
         if why:
             log.warning("feature cache entry %s is %s; computing it again", loc, why)
             return None
-        if logits and "logits" not in arrays:
+        if "logits" not in arrays:  # an entry from before logits were kept
             return None
-        return ClassifierOutputs(arrays["features"], arrays["probabilities"], arrays.get("logits"), layer_name(layer))
+        return ClassifierOutputs(arrays["features"], arrays["probabilities"], arrays["logits"], layer_name(layer))
 
     def put(self, weights: str, data: str, outputs: ClassifierOutputs) -> storage.Location | None:
         """Write ``outputs`` atomically as the entry of (``weights``, ``data``, its layer); None (and a warning)
@@ -285,11 +285,11 @@ class Outputs:
         t0 = time.perf_counter()
         x = self.images(name)
         weights = self.library.classifiers[name].sha256
-        chosen = None if self.layer == PENULTIMATE else self.layer
+        chosen = module_of(self.layer)
         layer = self.library.feature_layer(name, chosen)  # the key names where the features come from
         got = None
         if self.cache is not None and weights:
-            got = self.cache.get(weights, self.fingerprint_of(x), layer, len(x), logits=True)
+            got = self.cache.get(weights, self.fingerprint_of(x), layer, len(x))
         cached = got is not None
         if got is None:
             got = compute_outputs(self.library, name, x, layer=chosen, batch_size=self.batch_size)

@@ -339,7 +339,7 @@ class Library:
 
     def layer_runner(self, name: str, layer: str) -> ZooModel:
         """Classifier ``name`` giving the features of module ``layer`` (the same network, loaded once); a
-        one-line :class:`LibraryError` naming close matches when it has no such module."""
+        one-line :class:`~.zoo.ZooError` (a usage error) naming close matches when it has no such module."""
         key = f"{name}\0{layer}"
         if key not in self._layers:
             c, runner = self.record(name), self.runner(name)
@@ -352,7 +352,9 @@ class Library:
     def feature_layer(self, name: str, layer: str | None = None) -> str:
         """Where ``name``'s features come from: ``layer``, else its record's layer, else "penultimate" (the
         input of its final Linear); part of the feature cache's key."""
-        return layer or self.record(name).layer or "penultimate"
+        from .features import PENULTIMATE
+
+        return layer or self.record(name).layer or PENULTIMATE
 
     def features(self, name: str, x, batch_size: int = 512) -> np.ndarray:
         """B(Y)'s features: the input of its final Linear (LeNet-5: the 84-dim FC layer after its activation),

@@ -5,7 +5,7 @@ for one dataset, higher = better (Ray-free).
 transferability estimators of :mod:`.estimators` read the frozen classifier B(Y)'s penultimate features,
 softmax or logits on X; most need X's labels (LogME, LEEP, NCE, H-score, GBC, k-NN, SFDA, NCTI, PARC,
 TransRate, N-LEEP), five do not (entropy, nuclear norm, silhouette, energy, MaNo). Forward passes are
-shared: each classifier runs over X once per output a requested method reads (features, softmax, logits),
+shared: each classifier runs over X once (``Library.outputs``: features, softmax and logits together),
 whatever the number of methods. A score defined across candidates (NCTI) is combined over the
 classifiers scored together, after all of them.
 """

@@ -20,7 +20,6 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-from ...choices import SERVE_MODES
 from ...fleet import slug
 from .sharded import gather_shards, shard_layout
 
@@ -85,11 +84,7 @@ class Layout:
     """One Serve layout; subclasses fill in the three parts. ``settings`` is a
     :class:`~simex_ray.distributed.serving.deploy.ServeSettings`; ``scaling`` its per-scorer Serve options."""
 
-    name = ""
-
-    @property
-    def what(self) -> str:
-        return SERVE_MODES[self.name]
+    name = ""  # as in choices.SERVE_MODES, which holds its one-line help
 
     def scorers(self, fleet: str, members: list[dict], settings, scaling: dict[str, Any]) -> list[ScorerApp]:
         return []
