@@ -130,7 +130,8 @@ def rho_mean(result):
 
 
 def test_experiment_inter_dataset_and_latency_verbs(tmp_path, simex_here):
-    """Both verbs run once as real processes; the reuse and the refusals run in this process."""
+    """`experiment inter-dataset` runs once as a real process; the reuse, latency and the refusals run in this
+    process (the same `main`)."""
     protocol = tmp_path / "tiny.json"
     protocol.write_text(json.dumps({"ae_epochs": 1, "tl_configs": ["TL-1"], "clf_max_epochs": 2,
                                     "clf_patience": 1, "n_pairs": 32, "embedding_samples": 60}))
@@ -161,7 +162,7 @@ def test_experiment_inter_dataset_and_latency_verbs(tmp_path, simex_here):
     assert set(result["baselines"]) == {"sample-mse", "sample-issim", "embeddings"}
     assert result["sizes"][refs.split(",")[2]]["clf_test"] == 200  # all ten 1-based classes kept
     assert min(min(row) for row in result["transfer_accuracy"]) > 0.1
-    proc = simex("experiment", "latency", "--refs", refs, "--unknown", "rotated:digits", "--samples", "120",
+    proc = simex_here("experiment", "latency", "--refs", refs, "--unknown", "rotated:digits", "--samples", "120",
                  "--repeats", "2", "--protocol", protocol, "--out", tmp_path / "l", "--no-ray")
     summary = json.loads(proc.stdout)
     assert summary["speedup"] > 0 and set(summary["transfer_seconds"]) == {"TL-1"}

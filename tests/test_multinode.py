@@ -429,7 +429,7 @@ def test_driver_lost_across_nodes_then_rerun_resumes(cluster, tmp_path, request)
     fleet = tmp_path / "fleet"
     # Epochs long enough that training outlasts the kill: checkpoints are paced (CheckpointPacer), so
     # after a run's first epoch the next one comes only after ten times its cost in training.
-    flags = ["--refs", "digits,bgrand:digits", "--samples", "1500", "--epochs", "12"]
+    flags = ["--refs", "digits,bgrand:digits", "--samples", "1500", "--epochs", "8"]
     cmd = ["simex", "train", "--address", "auto", *flags, "--cpus-per-worker", "0.5", "--out", f"file://{fleet}"]
     reference = tmp_path / "ref"  # one member per pass, as each Ray Train run here holds one member
     # Trained in a process of its own while the job runs (it took 20 s of the test's 93 s before it, most of

@@ -268,7 +268,7 @@ def estimator_matrices(gt: GroundTruth, refs: list[str], splits: dict[str, Split
     out = {m: {"matrix": np.zeros((n, n)), "needs_labels": needs_labels(m), "seconds": 0.0} for m in methods}
     for i, x in enumerate(refs):
         kw = splits[x].clf_kwargs(protocol.transfer_samples)
-        sel = select(library, kw["x_train"], kw["y_train"], methods=methods, classifiers=bases)
+        sel = select(library, kw["x_train"], kw["y_train"], methods=methods, classifiers=bases, baseline=False)
         for m in methods:
             out[m]["matrix"][i] = [sel.scores[m][b] for b in bases]
             out[m]["seconds"] += sel.seconds[m]

@@ -148,7 +148,7 @@ def time_estimators(base_result: dict[str, Any], base: str, x_split, protocol: P
         for _ in range(repeats):
             lib = Library.in_memory([(record, base_result["state"])])  # no cached model: each run pays its load
             t0 = time.perf_counter()
-            select(lib, kw["x_train"], kw["y_train"], methods=[m])
+            select(lib, kw["x_train"], kw["y_train"], methods=[m], baseline=False)  # the method alone
             times.append(time.perf_counter() - t0)
         out[m] = statistics.median(times)
     return out
