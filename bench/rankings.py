@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from simex_ray import data
-from simex_ray.fleet.result import WEAK_AGREEMENT, distribution_of, distribution_sketch
+from simex_ray.choices import RANKINGS
+from simex_ray.fleet.result import WEAK_AGREEMENT, distribution_of, distribution_sketch, typicality_latent
 from simex_ray.formats import ImageFormat
 from simex_ray.fused_training import MemberJob, train_members
 from simex_ray.models import default_architecture
@@ -245,8 +246,9 @@ def _scores(pool: Pool, members: list[int], d: np.ndarray, z: np.ndarray) -> dic
                                 - np.array([pool.own_log[m].mean() for m in members])[:, None])),
         "latent": (mean_z / lat, z / lat[:, None]),
         "latent_typicality": (np.abs(np.log(mean_z / lat)), np.abs(np.log(z / lat[:, None]))),
-        "typicality+latent": (np.abs(np.log(mean_d / own)) + np.abs(np.log(mean_z / lat)),
-                              np.abs(np.log(d / own[:, None])) + np.abs(np.log(z / lat[:, None]))),
+        # the served ranking: the product's own function (what is benchmarked is what is served)
+        "typicality_latent": (typicality_latent(mean_d / own, mean_z / lat),
+                              typicality_latent(d / own[:, None], z / lat[:, None])),
     }
     sketches = [distribution_sketch({"quantiles": pool.own_q[m]}, row) for m, row in zip(members, d)]
     out["distribution"] = (np.array([distribution_of(sk) for sk in sketches]), d)  # composition: per-sample δ
@@ -268,8 +270,8 @@ VOTES = {"vote": ("raw", "typicality", "distribution_log", "latent"),
 
 METHODS = ("raw", "normalized", "calibrated", "in_distribution", "typicality", "distribution", "distribution_log",
            "likelihood",
-           "latent", "latent_typicality", "typicality+latent", "vote", "vote3", "vote2")
-CARRIED = ("raw", "normalized", "calibrated", "in_distribution", "typicality", "distribution")  # an answer's rankings
+           "latent", "latent_typicality", "typicality_latent", "vote", "vote3", "vote2")
+CARRIED = RANKINGS  # an answer's rankings (its agreement is over these)
 
 
 def draw_suites(pools: dict[str, Pool], count: int, seed: int) -> list[tuple[str, list[int], int]]:
@@ -380,7 +382,7 @@ def report(args) -> None:
         for f in pools:
             pf = out[label]["per_format"][f]
             print(f"  {f:<8} " + "  ".join(f"{k}={pf[k]['own_first']}/{pf[k]['cases']}" for k in METHODS))
-        for default in ("distribution", "raw"):
+        for default in ("typicality_latent", "distribution", "raw"):
             for half in (0, 1):
                 print(f"agreement, default {default}, {'first' if half == 0 else 'second'} half: "
                       + confidence(rows, default, half))
