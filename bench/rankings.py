@@ -246,9 +246,12 @@ def _scores(pool: Pool, members: list[int], d: np.ndarray, z: np.ndarray) -> dic
                                 - np.array([pool.own_log[m].mean() for m in members])[:, None])),
         "latent": (mean_z / lat, z / lat[:, None]),
         "latent_typicality": (np.abs(np.log(mean_z / lat)), np.abs(np.log(z / lat[:, None]))),
-        # the served ranking: the product's own function (what is benchmarked is what is served)
-        "typicality_latent": (typicality_latent(mean_d / own, mean_z / lat),
-                              typicality_latent(d / own[:, None], z / lat[:, None])),
+        # the served ranking: the product's own function (what is benchmarked is what is served); its
+        # composition is per-sample nearest by δ, as served (chosen on the first half against the same
+        # function per sample, "typicality_latent_samples")
+        "typicality_latent": (typicality_latent(mean_d / own, mean_z / lat), d),
+        "typicality_latent_samples": (typicality_latent(mean_d / own, mean_z / lat),
+                                      typicality_latent(d / own[:, None], z / lat[:, None])),
     }
     sketches = [distribution_sketch({"quantiles": pool.own_q[m]}, row) for m, row in zip(members, d)]
     out["distribution"] = (np.array([distribution_of(sk) for sk in sketches]), d)  # composition: per-sample δ
@@ -270,7 +273,7 @@ VOTES = {"vote": ("raw", "typicality", "distribution_log", "latent"),
 
 METHODS = ("raw", "normalized", "calibrated", "in_distribution", "typicality", "distribution", "distribution_log",
            "likelihood",
-           "latent", "latent_typicality", "typicality_latent", "vote", "vote3", "vote2")
+           "latent", "latent_typicality", "typicality_latent", "typicality_latent_samples", "vote", "vote3", "vote2")
 CARRIED = RANKINGS  # an answer's rankings (its agreement is over these)
 
 
@@ -369,11 +372,11 @@ def report(args) -> None:
             for f, pool in pools.items():
                 print(f"# auto stopping epochs {f}: " + ", ".join(f"{r.split('/')[-1]}={e}"
                                                                   for r, e in zip(pool.refs, pool.epochs)))
-        print(f"{'method':<18} | {'first half: own first':>22} {'mix err':>8} {'mix<=.08':>9} | "
+        print(f"{'method':<25} | {'first half: own first':>22} {'mix err':>8} {'mix<=.08':>9} | "
               f"{'second half: own first':>23} {'mix err':>8} {'mix<=.08':>9} | adjusted: {'err':>6} {'<=.08':>7}")
         for k in METHODS:
             a, b = out[label]["first"][k], out[label]["second"][k]
-            print(f"{k:<18} | {a['own_first']:>4}/{a['cases']:<4} {a['own_first'] / a['cases']:>6.1%}        "
+            print(f"{k:<25} | {a['own_first']:>4}/{a['cases']:<4} {a['own_first'] / a['cases']:>6.1%}        "
                   f"{a['mix_error_mean']:>8.3f} {a['mix_within_0.08']:>4}/{a['mixtures']:<4} | "
                   f"{b['own_first']:>4}/{b['cases']:<4} {b['own_first'] / b['cases']:>6.1%}         "
                   f"{b['mix_error_mean']:>8.3f} {b['mix_within_0.08']:>4}/{b['mixtures']:<4} | "
