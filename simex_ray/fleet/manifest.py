@@ -4,6 +4,7 @@ Directory layout::
 
     FLEET/manifest.json                   members, configs, fingerprints, metrics, sha256
     FLEET/weights/<member>-<sha16>.pt     one state_dict per member (torch.save), named by its content
+    FLEET/weights/<member>_latent-<sha16>.pt  its latent moments (μ, P: :mod:`.latent`), named the same way
     FLEET/checkpoints/                    per-epoch training checkpoints (resume)
 
 FLEET is a local path or a URI (``file://``, ``s3://``, ``gs://``): every read and write goes
