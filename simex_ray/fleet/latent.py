@@ -20,8 +20,6 @@ content-addressed file beside the member's weights (:mod:`.manifest`), not in th
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
-
 import numpy as np
 
 LATENT_SAMPLES = 4096  # training images whose codes fit a member's moments (a seeded subset), at most
@@ -73,11 +71,3 @@ def encode_all(model, x: np.ndarray, chunk: int = 512) -> np.ndarray:
     with torch.inference_mode():
         return np.concatenate([model.encode(torch.as_tensor(x[i:i + chunk], dtype=torch.float32, device=device))
                                .flatten(1).double().cpu().numpy() for i in range(0, len(x), chunk)])
-
-
-def blocks_of(x: Iterable[np.ndarray] | np.ndarray) -> Iterator[np.ndarray]:
-    """``x`` as an iterable of blocks (an array is one block)."""
-    if isinstance(x, np.ndarray):
-        yield x
-    else:
-        yield from x
