@@ -136,12 +136,11 @@ def typicality_latent(delta_calibrated, latent_calibrated):
     """|log(Δ / own Δ)| + |log(z̄ / own z̄)|, elementwise: the ``typicality_latent`` ranking's one formula.
 
     ``delta_calibrated``: mean δ of X through a member over the mean δ of the member's own held-out split;
-    ``latent_calibrated``: mean latent distance z of X's codes over that of the own held-out split (per
-    member; or per sample, δ and z of one image over the own means, which orders the composition). Both
-    two-sided: a set that reconstructs, or codes, *better* than the reference's own unseen data is not like
-    it either. 0 only when X is like the member's own unseen data in both. A ratio of 0 (or below) gives
-    inf, NaN stays NaN. bench/rankings.py benchmarks this very function (docs/results.md, "Rankings that
-    hold")."""
+    ``latent_calibrated``: mean latent distance z of X's codes over that of the own held-out split (scalars,
+    or arrays of them: one per member). Both terms are two-sided: a set that reconstructs, or codes, *better*
+    than the reference's own unseen data is not like it either. 0 only when X is like the member's own unseen
+    data in both. A ratio that is not positive (0, or NaN) gives inf: such a member is never first. O(1) per
+    member. bench/rankings.py benchmarks this very function (docs/results.md, "Rankings that hold")."""
     a, b = np.asarray(delta_calibrated, dtype=np.float64), np.asarray(latent_calibrated, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         return (np.abs(np.log(np.where(a > 0, a, 0.0))) + np.abs(np.log(np.where(b > 0, b, 0.0))))
