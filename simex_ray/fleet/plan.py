@@ -50,6 +50,8 @@ class MemberPlan:
         seed = int(self.member.data_seed or 0)
         if self.stream is not None:
             return training_subset(self.stream.train_batches(0, cap, seed), seed, cap)
+        if self.x_train is None:  # a plan whose images were let go: no moments (it ranks as older fleets do)
+            return np.zeros((0, *self.member.image_format.shape), np.float32)
         return training_subset(self.x_train, seed, cap)
 
     @property
