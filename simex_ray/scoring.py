@@ -36,6 +36,11 @@ How the fused conv pass works (:class:`FusedConv`):
 * δ is computed on (N, M, C, H, W): MSE as the mean over C, H, W; iSSIM as SSIM
   per channel averaged over channels, the unknown's statistics computed once.
 
+With ``latent=True`` (members with latent moments, :mod:`simex_ray.fleet.latent`) the same pass also gives
+each sample's latent distance z: the fused modules hand out the bottleneck codes (M, N, D) they compute
+anyway, and :func:`mahalanobis` is one float64 batched matmul per group, O(M·N·D²): within the noise of
+``bench/latent_scoring.py`` (docs/results.md, "Latent scoring cost"). No second forward pass.
+
 Each choice was kept only where ``bench/scoring.py`` measured it faster
 (docs/results.md, "Scoring engine"; docs/architectures.md); the engine equals
 the naive per-member path to float tolerance (tests).
