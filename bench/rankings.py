@@ -13,8 +13,9 @@ and at epochs 3, 10 and 30, and at each member's own ``--epochs auto`` stopping 
 * its calibration sketch (the δ of its own held-out test split, as training writes it);
 * the per-sample δ of ``--extra`` further held-out images of *every* reference of the pool (never seen by any
   training or calibration);
-* the per-sample latent Mahalanobis distance of those images' bottleneck codes from the code distribution
-  of the member's own training split (Ledoit-Wolf covariance), and that of its own held-out split.
+* the per-sample latent distance z of those images' bottleneck codes from the code distribution of the
+  member's own training split (Ledoit-Wolf; ``simex_ray.fleet.latent``, as training fits it), and that of
+  its own held-out split.
 
 Everything else is a selection from those arrays, so the suites cost no training: **report** draws
 ``--suites`` suites of 3-6 references of one format with a seed, splits them in two halves fixed by that
@@ -150,9 +151,7 @@ def collect(fmt_name: str, refs: list[str], samples: int, extra: int, max_epochs
 
 def _measure(refs, config, states, train, calib, unknown) -> dict[str, np.ndarray]:
     """Per member m and reference r: δ and latent distance of r's further held-out images through m."""
-    import torch
-    from sklearn.covariance import LedoitWolf
-
+    from simex_ray.fleet.latent import encode_all, fit_moments, latent_distance, training_subset
     from simex_ray.training import initial_model
 
     models = {}
@@ -166,21 +165,11 @@ def _measure(refs, config, states, train, calib, unknown) -> dict[str, np.ndarra
     calib_delta = [engine.per_sample(calib[r], [r])[0] for r in refs]
     latent = np.zeros_like(delta)
     latent_calib = []
-    with torch.inference_mode():
-        def codes(model, x):
-            return np.concatenate([model.encode(torch.as_tensor(x[i:i + 512], dtype=torch.float32)).flatten(1)
-                                   .double().numpy() for i in range(0, len(x), 512)])
-        for i, m in enumerate(refs):
-            z = codes(models[m], train[m])
-            lw = LedoitWolf().fit(z)
-            mu, prec = lw.location_, lw.precision_
-
-            def m2(x):
-                c = codes(models[m], x) - mu
-                return np.einsum("ij,jk,ik->i", c, prec, c) / c.shape[1]
-            latent_calib.append(m2(calib[m]))
-            for j, r in enumerate(refs):
-                latent[i, j] = m2(unknown[r][:n])
+    for i, m in enumerate(refs):  # the product's moments and distance (simex_ray.fleet.latent), as training fits them
+        mu, prec = fit_moments(encode_all(models[m], training_subset(train[m], 0)))
+        latent_calib.append(latent_distance(encode_all(models[m], calib[m]), mu, prec))
+        for j, r in enumerate(refs):
+            latent[i, j] = latent_distance(encode_all(models[m], unknown[r][:n]), mu, prec)
     ref_l2 = np.array([np.linalg.norm(train[r].reshape(len(train[r]), -1), axis=1).mean() for r in refs])
     width = max(len(c) for c in calib_delta)
     pad = lambda rows: np.array([np.pad(c, (0, width - len(c)), constant_values=np.nan) for c in rows])  # noqa: E731
