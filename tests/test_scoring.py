@@ -217,6 +217,17 @@ def test_a_fleet_without_latent_moments_loads_and_scores_as_before(tiny_fleet, t
     assert set(before["latent_calibrated"].values()) == {None} == set(before["typicality_latent"].values())
     for key in ("delta", "distribution", "typicality", "ranking_distribution", "composition"):
         assert before[key] == now[key]
+    # `simex train` on it again retrains nothing and adds the moments the fleet would have had
+    from simex_ray.fleet.plan import FleetWriter, plan_fleet
+    from simex_ray.training import TrainConfig
+
+    plans = plan_fleet(["digits", "bgrand:digits"], TrainConfig(epochs=2), samples=300, seed=0)
+    assert FleetWriter(old).pending(plans) == []
+    added = {m["name"]: m["latent"] for m in json.loads((old / "manifest.json").read_text())["members"]}
+    for m in Fleet.load(tiny_fleet).members.values():
+        assert added[m.name]["sha256"] == m.latent["sha256"]  # the same moments, bit for bit
+        assert added[m.name]["own_mean"] == pytest.approx(m.latent["own_mean"], rel=1e-9)
+    assert Fleet.load(old).score(test.x).to_json()["typicality_latent"] == pytest.approx(now["typicality_latent"])
 
 
 def test_a_manifest_from_a_newer_format_is_refused(tiny_fleet, tmp_path):

@@ -198,15 +198,41 @@ class FleetWriter:
         self.order = list(self.members) + [n for n in self.order if n not in self.members]
 
     def pending(self, plans: list[MemberPlan]) -> list[MemberPlan]:
-        """The plans still to train: not in the manifest, changed, or with bad weights."""
-        todo = []
+        """The plans still to train: not in the manifest, changed, or with bad weights.
+
+        A trained member without latent moments (a fleet from before them) is not retrained: its moments are
+        computed now from its weights and its plan's data, and the manifest is rewritten with them."""
+        todo, added = [], False
         for plan in plans:
             old = self.members.get(plan.name)
             if is_trained(old, plan) and self._weights_intact(old):
                 log.info("%s: already trained, skipping", plan.name)
+                if not old.latent:
+                    added = self._add_moments(plan, old) or added
             else:
                 todo.append(plan)
+        if added:
+            self.flush()
         return todo
+
+    def _add_moments(self, plan: MemberPlan, member: Member) -> bool:
+        """Fit a trained member's latent moments from its stored weights (no training); True when it got them."""
+        import io
+
+        import torch
+
+        from .manifest import read_weights
+
+        state = torch.load(io.BytesIO(read_weights(self.out, member)), map_location="cpu", weights_only=True)
+        _, latent, moments = own_statistics(member, state, plan.test_images(), plan.train_sample())
+        if moments is None:
+            return False
+        member.latent = latent
+        save_moments(self.out, member, *moments)
+        with self._lock:
+            self._dirty = True
+        log.info("%s: latent moments added (trained before them)", member.name)
+        return True
 
     def _weights_intact(self, member: Member) -> bool:
         if not member.weights:
