@@ -13,7 +13,8 @@ is 1 for data like Y's own unseen data. It feeds the ``typicality_latent`` ranki
 (:func:`simex_ray.fleet.result.typicality_latent`).
 
 Cost: at most :data:`LATENT_SAMPLES` training images are encoded (a seeded subset: O(S·encoder) plus
-O(S·D² + D³) for the fit); the test split's z comes from the same pass as its calibration δ. The moments
+O(S·D² + D³) for the fit; measured once per member at the end of its training, on 2 loaded CPU cores: 0.25 s
+for ``lenet``, 1.2 s for ``conv`` at 3x32x32); the test split's z comes from the same pass as its calibration δ. The moments
 (μ, P: (D + D²) float64, 57 KB for LeNet's D = 84, 132 KB for ``conv``'s 128) are stored in a
 content-addressed file beside the member's weights (:mod:`.manifest`), not in the manifest.
 """
