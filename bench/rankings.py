@@ -13,8 +13,9 @@ and at epochs 3, 10 and 30, and at each member's own ``--epochs auto`` stopping 
 * its calibration sketch (the δ of its own held-out test split, as training writes it);
 * the per-sample δ of ``--extra`` further held-out images of *every* reference of the pool (never seen by any
   training or calibration);
-* the per-sample latent Mahalanobis distance of those images' bottleneck codes from the code distribution
-  of the member's own training split (Ledoit-Wolf covariance), and that of its own held-out split.
+* the per-sample latent distance z of those images' bottleneck codes from the code distribution of the
+  member's own training split (Ledoit-Wolf; ``simex_ray.fleet.latent``, as training fits it), and that of
+  its own held-out split.
 
 Everything else is a selection from those arrays, so the suites cost no training: **report** draws
 ``--suites`` suites of 3-6 references of one format with a seed, splits them in two halves fixed by that
@@ -36,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from simex_ray import data
-from simex_ray.fleet.result import WEAK_AGREEMENT, distribution_of, distribution_sketch
+from simex_ray.choices import RANKINGS
+from simex_ray.fleet.result import WEAK_AGREEMENT, distribution_of, distribution_sketch, typicality_latent
 from simex_ray.formats import ImageFormat
 from simex_ray.fused_training import MemberJob, train_members
 from simex_ray.models import default_architecture
@@ -149,9 +151,7 @@ def collect(fmt_name: str, refs: list[str], samples: int, extra: int, max_epochs
 
 def _measure(refs, config, states, train, calib, unknown) -> dict[str, np.ndarray]:
     """Per member m and reference r: δ and latent distance of r's further held-out images through m."""
-    import torch
-    from sklearn.covariance import LedoitWolf
-
+    from simex_ray.fleet.latent import encode_all, fit_moments, latent_distance, training_subset
     from simex_ray.training import initial_model
 
     models = {}
@@ -165,21 +165,11 @@ def _measure(refs, config, states, train, calib, unknown) -> dict[str, np.ndarra
     calib_delta = [engine.per_sample(calib[r], [r])[0] for r in refs]
     latent = np.zeros_like(delta)
     latent_calib = []
-    with torch.inference_mode():
-        def codes(model, x):
-            return np.concatenate([model.encode(torch.as_tensor(x[i:i + 512], dtype=torch.float32)).flatten(1)
-                                   .double().numpy() for i in range(0, len(x), 512)])
-        for i, m in enumerate(refs):
-            z = codes(models[m], train[m])
-            lw = LedoitWolf().fit(z)
-            mu, prec = lw.location_, lw.precision_
-
-            def m2(x):
-                c = codes(models[m], x) - mu
-                return np.einsum("ij,jk,ik->i", c, prec, c) / c.shape[1]
-            latent_calib.append(m2(calib[m]))
-            for j, r in enumerate(refs):
-                latent[i, j] = m2(unknown[r][:n])
+    for i, m in enumerate(refs):  # the product's moments and distance (simex_ray.fleet.latent), as training fits them
+        mu, prec = fit_moments(encode_all(models[m], training_subset(train[m], 0)))
+        latent_calib.append(latent_distance(encode_all(models[m], calib[m]), mu, prec))
+        for j, r in enumerate(refs):
+            latent[i, j] = latent_distance(encode_all(models[m], unknown[r][:n]), mu, prec)
     ref_l2 = np.array([np.linalg.norm(train[r].reshape(len(train[r]), -1), axis=1).mean() for r in refs])
     width = max(len(c) for c in calib_delta)
     pad = lambda rows: np.array([np.pad(c, (0, width - len(c)), constant_values=np.nan) for c in rows])  # noqa: E731
@@ -245,8 +235,12 @@ def _scores(pool: Pool, members: list[int], d: np.ndarray, z: np.ndarray) -> dic
                                 - np.array([pool.own_log[m].mean() for m in members])[:, None])),
         "latent": (mean_z / lat, z / lat[:, None]),
         "latent_typicality": (np.abs(np.log(mean_z / lat)), np.abs(np.log(z / lat[:, None]))),
-        "typicality+latent": (np.abs(np.log(mean_d / own)) + np.abs(np.log(mean_z / lat)),
-                              np.abs(np.log(d / own[:, None])) + np.abs(np.log(z / lat[:, None]))),
+        # the served ranking: the product's own function (what is benchmarked is what is served); its
+        # composition is per-sample nearest by δ, as served (chosen on the first half against the same
+        # function per sample, "typicality_latent_samples")
+        "typicality_latent": (typicality_latent(mean_d / own, mean_z / lat), d),
+        "typicality_latent_samples": (typicality_latent(mean_d / own, mean_z / lat),
+                                      typicality_latent(d / own[:, None], z / lat[:, None])),
     }
     sketches = [distribution_sketch({"quantiles": pool.own_q[m]}, row) for m, row in zip(members, d)]
     out["distribution"] = (np.array([distribution_of(sk) for sk in sketches]), d)  # composition: per-sample δ
@@ -268,8 +262,8 @@ VOTES = {"vote": ("raw", "typicality", "distribution_log", "latent"),
 
 METHODS = ("raw", "normalized", "calibrated", "in_distribution", "typicality", "distribution", "distribution_log",
            "likelihood",
-           "latent", "latent_typicality", "typicality+latent", "vote", "vote3", "vote2")
-CARRIED = ("raw", "normalized", "calibrated", "in_distribution", "typicality", "distribution")  # an answer's rankings
+           "latent", "latent_typicality", "typicality_latent", "typicality_latent_samples", "vote", "vote3", "vote2")
+CARRIED = RANKINGS  # an answer's rankings (its agreement is over these)
 
 
 def draw_suites(pools: dict[str, Pool], count: int, seed: int) -> list[tuple[str, list[int], int]]:
@@ -367,11 +361,11 @@ def report(args) -> None:
             for f, pool in pools.items():
                 print(f"# auto stopping epochs {f}: " + ", ".join(f"{r.split('/')[-1]}={e}"
                                                                   for r, e in zip(pool.refs, pool.epochs)))
-        print(f"{'method':<18} | {'first half: own first':>22} {'mix err':>8} {'mix<=.08':>9} | "
+        print(f"{'method':<25} | {'first half: own first':>22} {'mix err':>8} {'mix<=.08':>9} | "
               f"{'second half: own first':>23} {'mix err':>8} {'mix<=.08':>9} | adjusted: {'err':>6} {'<=.08':>7}")
         for k in METHODS:
             a, b = out[label]["first"][k], out[label]["second"][k]
-            print(f"{k:<18} | {a['own_first']:>4}/{a['cases']:<4} {a['own_first'] / a['cases']:>6.1%}        "
+            print(f"{k:<25} | {a['own_first']:>4}/{a['cases']:<4} {a['own_first'] / a['cases']:>6.1%}        "
                   f"{a['mix_error_mean']:>8.3f} {a['mix_within_0.08']:>4}/{a['mixtures']:<4} | "
                   f"{b['own_first']:>4}/{b['cases']:<4} {b['own_first'] / b['cases']:>6.1%}         "
                   f"{b['mix_error_mean']:>8.3f} {b['mix_within_0.08']:>4}/{b['mixtures']:<4} | "
@@ -380,7 +374,7 @@ def report(args) -> None:
         for f in pools:
             pf = out[label]["per_format"][f]
             print(f"  {f:<8} " + "  ".join(f"{k}={pf[k]['own_first']}/{pf[k]['cases']}" for k in METHODS))
-        for default in ("distribution", "raw"):
+        for default in ("typicality_latent", "distribution", "raw"):
             for half in (0, 1):
                 print(f"agreement, default {default}, {'first' if half == 0 else 'second'} half: "
                       + confidence(rows, default, half))

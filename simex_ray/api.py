@@ -375,12 +375,17 @@ def score_response(per_sample: np.ndarray, members: list[dict[str, Any]], loss: 
                    method: str | None = None, with_samples: bool = False, image_format: ImageFormat = LEGACY,
                    converted: str | None = None) -> dict[str, Any]:
     """The response of POST /v1/score: the same fields as `simex score --json` (every Δ, ranking and the
-    composition), from the (members, N) per-sample δ and the members' manifest records; with
-    ``with_samples`` also ``per_sample``: δ per member and the nearest member of every image."""
-    from .fleet import DEFAULT_RANKING, Member, score_result
+    composition), from the scorers' per-sample values and the members' manifest records; with
+    ``with_samples`` also ``per_sample``: δ per member and the nearest member of every image.
+
+    ``per_sample``: (members, 2, N), δ and the latent distance z (:meth:`Fleet.per_sample
+    <simex_ray.fleet.Fleet.per_sample>`), or (members, N) δ alone (scorers of an older version: no z)."""
+    from .fleet import Member, score_result
 
     records = [Member.from_json(m) for m in members]
-    result = score_result(per_sample, records, loss, method or DEFAULT_RANKING, keep_per_sample=with_samples)
+    both = np.asarray(per_sample)
+    d, z = (both[:, 0], both[:, 1]) if both.ndim == 3 else (both, None)
+    result = score_result(d, records, loss, method, keep_per_sample=with_samples, latent=z)
     out = {**result.to_json(), "image_format": str(image_format), "conversion": converted,
            "latency_ms": latency_ms}
     if with_samples:

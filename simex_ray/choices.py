@@ -17,9 +17,12 @@ DEFAULT_PRECISION = "fp32"
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd", "adagrad", "adadelta")
 # Autoencoders by name; each is registered by its module in :mod:`simex_ray.models`.
 ARCHITECTURES = ("conv", "lenet", "mlp")
-# How `ranking` orders references (:mod:`simex_ray.fleet.result` says why distribution is the default).
-RANKINGS = ("raw", "normalized", "calibrated", "in_distribution", "typicality", "distribution")
+# How `ranking` orders references (:mod:`simex_ray.fleet.result` says why): typicality_latent for a fleet whose
+# members all have latent moments, distribution for any other (and the fallback of a ranking a member cannot
+# take). docs/results.md, "Rankings that hold".
+RANKINGS = ("raw", "normalized", "calibrated", "in_distribution", "typicality", "distribution", "typicality_latent")
 DEFAULT_RANKING = "distribution"
+LATENT_RANKING = "typicality_latent"
 # `--epochs auto` (:func:`simex_ray.training.auto_stop_epoch`): train until the member's own held-out Δ stops
 # improving. An epoch "improves" when its Δ is below (1 - AUTO_MIN_GAIN) x the best Δ before it; training stops
 # after AUTO_PATIENCE epochs without one, or at AUTO_MAX_EPOCHS. Chosen a priori (the usual early-stopping

@@ -36,6 +36,11 @@ How the fused conv pass works (:class:`FusedConv`):
 * δ is computed on (N, M, C, H, W): MSE as the mean over C, H, W; iSSIM as SSIM
   per channel averaged over channels, the unknown's statistics computed once.
 
+With ``latent=True`` (members with latent moments, :mod:`simex_ray.fleet.latent`) the same pass also gives
+each sample's latent distance z: the fused modules hand out the bottleneck codes (M, N, D) they compute
+anyway, and :func:`mahalanobis` is one float64 batched matmul per group, O(M·N·D²): within the noise of
+``bench/latent_scoring.py`` (docs/results.md, "Latent scoring cost"). No second forward pass.
+
 Each choice was kept only where ``bench/scoring.py`` measured it faster
 (docs/results.md, "Scoring engine"; docs/architectures.md); the engine equals
 the naive per-member path to float tolerance (tests).
@@ -192,17 +197,20 @@ class FusedLeNet(nn.Module):
             return F.pixel_shuffle(self._conv(h, w, b, padding), 2)
         return self._conv(F.interpolate(h, scale_factor=2), w, b, padding)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, codes: bool = False):
+        """Reconstructions (N, M, 28, 28); with ``codes`` also each member's bottleneck codes (M, N, 84),
+        ``encode(x)`` of every member, from the same pass."""
         n, m = x.shape[0], self.m
         elu, act_pool = (_elu, self._pool_elu) if self.fast_ops else (F.elu, self._elu_pool)
         h = act_pool(F.conv2d(x, self.c1_w, self.c1_b, padding=2))  # (N, 6M, 14, 14)
         h = act_pool(self._conv(h, self.c2_w, self.c2_b, 0))  # (N, 16M, 5, 5)
         h = h.reshape(n, m, 400).transpose(0, 1)  # (M, N, 400)
-        h = self._fc(elu(self._fc(h, 0)), 1)  # (M, N, 84): the codes
-        h = elu(self._fc(elu(self._fc(elu(h), 2)), 3))  # (M, N, 400)
+        code = self._fc(elu(self._fc(h, 0)), 1)  # (M, N, 84): the codes
+        h = elu(self._fc(elu(self._fc(elu(code), 2)), 3))  # (M, N, 400)
         h = h.transpose(0, 1).reshape(n, m * 16, 5, 5)
         h = elu(self._up_conv(h, self.d1_w, self.d1_b, self.d1_pad))  # (N, 6M, 14, 14)
-        return torch.sigmoid(self._up_conv(h, self.d2_w, self.d2_b, self.d2_pad))  # (N, M, 28, 28)
+        recon = torch.sigmoid(self._up_conv(h, self.d2_w, self.d2_b, self.d2_pad))  # (N, M, 28, 28)
+        return (recon, code) if codes else recon
 
 
 def _elu_(x: torch.Tensor) -> torch.Tensor:
@@ -313,7 +321,9 @@ class FusedConv(nn.Module):
         r = F.conv2d(h, w, b, padding=1)  # (N, 4·c_out, h + 1, w + 1): the four phases
         return interleave_phases(torch.sigmoid_(r) if last else r, self.up_sizes[i], out=out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, codes: bool = False):
+        """Reconstructions (N, M, C, H, W); with ``codes`` also the bottleneck codes (M, N, code_size), each
+        member's ``encode(x)``, from the same pass."""
         n, m = x.shape[0], self.m
         elu = _elu_ if self.fast_ops else F.elu
         h = elu(F.conv2d(x, self.down0_w, self.down0_b, stride=STRIDE, padding=PAD))  # (N, M·c_1, H/2, W/2)
@@ -329,7 +339,7 @@ class FusedConv(nn.Module):
             for i in range(self.n_up - 1):
                 h = elu(self._up(h, i, k))
             self._up(h, self.n_up - 1, k, out=out[:, k])
-        return out
+        return (out, code) if codes else out
 
 
 WINDOW = 11  # SSIM's Gaussian window (pytorch-msssim's default)
@@ -430,6 +440,23 @@ class _Group:
     fused: nn.Module | None  # FusedLeNet or FusedConv, or None: run the members one by one
     models: list[nn.Module]
     rows: int  # images per forward pass
+    # the latent moments of the group's members that have them: their positions in ``names``, the means
+    # (M', 1, D) and precisions (M', D, D), float64 on the engine's device
+    latent_rows: list[int] | None = None
+    latent_mean: torch.Tensor | None = None
+    latent_precision: torch.Tensor | None = None
+
+
+def mahalanobis(codes: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """The latent distance z = (c - μ)ᵀ P (c - μ) / D of each code from its member's training-code
+    distribution, for M members at once: codes (M, N, D), mean (M, 1, D), precision (M, D, D) -> (M, N).
+
+    One batched matmul, O(M·N·D²), in float64 (codes of bfloat16 passes are widened first): a precision
+    of codes with a near-flat direction has large entries, and z is a difference of large terms there.
+    Divided by D so members of different code sizes are on one scale (about 1 for a member's own data).
+    """
+    c = codes.to(torch.float64) - mean
+    return (torch.bmm(c, precision) * c).sum(-1) / c.shape[-1]
 
 
 def pass_rows(fused: nn.Module | None, chunk: int, scale: float = 1.0) -> int:
@@ -455,10 +482,14 @@ class ScoringEngine:
     ``models`` and ``losses`` are keyed by member name (a fleet's order).
     ``chunk``: images per forward pass (memory stays flat in N).
     ``fused=False`` runs each member on its own (the naive reference path).
+    ``moments``: {member: (μ (D,), P (D, D))}, the latent moments of the members that have them
+    (:mod:`simex_ray.fleet.latent`); with them ``per_sample(..., latent=True)`` also returns each sample's
+    latent distance z (:func:`mahalanobis`) from the codes of the same forward pass.
     """
 
     def __init__(self, models: Mapping[str, nn.Module], losses: Mapping[str, str], *, device="cpu",
-                 chunk: int = 256, fused: bool = True, keep_memory: bool = False, precision: str = "fp32"):
+                 chunk: int = 256, fused: bool = True, keep_memory: bool = False, precision: str = "fp32",
+                 moments: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None):
         from .training import PRECISIONS
 
         if precision not in PRECISIONS:
@@ -471,6 +502,9 @@ class ScoringEngine:
         self.losses = dict(losses)
         self.chunk, self.fused = int(chunk), fused
         self._models = {n: m.to(self.device).eval() for n, m in models.items()}
+        self._moments = {n: (torch.as_tensor(np.asarray(mu), dtype=torch.float64, device=self.device),
+                             torch.as_tensor(np.asarray(p), dtype=torch.float64, device=self.device))
+                         for n, (mu, p) in (moments or {}).items() if n in self._models}
         # fused weights per (members, loss) asked for, the most recently used kept: each plan holds a copy of
         # its members' weights, and a service that is asked for many subsets must not keep them all
         self._groups: OrderedDict[tuple[str, ...], list[_Group]] = OrderedDict()
@@ -497,22 +531,38 @@ class ScoringEngine:
                 for i in range(0, len(members), step):
                     fused = FUSED[arch](models[i:i + step]).to(self.device).eval()
                     groups.append(_Group(members[i:i + step], group_loss, fused, models[i:i + step], rows))
+            for g in groups:
+                have = [k for k, n in enumerate(g.names) if n in self._moments]
+                if have:
+                    g.latent_rows = have
+                    g.latent_mean = torch.stack([self._moments[g.names[k]][0] for k in have]).unsqueeze(1)
+                    g.latent_precision = torch.stack([self._moments[g.names[k]][1] for k in have])
             self._groups[key] = groups
             while len(self._groups) > PLANS_KEPT:
                 self._groups.popitem(last=False)
         return self._groups[key]
 
-    @torch.inference_mode()
-    def per_sample(self, x, names: Iterable[str] | None = None, loss: str | None = None) -> np.ndarray:
-        """δ for every member and sample: (len(names), N) float64, members in ``names`` order."""
-        parts = list(self.iter_chunks(x, names, loss))
-        names = list(names) if names is not None else self.names
-        return np.concatenate(parts, axis=1) if parts else np.zeros((len(names), 0))
+    @property
+    def latent_members(self) -> list[str]:
+        """The members with latent moments (their z is computed with ``latent=True``)."""
+        return [n for n in self.names if n in self._moments]
 
     @torch.inference_mode()
-    def iter_chunks(self, x, names: Iterable[str] | None = None, loss: str | None = None) -> Iterator[np.ndarray]:
-        """Like :meth:`per_sample`, one (members, chunk) block at a time; ``x`` may be any
-        indexable of (N, C, H, W) images (an array, a memory map) or an iterable of such blocks."""
+    def per_sample(self, x, names: Iterable[str] | None = None, loss: str | None = None, *,
+                   latent: bool = False) -> np.ndarray:
+        """δ for every member and sample: (len(names), N) float64, members in ``names`` order.
+
+        ``latent``: (len(names), 2, N): [:, 0] δ, [:, 1] the latent distance z of each sample's code
+        (:func:`mahalanobis`; NaN for a member without moments), both from one forward pass."""
+        parts = list(self.iter_chunks(x, names, loss, latent=latent))
+        names = list(names) if names is not None else self.names
+        return np.concatenate(parts, axis=-1) if parts else np.zeros((len(names), *((2,) if latent else ()), 0))
+
+    @torch.inference_mode()
+    def iter_chunks(self, x, names: Iterable[str] | None = None, loss: str | None = None, *,
+                    latent: bool = False) -> Iterator[np.ndarray]:
+        """Like :meth:`per_sample`, one (members, chunk) (or (members, 2, chunk)) block at a time; ``x`` may
+        be any indexable of (N, C, H, W) images (an array, a memory map) or an iterable of such blocks."""
         names = tuple(check_members(names, self.names)) if names is not None else tuple(self.names)
         if loss is not None:
             check_loss(loss)
@@ -521,21 +571,34 @@ class ScoringEngine:
         for block in _blocks(x, self.chunk):
             xb = torch.as_tensor(np.asarray(block, dtype=np.float32)).to(self.device)
             out = np.empty((len(names), len(xb)))
+            z_out = np.full((len(names), len(xb)), np.nan) if latent else None
             half = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
             for g in groups:
-                parts = []
+                codes = latent and g.latent_rows is not None
+                parts, z_parts = [], []
                 for xr in torch.split(xb, g.rows):
                     if g.fused is not None:
                         with half:
-                            recon = g.fused(xr)
+                            recon = g.fused(xr, codes=True) if codes else g.fused(xr)
+                        if codes:
+                            recon, code = recon  # code (M, rows, D): the same pass's bottleneck
                         parts.append(delta_per_member(xr, recon.float(), g.loss).t())  # (M, rows)
                     else:
                         with half:
-                            recons = [m(xr) for m in g.models]
+                            if codes:  # decode(encode(x)) is each architecture's forward: still one pass
+                                code = torch.stack([g.models[k].encode(xr).flatten(1) for k in range(len(g.models))])
+                                recons = [m.decode(c) for m, c in zip(g.models, code.unbind(0))]
+                            else:
+                                recons = [m(xr) for m in g.models]
                         parts.append(torch.stack([per_sample_delta(xr, r.float(), g.loss) for r in recons]))
+                    if codes:
+                        z_parts.append(mahalanobis(code[g.latent_rows], g.latent_mean, g.latent_precision))
                 d = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
                 out[[row[n] for n in g.names]] = d.double().cpu().numpy()
-            yield out
+                if codes:
+                    z = z_parts[0] if len(z_parts) == 1 else torch.cat(z_parts, 1)
+                    z_out[[row[g.names[k]] for k in g.latent_rows]] = z.cpu().numpy()
+            yield np.stack([out, z_out], axis=1) if latent else out
 
 
 _MEMORY_KEPT = False

@@ -128,7 +128,9 @@ def test_ray_data_scoring_equals_in_process_sharded_and_writes_per_sample_parque
         out = score_batch(str(tiny_fleet), spec, settings=settings, per_sample=str(tmp_path / "rows" / spec[:3]))
         got = out["result"]
         assert got.n == 300 and got.ranking == here.ranking and out["conversion"] is None
-        for key in ("delta", "delta_normalized", "delta_calibrated", "in_distribution", "composition"):
+        assert got.method == here.method == "typicality_latent"  # z from the scoring actors, merged exactly
+        for key in ("delta", "delta_normalized", "delta_calibrated", "in_distribution", "composition",
+                    "latent_calibrated", "typicality_latent"):
             for name, v in getattr(here, key).items():
                 assert getattr(got, key)[name] == pytest.approx(v, rel=1e-6, abs=1e-9), (spec, key)
         rows = pd.read_parquet(out["per_sample"]).sort_values("index").reset_index(drop=True)

@@ -107,6 +107,9 @@ def test_epochs_auto_stops_each_member_on_ray_train_as_here(ray_cluster, tmp_pat
     local = train_fleet_local(plans(), tmp_path / "local").members["digits"]
     assert [h["test_delta"] for h in member.history] == pytest.approx([h["test_delta"] for h in local.history],
                                                                        rel=1e-6)
+    # Ray Train's members get latent moments as training here does (the driver fits them as it writes a member)
+    assert member.latent["n_fit"] == local.latent["n_fit"] and member.latent["sha256"]
+    assert member.latent["own_mean"] == pytest.approx(local.latent["own_mean"], rel=1e-4)
     manifest = json.loads((tmp_path / "F" / "manifest.json").read_text())
     record, = manifest["members"]
     assert record["config"]["patience"] == 1 and record["metrics"]["epochs_trained"] == 2
@@ -135,6 +138,9 @@ def test_a_streamed_reference_trains_on_ray_survives_a_crash_and_matches_local(r
     for a, b in zip(ours.history, local.history):
         assert a["train_delta"] == pytest.approx(b["train_delta"], rel=1e-4)
         assert a["test_delta"] == pytest.approx(b["test_delta"], rel=1e-4)
+    # the latent moments of a streamed member: the same seeded subset of its training split, read by the driver
+    assert ours.latent["n_fit"] == local.latent["n_fit"] > 0
+    assert ours.latent["own_mean"] == pytest.approx(local.latent["own_mean"], rel=1e-3)
 
 
 def test_members_train_data_parallel_like_one_worker_and_survive_a_crash(ray_cluster, tmp_path):

@@ -12,20 +12,27 @@ import pytest
 from simex_ray.api import RESPONSE_EXTRAS, score_response, score_response_model
 from simex_ray.fleet import SCORE_FIELDS, FleetError, Member, ScoreResult, calibration_of, score_result
 from simex_ray.fleet.manifest import verify_fleet
-from simex_ray.fleet.result import SCORE_CONTRACT, merge_results, typicality_of
+from simex_ray.fleet.result import SCORE_CONTRACT, merge_results, typicality_latent, typicality_of
 from tests.test_serve import assert_same_score
 
 
 def members(k: int = 3, seed: int = 0) -> list[Member]:
-    """Manifest records with a calibration sketch and a normaliser each, as `simex train` writes them."""
+    """Manifest records with a calibration sketch, latent moments and a normaliser each, as `simex train`
+    writes them."""
     rng = np.random.default_rng(seed)
     return [Member(name=f"m{i}", spec=f"m{i}", config={"loss": "mse", "architecture": "lenet"}, fingerprint="",
-                   metrics={"ref_mean_l2": 1.0 + i}, calibration=calibration_of(rng.gamma(2.0, 0.01 * (i + 1), 200)))
+                   metrics={"ref_mean_l2": 1.0 + i}, calibration=calibration_of(rng.gamma(2.0, 0.01 * (i + 1), 200)),
+                   latent={"file": f"weights/m{i}.pt", "own_mean": 1.0 + 0.5 * i, "dim": 84})
             for i in range(k)]
 
 
 def per_sample(n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).gamma(2.0, [[0.01], [0.02], [0.03]], (3, n))
+
+
+def latent(n: int, seed: int = 2) -> np.ndarray:
+    """Per-sample latent distances z, (3, n)."""
+    return np.random.default_rng(seed).gamma(3.0, [[0.4], [0.6], [0.5]], (3, n))
 
 
 def test_score_fields_are_exactly_the_keys_of_score_result():
@@ -38,7 +45,9 @@ def test_http_response_model_is_built_from_the_score_fields_and_keeps_them():
     """FastAPI serialises the answer through this model and drops what it does not declare."""
     model = score_response_model()
     assert tuple(model.model_fields) == SCORE_FIELDS + tuple(RESPONSE_EXTRAS)
-    answer = score_response(per_sample(20), [m.to_json() for m in members()], "mse", latency_ms=1.5)
+    answer = score_response(np.stack([per_sample(20), latent(20)], axis=1), [m.to_json() for m in members()], "mse",
+                            latency_ms=1.5)
+    assert answer["ranking_method"] == "typicality_latent" and None not in answer["typicality_latent"].values()
     served = json.loads(model.model_validate(answer).model_dump_json(exclude_unset=True))  # as the app serialises it
     assert_same_score(served, answer, 0.0)
     assert served["typicality"] == answer["typicality"] and served["latency_ms"] == 1.5
@@ -46,19 +55,44 @@ def test_http_response_model_is_built_from_the_score_fields_and_keeps_them():
 
 def test_merged_batches_are_the_whole_and_typicality_is_not_averaged():
     """`simex query` merges batch answers: means weighted by batch size, typicality from the merged Δ."""
-    d, ms = per_sample(50), members()
-    whole = score_result(d, ms, "mse").to_json()
+    d, z, ms = per_sample(50), latent(50), members()
+    whole = score_result(d, ms, "mse", latent=z).to_json()
+    assert whole["ranking_method"] == "typicality_latent"  # every member has latent moments: the default
+    own_d, own_z = np.array([m.calibration["mean"] for m in ms]), np.array([m.latent["own_mean"] for m in ms])
+    np.testing.assert_allclose(list(whole["latent_calibrated"].values()), z.mean(axis=1) / own_z, rtol=1e-12)
+    np.testing.assert_allclose(list(whole["typicality_latent"].values()),  # the formula, by hand
+                               np.abs(np.log(d.mean(axis=1) / own_d)) + np.abs(np.log(z.mean(axis=1) / own_z)))
     cuts = [(0, 7), (7, 30), (30, 50)]
-    parts = [ScoreResult.from_json(json.loads(json.dumps(score_result(d[:, a:b], ms, "mse").to_json())))
-             for a, b in cuts]
+    parts = [ScoreResult.from_json(json.loads(json.dumps(score_result(d[:, a:b], ms, "mse", latent=z[:, a:b])
+                                                         .to_json()))) for a, b in cuts]
     merged = merge_results(parts)
     assert_same_score(merged.to_json(), whole, 1e-12)
-    averaged = {name: sum(p.typicality[name] * p.n for p in parts) / 50 for name in whole["typicality"]}
-    assert averaged != pytest.approx(whole["typicality"], rel=1e-3)  # so averaging it would be wrong
+    for key in ("typicality", "typicality_latent"):
+        averaged = {name: sum(getattr(p, key)[name] * p.n for p in parts) / 50 for name in whole[key]}
+        assert averaged != pytest.approx(whole[key], rel=1e-3)  # so averaging it would be wrong
     assert merged.typicality == typicality_of(merged.delta_calibrated)
+    assert list(merged.typicality_latent.values()) == pytest.approx(
+        typicality_latent(list(merged.delta_calibrated.values()), list(merged.latent_calibrated.values())).tolist())
     # An answer without typicality (an older service) still gives every field.
     old = {k: v for k, v in whole.items() if k not in ("typicality", "ranking_typicality")}
     assert_same_score(ScoreResult.from_json(old).to_json(), whole, 1e-12)
+    # One from before latent moments: no latent values, its other fields as they were.
+    older = ScoreResult.from_json({k: v for k, v in whole.items() if "latent" not in k}).to_json()
+    assert set(older["latent_calibrated"].values()) == {None} and older["ranking_typicality_latent"] == ["m0", "m1", "m2"]
+    assert older["delta"] == whole["delta"] and older["distribution"] == whole["distribution"]
+
+
+def test_the_default_ranking_needs_latent_moments_for_every_member_and_says_which_it_used():
+    d, z, ms = per_sample(30), latent(30), members()
+    assert score_result(d, ms, "mse", latent=z).method == "typicality_latent"
+    old = [Member.from_json({k: v for k, v in m.to_json().items() if k != "latent"}) for m in ms]
+    for records, zs in ((old, None), (old, z), (ms, None), (ms[:2] + old[2:], z)):  # any member lacking them
+        r = score_result(d, records, "mse", latent=zs)
+        assert r.method == "distribution" and r.ranking == score_result(d, old, "mse").ranking
+    # asked for by name without moments: the default of an older fleet, and the answer says so
+    assert score_result(d, old, "mse", "typicality_latent").method == "distribution"
+    # composition: per sample nearest by δ, as distribution's
+    assert score_result(d, ms, "mse", latent=z).composition == score_result(d, ms, "mse", "distribution").composition
 
 
 def test_verify_fleet_hashes_every_weight_file_without_building_a_model(tiny_fleet, tmp_path, monkeypatch):
@@ -79,6 +113,12 @@ def test_verify_fleet_hashes_every_weight_file_without_building_a_model(tiny_fle
     weights.unlink()
     with pytest.raises(FleetError, match=f"{weights.name}.*missing"):
         verify_fleet(fleet)
+    moments = fleet / manifest["members"][0]["latent"]["file"]  # the latent moments are checked the same way
+    moments.write_bytes(moments.read_bytes()[:-4] + b"oops")
+    manifest["members"] = manifest["members"][:1]
+    (fleet / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FleetError, match=f"{moments.name}.*corrupted"):
+        verify_fleet(fleet)
 
 
 @pytest.mark.parametrize("flag", ["--samples", "--batch"])
@@ -97,7 +137,7 @@ def _result(delta: dict, calibrated: dict, in_dist: dict, method: str = "raw") -
 def test_agreement_counts_the_rankings_that_put_the_first_member_first_and_margin_is_in_its_units():
     # a and b: raw and normalized put a first; calibrated, in_distribution and typicality put b first
     weak = _result({"a": 0.010, "b": 0.012}, {"a": 2.0, "b": 1.1}, {"a": 0.3, "b": 0.9})
-    assert weak.ranking[0] == "a" and weak.agreement == pytest.approx(2 / 5)
+    assert weak.ranking[0] == "a" and weak.agreement == pytest.approx(2 / 5)  # no distribution, no latent: left out
     assert weak.margin == pytest.approx(0.002) and not weak.confident
     sure = _result({"a": 0.010, "b": 0.020}, {"a": 1.0, "b": 2.0}, {"a": 0.9, "b": 0.2})
     assert sure.agreement == 1.0 and sure.confident

@@ -51,6 +51,34 @@ def test_a_fleet_past_the_pass_limit_runs_as_several_fused_passes_with_the_same_
     assert scoring.members_per_pass(one, 5, 10_000, torch.device("cpu")) == 1
 
 
+@pytest.mark.parametrize("arch,fmt,loss", [("lenet", "1x28x28", "mse"), ("conv", "3x32x32", "issim")])
+def test_latent_distances_of_the_fused_pass_equal_each_member_encoded_alone(arch, fmt, loss):
+    """z from the codes inside the fused pass (one batched matmul) = encode(x) per member, then numpy's
+    Mahalanobis under sklearn's Ledoit-Wolf moments; δ unchanged; a member without moments gets NaN."""
+    from simex_ray.fleet.latent import encode_all, fit_moments, latent_distance
+    from simex_ray.formats import ImageFormat
+
+    torch.manual_seed(0)
+    f = ImageFormat.parse(fmt)
+    models = {f"m{i}": create_autoencoder(arch, f).eval() for i in range(3)}
+    rng = np.random.default_rng(0)
+    train, x = rng.random((300, *f.shape)).astype(np.float32), rng.random((45, *f.shape)).astype(np.float32)
+    moments = {n: fit_moments(encode_all(m, train * (0.5 + 0.2 * k))) for k, (n, m) in enumerate(models.items())
+               if n != "m1"}
+    losses = {n: loss for n in models}
+    plain = ScoringEngine(models, losses, chunk=16).per_sample(x)
+    for fused in (True, False):
+        both = ScoringEngine(models, losses, chunk=16, fused=fused, moments=moments).per_sample(x, latent=True)
+        assert both.shape == (3, 2, 45)
+        np.testing.assert_allclose(both[:, 0], plain, rtol=2e-5, atol=1e-7)
+        assert np.isnan(both[1, 1]).all()
+        for n in ("m0", "m2"):
+            k = list(models).index(n)
+            want = latent_distance(encode_all(models[n], x), *moments[n])
+            np.testing.assert_allclose(both[k, 1], want, rtol=1e-4)
+    assert np.all(want > 0)
+
+
 def test_fused_lenet_reconstructs_like_each_autoencoder():
     models = list(_models(3).values())
     x = torch.rand(5, 1, 28, 28)
@@ -156,14 +184,50 @@ def test_uncalibrated_members_fall_back_to_raw_and_go_last():
 
 
 def test_trained_fleets_carry_their_calibration(tiny_fleet):
+    from simex_ray.fleet.latent import LATENT_SAMPLES, encode_all, fit_moments
+    from simex_ray.fleet.manifest import read_moments
+
     fleet = Fleet.load(tiny_fleet)
     for m in fleet.members.values():
         assert len(m.calibration["quantiles"]) == 101 and m.calibration["n"] == m.n_test
         assert m.calibration["mean"] == pytest.approx(m.metrics["test_delta"], rel=1e-4)
-    _, test = data.prepare("digits", samples=300, seed=0)
+        assert m.latent["n_fit"] == min(m.n_train, LATENT_SAMPLES) and m.latent["n"] == m.n_test
+        assert m.latent["file"].endswith(f"-{m.latent['sha256'][:16]}.pt")  # content-addressed like the weights
+    train, test = data.prepare("digits", samples=300, seed=0)
+    mu, p = read_moments(tiny_fleet, fleet.members["digits"])  # the training split's codes, refitted here
+    np.testing.assert_allclose(mu, fit_moments(encode_all(fleet.models["digits"], train.x))[0], rtol=1e-6, atol=1e-9)
     r = fleet.score(test.x)
     assert r.delta_calibrated["digits"] == pytest.approx(1.0, rel=1e-4)  # it IS the reference's own test split
+    assert r.latent_calibrated["digits"] == pytest.approx(1.0, rel=1e-4)
+    assert r.method == "typicality_latent" and r.typicality_latent["digits"] == pytest.approx(0.0, abs=1e-3)
     assert r.ranking[0] == "digits" and r.composition["digits"] > 0.9
+
+
+def test_a_fleet_without_latent_moments_loads_and_scores_as_before(tiny_fleet, tmp_path):
+    import shutil
+
+    old = shutil.copytree(tiny_fleet, tmp_path / "old")
+    manifest = json.loads((old / "manifest.json").read_text())
+    for m in manifest["members"]:
+        del m["latent"]  # as written before latent moments existed
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    _, test = data.prepare("bgrand:digits", samples=300, seed=0)
+    now, before = Fleet.load(tiny_fleet).score(test.x).to_json(), Fleet.load(old).score(test.x).to_json()
+    assert before["ranking_method"] == "distribution" and now["ranking_method"] == "typicality_latent"
+    assert set(before["latent_calibrated"].values()) == {None} == set(before["typicality_latent"].values())
+    for key in ("delta", "distribution", "typicality", "ranking_distribution", "composition"):
+        assert before[key] == now[key]
+    # `simex train` on it again retrains nothing and adds the moments the fleet would have had
+    from simex_ray.fleet.plan import FleetWriter, plan_fleet
+    from simex_ray.training import TrainConfig
+
+    plans = plan_fleet(["digits", "bgrand:digits"], TrainConfig(epochs=2), samples=300, seed=0)
+    assert FleetWriter(old).pending(plans) == []
+    added = {m["name"]: m["latent"] for m in json.loads((old / "manifest.json").read_text())["members"]}
+    for m in Fleet.load(tiny_fleet).members.values():
+        assert added[m.name]["sha256"] == m.latent["sha256"]  # the same moments, bit for bit
+        assert added[m.name]["own_mean"] == pytest.approx(m.latent["own_mean"], rel=1e-9)
+    assert Fleet.load(old).score(test.x).to_json()["typicality_latent"] == pytest.approx(now["typicality_latent"])
 
 
 def test_a_manifest_from_a_newer_format_is_refused(tiny_fleet, tmp_path):

@@ -68,10 +68,12 @@ def post_files(service, files, **kw):
 
 
 def assert_same_answer(after: dict, before: dict) -> None:
-    """Two /v1/score answers for the same images agree (another layout, the same fleet)."""
-    for field in ("delta", "delta_calibrated", "in_distribution"):
+    """Two /v1/score answers for the same images agree (another layout, the same fleet), the default ranking
+    (typicality_latent: the layout's scorers hand on z as well as δ) included."""
+    assert after["ranking_method"] == before["ranking_method"] == "typicality_latent"
+    for field in ("delta", "delta_calibrated", "in_distribution", "latent_calibrated", "typicality_latent"):
         for name, d in before[field].items():
-            assert after[field][name] == pytest.approx(d, rel=1e-5), field
+            assert after[field][name] == pytest.approx(d, rel=1e-5, abs=1e-6), field  # abs: own data, typicality 0
     assert after["ranking"] == before["ranking"]
 
 
@@ -469,6 +471,7 @@ def test_cli_http_and_query_answer_every_field_alike(service):
     http = post_npy(service, held_out())
     assert http.status_code == 200, http.text
     assert "latency_ms" in http.json()
+    assert expected["ranking_method"] == "typicality_latent" and None not in expected["typicality_latent"].values()
     assert_same_score(http.json(), expected)
     envelope = ("n", "image_format", "conversion")  # the request's envelope: the same in all three
     assert {k: http.json()[k] for k in envelope} == {k: expected[k] for k in envelope} \

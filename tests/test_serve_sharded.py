@@ -21,7 +21,7 @@ from simex_ray.api import ApiError
 from simex_ray.distributed.serving.deploy import ServeSettings
 from simex_ray.distributed.serving.layouts import Sharded, shard_app_name
 from simex_ray.distributed.serving.sharded import gather_shards, shard_layout
-from simex_ray.fleet import DEFAULT_RANKING, SCORE_FIELDS, Fleet, read_manifest
+from simex_ray.fleet import SCORE_FIELDS, Fleet, read_manifest
 
 fleet_shards = Sharded.shards
 
@@ -213,7 +213,7 @@ def assert_same(got: dict, expected: dict, tolerance: float = 1e-6) -> None:
             np.testing.assert_allclose(got["per_sample"]["delta"][name], row, rtol=tolerance, atol=tolerance)
 
 
-def in_process(fleet, x, members=None, method=DEFAULT_RANKING) -> dict:
+def in_process(fleet, x, members=None, method=None) -> dict:
     r = Fleet.load(fleet).score(x, members=members, method=method, per_sample=True)
     return {**r.to_json(), "per_sample": {"delta": dict(zip(r.delta, r.per_sample.tolist())),
                                           "nearest": r.nearest}}
@@ -253,6 +253,7 @@ def test_two_shards_answer_like_fused_and_in_process(service):
     sharded = score_http(service, x)
     assert sharded.status_code == 200, sharded.text
     assert set(SCORE_FIELDS) <= set(sharded.json())
+    assert sharded.json()["ranking_method"] == "typicality_latent"  # z from every shard, merged in fleet order
     assert_same(sharded.json(), fused.json())
     assert_same(sharded.json(), in_process(service.fleet, x))
     assert len(set(sharded.json()["per_sample"]["nearest"])) > 1  # a real mixture: rows from both shards

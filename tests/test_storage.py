@@ -152,11 +152,12 @@ def test_in_process_training_to_a_file_uri_resumes_from_its_checkpoints(tmp_path
 
 
 def _interrupt_second_weight_write(monkeypatch):
-    """The second weight file's write fails half-way (weights are torch zip archives: 'PK')."""
+    """The second weight file's write fails half-way (weights are torch zip archives: 'PK'; so are the latent
+    moments written after each, whose archive names their 'precision')."""
     real, weights = storage.write_stream, []
 
     def write(f, blob):
-        if bytes(blob[:2]) == b"PK":
+        if bytes(blob[:2]) == b"PK" and b"precision" not in bytes(blob):
             weights.append(len(blob))
             if len(weights) == 2:
                 f.write(memoryview(blob)[:len(blob) // 2])
@@ -175,8 +176,9 @@ def test_an_interrupted_write_never_publishes_a_manifest_naming_a_missing_weight
     assert [m["name"] for m in manifest["members"]] == ["digits"]  # the first member only
     (m,) = manifest["members"]
     assert loc.join(m["weights"]).sha256() == m["sha256"]
-    assert loc.join("weights").listdir() == [m["weights"].split("/")[1]]  # no partial file, no temp file
-    assert Fleet.load(where).names == ["digits"]
+    assert loc.join(m["latent"]["file"]).sha256() == m["latent"]["sha256"]
+    assert sorted(loc.join("weights").listdir()) == sorted(f.split("/")[1] for f in (m["weights"], m["latent"]["file"]))
+    assert Fleet.load(where).names == ["digits"]  # no partial file, no temp file
     # A re-run trains only what is missing, and then the fleet is complete.
     monkeypatch.undo()
     plans = trained[0]
@@ -310,8 +312,8 @@ def test_object_store_writes_go_through_a_temporary_key_then_the_manifest_last(t
     monkeypatch.setattr(storage, "move", move)
     publish(trained, "s3://bucket/ordered")
     manifest = read_manifest("s3://bucket/ordered")
-    w = [m["weights"] for m in manifest["members"]]
-    assert order == [w[0], MANIFEST, w[1], MANIFEST]
+    w = [(m["weights"], m["latent"]["file"]) for m in manifest["members"]]
+    assert order == [*w[0], MANIFEST, *w[1], MANIFEST]  # weights, latent moments, then the manifest
 
 
 # --- multi-node clusters: shared storage or a refusal ----------------------------------------------

@@ -13,6 +13,7 @@ import torch
 
 from simex_ray import data
 from simex_ray.data.streamed import StreamedReference
+from simex_ray.fleet.latent import LATENT_SAMPLES
 from simex_ray.fleet import Fleet
 from simex_ray.fleet.build import train_fleet_local
 from simex_ray.fleet.manifest import Member
@@ -90,6 +91,11 @@ def test_a_streamed_fleet_records_its_split_counts_and_a_metadata_fingerprint(fi
     train_fleet_local([plan], tmp_path / "F")
     member = Fleet.load(tmp_path / "F").members[spec]
     assert member.split == "row-hash" and member.calibration["n"] == len(test)
+    # latent moments from a seeded subset of the streamed training split, read where the member is written
+    assert member.latent["n_fit"] == min(len(train), LATENT_SAMPLES) and member.latent["n"] == len(test)
+    x = plan.train_sample(cap=7)
+    assert x.shape == (7, *train.x.shape[1:]) and np.array_equal(x, plan.train_sample(cap=7))  # seeded
+    assert {r.tobytes() for r in x} <= {r.tobytes() for r in train.x}  # training images, never held-out ones
     assert member.metrics["ref_mean_l2"] == pytest.approx(plan_fleet([spec], config)[0].member.metrics["ref_mean_l2"])
     # the fingerprint changes with the file (here its modification time), so a re-run retrains
     path = spec.split(":", 1)[1]

@@ -11,6 +11,7 @@ import json
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ import simex_ray.fleet.fleet as fleet_mod
 from simex_ray import storage
 from simex_ray.fleet import (MANIFEST, Fleet, FleetError, Member, StaleWeightsError, read_manifest, save_weights,
                              slug, write_manifest)
+from simex_ray.fleet.manifest import member_files, save_moments
 from simex_ray.models import create_autoencoder
 from simex_ray.storage import resolve
 from simex_ray.training import TrainConfig
@@ -35,11 +37,19 @@ def member(name: str) -> Member:
     return Member(name=name, spec=name, config=TrainConfig(epochs=1).to_dict(), fingerprint="")
 
 
-def publish(where, seeds: dict[str, int]) -> list[Member]:
-    """Each member's weights, then the manifest listing them all (what FleetWriter does)."""
+def publish(where, seeds: dict[str, int], moments: bool = False) -> list[Member]:
+    """Each member's weights (and latent moments), then the manifest listing them all (what FleetWriter does)."""
     members = [save_weights(where, member(name), weights(seed)) for name, seed in seeds.items()]
+    for m, seed in zip(members, seeds.values()) if moments else ():
+        rng = np.random.default_rng(seed)
+        save_moments(where, m, rng.random(84), np.eye(84) * (1 + rng.random()))
     write_manifest(where, members)
     return members
+
+
+def files_of(members: list[Member]) -> set[str]:
+    """The file names under weights/ the records list: weights and latent moments."""
+    return {f.split("/")[1] for m in members for f in member_files(m.to_json())}
 
 
 def weight_files(where) -> list[str]:
@@ -176,26 +186,26 @@ def test_a_missing_file_the_manifest_still_lists_is_the_usual_error(where):
 
 def test_unreferenced_weights_are_collected_and_nothing_else(where):
     loc = resolve(where)
-    first = publish(where, {"digits": 1, "bgrand:digits": 2})
+    first = publish(where, {"digits": 1, "bgrand:digits": 2}, moments=True)
     keep = ["notes.txt", "custom.pt", "backup-deadbeef.pt", ".digits.pt.1234.tmp",
             f"{slug('digits')}-{'0' * 15}.pt"]  # too short a hash: not a name this module writes
     for name in keep:
         loc.join("weights", name).write_bytes_atomic(b"user file")
     loc.join("elsewhere", f"{slug('digits')}-{'0' * 16}.pt").write_bytes_atomic(b"outside weights/")
-    second = publish(where, {"digits": 3, "bgrand:digits": 2})  # bgrand:digits unchanged
-    assert second[1].weights == first[1].weights
+    second = publish(where, {"digits": 3, "bgrand:digits": 2}, moments=True)  # bgrand:digits unchanged
+    assert second[1].weights == first[1].weights and second[1].latent == first[1].latent
     files = set(weight_files(where))
-    assert {m.weights.split("/")[1] for m in first + second} <= files  # one generation of grace
-    third = publish(where, {"digits": 5, "bgrand:digits": 2})
+    assert files_of(first + second) <= files  # one generation of grace
+    third = publish(where, {"digits": 5, "bgrand:digits": 2}, moments=True)
     files = set(weight_files(where))
-    assert first[0].weights.split("/")[1] not in files  # listed by neither manifest: collected
-    assert {m.weights.split("/")[1] for m in second + third} | set(keep) == files
+    assert not files_of(first[:1]) & files  # listed by neither manifest: collected, weights and moments
+    assert files_of(second + third) | set(keep) == files
     assert loc.join("elsewhere", f"{slug('digits')}-{'0' * 16}.pt").is_file()
     # A removed member's file goes too, one generation later.
     write_manifest(where, third[:1])
-    assert third[1].weights.split("/")[1] in weight_files(where)
+    assert files_of(third[1:]) <= set(weight_files(where))
     write_manifest(where, third[:1])
-    assert set(weight_files(where)) == {third[0].weights.split("/")[1], *keep}
+    assert set(weight_files(where)) == files_of(third[:1]) | set(keep)
     assert Fleet.load(where).names == ["digits"]
 
 

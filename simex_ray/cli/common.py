@@ -159,12 +159,13 @@ def format_score(result, title: str) -> str:
     shown = display_names(result.delta)
     width = max(len(n) for n in shown.values())
     lines = [title, f"{'rank':>4}  {'reference Y':<{width}}  {'Δ':>10}  {'Δ / |Y|':>10}  {'Δ / Δ(Y|Y)':>10}  "
-                    f"{'in dist.':>10}  {'distrib.':>10}  {'nearest':>8}"]
+                    f"{'in dist.':>10}  {'distrib.':>10}  {'typ.+lat.':>10}  {'nearest':>8}"]
     for rank, name in enumerate(result.ranking, 1):
         lines.append(f"{rank:>4}  {shown[name]:<{width}}  {num(result.delta[name])}  "
                      f"{num(result.delta_normalized[name])}  {num(result.delta_calibrated.get(name))}  "
                      f"{num(result.in_distribution.get(name), '{:>10.1%}')}  "
                      f"{num(result.distribution.get(name), '{:>10.4f}')}  "
+                     f"{num(result.typicality_latent.get(name), '{:>10.4f}')}  "
                      f"{result.composition.get(name, 0):>8.1%}")
     lines.append(f"most similar: {result.ranking[0]} (ranking: {result.method}; agreement {result.agreement:.0%}"
                  + (f", margin {result.margin:.4g}" if result.margin is not None else "")

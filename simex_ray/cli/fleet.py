@@ -65,7 +65,7 @@ def add_train_args(p) -> None:
 
 
 def add_parsers(sub) -> None:
-    from ..choices import DEFAULT_RANKING, PRECISIONS, RANKINGS
+    from ..choices import DEFAULT_RANKING, LATENT_RANKING, PRECISIONS, RANKINGS
 
     t = sub.add_parser("train", help="train one autoencoder per reference (Ray Train)",
                        description="Train one autoencoder per reference part on Ray Train. "
@@ -85,7 +85,8 @@ def add_parsers(sub) -> None:
     add_strict_format_arg(s)
     s.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     s.add_argument("--ranking", choices=RANKINGS, default=None,
-                   help=f"how `ranking` orders references (default: {DEFAULT_RANKING}); every ranking is in --json")
+                   help=f"how `ranking` orders references (default: {LATENT_RANKING} when every member has latent "
+                        f"moments, else {DEFAULT_RANKING}); every ranking is in --json")
     s.add_argument("--show", default=None, metavar="OUT.png",
                    help="draw 8 sampled inputs and their reconstructions through the top 3 references, with δ")
     s.add_argument("--per-sample", default=None, metavar="OUT.parquet",
@@ -244,7 +245,7 @@ def cmd_score(args) -> int:
     if args.address:
         return score_on_ray(args)
     from ..data.unknown import conversion_note, read_unknown
-    from ..fleet import DEFAULT_RANKING, Fleet, atomic_write_bytes
+    from ..fleet import Fleet, atomic_write_bytes
     from ..scoring import keep_freed_memory, resolve_device
 
     keep_freed_memory()  # this process scores: freed chunk buffers are reused (docs/results.md, "Memory")
@@ -256,7 +257,7 @@ def cmd_score(args) -> int:
                                   data_dir=args.data_dir, fmt=fmt, strict=args.strict_format, cache=cache)
     converted = conversion_note(args.data, fmt, seed=data_seed(args), data_dir=args.data_dir, cache=cache)
     t0 = time.perf_counter()
-    result = fleet.score(images, loss=args.loss, method=args.ranking or DEFAULT_RANKING,
+    result = fleet.score(images, loss=args.loss, method=args.ranking,
                          per_sample=args.per_sample is not None)
     elapsed = time.perf_counter() - t0
     if args.per_sample:
@@ -288,13 +289,12 @@ def score_on_ray(args) -> int:
     """`simex score --address`: Ray Data batch scoring, the same answer and output as in this process."""
     from ..distributed.batch import score_batch
     from ..distributed.runtime import ray_session
-    from ..fleet import DEFAULT_RANKING
 
     if args.show:
         raise UsageError("--show draws in this process; drop --address to use it")
     with ray_session(None if args.address == "local" else args.address):
         out = score_batch(args.fleet, args.data, strict=args.strict_format, loss=args.loss,
-                          method=args.ranking or DEFAULT_RANKING, members=split_members(args.members),
+                          method=args.ranking, members=split_members(args.members),
                           per_sample=args.per_sample, settings=batch_settings(args), device=args.device,
                           split=args.split, samples=args.samples, seed=data_seed(args), data_dir=args.data_dir)
     result, elapsed = out["result"], out["seconds"]

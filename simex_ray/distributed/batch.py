@@ -83,7 +83,8 @@ def _read(batch: dict[str, np.ndarray], slices: list, fmt: str, strict: bool) ->
 
 
 class _ShardScorer:
-    """One shard of the fleet on an actor: adds ``delta/<member>`` columns to each batch.
+    """One shard of the fleet on an actor: adds ``delta/<member>`` and ``latent/<member>`` (the latent distance
+    z; NaN without moments) columns to each batch, both from one fused pass.
 
     The first shard's scorers are handed slice numbers (``slices``) and read the slices themselves: a
     separate reading task started a fresh worker process for each slice on nodes whose CPUs the scorers
@@ -102,16 +103,16 @@ class _ShardScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.slices is not None:
             batch = _read(batch, self.slices, self.fmt, self.strict)
-        d = self.fleet.engine.per_sample(np.asarray(batch["image"], dtype=np.float32), self.names, self.loss)
+        both = self.fleet.per_sample(np.asarray(batch["image"], dtype=np.float32), self.names, self.loss)
         for k, name in enumerate(self.names):
-            batch[f"delta/{name}"] = d[k]
+            batch[f"delta/{name}"], batch[f"latent/{name}"] = both[k, 0], both[k, 1]
         if self.last:
             del batch["image"]
         return batch
 
 
-def _delta(batch: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
-    return np.stack([np.asarray(batch[f"delta/{n}"], dtype=np.float64) for n in names])
+def _delta(batch: dict[str, np.ndarray], names: list[str], column: str = "delta") -> np.ndarray:
+    return np.stack([np.asarray(batch[f"{column}/{n}"], dtype=np.float64) for n in names])
 
 
 class _Answer:
@@ -122,7 +123,8 @@ class _Answer:
         self.names, self.loss, self.method = [m.name for m in self.members], loss, method
 
     def result(self, batch: dict[str, np.ndarray], per_sample: bool = False) -> ScoreResult:
-        return score_result(_delta(batch, self.names), self.members, self.loss, self.method, per_sample)
+        return score_result(_delta(batch, self.names), self.members, self.loss, self.method, per_sample,
+                            latent=_delta(batch, self.names, "latent"))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"part": np.array([json.dumps(self.result(batch).to_json())])}
@@ -150,7 +152,7 @@ def shards_of(names: list[str], members_per_shard: int | None) -> list[list[str]
 
 
 def score_batch(fleet_dir: str, spec: str, *, fmt: ImageFormat | None = None, strict: bool = False,
-                loss: str | None = None, method: str = "raw", members: list[str] | None = None,
+                loss: str | None = None, method: str | None = None, members: list[str] | None = None,
                 per_sample: str | None = None, settings: BatchSettings = BatchSettings(), device: str = "cpu",
                 split: str = "all", samples: int | None = None, seed: int = 0, data_dir=None) -> dict[str, Any]:
     """Score ``spec`` against the fleet on the current Ray cluster (inside a Ray session).

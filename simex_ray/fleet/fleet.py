@@ -15,8 +15,8 @@ from ..losses import check_loss
 from ..models import create_autoencoder
 from ..training import TrainConfig
 from .manifest import (MANIFEST, RELOADS, FleetError, Member, StaleWeightsError, common_format, common_loss,
-                       read_manifest, read_weights)
-from .result import DEFAULT_RANKING, RANKINGS, ScoreResult, score_result
+                       read_manifest, read_moments, read_weights)
+from .result import RANKINGS, ScoreResult, score_result
 from ..errors import UserError, check_members
 
 class Fleet:
@@ -27,10 +27,12 @@ class Fleet:
     """
 
     def __init__(self, members: dict[str, Member], models: dict[str, torch.nn.Module],
-                 path: Path | str | None = None, device: torch.device | str = "cpu"):
+                 path: Path | str | None = None, device: torch.device | str = "cpu",
+                 moments: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
         if set(members) != set(models):
             raise UserError("members and models must have the same names")
         self.members, self.models, self.path, self.device = members, models, path, torch.device(device)
+        self.moments = dict(moments or {})  # {member: (μ, P)}: the latent moments of the members that have them
         self._engine = None  # built on first use (``engine``)
         self.precision = "fp32"  # of the engine's forward passes: "bf16" under bfloat16 autocast (set before scoring)
 
@@ -49,10 +51,12 @@ class Fleet:
             raise FleetError(f"{loc.join(MANIFEST)} lists no members; train some with `simex train`")
         if names is not None:
             members = {n: members[n] for n in check_members(names, members)}
-        models = {}
+        models, moments = {}, {}
         for name in list(members):
-            members[name], models[name] = _load_current(loc, members[name], device)
-        return cls(members, models, loc.user_path, device)
+            members[name], models[name], found = _load_current(loc, members[name], device)
+            if found is not None:
+                moments[name] = found
+        return cls(members, models, loc.user_path, device, moments)
 
     @classmethod
     def from_records(cls, fleet_dir: storage.PathLike, records: Iterable[dict], *,
@@ -66,7 +70,8 @@ class Fleet:
         if not members:
             raise FleetError(f"no members to load from {loc}")
         models = {name: load_member_model(loc, m, device) for name, m in members.items()}
-        return cls(members, models, loc.user_path, device)
+        moments = {name: found for name, m in members.items() if (found := read_moments(loc, m)) is not None}
+        return cls(members, models, loc.user_path, device, moments)
 
     @property
     def names(self) -> list[str]:
@@ -88,47 +93,55 @@ class Fleet:
 
         if self._engine is None:
             self._engine = ScoringEngine(self.models, {n: m.loss for n, m in self.members.items()},
-                                         device=self.device, precision=self.precision)
+                                         device=self.device, precision=self.precision, moments=self.moments)
         return self._engine
 
     def per_sample_delta(self, name: str, x, loss: str | None = None) -> np.ndarray:
         """δ of each sample of ``x`` (N, 1, 28, 28) through member ``name``: (N,)."""
         return self.engine.per_sample(x, [name], loss)[0]
 
+    def per_sample(self, x, names: Iterable[str] | None = None, loss: str | None = None) -> np.ndarray:
+        """(len(names), 2, N): the per-sample δ and latent distance z (NaN without moments) of every member
+        named, from one fused pass: what a scorer hands to :func:`~simex_ray.fleet.result.score_result`."""
+        return self.engine.per_sample(x, names, loss, latent=True)
+
     def score(self, x, *, loss: str | None = None, members: Iterable[str] | None = None,
-              method: str = DEFAULT_RANKING, per_sample: bool = False) -> ScoreResult:
+              method: str | None = None, per_sample: bool = False) -> ScoreResult:
         """Δ(X | Y_k) for every member k, every ranking and the composition (see :class:`ScoreResult`).
 
-        ``x``: (N, 1, 28, 28) floats in [0, 1], or an iterable of such blocks.
+        ``x``: (N, C, H, W) floats in [0, 1], or an iterable of such blocks.
+        ``method``: the ranking; None: the default (:func:`~simex_ray.fleet.result.default_ranking`).
         ``per_sample`` keeps the (members, N) δ and each sample's nearest member.
         """
         if loss is not None:
             check_loss(loss)
-        if method not in RANKINGS:
+        if method is not None and method not in RANKINGS:
             raise UserError(f"unknown ranking '{method}'; known: {', '.join(RANKINGS)}")
         names = check_members(members, self.names) if members is not None else self.names
-        d = self.engine.per_sample(x, names, loss)
-        if d.shape[1] == 0:
+        both = self.per_sample(x, names, loss)
+        if both.shape[-1] == 0:
             raise UserError("cannot score an empty batch")
-        return score_result(d, [self.members[n] for n in names], loss or self.loss, method, per_sample)
+        return score_result(both[:, 0], [self.members[n] for n in names], loss or self.loss, method, per_sample,
+                            latent=both[:, 1])
 
 
-def _load_current(loc: storage.Location, member: Member, device) -> tuple[Member, torch.nn.Module]:
-    """``member``'s model; when its weight file is gone or changed because the fleet was retrained
-    since the manifest was read, the member's current record and model (the manifest read again)."""
+def _load_current(loc: storage.Location, member: Member, device) -> tuple[Member, torch.nn.Module, tuple | None]:
+    """``member``'s model and latent moments (None without); when a file of it is gone or changed because
+    the fleet was retrained since the manifest was read, the member's current record, model and moments (the
+    manifest read again)."""
     for _ in range(RELOADS):
         try:
-            return member, load_member_model(loc, member, device)
+            return member, load_member_model(loc, member, device), read_moments(loc, member)
         except StaleWeightsError:
             current = next((m for m in read_manifest(loc)["members"] if m.get("name") == member.name), None)
             if current is None:
                 raise FleetError(f"member '{member.name}' is no longer in {loc.join(MANIFEST)} (the fleet "
                                  f"changed while loading); load it again") from None
             fresh = Member.from_json(current)
-            if (fresh.weights, fresh.sha256) == (member.weights, member.sha256):
+            if (fresh.weights, fresh.sha256, fresh.latent) == (member.weights, member.sha256, member.latent):
                 raise  # the manifest still lists this very file: it is missing or damaged
             member = fresh
-    return member, load_member_model(loc, member, device)
+    return member, load_member_model(loc, member, device), read_moments(loc, member)
 
 
 def load_member_model(fleet_dir: storage.PathLike, member: Member, device="cpu") -> torch.nn.Module:

@@ -4,6 +4,7 @@ Directory layout::
 
     FLEET/manifest.json                   members, configs, fingerprints, metrics, sha256
     FLEET/weights/<member>-<sha16>.pt     one state_dict per member (torch.save), named by its content
+    FLEET/weights/<member>_latent-<sha16>.pt  its latent moments (μ, P: :mod:`.latent`), named the same way
     FLEET/checkpoints/                    per-epoch training checkpoints (resume)
 
 FLEET is a local path or a URI (``file://``, ``s3://``, ``gs://``): every read and write goes
@@ -94,6 +95,10 @@ class Member:
     # The member's own held-out δ distribution: {"quantiles": 101 values at 0%, 1%, ..., 100%,
     # "mean": Δ(Y_test | A(Y)), "n": test images}; empty for fleets trained before it existed.
     calibration: dict[str, Any] = field(default_factory=dict)
+    # The member's latent moments (:mod:`.latent`): {"file": the content-addressed file of μ and P beside
+    # the weights, "sha256", "dim": D, "n_fit": training codes fitted, "own_mean": mean z of its own held-out
+    # split, "n": held-out images, "estimator"}; empty for fleets trained before it existed.
+    latent: dict[str, Any] = field(default_factory=dict)
 
     @property
     def loss(self) -> str:
@@ -202,6 +207,48 @@ def save_weights(fleet_dir: storage.PathLike, member: Member, state_dict: dict[s
     return member
 
 
+def save_moments(fleet_dir: storage.PathLike, member: Member, mean, precision) -> Member:
+    """Write one member's latent moments (μ (D,), P (D, D)) as a content-addressed file beside its weights
+    (:func:`write_state`, name ``<member>#latent``); fills ``member.latent``'s ``file`` and ``sha256``.
+    Publish the manifest only after this returns (as with :func:`save_weights`)."""
+    def unpublished(path):
+        with _manifest_lock:
+            _unpublished.add(path.path)
+
+    state = {"mean": torch.as_tensor(mean, dtype=torch.float64),
+             "precision": torch.as_tensor(precision, dtype=torch.float64)}
+    member.latent["file"], member.latent["sha256"] = write_state(fleet_dir, f"{member.name}#latent", state,
+                                                                 on_path=unpublished)
+    return member
+
+
+def read_moments(fleet_dir: storage.PathLike, member: Member) -> tuple[Any, Any] | None:
+    """(μ, P) of a member's latent moments as float64 numpy arrays, checked against the record's sha256
+    (:class:`StaleWeightsError` when the file is missing or differs); None for a member without them."""
+    if not member.latent.get("file"):
+        return None
+    blob = read_weights(fleet_dir, _moments_record(member))
+    try:
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        return state["mean"].numpy(), state["precision"].numpy()
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad file
+        path = storage.resolve(fleet_dir).join(member.latent["file"])
+        raise FleetError(f"latent moments {path} of member '{member.name}' cannot be loaded ({type(e).__name__}); "
+                         f"delete it and re-run `simex train`") from None
+
+
+def _moments_record(member: Member) -> Member:
+    """``member`` with its moments file as its weights: the one integrity check of both files."""
+    return Member(name=member.name, spec=member.spec, config=member.config, fingerprint=member.fingerprint,
+                  weights=member.latent["file"], sha256=member.latent.get("sha256", ""))
+
+
+def member_files(record: dict[str, Any]) -> list[str]:
+    """The files a manifest record lists, relative to the fleet: its weights and its latent moments."""
+    latent = record.get("latent") or {}
+    return [f for f in (record.get("weights"), latent.get("file")) if f]
+
+
 def _stale(path: storage.Location, member: Member, missing: bool) -> StaleWeightsError:
     if missing:
         return StaleWeightsError(f"weight file {path} of member '{member.name}' is missing; "
@@ -261,7 +308,10 @@ def verify_fleet(fleet_dir: storage.PathLike) -> dict[str, Any]:
             raise FleetError(f"{loc.join(MANIFEST)} lists no members; train some with `simex train`")
         try:
             for record in manifest["members"]:
-                verify_weights(loc, Member.from_json(record))
+                member = Member.from_json(record)
+                verify_weights(loc, member)
+                if member.latent.get("file"):
+                    verify_weights(loc, _moments_record(member))
             return manifest
         except StaleWeightsError:
             if attempt == RELOADS or read_manifest(loc) == manifest:
@@ -326,7 +376,7 @@ def write_manifest(fleet_dir: storage.PathLike, members: Iterable[Member], **ext
         previous = _previous_members(fleet)
         loc.write_bytes_atomic((json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
         listed = [m.to_json() for m in members]
-        _unpublished.difference_update(fleet.join(m["weights"]).path for m in listed if m["weights"])
+        _unpublished.difference_update(fleet.join(f).path for m in listed for f in member_files(m))
         if previous is not None:
             collect_weights(fleet, listed + previous)
     return loc.user_path
@@ -350,7 +400,7 @@ def collect_weights(fleet_dir: storage.PathLike, members: Iterable[dict[str, Any
     their relative paths. A failed deletion is logged, never raised: the manifest is published."""
     fleet = storage.resolve(fleet_dir)
     members = list(members)
-    listed = {posixpath.normpath(m.get("weights") or "") for m in members}
+    listed = {posixpath.normpath(f) for m in members for f in member_files(m)}
     legacy = {f"{slug(m['name'])}.pt" for m in members if "name" in m}  # weights/<slug>.pt, older fleets
     removed = []
     try:

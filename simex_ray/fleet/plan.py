@@ -20,7 +20,8 @@ from ..data.slices import read_slice
 from ..data.streamed import StreamedReference
 from ..formats import FormatError, ImageFormat, conversion
 from ..training import TrainConfig
-from .manifest import MANIFEST, FleetError, Member, read_manifest, save_weights, write_manifest
+from .latent import LATENT_ESTIMATOR, LATENT_SAMPLES, encode_all, fit_moments, training_subset
+from .manifest import MANIFEST, FleetError, Member, read_manifest, save_moments, save_weights, write_manifest
 from .result import calibration_of, mean_l2_norm
 from ..choices import STREAM_BYTES, STREAM_MODES
 from ..errors import UserError
@@ -42,6 +43,16 @@ class MemberPlan:
     def test_images(self):
         """The held-out split: an array, or (streamed) an iterator of blocks read now."""
         return self.stream.test_blocks() if self.stream is not None else self.x_test
+
+    def train_sample(self, cap: int = LATENT_SAMPLES) -> np.ndarray:
+        """At most ``cap`` images of the training split, a subset seeded by the data seed (streamed: the
+        first ``cap`` of the split's seeded shuffled order, only as many slices read as that needs)."""
+        seed = int(self.member.data_seed or 0)
+        if self.stream is not None:
+            return training_subset(self.stream.train_batches(0, cap, seed), seed, cap)
+        if self.x_train is None:  # a plan whose images were let go: no moments (it ranks as older fleets do)
+            return np.zeros((0, *self.member.image_format.shape), np.float32)
+        return training_subset(self.x_train, seed, cap)
 
     @property
     def name(self) -> str:
@@ -187,15 +198,41 @@ class FleetWriter:
         self.order = list(self.members) + [n for n in self.order if n not in self.members]
 
     def pending(self, plans: list[MemberPlan]) -> list[MemberPlan]:
-        """The plans still to train: not in the manifest, changed, or with bad weights."""
-        todo = []
+        """The plans still to train: not in the manifest, changed, or with bad weights.
+
+        A trained member without latent moments (a fleet from before them) is not retrained: its moments are
+        computed now from its weights and its plan's data, and the manifest is rewritten with them."""
+        todo, added = [], False
         for plan in plans:
             old = self.members.get(plan.name)
             if is_trained(old, plan) and self._weights_intact(old):
                 log.info("%s: already trained, skipping", plan.name)
+                if not old.latent:
+                    added = self._add_moments(plan, old) or added
             else:
                 todo.append(plan)
+        if added:
+            self.flush()
         return todo
+
+    def _add_moments(self, plan: MemberPlan, member: Member) -> bool:
+        """Fit a trained member's latent moments from its stored weights (no training); True when it got them."""
+        import io
+
+        import torch
+
+        from .manifest import read_weights
+
+        state = torch.load(io.BytesIO(read_weights(self.out, member)), map_location="cpu", weights_only=True)
+        _, latent, moments = own_statistics(member, state, plan.test_images(), plan.train_sample())
+        if moments is None:
+            return False
+        member.latent = latent
+        save_moments(self.out, member, *moments)
+        with self._lock:
+            self._dirty = True
+        log.info("%s: latent moments added (trained before them)", member.name)
+        return True
 
     def _weights_intact(self, member: Member) -> bool:
         if not member.weights:
@@ -215,8 +252,11 @@ class FleetWriter:
         if history and "ref_mean_l2" in history[0]:  # a streamed member's, measured while it trained
             member.metrics.setdefault("ref_mean_l2", float(history[0]["ref_mean_l2"]))
         member.history = history
-        member.calibration = own_calibration(member, state_dict, plan.test_images())
+        member.calibration, member.latent, moments = own_statistics(member, state_dict, plan.test_images(),
+                                                                    plan.train_sample())
         save_weights(self.out, member, state_dict)  # the weights first ...
+        if moments is not None:
+            save_moments(self.out, member, *moments)
         with self._lock:  # ... then the manifest that lists them
             self.members[member.name] = member
             self._dirty = True
@@ -237,20 +277,37 @@ class FleetWriter:
         self._last_write, self._dirty = time.monotonic(), False
 
 
-def own_calibration(member: Member, state_dict, x_test) -> dict:
-    """The member's δ distribution on its own held-out test split (the calibration sketch); ``x_test`` an
-    array or an iterable of blocks (a streamed split, read block by block)."""
+def own_statistics(member: Member, state_dict, x_test, x_train=None) -> tuple[dict, dict, tuple | None]:
+    """What a finished member records of its own data: (its calibration sketch: the δ distribution of its
+    own held-out test split; its latent record; its latent moments (μ, P) or None).
+
+    The moments are fitted on the codes of ``x_train`` (at most :data:`~.latent.LATENT_SAMPLES` training
+    images, :meth:`MemberPlan.train_sample`); the held-out split's δ and z then come from one pass of the
+    scoring engine (``x_test`` an array or an iterable of blocks: a streamed split, read block by block).
+    Without training images (or fewer than 2) the member gets no moments, and ranks as fleets did before."""
     import torch
 
     from ..models import create_autoencoder
     from ..scoring import ScoringEngine
 
     if isinstance(x_test, np.ndarray) and not len(x_test):
-        return {}
+        return {}, {}, None
     model = create_autoencoder(member.architecture, member.image_format)
     model.load_state_dict({k: torch.as_tensor(v).cpu() for k, v in state_dict.items()})
-    d = ScoringEngine({member.name: model}, {member.name: member.loss}).per_sample(x_test)[0]
-    return calibration_of(d) if len(d) else {}
+    model.eval()
+    moments = None
+    if x_train is not None and len(x_train) >= 2:
+        moments = fit_moments(encode_all(model, x_train))
+    engine = ScoringEngine({member.name: model}, {member.name: member.loss},
+                           moments={member.name: moments} if moments is not None else None)
+    both = engine.per_sample(x_test, latent=True)[0]  # (2, N): δ and z of the held-out split
+    if not both.shape[-1]:
+        return {}, {}, None
+    latent = {}
+    if moments is not None:
+        latent = {"dim": int(len(moments[0])), "n_fit": int(len(x_train)), "own_mean": float(both[1].mean()),
+                  "n": int(both.shape[-1]), "estimator": LATENT_ESTIMATOR}
+    return calibration_of(both[0]), latent, moments
 
 
 def fleet_extra(refs: list[str], config: TrainConfig, *, samples: int | None, per_class: bool,

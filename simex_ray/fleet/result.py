@@ -12,14 +12,15 @@ from typing import Any, Iterable
 import numpy as np
 
 from .manifest import Member
-from ..choices import DEFAULT_RANKING, RANKINGS
+from ..choices import DEFAULT_RANKING, LATENT_RANKING, RANKINGS
 from ..errors import UserError
 
 QUANTILES = np.linspace(0.0, 1.0, 101)
 IN_DISTRIBUTION_LEVEL = 0.95
 # How `ranking` orders references (the names in :mod:`simex_ray.choices`): chosen on the first half of
 # bench/rankings.py's suites and kept because it also won on the second (docs/results.md, "Rankings that
-# hold"); every ranking is in the output all the same.
+# hold"): typicality_latent where every member has latent moments, distribution otherwise
+# (:func:`default_ranking`); every ranking is in the output all the same.
 # An answer whose carried rankings agree on its first member less than this is flagged (`confident` false; the
 # CLI prints one line). Measured on bench/rankings.py: docs/results.md, "Rankings that hold".
 WEAK_AGREEMENT = 0.6
@@ -107,6 +108,14 @@ SCORE_CONTRACT: dict[str, tuple[Any, str, str]] = {
                      "distance of X's δ distribution from the member's own held-out one (W1 in its percentile space "
                      "plus the tails); 0 = distributed like the reference's own unseen data"),
     "ranking_distribution": (list[str], "derived", "members by distribution, smallest first"),
+    "latent_calibrated": (dict[str, float | None], "mean",
+                          "mean latent distance z of X's bottleneck codes from the member's training codes "
+                          "(Mahalanobis, Ledoit-Wolf), divided by that of the reference's own held-out split (1 = "
+                          "like its own unseen data); null for a member without latent moments"),
+    "typicality_latent": (dict[str, float | None], "derived",
+                          "|log(delta_calibrated)| + |log(latent_calibrated)|: typicality in δ and in the codes; "
+                          "0 = like the reference's own unseen data in both"),
+    "ranking_typicality_latent": (list[str], "derived", "members by typicality_latent, smallest first"),
     "composition": (dict[str, float], "mean", "share of images nearest to each member"),
     "agreement": (float, "derived", "share of the carried rankings (" + ", ".join(RANKINGS) + ") that put `ranking`'s "
                   "first member first (rankings a member has no value for are left out); 1 = they all agree"),
@@ -123,6 +132,42 @@ def distributions_of(sketches: dict[str, list[float] | None]) -> dict[str, float
     return {name: (None if sk is None else distribution_of(sk)) for name, sk in sketches.items()}
 
 
+def typicality_latent(delta_calibrated, latent_calibrated):
+    """|log(Δ / own Δ)| + |log(z̄ / own z̄)|, elementwise: the ``typicality_latent`` ranking's one formula.
+
+    ``delta_calibrated``: mean δ of X through a member over the mean δ of the member's own held-out split;
+    ``latent_calibrated``: mean latent distance z of X's codes over that of the own held-out split (scalars,
+    or arrays of them: one per member). Both terms are two-sided: a set that reconstructs, or codes, *better*
+    than the reference's own unseen data is not like it either. 0 only when X is like the member's own unseen
+    data in both. A ratio that is not positive (0, or NaN) gives inf: such a member is never first. O(1) per
+    member. bench/rankings.py benchmarks this very function (docs/results.md, "Rankings that hold")."""
+    a, b = np.asarray(delta_calibrated, dtype=np.float64), np.asarray(latent_calibrated, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.abs(np.log(np.where(a > 0, a, 0.0))) + np.abs(np.log(np.where(b > 0, b, 0.0))))
+
+
+def typicality_latents_of(delta_calibrated: dict[str, float | None],
+                          latent_calibrated: dict[str, float | None]) -> dict[str, float | None]:
+    """:func:`typicality_latent` per member (None where either ratio is None); derived, never averaged."""
+    out = {}
+    for name, a in delta_calibrated.items():
+        b = latent_calibrated.get(name)
+        out[name] = None if a is None or b is None else float(typicality_latent(a, b))
+    return out
+
+
+def has_latent(member: "Member") -> bool:
+    """Whether a member has latent moments to rank by (fleets trained before them have none)."""
+    return bool(member.latent.get("file")) and float(member.latent.get("own_mean", 0.0)) > 0 \
+        and bool(member.calibration)
+
+
+def default_ranking(members: list["Member"]) -> str:
+    """The ranking of an answer that names none: :data:`LATENT_RANKING` when every member has latent moments,
+    :data:`DEFAULT_RANKING` otherwise (an older fleet)."""
+    return LATENT_RANKING if members and all(has_latent(m) for m in members) else DEFAULT_RANKING
+
+
 def typicality_of(delta_calibrated: dict[str, float | None]) -> dict[str, float | None]:
     """|log(Δ / Δ(Y_test | Y))| per member from its calibrated Δ (None stays None): the one rule, used
     by :func:`score_result` and by :func:`merge_results`. It is not a mean over images."""
@@ -132,7 +177,7 @@ def typicality_of(delta_calibrated: dict[str, float | None]) -> dict[str, float 
 
 @dataclass
 class ScoreResult:
-    """Δ of one unknown dataset against every member, four ways; smaller Δ = more similar.
+    """Δ of one unknown dataset against every member, every way; smaller Δ = more similar.
 
     ``delta``: mean δ (raw). ``delta_normalized``: divided by the reference's
     mean L2 sample norm (paper section 5.3). ``delta_calibrated``: divided by
@@ -143,7 +188,12 @@ class ScoreResult:
     two. ``typicality``: |log(Δ / Δ(Y_test | Y))|, two-sided: 0 when X reconstructs exactly as well
     as the reference's own unseen data, larger when it reconstructs worse *or better* (data easier
     than the reference's own, such as smooth upscaled digits, is not "like" it either).
-    ``ranking`` follows ``method`` (default :data:`DEFAULT_RANKING`).
+    ``distribution``: the distance of X's δ distribution from the reference's own held-out one.
+    ``latent_calibrated``: the mean latent distance z of X's codes over that of the reference's own
+    held-out split; ``typicality_latent``: :func:`typicality_latent` of the two ratios (None for a member
+    without latent moments).
+    ``ranking`` follows ``method`` (what :func:`score_result` used; :func:`default_ranking` when none was
+    asked).
     ``composition``: the share of samples whose nearest member (per sample, by
     the same method) is each reference.
     """
@@ -157,6 +207,8 @@ class ScoreResult:
     typicality: dict[str, float | None] = field(default_factory=dict)
     distribution_sketch: dict[str, list[float] | None] = field(default_factory=dict)
     distribution: dict[str, float | None] = field(default_factory=dict)
+    latent_calibrated: dict[str, float | None] = field(default_factory=dict)
+    typicality_latent: dict[str, float | None] = field(default_factory=dict)
     composition: dict[str, float] = field(default_factory=dict)
     method: str = DEFAULT_RANKING
     per_sample: np.ndarray | None = field(default=None, repr=False)  # (members, N) raw δ
@@ -170,7 +222,7 @@ class ScoreResult:
             raise UserError(f"unknown ranking '{method}'; known: {', '.join(RANKINGS)}")
         scores = {"raw": self.delta, "normalized": self.delta_normalized, "calibrated": self.delta_calibrated,
                   "in_distribution": self.in_distribution, "typicality": self.typicality,
-                  "distribution": self.distribution}[method]
+                  "distribution": self.distribution, "typicality_latent": self.typicality_latent}[method]
         return {k: v for k, v in scores.items() if v is not None}
 
     def ranking_by(self, method: str) -> list[str]:
@@ -234,6 +286,8 @@ class ScoreResult:
         needed = [k for k, (_, merge, _) in SCORE_CONTRACT.items() if merge != "derived"]
         if "distribution_sketch" not in d:  # an answer from before the distribution ranking: none for any member
             d = {**d, "distribution_sketch": {name: None for name in d.get("delta", {})}}
+        if "latent_calibrated" not in d:  # an answer from before latent moments: none for any member
+            d = {**d, "latent_calibrated": {name: None for name in d.get("delta", {})}}
         missing = [k for k in needed if k not in d]
         if missing:
             raise UserError(f"a score answer lacks {', '.join(missing)}")
@@ -241,7 +295,9 @@ class ScoreResult:
         typicality = dict(d["typicality"]) if d.get("typicality") is not None else \
             typicality_of(values["delta_calibrated"])
         return cls(n=int(d["n"]), loss=d["loss"], method=d["ranking_method"], typicality=typicality,
-                   distribution=distributions_of(values["distribution_sketch"]), **values)
+                   distribution=distributions_of(values["distribution_sketch"]),
+                   typicality_latent=typicality_latents_of(values["delta_calibrated"], values["latent_calibrated"]),
+                   **values)
 
     def per_sample_table(self, names: list[str], labels=None):
         """One row per sample: index, label, δ per member, nearest member, its calibrated score."""
@@ -301,12 +357,16 @@ def merge_results(parts: Iterable[ScoreResult]) -> ScoreResult:
             raise UserError(f"cannot merge results of different losses or rankings "
                              f"({first.loss}/{first.method} and {p.loss}/{p.method})")
     return ScoreResult(n=n, loss=first.loss, method=first.method, typicality=typicality_of(means["delta_calibrated"]),
-                       distribution=distributions_of(means["distribution_sketch"]), **means)
+                       distribution=distributions_of(means["distribution_sketch"]),
+                       typicality_latent=typicality_latents_of(means["delta_calibrated"], means["latent_calibrated"]),
+                       **means)
 
 
-def per_sample_scores(method: str, per_sample: np.ndarray, members: list["Member"]) -> np.ndarray | None:
+def per_sample_scores(method: str, per_sample: np.ndarray, members: list["Member"],
+                      latent: np.ndarray | None = None) -> np.ndarray | None:
     """(members, N) per-sample scores under ``method``, smaller = nearer; None when a member lacks
-    what the method needs (a calibration sketch)."""
+    what the method needs (a calibration sketch; for typicality_latent also latent moments and ``latent``,
+    the (members, N) latent distances z)."""
     d = np.asarray(per_sample, dtype=np.float64)
     if method == "raw":
         return d
@@ -322,14 +382,28 @@ def per_sample_scores(method: str, per_sample: np.ndarray, members: list["Member
         return np.stack([np.abs(percentile_in(m.calibration, row) - 0.5) for m, row in zip(members, d)])
     if method == "distribution":  # a distance between distributions has no per-sample value: nearest by δ
         return d
+    if method == "typicality_latent":
+        # a set's typicality in δ and codes; per sample, the composition is nearest by δ, as for distribution:
+        # the per-sample typicality_latent put 3 of 43 first-half mixtures within 0.08, nearest by δ 16
+        # (bench/rankings.py, "typicality_latent_samples"; docs/results.md, "Rankings that hold")
+        if latent is None or not all(has_latent(m) for m in members) or not np.isfinite(latent).all():
+            return None
+        return d
     raise UserError(f"unknown ranking '{method}'; known: {', '.join(RANKINGS)}")
 
 
-def score_result(per_sample: np.ndarray, members: list["Member"], loss: str, method: str = DEFAULT_RANKING,
-                 keep_per_sample: bool = False) -> ScoreResult:
-    """Every aggregate, ranking and the composition from the (members, N) per-sample δ."""
+def score_result(per_sample: np.ndarray, members: list["Member"], loss: str, method: str | None = None,
+                 keep_per_sample: bool = False, latent: np.ndarray | None = None) -> ScoreResult:
+    """Every aggregate, ranking and the composition from the (members, N) per-sample δ and, for members with
+    latent moments, the (members, N) latent distances z (``latent``; NaN rows for members without).
+
+    ``method`` None: :func:`default_ranking`. A ranking some member cannot take (no calibration sketch, no
+    latent moments) falls back to :data:`DEFAULT_RANKING`, then raw; ``ranking_method`` says which was used."""
     names = [m.name for m in members]
     d = np.asarray(per_sample, dtype=np.float64)
+    z = None if latent is None else np.asarray(latent, dtype=np.float64)
+    lat = {m.name: (float(row.mean() / m.latent["own_mean"]) if z is not None and has_latent(m)
+                    and np.isfinite(row).all() else None) for m, row in zip(members, z if z is not None else d)}
     mean = d.mean(axis=1)
     delta = dict(zip(names, mean.tolist()))
     norm = {m.name: delta[m.name] / m.metrics.get("ref_mean_l2", 1.0) for m in members}
@@ -341,8 +415,11 @@ def score_result(per_sample: np.ndarray, members: list["Member"], loss: str, met
     typical = typicality_of(calibrated)
     sketches = {m.name: (distribution_sketch(m.calibration, row) if m.calibration else None)
                 for m, row in zip(members, d)}
-    scores = per_sample_scores(method, d, members)
-    used = method
+    used = method or default_ranking(members)
+    scores = per_sample_scores(used, d, members, z)
+    if scores is None and used == LATENT_RANKING:  # a member without latent moments (or no z): the default
+        used = DEFAULT_RANKING
+        scores = per_sample_scores(used, d, members)
     if scores is None:  # a member without a calibration sketch: rank by raw Δ
         used, scores = "raw", d
     nearest_idx = np.argmin(scores, axis=0)
@@ -350,7 +427,8 @@ def score_result(per_sample: np.ndarray, members: list["Member"], loss: str, met
     composition = {name: float(np.mean(nearest_idx == k)) for k, name in enumerate(names)}
     return ScoreResult(n=d.shape[1], loss=loss, delta=delta, delta_normalized=norm, delta_calibrated=calibrated,
                        in_distribution=in_dist, typicality=typical, distribution_sketch=sketches,
-                       distribution=distributions_of(sketches), composition=composition, method=used,
+                       distribution=distributions_of(sketches), latent_calibrated=lat,
+                       typicality_latent=typicality_latents_of(calibrated, lat), composition=composition, method=used,
                        per_sample=d if keep_per_sample else None, nearest=nearest if keep_per_sample else None,
                        nearest_score=scores[nearest_idx, np.arange(d.shape[1])] if keep_per_sample else None)
 

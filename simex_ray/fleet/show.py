@@ -23,12 +23,13 @@ from ..losses import LOSSES
 from ..names import display_names
 from .fleet import Fleet
 from .manifest import slug
-from .result import DEFAULT_RANKING, ScoreResult
+from .result import ScoreResult
 from ..errors import UserError, UnknownMemberError
 
 # Each ranking's per-reference value, shown beside Δ when the ranking is not raw Δ.
 _RANKED_BY = {"normalized": "delta_normalized", "calibrated": "delta_calibrated",
-              "in_distribution": "in_distribution", "typicality": "typicality"}
+              "in_distribution": "in_distribution", "typicality": "typicality", "distribution": "distribution",
+              "typicality_latent": "typicality_latent"}
 
 
 @dataclass
@@ -158,7 +159,7 @@ def show_path(out_dir, unknown: str) -> Path:
 
 def show_matrix(fleet: Fleet, unknowns: Mapping[str, object] | Iterable[tuple[str, object]], out_dir, *,
                 results: Mapping[str, ScoreResult] | None = None, k: int = 8, top: int = 3, seed: int = 0,
-                loss: str | None = None, method: str = DEFAULT_RANKING) -> dict[str, Path]:
+                loss: str | None = None, method: str | None = None) -> dict[str, Path]:
     """One :func:`show_reconstructions` figure per unknown dataset, at :func:`show_path`.
 
     ``unknowns``: spec -> images (N, C, H, W), as a mapping or (spec, images) pairs (read one at a time);

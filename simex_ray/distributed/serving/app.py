@@ -71,8 +71,8 @@ class MemberScorer:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def score(self, batches: list[np.ndarray]) -> list[np.ndarray]:
-        """Per request: the per-sample δ, (n,)."""
-        return await _split(batches, lambda x: self.fleet.per_sample_delta(self.member, x))
+        """Per request: the per-sample δ and latent distance z (NaN without moments), (2, n)."""
+        return await _split(batches, lambda x: self.fleet.per_sample(x, [self.member])[0])
 
     def pid(self) -> int:
         return os.getpid()
@@ -124,8 +124,9 @@ class FleetScorer:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def score(self, batches: list[np.ndarray]) -> list[np.ndarray]:
-        """Per request: the per-sample δ of every member it holds in manifest order, (M, n)."""
-        return await _split(batches, self.fleet.engine.per_sample)
+        """Per request: the per-sample δ and latent distance z of every member it holds in manifest order,
+        (M, 2, n)."""
+        return await _split(batches, self.fleet.per_sample)
 
     def pid(self) -> int:
         return os.getpid()
@@ -414,7 +415,8 @@ class Ingress:
         return BytesValue(value=json.dumps(jsonable_encoder(answer)).encode())
 
     async def _per_sample(self, x: np.ndarray, names: list[str]) -> np.ndarray:
-        """Per-sample δ of ``names`` from the layout's scorers (its router): (len(names), N)."""
+        """Per-sample δ and latent distance z of ``names`` from the layout's scorers (its router):
+        (len(names), 2, N), or (len(names), N) δ from scorers of a version without z."""
         return await self.router.per_sample(x, names, self._call)
 
     @api.post("/v1/select", responses=ERRORS, openapi_extra=select_body(),
@@ -437,7 +439,8 @@ class Ingress:
             raise ApiError(422, one_line(e)) from None
         deltas = None
         if SIMEX in methods:
-            deltas = dict(zip(specs, (await self._per_sample(x, specs)).mean(axis=1).tolist()))
+            both = await self._per_sample(x, specs)
+            deltas = dict(zip(specs, (both[:, 0] if both.ndim == 3 else both).mean(axis=-1).tolist()))
         classifiers = [n for n, c in self.library.classifiers.items() if SIMEX not in methods or c.spec in specs]
         try:
             result = await asyncio.get_running_loop().run_in_executor(
@@ -450,8 +453,8 @@ class Ingress:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _score_here(self, batches: list[np.ndarray]) -> list[np.ndarray]:
-        """Embedded layout: concurrent requests as one engine pass in this replica, (M, n) each."""
-        return await _split(batches, self.local.engine.per_sample)
+        """Embedded layout: concurrent requests as one engine pass in this replica, (M, 2, n) each."""
+        return await _split(batches, self.local.per_sample)
 
     @api.get("/v1/members", responses={401: ERRORS[401]}, summary="the fleet's members")
     async def members_info(self, request: Request):

@@ -3,7 +3,8 @@ them, and how the ingress gets per-sample δ from them.
 
 A layout is a :class:`Layout`: ``scorers`` (the scorer applications: name, application builder of
 :mod:`.app`, arguments), ``ingress_args`` (its part of the ingress's ``user_config``) and ``router`` (in the
-ingress: the strategy that turns a batch and member names into a (members, N) δ array). :func:`deploy
+ingress: the strategy that turns a batch and member names into a (members, 2, N) array of per-sample δ and
+latent distance z). :func:`deploy
 <simex_ray.distributed.serving.deploy.deploy>` and :func:`serve_config
 <simex_ray.distributed.serving.deploy.serve_config>` build the same applications from ``scorers``; the
 ingress picks its router by the ``mode`` of its config. Adding a layout is one class here and its name and
@@ -70,7 +71,7 @@ class ScorerApp:
 
 
 class Router:
-    """The ingress's side of a layout: per-sample δ of ``names`` for a batch, (len(names), N)."""
+    """The ingress's side of a layout: per-sample δ and z of ``names`` for a batch, (len(names), 2, N)."""
 
     async def per_sample(self, x: np.ndarray, names: list[str], call: Call) -> np.ndarray:
         raise NotImplementedError

@@ -5,9 +5,9 @@
     POST /v1/score -> ingress --score(x)--> shard 1  simex-shard-<digest8>  members 1..K    (fused engine)
                               --score(x)--> shard 2  simex-shard-<digest8>  members K+1..2K
                               ...           (all at once, through DeploymentHandles)
-                     <-- (K_s, N) per-sample δ from each shard; rows merged in fleet order --> score_result
+                     <-- (K_s, 2, N) per-sample δ and z from each shard; rows merged in fleet order --> score_result
 
-Shards answer per-sample δ, not Δ: the composition and each sample's nearest member compare every
+Shards answer per-sample δ (and the latent distance z), not Δ: the composition and each sample's nearest member compare every
 member on the same sample, so only the ingress, holding every row, can answer them; the merged
 (members, N) array is exactly what the fused layout's one scorer returns.
 
@@ -63,11 +63,11 @@ def shard_layout(names: list[str], shards: int | None = None, members_per_shard:
 
 async def gather_shards(shards: list[tuple[Any, list[str]]], names: list[str], n: int,
                         call: Callable[[Any, str], Awaitable[np.ndarray]]) -> np.ndarray:
-    """Per-sample δ of ``names``: (len(names), n), rows in ``names`` order, from every shard holding one
-    of them, all asked at once.
+    """Per-sample values of ``names``: (len(names), 2, n) δ and z (or (len(names), n) δ, from shards of a
+    version without z), rows in ``names`` order, from every shard holding one of them, all asked at once.
 
     ``shards``: (handle, its members in its row order) per shard, fleet order; ``call(handle, what)``:
-    that shard's (len(members), n) δ, raising :class:`~simex_ray.api.ApiError` (503) when the shard
+    that shard's (len(members), 2, n) values, raising :class:`~simex_ray.api.ApiError` (503) when the shard
     cannot answer. The first shard that fails fails the request (the other calls are cancelled), and
     an answer of the wrong shape is a 503 too: the result is never merged from a subset of the shards."""
     wanted = set(names)
@@ -82,11 +82,14 @@ async def gather_shards(shards: list[tuple[Any, list[str]]], names: list[str], n
     rows: dict[str, np.ndarray] = {}
     for (i, _, members), d in zip(asked, parts):
         d = np.asarray(d)
-        if d.shape != (len(members), n):
+        if d.ndim not in (2, 3) or d.shape[0] != len(members) or d.shape[-1] != n \
+                or d.ndim == 3 and d.shape[1] != 2:
             raise ApiError(503, f"shard {i + 1}/{len(shards)} answered shape {d.shape} for {len(members)} "
                                 f"member(s) and {n} image(s); retry shortly")
         rows.update(zip(members, d))
     missing = [name for name in names if name not in rows]
     if missing:  # the layout does not hold a served member: a deployment in the middle of a change
         raise ApiError(503, f"no shard serves member(s) {', '.join(missing[:5])}; retry shortly")
+    if len({rows[name].ndim for name in names}) > 1:  # shards of two versions mid-update: δ alone
+        return np.stack([rows[name] if rows[name].ndim == 1 else rows[name][0] for name in names])
     return np.stack([rows[name] for name in names])
