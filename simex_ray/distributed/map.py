@@ -29,8 +29,9 @@ OnUnit = Callable[[str, int, int], None]
 RESULTS = "results.pt"  # a Train run's checkpoint: {unit index: result} of its finished units
 
 
-def _object_store(kwargs_list: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The same kwargs with every large array put in the object store once (shared across units)."""
+def _object_store(kwargs_list: list[dict[str, Any]], nested: bool = True) -> list[dict[str, Any]]:
+    """The same kwargs with every large array put in the object store once (shared across units), also
+    inside lists and dicts (a group of units as one unit: ``train_base_group(units=[...])``)."""
     stored: dict[int, ray.ObjectRef] = {}
 
     def put(value):
@@ -38,9 +39,29 @@ def _object_store(kwargs_list: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if id(value) not in stored:
                 stored[id(value)] = ray.put(value)
             return stored[id(value)]
+        if nested and isinstance(value, (list, tuple)):
+            return type(value)(put(v) for v in value)
+        if nested and isinstance(value, dict):
+            return {k: put(v) for k, v in value.items()}
         return value
 
     return [{k: put(v) for k, v in kw.items()} for kw in kwargs_list]
+
+
+def _resolve(value):
+    """What :func:`_object_store` stored, fetched back (top level and inside lists and dicts)."""
+    if isinstance(value, ray.ObjectRef):
+        return ray.get(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_resolve(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _resolve(v) for k, v in value.items()}
+    return value
+
+
+def _cluster_slots(cpus_per_unit: float, total: int) -> int:
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    return max(1, min(total, int(cpus // cpus_per_unit) if cpus_per_unit else total))
 
 
 def ray_map(cpus_per_task: float = 1.0, gpus_per_task: float = 0.0, max_retries: int = 2,
@@ -53,7 +74,8 @@ def ray_map(cpus_per_task: float = 1.0, gpus_per_task: float = 0.0, max_retries:
 
     def map_fn(fn: Callable[..., Any], kwargs_list: list[dict[str, Any]]) -> list[Any]:
         remote = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=max_retries)(fn)
-        refs = [remote.remote(**kw) for kw in _object_store(kwargs_list)]
+        # top-level arrays only: Ray resolves a task's top-level arguments, and passes nested ones by value
+        refs = [remote.remote(**kw) for kw in _object_store(kwargs_list, nested=False)]
         index = {r: i for i, r in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
         pending = list(refs)
@@ -65,6 +87,7 @@ def ray_map(cpus_per_task: float = 1.0, gpus_per_task: float = 0.0, max_retries:
                 on_unit(fn.__name__, len(refs) - len(pending), len(refs))
         return results
 
+    map_fn.concurrency = lambda total: _cluster_slots(cpus_per_task, total)  # units it runs at once
     return map_fn
 
 
@@ -100,8 +123,7 @@ def _units_loop(cfg: dict) -> None:
     for index, kw in cfg["units"]:
         if index in done:
             continue
-        kw = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in kw.items()}
-        done[index] = fn(**kw)
+        done[index] = fn(**_resolve(kw))
         _save_results(done, {"unit": index, "units_done": len(done)})
         board.update.remote(cfg["run"], {"epoch": len(done)})
         # Fault injection for tests: hard-kill the worker once, after a checkpoint.
@@ -186,4 +208,5 @@ def train_map(resources=None, *, storage: str | None = None, on_unit: OnUnit | N
                                 + (f": {last_line(errors[0])}" if errors else ""))
         return [results[i] for i in range(total)]
 
+    map_fn.concurrency = res.concurrent_runs  # units it runs at once (the fused base passes keep each run busy)
     return map_fn
