@@ -59,6 +59,12 @@ def _resolve(value):
     return value
 
 
+def _weight(kw: dict[str, Any]) -> int:
+    """What a unit counts for in progress: a group of units (``units=[...]``, fused base classifiers) its units."""
+    units = kw.get("units")
+    return len(units) if isinstance(units, list) else 1
+
+
 def _cluster_slots(cpus_per_unit: float, total: int) -> int:
     cpus = ray.cluster_resources().get("CPU", 1.0)
     return max(1, min(total, int(cpus // cpus_per_unit) if cpus_per_unit else total))
@@ -78,13 +84,14 @@ def ray_map(cpus_per_task: float = 1.0, gpus_per_task: float = 0.0, max_retries:
         refs = [remote.remote(**kw) for kw in _object_store(kwargs_list, nested=False)]
         index = {r: i for i, r in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
-        pending = list(refs)
+        pending, weights, done = list(refs), [_weight(kw) for kw in kwargs_list], 0
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             for r in ready:
                 results[index[r]] = ray.get(r)
+                done += weights[index[r]]
             if on_unit is not None:
-                on_unit(fn.__name__, len(refs) - len(pending), len(refs))
+                on_unit(fn.__name__, done, sum(weights))
         return results
 
     map_fn.concurrency = lambda total: _cluster_slots(cpus_per_task, total)  # units it runs at once
@@ -117,6 +124,7 @@ def _units_loop(cfg: dict) -> None:
 
     torch.set_num_threads(max(1, int(cfg["threads"])))
     fn, board, fault = cfg["fn"], cfg["board"], cfg.get("fault")
+    weights = {index: _weight(kw) for index, kw in cfg["units"]}
     done: dict[int, Any] = {}
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         done = _load_results(checkpoint)
@@ -125,7 +133,7 @@ def _units_loop(cfg: dict) -> None:
             continue
         done[index] = fn(**_resolve(kw))
         _save_results(done, {"unit": index, "units_done": len(done)})
-        board.update.remote(cfg["run"], {"epoch": len(done)})
+        board.update.remote(cfg["run"], {"epoch": sum(weights.get(i, 1) for i in done)})
         # Fault injection for tests: hard-kill the worker once, after a checkpoint.
         if fault and fault["unit"] == index and not os.path.exists(fault["marker"]):
             Path(fault["marker"]).touch()
@@ -158,6 +166,7 @@ def train_map(resources=None, *, storage: str | None = None, on_unit: OnUnit | N
         total = len(kwargs_list)
         if total == 0:
             return []
+        weight = sum(_weight(kw) for kw in kwargs_list)  # progress counts a group's units
         units = list(enumerate(_object_store(kwargs_list)))
         groups = shard(units, res.concurrent_runs(total))
         tag = f"{fn.__name__}-{uuid.uuid4().hex[:8]}"
@@ -188,7 +197,7 @@ def train_map(resources=None, *, storage: str | None = None, on_unit: OnUnit | N
             done = sum(m["epoch"] for m in latest.values())
             if on_unit is not None and done != last[0]:
                 last[0] = done
-                on_unit(fn.__name__, done, total)
+                on_unit(fn.__name__, done, weight)
 
         try:
             outcomes = run_concurrently([lambda i=i, g=g: fit(i, g) for i, g in enumerate(groups)], poll, poll_s)
