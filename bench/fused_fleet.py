@@ -13,8 +13,8 @@ member's final test Δ, and for every member's held-out test split the reference
 
 trains the base classifiers B(Y) of ``--refs`` (× ``--seeds``, under the protocol's classifier settings,
 early stopping included) the same two ways (``simex train-bases --members-per-pass 1`` and the default) and
-prints the wall time (best of ``--rounds`` turns, taken in alternation), member-images/s (each classifier's training images × the epochs it ran) and each
-classifier's epochs and test accuracy both ways.
+prints the wall time (best of ``--rounds`` turns, taken in alternation), member-images/s (each classifier's
+training images × the epochs it ran) and each classifier's epochs and test accuracy both ways.
 """
 
 from __future__ import annotations

@@ -180,8 +180,8 @@ def main() -> None:
         for overlap in (True, False):
             rate = scoring_fed(arch, fmt, members, images, device, args.rounds, overlap)
             print(f"  {arch} {fmt}, {members} member(s){'':<12} {'':>9} {rate:>13,.0f} "
-                  f"{rate * counter.get_total_flops() / fp32:>7.1%}   chunks {'prefetched' if overlap else 'copied plainly'}",
-                  flush=True)
+                  f"{rate * counter.get_total_flops() / fp32:>7.1%}   "
+                  f"chunks {'prefetched' if overlap else 'copied plainly'}", flush=True)
 
     print(f"\n{'memory format and host copies (fp32)':<36} {'layout':>14} {'feed':>22} {'member-img/s':>13}")
     cases = ([("lenet", "1x28x28", 10, 16), ("conv", "3x32x32", 1, 32)] if quick else
