@@ -10,7 +10,11 @@ Ray-free: only torch, numpy and simex_ray's core (a GPU machine without Ray or a
 * training: a fused LeNet fleet of 10 and 100 members (batch 16 each, the paper's) and one ``conv`` member at
   3×32×32 and 3×64×64 (batch 128), each in float32 and under bfloat16 autocast: member-images/s and the share
   of the matching peak (nominal training FLOP per image from torch's FLOP counter);
-* scoring: the engine on 100 LeNet members and on one conv member at 3×64×64, member-images/s and share.
+* scoring: the engine on 100 LeNet members and on one conv member at 3×64×64, member-images/s and share,
+  its chunks copied to the device by ``simex_ray.device.prefetch`` (pinned, overlapped) and plainly;
+* the choices a GPU session is to make: training (float32) of LeNet (10 and 100 members) and conv (3×32×32,
+  3×64×64) with the weights and activations ``channels_last`` or not, fed from batches already on the device,
+  copied from host memory each step plainly, or by ``prefetch`` (the next copy overlapping this step).
 
 Synthetic images (uniform noise): throughput does not depend on the pixels. Each figure is the best of
 ``--rounds`` timed runs after a warm-up, with the device synchronised.
@@ -23,6 +27,8 @@ import time
 
 import torch
 
+from simex_ray import fused_training as ft
+from simex_ray.device import float_batch, prefetch
 from simex_ray.fused_training import fused_delta
 from simex_ray.losses import per_sample_delta
 from simex_ray.models import create_autoencoder
@@ -63,25 +69,66 @@ def train_flops(arch: str, fmt: str, batch: int) -> float:
     return counter.get_total_flops() / batch
 
 
-def training(arch: str, fmt: str, members: int, batch: int, steps: int, device, bf16: bool, rounds: int) -> float:
-    """Member-images/s of ``steps`` fused training steps (Adam) of ``members`` members, each its own batch."""
+FEEDS = ("on device", "from host", "from host, prefetched")
+
+
+def training(arch: str, fmt: str, members: int, batch: int, steps: int, device, bf16: bool, rounds: int,
+             channels_last: bool | None = None, feed: str = "on device") -> float:
+    """Member-images/s of ``steps`` fused training steps (Adam) of ``members`` members, each its own batch.
+
+    ``channels_last`` (None: on a GPU only): the weights and the activations in that memory format (LeNet:
+    the fused pass's activations; one member: its weights and input). ``feed``: the batches already on the
+    device, or copied from host memory each step, plainly (``.to(device)``) or by
+    :func:`simex_ray.device.prefetch` (pinned, the next copy overlapping this step)."""
     torch.manual_seed(0)
-    models = [create_autoencoder(arch, fmt).to(device) for _ in range(members)]
-    if device.type == "cuda":
-        models = [m.to(memory_format=torch.channels_last) for m in models]
+    cl = device.type == "cuda" if channels_last is None else channels_last
+    fmt_ = torch.channels_last if cl else torch.contiguous_format
+    models = [create_autoencoder(arch, fmt).to(device).to(memory_format=fmt_) for _ in range(members)]
     params = [p for m in models for p in m.parameters()]
     opt = torch.optim.Adam(params, 1e-3, **({"fused": True} if device.type == "cuda" else {}))
-    x = torch.rand(members, batch, *models[0].image_format.shape, device=device)
+    shape = (members, batch, *models[0].image_format.shape)
+    host = [torch.rand(shape).numpy() for _ in range(steps)]  # distinct batches: every copy is a real one
+    on_device = torch.rand(shape, device=device)
+    lenet = ft.LeNetPass(channels_last=cl)
+
+    def delta(x):
+        if members == 1:
+            x0 = x[0].contiguous(memory_format=fmt_)
+            return per_sample_delta(x0, models[0](x0).float(), "mse").unsqueeze(0)
+        if arch == "lenet":
+            return ft.delta_of(x, lenet(models, x).float(), "mse")
+        return fused_delta(models, x, "mse")
+
+    def batches():
+        if feed == "on device":
+            return (on_device for _ in range(steps))
+        if feed == "from host":
+            return (float_batch(h, device) for h in host)
+        return prefetch(host, device)
 
     def run():
-        for _ in range(steps):
+        for x in batches():
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                d = fused_delta(models, x, "mse")
+                d = delta(x)
             d.float().mean(1).sum().backward()
             opt.step()
 
     return members * batch * steps / best_of(run, device, rounds)
+
+
+def scoring_fed(arch: str, fmt: str, members: int, images: int, device, rounds: int, overlap: bool) -> float:
+    """:func:`scoring` with the engine's chunks copied by :func:`prefetch` (``overlap``) or plainly."""
+    if overlap:
+        return scoring(arch, fmt, members, images, device, rounds)
+    import simex_ray.scoring as engine
+
+    kept = engine.prefetch
+    engine.prefetch = lambda blocks, dev: (float_batch(b, dev) for b in blocks)
+    try:
+        return scoring(arch, fmt, members, images, device, rounds)
+    finally:
+        engine.prefetch = kept
 
 
 def scoring(arch: str, fmt: str, members: int, images: int, device, rounds: int) -> float:
@@ -130,9 +177,22 @@ def main() -> None:
         model = create_autoencoder(arch, fmt)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(torch.rand(1, *model.image_format.shape))
-        rate = scoring(arch, fmt, members, images, device, args.rounds)
-        print(f"  {arch} {fmt}, {members} member(s){'':<12} {'':>9} {rate:>13,.0f} "
-              f"{rate * counter.get_total_flops() / fp32:>7.1%}", flush=True)
+        for overlap in (True, False):
+            rate = scoring_fed(arch, fmt, members, images, device, args.rounds, overlap)
+            print(f"  {arch} {fmt}, {members} member(s){'':<12} {'':>9} {rate:>13,.0f} "
+                  f"{rate * counter.get_total_flops() / fp32:>7.1%}   "
+                  f"chunks {'prefetched' if overlap else 'copied plainly'}", flush=True)
+
+    print(f"\n{'memory format and host copies (fp32)':<36} {'layout':>14} {'feed':>22} {'member-img/s':>13}")
+    cases = ([("lenet", "1x28x28", 10, 16), ("conv", "3x32x32", 1, 32)] if quick else
+             [("lenet", "1x28x28", 10, 16), ("lenet", "1x28x28", 100, 16), ("conv", "3x32x32", 1, 128),
+              ("conv", "3x64x64", 1, 128)])
+    for arch, fmt, members, batch in cases:
+        for cl in (False, True):
+            for feed in FEEDS:
+                rate = training(arch, fmt, members, batch, steps, device, False, args.rounds, cl, feed)
+                print(f"  {arch} {fmt}, {members} member(s), batch {batch:<4} "
+                      f"{'channels_last' if cl else 'contiguous':>14} {feed:>22} {rate:>13,.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,12 @@ def fusable(config: TrainConfig) -> tuple:
 def activation_floats(architecture: str, image_format: str) -> int:
     """Floats that one image's training pass through one member keeps for the backward (every layer's output)."""
     model = create_autoencoder(architecture, image_format)
+    return module_activation_floats(model, model.image_format.shape)
+
+
+def module_activation_floats(model: nn.Module, shape: Sequence[int]) -> int:
+    """Floats that one input of ``shape`` (C, H, W) keeps for ``model``'s backward (every leaf layer's output,
+    twice: what its backward saves beside it)."""
     total = 0
 
     def count(_module, _inputs, output):
@@ -74,7 +80,7 @@ def activation_floats(architecture: str, image_format: str) -> int:
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(count) for m in leaves]
     with torch.no_grad():
-        model(torch.zeros(1, *model.image_format.shape))
+        model(torch.zeros(1, *shape))
     for h in handles:
         h.remove()
     return 2 * total  # each layer's output and what its backward saves beside it (pool indices, pre-activations)
@@ -84,9 +90,16 @@ def members_per_pass(config: TrainConfig, members: int, device: torch.device | s
                      budget: int | None = None) -> int:
     """How many of ``members`` alike one fused pass trains: as many as keep its activations within
     :data:`PASS_BYTES` (``budget`` bytes instead, where given) at ``config.batch_size``."""
+    per_member = 4 * config.batch_size * activation_floats(config.architecture, config.image_format)
+    return members_within(per_member, members, device, budget)
+
+
+def members_within(per_member: int, members: int, device: torch.device | str = "cpu",
+                   budget: int | None = None) -> int:
+    """How many of ``members`` fit one fused pass when each keeps ``per_member`` bytes of activations: the
+    pass bound of :data:`PASS_BYTES` for the device's kind (``budget`` bytes instead, where given); at least 1."""
     kind = torch.device(device).type
     budget = budget if budget is not None else PASS_BYTES.get(kind, PASS_BYTES["cpu"])
-    per_member = 4 * config.batch_size * activation_floats(config.architecture, config.image_format)
     return max(1, min(members, budget // max(1, per_member)))
 
 
@@ -336,5 +349,6 @@ def plan_passes(configs: Sequence[TrainConfig], per_pass: int | None = None, dev
     return passes
 
 
-__all__ = ["FORWARDS", "LeNetPass", "MemberJob", "activation_floats", "fused_delta", "fused_forward", "fusable",
-           "members_per_pass", "plan_passes", "train_members", "vmap_pass"]
+__all__ = ["FORWARDS", "IMPLEMENTATION", "LeNetPass", "MemberJob", "activation_floats", "fused_delta",
+           "fused_forward", "fusable", "members_per_pass", "members_within", "module_activation_floats",
+           "plan_passes", "train_members", "vmap_pass"]

@@ -59,6 +59,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .device import prefetch
 from .losses import check_loss, per_sample_delta
 from .models import ConvAutoencoder, LeNetAutoencoder
 from .models.conv import KERNEL, PAD, STRIDE
@@ -568,8 +569,7 @@ class ScoringEngine:
             check_loss(loss)
         groups = self._plan(names, loss)
         row = {n: i for i, n in enumerate(names)}
-        for block in _blocks(x, self.chunk):
-            xb = torch.as_tensor(np.asarray(block, dtype=np.float32)).to(self.device)
+        for xb in prefetch(_blocks(x, self.chunk), self.device):  # on CUDA the next chunk's copy overlaps
             out = np.empty((len(names), len(xb)))
             z_out = np.full((len(names), len(xb)), np.nan) if latent else None
             half = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .device import prefetch
 from .losses import check_loss, per_sample_delta
 from .formats import LEGACY, ImageFormat
 from .models import architectures, create_autoencoder, refusal
@@ -176,11 +177,10 @@ def evaluate_blocks(model, blocks, loss: str, device="cpu", batch_size: int = 51
     """Mean delta of images arriving in blocks (arrays (n, C, H, W)) through ``model``; nan when there are none."""
     model.eval()
     total, n = 0.0, 0
-    for block in blocks:
-        for start in range(0, len(block), batch_size):
-            batch = as_tensor(block[start:start + batch_size], device)
-            total += float(per_sample_delta(batch, model(batch), loss).sum())
-            n += len(batch)
+    pieces = (block[start:start + batch_size] for block in blocks for start in range(0, len(block), batch_size))
+    for batch in prefetch(pieces, device):  # on CUDA the next batch's copy overlaps this one's pass
+        total += float(per_sample_delta(batch, model(batch), loss).sum())
+        n += len(batch)
     return total / n if n else float("nan")
 
 
@@ -289,8 +289,7 @@ def train_member_streamed(reference, config: TrainConfig, *, resume: dict[str, A
             break
         model.train()
         total, n, norms = 0.0, 0, 0.0
-        for block in reference.train_batches(epoch, config.batch_size, order_seed=config.seed):
-            batch = as_tensor(block, device)
+        for batch in prefetch(reference.train_batches(epoch, config.batch_size, order_seed=config.seed), device):
             total += train_step(model, batch, optimizer, config.loss, config.precision)
             n += len(batch)
             if epoch == 1:

@@ -26,9 +26,10 @@ def result():
     calls = []
     units = []
 
-    def map_fn(fn, kwargs_list):  # stands in for a Ray adapter: sees every unit
-        units.append((fn.__name__, len(kwargs_list), {len(kw["y_train"]) for kw in kwargs_list},
-                      {len(kw["y_test"]) for kw in kwargs_list}))
+    def map_fn(fn, kwargs_list):  # stands in for a Ray adapter: sees every unit (a fused group's classifiers)
+        flat = [u for kw in kwargs_list for u in kw.get("units", [kw])]
+        units.append((fn.__name__, len(flat), {len(kw["y_train"]) for kw in flat},
+                      {len(kw["y_test"]) for kw in flat}))
         return [fn(**kw) for kw in kwargs_list]
 
     protocol = dataclasses.replace(TINY, test_samples=60, transfer_samples=40)
@@ -121,7 +122,7 @@ def test_inter_dataset_runs_units_through_map_fn_and_reports_progress(result):
     n = len(REFS)
     # 150 samples: 125 train (100 fit + 25 validation), test 25 topped up to 60 from unsampled digits;
     # transfers retrain on a 40-image subset of the fit split
-    assert units == [("train_base", n, {100}, {60}), ("transfer", n * n * 2, {40}, {60})]
+    assert units == [("train_base_group", n, {100}, {60}), ("transfer", n * n * 2, {40}, {60})]
     stages = {c[0] for c in calls}
     assert {"autoencoders", "delta", "base-classifiers", "transfer"} <= stages
     assert ("transfer", n * n * 2, n * n * 2) in calls

@@ -276,13 +276,14 @@ def test_inter_dataset_job_on_the_cluster(inter_dataset_job):
 
 def test_train_bases_on_ray_train_equals_training_here(ray_cluster, tmp_path):
     """`simex train-bases --address`: the classifiers trained on Ray Train are the ones trained in this
-    process (same data, seeds and settings: same test accuracy, same outputs)."""
+    process (same data, seeds and settings: same test accuracy, same outputs). A 1.4-CPU worker on the 2-CPU
+    cluster is one run at a time, so both classifiers train in one fused pass there, as they do here."""
     from simex_ray.transfer.library import Library
 
     common = ("--refs", "digits,bgrand:digits", "--samples", 240, "--protocol", "few-shot")
-    run("-m", "simex_ray.cli", "train-bases", *common, "--address", ray_cluster.address, "--cpus-per-task", 0.5,
+    run("-m", "simex_ray.cli", "train-bases", *common, "--address", ray_cluster.address, "--cpus-per-task", 1.4,
         "--out", tmp_path / "ray")
-    # One thread here too, as a 0.5-CPU Train worker has: the same float reductions, the same training.
+    # One thread here too, as a 1.4-CPU Train worker has (round(1.4)): the same float reductions and training.
     here_run = subprocess.run([sys.executable, "-m", "simex_ray.cli", "train-bases", *map(str, common), "--no-ray",
                                "--out", str(tmp_path / "here")], capture_output=True, text=True, timeout=600,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})

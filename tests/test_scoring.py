@@ -118,6 +118,34 @@ def test_engine_streams_blocks_and_chunks_give_the_same_values():
     np.testing.assert_allclose(blocks, whole, rtol=1e-6)
 
 
+def _mixed_batches():
+    """Host batches as loops meet them: uint8 and float arrays of different sizes, a float64 one, a tensor."""
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (5, 3, 8, 8), dtype=np.uint8), rng.random((3, 3, 8, 8), dtype=np.float32),
+            rng.random((4, 3, 8, 8)), torch.rand(2, 3, 8, 8), rng.integers(0, 256, (1, 3, 8, 8), dtype=np.uint8)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (pinned memory, a side stream)"))])
+def test_prefetch_hands_out_every_batch_in_order_with_the_same_values(device):
+    from simex_ray.device import prefetch
+
+    batches = _mixed_batches()
+    got = list(prefetch(iter(batches), device))  # from a generator, as the loops hand them
+    assert len(got) == len(batches)
+    for g, b in zip(got, batches):
+        want = torch.as_tensor(np.asarray(b, dtype=np.float32))  # the values as given: uint8 stays 0..255
+        assert g.device.type == device and g.dtype == torch.float32
+        torch.testing.assert_close(g.cpu(), want, rtol=0, atol=0)
+    assert list(prefetch(iter([]), device)) == []
+    if device == "cuda":  # the engine fed through it scores as it does on the CPU
+        models = {f"m{k}": create_autoencoder("lenet", "1x28x28") for k in range(2)}
+        x = np.random.default_rng(1).random((70, 1, 28, 28), dtype=np.float32)
+        cpu = ScoringEngine(models, {n: "mse" for n in models}, chunk=32).per_sample(x)
+        gpu = ScoringEngine(models, {n: "mse" for n in models}, chunk=32, device="cuda").per_sample(x)
+        np.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-6)
+
+
 def test_device_names(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="known: cpu, cuda, auto"):

@@ -69,7 +69,8 @@ def add_parsers(sub) -> None:
     add_per_class(verbs)
 
 
-UNIT_STAGES = {"train_base": "base-classifiers", "transfer": "transfer", "finetune": "transfer"}
+UNIT_STAGES = {"train_base": "base-classifiers", "train_base_group": "base-classifiers", "transfer": "transfer",
+               "finetune": "transfer"}
 
 
 def resolve_protocol(args, ground_truth=None):

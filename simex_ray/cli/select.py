@@ -73,7 +73,12 @@ def add_parsers(sub) -> None:
     b.add_argument("--image-format", default="auto", metavar="auto|CxHxW",
                    help="the classifiers' image format (default auto: the references' common native format)")
     b.add_argument("--cpus-per-task", type=positive_float, default=1.0, help="CPUs per classifier run (default 1)")
-    b.add_argument("--no-ray", action="store_true", help="train in this process, one classifier after another")
+    b.add_argument("--members-per-pass", type=positive_int, default=None, metavar="N",
+                   help="classifiers alike (optimizer, lr, batch size, classes, format; seed, epochs and patience "
+                        "may differ) trained together in one fused forward and backward pass (default: as many as "
+                        "keep the pass's activations within 256 MiB, and few enough that every Ray Train run gets "
+                        "some; 1: one classifier after another)")
+    b.add_argument("--no-ray", action="store_true", help="train in this process")
     add_address_arg(b)
     add_data_args(b)
 
@@ -255,8 +260,8 @@ def classifier_label(name: str, spec: str, shown: dict[str, str]) -> str:
 
 def cmd_train_bases(args) -> int:
     from ..data import split_specs
-    from ..protocol import DEFAULT, load_protocol, load_splits, run_units
-    from ..transfer.classifiers import train_base
+    from ..protocol import DEFAULT, load_protocol, load_splits
+    from ..transfer.fused_bases import plan_bases, train_base_group, train_bases
     from ..transfer.ground_truth import base_record, base_settings
     from ..transfer.library import LibraryWriter, classifier_name
 
@@ -289,10 +294,12 @@ def cmd_train_bases(args) -> int:
             writer.add(base_record(ref, s, r, sp, protocol, data_seed=seed, samples=args.samples), r["state"])
 
     t0 = time.perf_counter()
-    if args.no_ray:  # one at a time, each kept as soon as it is trained
-        for k, (unit, kw) in enumerate(zip(todo, kwargs)):
-            keep([unit], [train_base(**kw)])
-            show("base-classifiers", k + 1, len(todo))
+    if args.no_ray:  # one fused pass at a time, its classifiers kept as soon as it is trained
+        done = 0
+        for group in plan_bases(kwargs, args.members_per_pass):
+            keep([todo[i] for i in group], train_base_group([kwargs[i] for i in group]))
+            done += len(group)
+            show("base-classifiers", done, len(todo))
     elif todo:
         from ..distributed.map import train_map
         from ..distributed.runtime import ray_session
@@ -301,11 +308,16 @@ def cmd_train_bases(args) -> int:
         with ray_session(args.address):
             res = Resources(cpus_per_worker=args.cpus_per_task)
             step = max(1, res.concurrent_runs(len(todo)))
-            for start in range(0, len(todo), step):  # each group kept as it finishes: a crash loses one group
-                part = slice(start, start + step)
-                keep(todo[part], run_units(train_base, kwargs[part], stage="base-classifiers",
-                                           map_fn=train_map(res, on_unit=lambda fn, d, t: None)))
-                show("base-classifiers", min(start + step, len(todo)), len(todo))
+            groups, done = plan_bases(kwargs, args.members_per_pass, parallel=step), 0
+            for start in range(0, len(groups), step):  # each round kept as it finishes: a crash loses one round
+                part = groups[start:start + step]
+                units = [i for g in part for i in g]
+                numbered = iter(range(len(units)))
+                local = [[next(numbered) for _ in g] for g in part]  # the round's groups, over its own units
+                keep([todo[i] for i in units], train_bases([kwargs[i] for i in units], groups=local,
+                                                           map_fn=train_map(res, on_unit=lambda fn, d, t: None)))
+                done += len(units)
+                show("base-classifiers", done, len(todo))
     lib = writer.classifiers
     print(f"library {args.out}: {len(lib)} classifier(s), {len(todo)} trained now in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)

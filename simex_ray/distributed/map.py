@@ -29,8 +29,9 @@ OnUnit = Callable[[str, int, int], None]
 RESULTS = "results.pt"  # a Train run's checkpoint: {unit index: result} of its finished units
 
 
-def _object_store(kwargs_list: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The same kwargs with every large array put in the object store once (shared across units)."""
+def _object_store(kwargs_list: list[dict[str, Any]], nested: bool = True) -> list[dict[str, Any]]:
+    """The same kwargs with every large array put in the object store once (shared across units), also
+    inside lists and dicts (a group of units as one unit: ``train_base_group(units=[...])``)."""
     stored: dict[int, ray.ObjectRef] = {}
 
     def put(value):
@@ -38,9 +39,35 @@ def _object_store(kwargs_list: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if id(value) not in stored:
                 stored[id(value)] = ray.put(value)
             return stored[id(value)]
+        if nested and isinstance(value, (list, tuple)):
+            return type(value)(put(v) for v in value)
+        if nested and isinstance(value, dict):
+            return {k: put(v) for k, v in value.items()}
         return value
 
     return [{k: put(v) for k, v in kw.items()} for kw in kwargs_list]
+
+
+def _resolve(value):
+    """What :func:`_object_store` stored, fetched back (top level and inside lists and dicts)."""
+    if isinstance(value, ray.ObjectRef):
+        return ray.get(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_resolve(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _resolve(v) for k, v in value.items()}
+    return value
+
+
+def _weight(kw: dict[str, Any]) -> int:
+    """What a unit counts for in progress: a group of units (``units=[...]``, fused base classifiers) its units."""
+    units = kw.get("units")
+    return len(units) if isinstance(units, list) else 1
+
+
+def _cluster_slots(cpus_per_unit: float, total: int) -> int:
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    return max(1, min(total, int(cpus // cpus_per_unit) if cpus_per_unit else total))
 
 
 def ray_map(cpus_per_task: float = 1.0, gpus_per_task: float = 0.0, max_retries: int = 2,
@@ -53,18 +80,21 @@ def ray_map(cpus_per_task: float = 1.0, gpus_per_task: float = 0.0, max_retries:
 
     def map_fn(fn: Callable[..., Any], kwargs_list: list[dict[str, Any]]) -> list[Any]:
         remote = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=max_retries)(fn)
-        refs = [remote.remote(**kw) for kw in _object_store(kwargs_list)]
+        # top-level arrays only: Ray resolves a task's top-level arguments, and passes nested ones by value
+        refs = [remote.remote(**kw) for kw in _object_store(kwargs_list, nested=False)]
         index = {r: i for i, r in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
-        pending = list(refs)
+        pending, weights, done = list(refs), [_weight(kw) for kw in kwargs_list], 0
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             for r in ready:
                 results[index[r]] = ray.get(r)
+                done += weights[index[r]]
             if on_unit is not None:
-                on_unit(fn.__name__, len(refs) - len(pending), len(refs))
+                on_unit(fn.__name__, done, sum(weights))
         return results
 
+    map_fn.concurrency = lambda total: _cluster_slots(cpus_per_task, total)  # units it runs at once
     return map_fn
 
 
@@ -94,16 +124,16 @@ def _units_loop(cfg: dict) -> None:
 
     torch.set_num_threads(max(1, int(cfg["threads"])))
     fn, board, fault = cfg["fn"], cfg["board"], cfg.get("fault")
+    weights = {index: _weight(kw) for index, kw in cfg["units"]}
     done: dict[int, Any] = {}
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         done = _load_results(checkpoint)
     for index, kw in cfg["units"]:
         if index in done:
             continue
-        kw = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in kw.items()}
-        done[index] = fn(**kw)
+        done[index] = fn(**_resolve(kw))
         _save_results(done, {"unit": index, "units_done": len(done)})
-        board.update.remote(cfg["run"], {"epoch": len(done)})
+        board.update.remote(cfg["run"], {"epoch": sum(weights.get(i, 1) for i in done)})
         # Fault injection for tests: hard-kill the worker once, after a checkpoint.
         if fault and fault["unit"] == index and not os.path.exists(fault["marker"]):
             Path(fault["marker"]).touch()
@@ -136,6 +166,7 @@ def train_map(resources=None, *, storage: str | None = None, on_unit: OnUnit | N
         total = len(kwargs_list)
         if total == 0:
             return []
+        weight = sum(_weight(kw) for kw in kwargs_list)  # progress counts a group's units
         units = list(enumerate(_object_store(kwargs_list)))
         groups = shard(units, res.concurrent_runs(total))
         tag = f"{fn.__name__}-{uuid.uuid4().hex[:8]}"
@@ -166,7 +197,7 @@ def train_map(resources=None, *, storage: str | None = None, on_unit: OnUnit | N
             done = sum(m["epoch"] for m in latest.values())
             if on_unit is not None and done != last[0]:
                 last[0] = done
-                on_unit(fn.__name__, done, total)
+                on_unit(fn.__name__, done, weight)
 
         try:
             outcomes = run_concurrently([lambda i=i, g=g: fit(i, g) for i, g in enumerate(groups)], poll, poll_s)
@@ -186,4 +217,5 @@ def train_map(resources=None, *, storage: str | None = None, on_unit: OnUnit | N
                                 + (f": {last_line(errors[0])}" if errors else ""))
         return [results[i] for i in range(total)]
 
+    map_fn.concurrency = res.concurrent_runs  # units it runs at once (the fused base passes keep each run busy)
     return map_fn

@@ -30,6 +30,7 @@ from ..fleet import slug
 from ..fleet.build import MANIFEST_FLUSH_S
 from ..fleet.plan import FleetWriter, MemberPlan
 from ..fused_training import MemberJob, plan_passes, train_members
+from ..device import prefetch
 from ..training import TrainConfig, train_member_streamed
 
 log = logging.getLogger(__name__)
@@ -328,8 +329,7 @@ def _data_parallel_loop(cfg: dict) -> None:
             order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
             batches = (x_train[order[start:start + b]] for start in range(0, len(order), b))
         else:
-            batches = (torch.as_tensor(block).to(device)
-                       for block in stream.train_batches(epoch, b, order_seed=config.seed))
+            batches = prefetch(stream.train_batches(epoch, b, order_seed=config.seed), device)
         for batch in batches:
             total += _share_step(ddp, batch, rank, world, optimizer, config.loss, config.precision)
         sums = torch.tensor([total, *_test_sum(model, stream, x_test, config.loss, rank, world, device)],
@@ -394,14 +394,12 @@ def _test_sum(model, stream, x_test, loss: str, rank: int, world: int, device) -
     model.eval()
     total, n = 0.0, 0
     blocks = stream.test_blocks() if stream is not None else [x_test[rank::world]]
+    mine = (block for k, block in enumerate(blocks) if stream is None or k % world == rank)
     with torch.no_grad():
-        for k, block in enumerate(blocks):
-            if stream is not None and k % world != rank:
-                continue
-            for start in range(0, len(block), 512):
-                x = torch.as_tensor(block[start:start + 512]).to(device)
-                total += float(per_sample_delta(x, model(x), loss).sum())
-                n += len(x)
+        for x in prefetch((block[start:start + 512] for block in mine for start in range(0, len(block), 512)),
+                          device):
+            total += float(per_sample_delta(x, model(x), loss).sum())
+            n += len(x)
     return total, n
 
 

@@ -217,8 +217,9 @@ def first_labels(ds: data.Dataset, k: int = N_CLASSES) -> np.ndarray:
 
 
 def make_classifier_optimizer(name: str, params, lr: float | None = None,
-                              momentum: float = 0.0) -> torch.optim.Optimizer:
-    """Optimizer by name with the classifier default lr (:data:`CLASSIFIER_LRS`)."""
+                              momentum: float = 0.0, **options) -> torch.optim.Optimizer:
+    """Optimizer by name with the classifier default lr (:data:`CLASSIFIER_LRS`); ``options``: the
+    optimizer's implementation switches (``foreach``, ``fused``), never its hyperparameters."""
     if name not in CLASSIFIER_LRS:
         raise UserError(f"unknown optimizer '{name}'; known: {', '.join(CLASSIFIER_LRS)}")
     ctor = AE_OPTIMIZERS[name][0]
@@ -226,8 +227,8 @@ def make_classifier_optimizer(name: str, params, lr: float | None = None,
     if momentum:
         if name not in ("sgd", "rmsprop"):
             raise UserError(f"momentum is only supported for sgd and rmsprop, not '{name}'")
-        return ctor(params, lr=lr, momentum=momentum)
-    return ctor(params, lr=lr)
+        return ctor(params, lr=lr, momentum=momentum, **options)
+    return ctor(params, lr=lr, **options)
 
 
 def set_trainable(model: LeNet5, trainable: str) -> list[nn.Parameter]:

@@ -42,7 +42,7 @@ import numpy as np
 from ..formats import LEGACY
 from ..protocol import (DEFAULT, MapFn, Progress, ProtocolConfig, Splits, canonical_refs, jsonable, load_splits,
                        run_units)
-from .classifiers import train_base
+from .fused_bases import train_bases
 from .learning import finetune, tl_config, transfer, transfer_efficiency
 from .library import FILE as LIBRARY_FILE
 from .library import Classifier, LibraryWriter, classifier_name
@@ -305,11 +305,14 @@ class GroundTruth:
 def compute_ground_truth(refs: Sequence[str], *, samples: int | None = None, data_seed: int = 0,
                          model_seed: int = 0, data_dir=None, protocol: ProtocolConfig = DEFAULT,
                          splits: dict[str, Splits] | None = None, map_fn: MapFn | None = None,
-                         base_map_fn: MapFn | None = None, on_progress: Progress | None = None) -> GroundTruth:
+                         base_map_fn: MapFn | None = None, on_progress: Progress | None = None,
+                         bases_per_pass: int | None = None) -> GroundTruth:
     """Train B(Y) per reference and classifier seed, transfer every B(Y) to every X.
 
     ``map_fn`` runs the transfer units, ``base_map_fn`` the base classifiers
     (default: ``map_fn``; the CLI gives them Ray tasks and Ray Train runs).
+    The base classifiers train in fused passes of at most ``bases_per_pass``
+    (None: the memory bound; 1: one after another; :func:`~simex_ray.transfer.fused_bases.train_bases`).
     ``splits`` reuses splits a caller already loaded (same data seed and protocol).
     """
     refs = canonical_refs(refs)
@@ -328,8 +331,7 @@ def compute_ground_truth(refs: Sequence[str], *, samples: int | None = None, dat
                     max_epochs=protocol.clf_max_epochs, patience=protocol.clf_patience,
                     batch_size=protocol.clf_batch_size, seed=s, n_classes=protocol.n_classes)
                for s in clf_seeds for y in refs]
-    bases = run_units(train_base, base_kw, stage="base-classifiers", map_fn=base_map_fn or map_fn,
-                      on_progress=on_progress)
+    bases = train_bases(base_kw, per_pass=bases_per_pass, map_fn=base_map_fn or map_fn, on_progress=on_progress)
     base_at = {(s, y): bases[k * n + j] for k, s in enumerate(clf_seeds) for j, y in enumerate(refs)}
     timings["base_classifiers_s"] = time.perf_counter() - t0
 
