@@ -157,9 +157,10 @@ def format_score(result, title: str) -> str:
         return fmt.format(v) if v is not None else f"{'-':>10}"
 
     shown = display_names(result.delta)
+    share = "share" if result.composition_method == "matching" else "nearest"
     width = max(len(n) for n in shown.values())
     lines = [title, f"{'rank':>4}  {'reference Y':<{width}}  {'Δ':>10}  {'Δ / |Y|':>10}  {'Δ / Δ(Y|Y)':>10}  "
-                    f"{'in dist.':>10}  {'distrib.':>10}  {'typ.+lat.':>10}  {'nearest':>8}"]
+                    f"{'in dist.':>10}  {'distrib.':>10}  {'typ.+lat.':>10}  {share:>8}"]
     for rank, name in enumerate(result.ranking, 1):
         lines.append(f"{rank:>4}  {shown[name]:<{width}}  {num(result.delta[name])}  "
                      f"{num(result.delta_normalized[name])}  {num(result.delta_calibrated.get(name))}  "
@@ -169,7 +170,9 @@ def format_score(result, title: str) -> str:
                      f"{result.composition.get(name, 0):>8.1%}")
     lines.append(f"most similar: {result.ranking[0]} (ranking: {result.method}; agreement {result.agreement:.0%}"
                  + (f", margin {result.margin:.4g}" if result.margin is not None else "")
-                 + "; 'nearest' = share of samples nearest to each reference)")
+                 + ("; 'share' = estimated share of X from each reference (distribution matching))"
+                    if result.composition_method == "matching" else
+                    "; 'nearest' = share of samples nearest to each reference)"))
     if not result.confident:
         lines.append(f"weak answer: fewer than {WEAK_AGREEMENT:.0%} of the rankings put {result.ranking[0]} first "
                      f"(agreement {result.agreement:.0%}); compare the rankings (--json) before trusting it")

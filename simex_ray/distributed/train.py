@@ -514,7 +514,9 @@ def train_fleet(plans: list[MemberPlan], out, *, resources: Resources = Resource
         storage_path.mkdir(parents=True, exist_ok=True)
     writer = FleetWriter(out, extra, order=[p.name for p in plans], flush_s=MANIFEST_FLUSH_S)
     try:
-        return _train_pending(writer, plans, resources, storage_path or storage_uri, on_progress, fault, poll_s)
+        _train_pending(writer, plans, resources, storage_path or storage_uri, on_progress, fault, poll_s)
+        writer.add_cross_sketches(plans)  # the member set is final: on the driver, forward passes only
+        return writer
     finally:  # however training ends (done, an error, Ctrl-C), every finished member is listed
         writer.flush()
 

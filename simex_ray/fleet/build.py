@@ -29,6 +29,7 @@ def train_fleet_local(plans: list[MemberPlan], out, *, on_epoch=None, extra: dic
     writer = FleetWriter(out, extra, order=[p.name for p in plans], flush_s=MANIFEST_FLUSH_S)
     try:
         _train_pending(writer, plans, on_epoch, members_per_pass)
+        writer.add_cross_sketches(plans)  # the member set is final: the composition by matching
     finally:  # however training ends (done, an error, Ctrl-C), every finished member is listed
         writer.flush()
     return writer

@@ -99,6 +99,10 @@ class Member:
     # the weights, "sha256", "dim": D, "n_fit": training codes fitted, "own_mean": mean z of its own held-out
     # split, "n": held-out images, "estimator"}; empty for fleets trained before it existed.
     latent: dict[str, Any] = field(default_factory=dict)
+    # The member's cross sketch (:func:`~.mixture.cross_sketches`): every reference's held-out δ through it, on a
+    # grid, for the composition by distribution matching: {"grid", "cdf": {reference: ...}, "nearest":
+    # {reference: ...}}; computed once the fleet's member set is final; empty before (the nearest rule).
+    cross_sketch: dict[str, Any] = field(default_factory=dict)
 
     @property
     def loss(self) -> str:

@@ -264,6 +264,47 @@ class FleetWriter:
                 self._write()
         return member
 
+    def add_cross_sketches(self, plans: list[MemberPlan]) -> bool:
+        """Every member's cross sketch (:func:`~.mixture.cross_sketches`), once the fleet's member set is final:
+        the held-out test split of every plan (at most :data:`CROSS_SAMPLES` images) scored through every
+        member in one fused pass; the manifest is rewritten. True when they were computed.
+
+        Skipped (the composition of the fleet's answers stays the nearest rule) when the fleet holds a member
+        with no plan here or a plan not yet trained (a member added or trained separately: a later run over
+        the whole fleet computes them), when the sketches already cover the members, or when the members mix
+        image formats, or it has more than :data:`CROSS_MAX_MEMBERS` members. No training: only the members'
+        forward passes."""
+        from .fleet import Fleet
+        from .manifest import common_format
+        from .mixture import covers, cross_sketches
+
+        by_name = {p.name: p for p in plans}
+        names = [n for n in self.order if n in self.members] + [n for n in self.members if n not in self.order]
+        if not 2 <= len(names) <= CROSS_MAX_MEMBERS or set(names) != set(by_name) or \
+                not all(is_trained(self.members[n], by_name[n]) for n in names):
+            return False
+        if covers({n: self.members[n].cross_sketch for n in names}, names):
+            return False
+        if any(by_name[n].stream is None and by_name[n].x_test is None for n in names):
+            return False  # a plan whose images were let go
+        try:
+            common_format([self.members[n] for n in names])
+        except FleetError as e:
+            log.warning("no cross sketches: %s", e)
+            return False
+        fleet = Fleet.from_records(self.out, [self.members[n].to_json() for n in names])
+        held = {n: fleet.per_sample(first_images(by_name[n].test_images(), CROSS_SAMPLES), names)[:, 0]
+                for n in names}
+        if any(d.shape[-1] == 0 for d in held.values()):
+            return False
+        with self._lock:
+            for n, sketch in cross_sketches(held).items():
+                self.members[n].cross_sketch = sketch
+            self._dirty = True
+        self.flush()
+        log.info("cross sketches of %d members written", len(names))
+        return True
+
     def flush(self) -> None:
         """Write the manifest if a member was added since it was last written."""
         with self._lock:
@@ -275,6 +316,26 @@ class FleetWriter:
         ordered = sorted(self.members.values(), key=lambda m: rank.get(m.name, len(rank)))
         write_manifest(self.out, ordered, **self.extra)
         self._last_write, self._dirty = time.monotonic(), False
+
+
+CROSS_SAMPLES = 1000  # held-out images per reference in the members' cross sketches
+# K members' cross sketches hold K² x (GRID_SIZE + 1) values in the manifest (and an answer K² for its Gram
+# matrix): larger fleets keep the nearest rule
+CROSS_MAX_MEMBERS = 64
+
+
+def first_images(x, cap: int) -> np.ndarray:
+    """The first ``cap`` images of an array, or of an iterable of (n, C, H, W) blocks (read only as far as that
+    needs)."""
+    if isinstance(x, np.ndarray):
+        return x[:cap]
+    blocks, n = [], 0
+    for block in x:
+        blocks.append(np.asarray(block)[:cap - n])
+        n += len(blocks[-1])
+        if n >= cap:
+            break
+    return np.concatenate(blocks) if blocks else np.zeros((0,), np.float32)
 
 
 def own_statistics(member: Member, state_dict, x_test, x_train=None) -> tuple[dict, dict, tuple | None]:

@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from . import mixture
 from .manifest import Member
 from ..choices import DEFAULT_RANKING, LATENT_RANKING, RANKINGS
 from ..errors import UserError
@@ -116,7 +117,20 @@ SCORE_CONTRACT: dict[str, tuple[Any, str, str]] = {
                           "|log(delta_calibrated)| + |log(latent_calibrated)|: typicality in δ and in the codes; "
                           "0 = like the reference's own unseen data in both"),
     "ranking_typicality_latent": (list[str], "derived", "members by typicality_latent, smallest first"),
-    "composition": (dict[str, float], "mean", "share of images nearest to each member"),
+    "composition_method": (str, "same", "how `composition` was estimated: matching (distribution matching "
+                           "against the fleet's cross sketches) or nearest (the share of images nearest to each "
+                           "member; fleets without cross sketches, or a subset of their members)"),
+    "composition_gram": (dict[str, list[float]], "same",
+                         "matching: per member, its row of AᵀA, A the references' predicted δ statistics (fixed by "
+                         "the fleet); empty with nearest"),
+    "composition_moments": (dict[str, float], "mean",
+                            "matching: per member, Aᵀb, b X's δ CDF shares on every member's grid and its shares "
+                            "nearest to each member (a mean over images); empty with nearest"),
+    # with matching, merge_results solves composition again from the merged moments (never averaged)
+    "composition": (dict[str, float], "mean",
+                    "the estimated share of X from each reference: matching, the mixture weights π (≥ 0, Σ = 1) "
+                    "solved from composition_gram and composition_moments; nearest, the share of images nearest "
+                    "to each member"),
     "agreement": (float, "derived", "share of the carried rankings (" + ", ".join(RANKINGS) + ") that put `ranking`'s "
                   "first member first (rankings a member has no value for are left out); 1 = they all agree"),
     "margin": (float | None, "derived", "how far `ranking`'s second member is behind its first, in "
@@ -194,8 +208,10 @@ class ScoreResult:
     without latent moments).
     ``ranking`` follows ``method`` (what :func:`score_result` used; :func:`default_ranking` when none was
     asked).
-    ``composition``: the share of samples whose nearest member (per sample, by
-    the same method) is each reference.
+    ``composition``: the share of X from each reference. ``composition_method`` "matching" (a fleet with
+    cross sketches): the mixture weights by distribution matching (:mod:`.mixture`), from
+    ``composition_gram`` and ``composition_moments``; "nearest": the share of samples whose nearest member
+    (per sample, by the same method) is each reference.
     """
 
     n: int
@@ -210,6 +226,9 @@ class ScoreResult:
     latent_calibrated: dict[str, float | None] = field(default_factory=dict)
     typicality_latent: dict[str, float | None] = field(default_factory=dict)
     composition: dict[str, float] = field(default_factory=dict)
+    composition_method: str = "nearest"
+    composition_gram: dict[str, list[float]] = field(default_factory=dict)
+    composition_moments: dict[str, float] = field(default_factory=dict)
     method: str = DEFAULT_RANKING
     per_sample: np.ndarray | None = field(default=None, repr=False)  # (members, N) raw δ
     nearest: list[str] | None = field(default=None, repr=False)  # per sample, by ``method``
@@ -288,10 +307,13 @@ class ScoreResult:
             d = {**d, "distribution_sketch": {name: None for name in d.get("delta", {})}}
         if "latent_calibrated" not in d:  # an answer from before latent moments: none for any member
             d = {**d, "latent_calibrated": {name: None for name in d.get("delta", {})}}
+        if "composition_method" not in d:  # an answer from before composition by matching: nearest
+            d = {**d, "composition_method": "nearest", "composition_gram": {}, "composition_moments": {}}
         missing = [k for k in needed if k not in d]
         if missing:
             raise UserError(f"a score answer lacks {', '.join(missing)}")
-        values = {k: dict(d[k]) for k in needed if k in cls.__dataclass_fields__ and k not in ("n", "loss")}
+        values = {k: (d[k] if k == "composition_method" else dict(d[k])) for k in needed
+                  if k in cls.__dataclass_fields__ and k not in ("n", "loss")}
         typicality = dict(d["typicality"]) if d.get("typicality") is not None else \
             typicality_of(values["delta_calibrated"])
         return cls(n=int(d["n"]), loss=d["loss"], method=d["ranking_method"], typicality=typicality,
@@ -356,10 +378,24 @@ def merge_results(parts: Iterable[ScoreResult]) -> ScoreResult:
         if (p.loss, p.method) != (first.loss, first.method):
             raise UserError(f"cannot merge results of different losses or rankings "
                              f"({first.loss}/{first.method} and {p.loss}/{p.method})")
+        if (p.composition_method, p.composition_gram) != (first.composition_method, first.composition_gram):
+            raise UserError("cannot merge results of different compositions (fleets with and without cross "
+                            "sketches, or different members)")
+    if first.composition_method == "matching":  # π from the merged moments, never averaged
+        means["composition"] = composition_of(first.composition_gram, means["composition_moments"])
     return ScoreResult(n=n, loss=first.loss, method=first.method, typicality=typicality_of(means["delta_calibrated"]),
+                       composition_method=first.composition_method, composition_gram=first.composition_gram,
                        distribution=distributions_of(means["distribution_sketch"]),
                        typicality_latent=typicality_latents_of(means["delta_calibrated"], means["latent_calibrated"]),
                        **means)
+
+
+def composition_of(gram: dict[str, list[float]], moments: dict[str, float]) -> dict[str, float]:
+    """The mixture weights π per member from an answer's ``composition_gram`` and ``composition_moments``
+    (:func:`~.mixture.mixture_weights`); derived, never averaged."""
+    names = list(gram)
+    w = mixture.mixture_weights(np.array([gram[k] for k in names]), np.array([moments[k] for k in names]))
+    return dict(zip(names, w.tolist()))
 
 
 def per_sample_scores(method: str, per_sample: np.ndarray, members: list["Member"],
@@ -425,10 +461,18 @@ def score_result(per_sample: np.ndarray, members: list["Member"], loss: str, met
     nearest_idx = np.argmin(scores, axis=0)
     nearest = [names[i] for i in nearest_idx]
     composition = {name: float(np.mean(nearest_idx == k)) for k, name in enumerate(names)}
+    cross = {m.name: m.cross_sketch for m in members}
+    how, gram, moments = "nearest", {}, {}
+    if mixture.covers(cross, names):  # every reference's held-out δ through every member: distribution matching
+        how = "matching"
+        gram = dict(zip(names, mixture.composition_gram(cross, names).tolist()))
+        moments = dict(zip(names, mixture.composition_moments(d, cross, names).tolist()))
+        composition = composition_of(gram, moments)
     return ScoreResult(n=d.shape[1], loss=loss, delta=delta, delta_normalized=norm, delta_calibrated=calibrated,
                        in_distribution=in_dist, typicality=typical, distribution_sketch=sketches,
                        distribution=distributions_of(sketches), latent_calibrated=lat,
-                       typicality_latent=typicality_latents_of(calibrated, lat), composition=composition, method=used,
+                       typicality_latent=typicality_latents_of(calibrated, lat), composition=composition,
+                       composition_method=how, composition_gram=gram, composition_moments=moments, method=used,
                        per_sample=d if keep_per_sample else None, nearest=nearest if keep_per_sample else None,
                        nearest_score=scores[nearest_idx, np.arange(d.shape[1])] if keep_per_sample else None)
 
