@@ -112,6 +112,7 @@ def test_a_subset_of_the_members_or_mixed_fleets_fall_back_and_refuse_to_merge()
     ms = fleet_members(rng)
     x = mixture((0.5, 0.5, 0.0, 0.0), 300, rng)
     assert score_result(x[:3], ms[:3], "mse").composition_method == "nearest"  # sketches name a 4th reference
+    assert score_result(x, ms, "issim").composition_method == "nearest"  # sketches of δ in the members' mse
     with pytest.raises(Exception, match="different compositions"):
         merge_results([score_result(x, ms, "mse"), score_result(x, fleet_members(rng, cross=False), "mse")])
 

@@ -358,7 +358,8 @@ def merge_results(parts: Iterable[ScoreResult]) -> ScoreResult:
     """One dataset's result from the results of its batches (disjoint parts, the same members): ``n``
     added, every "mean" field of :data:`SCORE_CONTRACT` the batch-size weighted mean (None when any
     batch has None), typicality recomputed from the merged calibrated Δ (:func:`typicality_of`), the
-    rankings derived by :class:`ScoreResult`. Per-sample values are not kept."""
+    rankings derived by :class:`ScoreResult`; a "matching" composition solved again from the merged
+    ``composition_moments`` (:func:`composition_of`), never averaged. Per-sample values are not kept."""
     parts = list(parts)
     if not parts:
         raise UserError("no results to merge")
@@ -463,7 +464,9 @@ def score_result(per_sample: np.ndarray, members: list["Member"], loss: str, met
     composition = {name: float(np.mean(nearest_idx == k)) for k, name in enumerate(names)}
     cross = {m.name: m.cross_sketch for m in members}
     how, gram, moments = "nearest", {}, {}
-    if mixture.covers(cross, names):  # every reference's held-out δ through every member: distribution matching
+    # every reference's held-out δ through every member, in the loss scored (the sketches are in the members'
+    # own loss): distribution matching
+    if mixture.covers(cross, names) and all(m.config.get("loss") == loss for m in members):
         how = "matching"
         gram = dict(zip(names, mixture.composition_gram(cross, names).tolist()))
         moments = dict(zip(names, mixture.composition_moments(d, cross, names).tolist()))
