@@ -51,6 +51,24 @@ def test_a_fleet_past_the_pass_limit_runs_as_several_fused_passes_with_the_same_
     assert scoring.members_per_pass(one, 5, 10_000, torch.device("cpu")) == 1
 
 
+@pytest.mark.parametrize("n,d", [(50, 10), (4096, 84), (30, 128), (200, 1)])
+def test_latent_moments_equal_scikit_learns_ledoit_wolf(n, d):
+    """fit_moments is LedoitWolf().fit in numpy (training processes skip sklearn's import): the same location
+    and precision, with fewer codes than dimensions and a code direction that never varies."""
+    from sklearn.covariance import LedoitWolf
+
+    from simex_ray.fleet.latent import fit_moments
+
+    rng = np.random.default_rng(d)
+    x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + 3.0
+    if d > 3:
+        x[:, 2] = 1.0
+    lw = LedoitWolf().fit(x)
+    mean, precision = fit_moments(x)
+    np.testing.assert_allclose(mean, lw.location_, rtol=1e-12)
+    np.testing.assert_allclose(precision, lw.precision_, rtol=1e-9, atol=1e-12 * np.abs(lw.precision_).max())
+
+
 @pytest.mark.parametrize("arch,fmt,loss", [("lenet", "1x28x28", "mse"), ("conv", "3x32x32", "issim")])
 def test_latent_distances_of_the_fused_pass_equal_each_member_encoded_alone(arch, fmt, loss):
     """z from the codes inside the fused pass (one batched matmul) = encode(x) per member, then numpy's

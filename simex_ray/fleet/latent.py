@@ -5,9 +5,9 @@ The latent distance of an image x through member A(Y) is the Mahalanobis distanc
 
     z(x) = (c - μ)ᵀ P (c - μ) / D,
 
-μ and P the Ledoit-Wolf location and precision (``sklearn.covariance.LedoitWolf``: the sample covariance
-shrunk towards a multiple of the identity by the analytic Ledoit-Wolf 2004 weight, inverted with a
-symmetric pseudo-inverse, so a code direction that never varies does not make P infinite). "Own mean z"
+μ and P the Ledoit-Wolf location and precision (as ``sklearn.covariance.LedoitWolf`` computes them: the
+sample covariance shrunk towards a multiple of the identity by the analytic Ledoit-Wolf 2004 weight,
+inverted with a symmetric pseudo-inverse, so a code direction that never varies does not make P infinite). "Own mean z"
 is the mean z of Y's own held-out test split (the images the calibration sketch is made of): z / own mean z
 is 1 for data like Y's own unseen data. It feeds the ``typicality_latent`` ranking
 (:func:`simex_ray.fleet.result.typicality_latent`).
@@ -28,15 +28,38 @@ LATENT_ESTIMATOR = "ledoit-wolf"
 
 
 def fit_moments(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(μ (D,), P (D, D)) of codes (S, D): the Ledoit-Wolf location and precision, float64.
-    O(S·D² + D³). Needs S >= 2."""
-    from sklearn.covariance import LedoitWolf
+    """(μ (D,), P (D, D)) of codes (S, D): the Ledoit-Wolf location and precision, float64, as
+    ``sklearn.covariance.LedoitWolf().fit(codes)`` gives them (tested equal), in numpy: training processes
+    need not import scikit-learn (about 1.4 s). O(S·D² + D³). Needs S >= 2.
 
+    With X the centred codes and S = XᵀX / n: μ_tr = tr(S) / D; δ = ‖S − μ_tr I‖²_F / D;
+    β = min(δ, (Σ‖x_i‖⁴ / n − ‖S‖²_F) / (n·D)); shrinkage β / δ (0 when β = 0); covariance
+    (1 − β/δ) S + (β/δ) μ_tr I; P its symmetric pseudo-inverse (eigenvalues below max|λ|·D·ε dropped)."""
     c = np.asarray(codes, dtype=np.float64).reshape(len(codes), -1)
     if len(c) < 2:
         raise ValueError(f"need at least 2 codes to fit latent moments, got {len(c)}")
-    lw = LedoitWolf().fit(c)
-    return lw.location_, lw.precision_
+    n, d = c.shape
+    mean = c.mean(axis=0)
+    x = c - mean
+    emp = x.T @ x / n
+    if d == 1:
+        shrinkage = 0.0
+    else:
+        trace = np.trace(emp)
+        mu = trace / d
+        x2 = x ** 2
+        beta_ = float(np.sum(x2.T @ x2))  # Σ_i ‖x_i‖⁴
+        delta_ = float(np.sum((x.T @ x) ** 2)) / n ** 2  # ‖S‖²_F
+        beta = (beta_ / n - delta_) / (d * n)
+        delta = (delta_ - 2.0 * mu * trace + d * mu ** 2) / d
+        beta = min(beta, delta)
+        shrinkage = 0.0 if beta == 0 else beta / delta
+    cov = (1.0 - shrinkage) * emp
+    cov.flat[:: d + 1] += shrinkage * (np.trace(emp) / d)
+    w, v = np.linalg.eigh(cov)
+    keep = np.abs(w) > np.abs(w).max() * d * np.finfo(np.float64).eps
+    precision = (v[:, keep] / w[keep]) @ v[:, keep].T
+    return mean, precision
 
 
 def latent_distance(codes: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
