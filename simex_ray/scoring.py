@@ -586,7 +586,7 @@ class ScoringEngine:
                     else:
                         with half:
                             if codes:  # decode(encode(x)) is each architecture's forward: still one pass
-                                code = torch.stack([g.models[k].encode(xr).flatten(1) for k in range(len(g.models))])
+                                code = torch.stack([m.encode(xr).flatten(1) for m in g.models])
                                 recons = [m.decode(c) for m, c in zip(g.models, code.unbind(0))]
                             else:
                                 recons = [m(xr) for m in g.models]

@@ -438,9 +438,9 @@ def score_result(per_sample: np.ndarray, members: list["Member"], loss: str, met
     latent moments) falls back to :data:`DEFAULT_RANKING`, then raw; ``ranking_method`` says which was used."""
     names = [m.name for m in members]
     d = np.asarray(per_sample, dtype=np.float64)
-    z = None if latent is None else np.asarray(latent, dtype=np.float64)
-    lat = {m.name: (float(row.mean() / m.latent["own_mean"]) if z is not None and has_latent(m)
-                    and np.isfinite(row).all() else None) for m, row in zip(members, z if z is not None else d)}
+    z = np.full(d.shape, np.nan) if latent is None else np.asarray(latent, dtype=np.float64)
+    lat = {m.name: (float(row.mean() / m.latent["own_mean"]) if has_latent(m) and np.isfinite(row).all() else None)
+           for m, row in zip(members, z)}
     mean = d.mean(axis=1)
     delta = dict(zip(names, mean.tolist()))
     norm = {m.name: delta[m.name] / m.metrics.get("ref_mean_l2", 1.0) for m in members}
@@ -453,7 +453,7 @@ def score_result(per_sample: np.ndarray, members: list["Member"], loss: str, met
     sketches = {m.name: (distribution_sketch(m.calibration, row) if m.calibration else None)
                 for m, row in zip(members, d)}
     used = method or default_ranking(members)
-    scores = per_sample_scores(used, d, members, z)
+    scores = per_sample_scores(used, d, members, latent)
     if scores is None and used == LATENT_RANKING:  # a member without latent moments (or no z): the default
         used = DEFAULT_RANKING
         scores = per_sample_scores(used, d, members)

@@ -313,10 +313,9 @@ def train_classifier(x_train, y_train, x_val, y_val, *, optimizer: str = "rmspro
     x, y = as_tensor(x_train), torch.as_tensor(y_train, dtype=torch.long)
     params = set_trainable(model, trainable)
     opt = make_classifier_optimizer(optimizer, params, lr, momentum)
-    best_loss, best_epoch, best_state, best_metrics = float("inf"), 0, None, {}
+    best = BestEpoch(patience)
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    seconds_to_best = 0.0
     epoch = 0
     for epoch in range(1, max_epochs + 1):
         model.train()
@@ -337,25 +336,56 @@ def train_classifier(x_train, y_train, x_val, y_val, *, optimizer: str = "rmspro
         history.append(metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        if val_loss < best_loss or best_state is None:  # NaN loss: keep the first epoch at least
-            best_loss, best_epoch, seconds_to_best = val_loss, epoch, elapsed
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            best_metrics = metrics
-        elif epoch - best_epoch >= patience:
+        if best.update(model, metrics, elapsed):
             break
     seconds = time.perf_counter() - t0
-    assert best_state is not None
-    model.load_state_dict(best_state)
+    assert best.state is not None
+    model.load_state_dict(best.state)
     for p in model.parameters():
         p.requires_grad_(True)
-    info = {"best_epoch": best_epoch, "epochs_run": epoch, "val_loss": best_metrics["val_loss"],
-            "val_accuracy": best_metrics["val_accuracy"], "seconds": seconds,
-            "seconds_to_best": seconds_to_best, "optimizer": optimizer,
-            "lr": CLASSIFIER_LRS.get(optimizer, float("nan")) if lr is None else float(lr),
-            "trainable": trainable, "n_train": int(len(x)), "n_val": int(len(y_val)), "history": history}
-    log.debug("classifier: best epoch %d/%d val loss %.4f acc %.3f", best_epoch, epoch,
+    info = best.info(epoch, seconds, optimizer, lr, trainable, len(x), len(y_val), history)
+    log.debug("classifier: best epoch %d/%d val loss %.4f acc %.3f", best.epoch, epoch,
               info["val_loss"], info["val_accuracy"])
-    return best_state, info
+    return best.state, info
+
+
+class BestEpoch:
+    """Early stopping as :func:`train_classifier` does it: the epoch of minimum validation loss, its weights
+    and metrics, and when ``patience`` epochs without a new minimum end training (also used by the fused
+    base classifiers, :mod:`simex_ray.transfer.fused_bases`)."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.loss, self.epoch, self.seconds = float("inf"), 0, 0.0
+        self.state: dict[str, torch.Tensor] | None = None
+        self.metrics: dict[str, float] = {}
+
+    def update(self, model: nn.Module, metrics: dict[str, float], seconds: float) -> bool:
+        """Record one finished epoch (``metrics``: its epoch and val_loss; ``seconds``: time so far); True when
+        training should stop: ``patience`` epochs since the minimum."""
+        if metrics["val_loss"] < self.loss or self.state is None:  # NaN loss: keep the first epoch at least
+            self.loss, self.epoch, self.seconds = metrics["val_loss"], metrics["epoch"], seconds
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.metrics = metrics
+            return False
+        return metrics["epoch"] - self.epoch >= self.patience
+
+    def info(self, epochs_run: int, seconds: float, optimizer: str, lr: float | None, trainable: str,
+             n_train: int, n_val: int, history: list[dict[str, float]]) -> dict[str, Any]:
+        """:func:`train_classifier`'s ``info``."""
+        return {"best_epoch": self.epoch, "epochs_run": epochs_run, "val_loss": self.metrics["val_loss"],
+                "val_accuracy": self.metrics["val_accuracy"], "seconds": seconds, "seconds_to_best": self.seconds,
+                "optimizer": optimizer, "lr": CLASSIFIER_LRS.get(optimizer, float("nan")) if lr is None else float(lr),
+                "trainable": trainable, "n_train": int(n_train), "n_val": int(n_val), "history": history}
+
+
+def tested_base(state: dict[str, torch.Tensor], info: dict[str, Any], model: LeNet5, x_test, y_test,
+                image_format: ImageFormat) -> dict[str, Any]:
+    """:func:`train_base`'s result from a trained ``model`` holding ``state``: info + state + its test metrics."""
+    n_classes = model.fc_layers[-1].out_features
+    test_loss, test_acc = evaluate_classifier(model, x_test, check_labels(y_test, n_classes, "test labels"))
+    return {**info, "state": state, "test_loss": test_loss, "test_accuracy": test_acc, "n_test": int(len(y_test)),
+            "image_format": str(image_format)}
 
 
 def train_base(x_train, y_train, x_val, y_val, x_test, y_test, *, optimizer: str = "rmsprop",
@@ -369,9 +399,7 @@ def train_base(x_train, y_train, x_val, y_val, x_test, y_test, *, optimizer: str
                                    seed=seed, n_classes=n_classes)
     model = LeNet5(n_classes, fmt)
     model.load_state_dict(state)
-    test_loss, test_acc = evaluate_classifier(model, x_test, check_labels(y_test, n_classes, "test labels"))
-    return {**info, "state": state, "test_loss": test_loss, "test_accuracy": test_acc, "n_test": int(len(y_test)),
-            "image_format": str(fmt)}
+    return tested_base(state, info, model, x_test, y_test, fmt)
 
 
 def leave_one_class_out(architecture: str, left_out: int, x_train, y_train, x_val, y_val, x_eval, y_eval, *,

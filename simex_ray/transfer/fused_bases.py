@@ -36,8 +36,8 @@ from ..fused_training import IMPLEMENTATION, members_within, module_activation_f
 from ..errors import UserError
 from ..protocol import MapFn, Progress, run_units
 from ..training import as_tensor
-from .classifiers import (CLASSIFIER_LRS, LeNet5, check_labels, evaluate_classifier, image_format_of,
-                          make_classifier_optimizer, train_base)
+from .classifiers import (CLASSIFIER_LRS, BestEpoch, LeNet5, check_labels, evaluate_classifier, image_format_of,
+                          make_classifier_optimizer, tested_base, train_base)
 
 
 def lenet5_pass(models: Sequence[LeNet5], x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
@@ -133,10 +133,10 @@ class _Base:
         self.y_val = check_labels(unit["y_val"], n_classes, "validation labels")
         self.x = as_tensor(unit["x_train"])
         self.y = torch.as_tensor(check_labels(unit["y_train"], n_classes, "training labels"), dtype=torch.long)
-        self.best_loss, self.best_epoch, self.best_state, self.best_metrics = float("inf"), 0, None, {}
+        self.best = BestEpoch(self.patience)
         self.history: list[dict[str, float]] = []
         self.epoch, self.stopped = 0, False
-        self.seconds = self.seconds_to_best = self.total = 0.0
+        self.seconds = self.total = 0.0
 
     def end_epoch(self) -> None:
         t0 = time.perf_counter()
@@ -145,30 +145,15 @@ class _Base:
         metrics = {"epoch": self.epoch, "train_loss": self.total / len(self.x), "val_loss": val_loss,
                    "val_accuracy": val_acc, "elapsed_s": self.seconds}
         self.history.append(metrics)
-        if val_loss < self.best_loss or self.best_state is None:  # NaN loss: keep the first epoch at least
-            self.best_loss, self.best_epoch, self.seconds_to_best = val_loss, self.epoch, self.seconds
-            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.best_metrics = metrics
-        elif self.epoch - self.best_epoch >= self.patience:
-            self.stopped = True
-        if self.epoch >= self.max_epochs:
-            self.stopped = True
+        self.stopped = self.best.update(self.model, metrics, self.seconds) or self.epoch >= self.max_epochs
 
     def result(self) -> dict[str, Any]:
         """What :func:`train_base` returns."""
         u = self.unit
-        self.model.load_state_dict(self.best_state)
-        n_classes = self.model.fc_layers[-1].out_features
-        test_loss, test_acc = evaluate_classifier(self.model, u["x_test"],
-                                                  check_labels(u["y_test"], n_classes, "test labels"))
-        optimizer, lr = u.get("optimizer", "rmsprop"), u.get("lr")
-        return {"best_epoch": self.best_epoch, "epochs_run": self.epoch, "val_loss": self.best_metrics["val_loss"],
-                "val_accuracy": self.best_metrics["val_accuracy"], "seconds": self.seconds,
-                "seconds_to_best": self.seconds_to_best, "optimizer": optimizer,
-                "lr": CLASSIFIER_LRS.get(optimizer, float("nan")) if lr is None else float(lr),
-                "trainable": "all", "n_train": int(len(self.x)), "n_val": int(len(self.y_val)),
-                "history": self.history, "state": self.best_state, "test_loss": test_loss,
-                "test_accuracy": test_acc, "n_test": int(len(u["y_test"])), "image_format": str(self.format)}
+        self.model.load_state_dict(self.best.state)
+        info = self.best.info(self.epoch, self.seconds, u.get("optimizer", "rmsprop"), u.get("lr"), "all",
+                              len(self.x), len(self.y_val), self.history)
+        return tested_base(self.best.state, info, self.model, u["x_test"], u["y_test"], self.format)
 
 
 def train_base_group(units: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
